@@ -1,0 +1,172 @@
+//! The gateway's configuration: every flag is also a `SWITCHBOARD_GATEWAY_*`
+//! environment variable, parsed once into typed values.
+
+use std::net::SocketAddr;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Command line of the `gateway` binary.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "gateway",
+    version,
+    about = "Switchboard WebSocket edge gateway"
+)]
+pub struct Cli {
+    /// Address for WebSocket clients and the demo page.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GATEWAY_LISTEN",
+        default_value = "0.0.0.0:8080"
+    )]
+    pub listen: SocketAddr,
+    /// Open the client port with SO_REUSEPORT, so several gateway processes share it.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_REUSE_PORT")]
+    pub reuse_port: bool,
+    /// Address of the gRPC Push API (standalone mode).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GATEWAY_GRPC_ADDR",
+        default_value = "127.0.0.1:9090"
+    )]
+    pub grpc_addr: SocketAddr,
+    /// This node's id, shown to clients and in message ids. Default: hostname-pid.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_NODE_ID")]
+    pub node_id: Option<String>,
+
+    #[command(flatten)]
+    pub common: kit::args::CommonArgs,
+
+    /// Admit clients without a token (demo mode); the user id comes from `?user=`.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_ANONYMOUS")]
+    pub anonymous: bool,
+    /// HS256 shared secret for client JWTs.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GATEWAY_JWT_HS256_SECRET",
+        hide_env_values = true
+    )]
+    pub jwt_hs256_secret: Option<String>,
+    /// PEM file with an RS256 public key for client JWTs.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_RS256_PUBLIC_KEY")]
+    pub jwt_rs256_public_key: Option<PathBuf>,
+    /// PEM file with an Ed25519 (EdDSA) public key for client JWTs.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_EDDSA_PUBLIC_KEY")]
+    pub jwt_eddsa_public_key: Option<PathBuf>,
+    /// Required `iss` claim.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    /// Required `aud` claim.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    /// Allowed `Origin` values, comma-separated; empty allows any origin.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GATEWAY_ALLOWED_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub allowed_origins: Vec<String>,
+
+    /// Maximum concurrent WebSocket sessions. Default: derived from the open-files limit.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_CONNECTIONS")]
+    pub max_connections: Option<NonZeroU32>,
+    /// Time allowed for a client to send its HTTP upgrade request.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_HANDSHAKE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub handshake_timeout: Duration,
+    /// Interval between server pings.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "25s")]
+    pub heartbeat_interval: Duration,
+    /// Extra time after a ping for the pong (or any frame) to arrive.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_HEARTBEAT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
+    pub heartbeat_timeout: Duration,
+    /// Largest client message, in bytes (frames and reassembled fragments).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GATEWAY_MAX_MESSAGE_BYTES",
+        default_value = "65536"
+    )]
+    pub max_message_bytes: NonZeroU32,
+    /// Channels one session may subscribe to.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GATEWAY_MAX_SUBSCRIPTIONS",
+        default_value = "128"
+    )]
+    pub max_subscriptions: NonZeroU32,
+    /// Sustained publish/send rate per session (commands per second).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_PUBLISH_RATE", default_value = "50")]
+    pub publish_rate: NonZeroU32,
+    /// Publish/send burst per session.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_PUBLISH_BURST", default_value = "100")]
+    pub publish_burst: NonZeroU32,
+    /// Outbound frames queued per session before it counts as a slow consumer.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_SEND_QUEUE", default_value = "1024")]
+    pub send_queue: NonZeroU32,
+    /// Channel patterns whose subscribers get join/leave events (comma-separated).
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GATEWAY_PRESENCE_CHANNELS",
+        value_delimiter = ',',
+        default_value = "room:*"
+    )]
+    pub presence_channels: Vec<String>,
+    /// Window over which sessions are closed when draining.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_DRAIN_WINDOW", value_parser = parse_duration, default_value = "10s")]
+    pub drain_window: Duration,
+    /// Time after the drain window before the process exits regardless.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_DRAIN_GRACE", value_parser = parse_duration, default_value = "5s")]
+    pub drain_grace: Duration,
+    /// Serve `/echo`: a token-less WebSocket echo through the session code, for conformance suites.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_ECHO_ROUTE")]
+    pub echo_route: bool,
+}
+
+/// Parses `250ms`, `10s`, `2m` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration `{s}`"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        _ => return Err(format!("invalid duration unit in `{s}` (use ms, s or m)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration `{s}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert_eq!(parse_duration("3"), Ok(Duration::from_secs(3)));
+        assert!(parse_duration("3h").is_err());
+        assert!(parse_duration("x").is_err());
+    }
+
+    #[test]
+    fn every_flag_has_an_env_var() {
+        use clap::CommandFactory;
+        for arg in Cli::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id == "help" || id == "version" {
+                continue;
+            }
+            assert!(
+                arg.get_env().is_some(),
+                "flag {id} has no environment variable"
+            );
+        }
+    }
+}

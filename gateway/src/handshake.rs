@@ -1,0 +1,329 @@
+//! Handshake: route the HTTP request, and for `/ws` decide before the upgrade
+//! (drain, connection cap, upgrade headers, Origin, token), then upgrade.
+//! One mapping from [`HandshakeError`] to an HTTP status.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use base64::Engine;
+use bytes::Bytes;
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use sha1::{Digest, Sha1};
+use tokio::net::TcpStream;
+
+use crate::auth::{AuthError, Identity, valid_anonymous_name};
+use crate::demo;
+use crate::metrics as m;
+use crate::server::{Server, SessionSlot};
+use crate::session::{self, Mode};
+
+/// Subprotocol a browser offers alongside `bearer.<jwt>`.
+pub const SUBPROTOCOL: &str = "switchboard.v1";
+const BEARER_PROTOCOL_PREFIX: &str = "bearer.";
+const WS_GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+/// Why an upgrade was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("bad request: {0}")]
+    BadRequest(&'static str),
+    #[error("unauthorized: {0}")]
+    Unauthorized(#[from] AuthError),
+    #[error("forbidden: origin not allowed")]
+    Origin,
+    #[error("connection limit reached")]
+    Full,
+    #[error("server is draining")]
+    Draining,
+}
+
+impl HandshakeError {
+    fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::Origin => StatusCode::FORBIDDEN,
+            Self::Full | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn label(&self) -> &'static str {
+        match self {
+            Self::BadRequest(_) => "bad_request",
+            Self::Unauthorized(e) => e.label(),
+            Self::Origin => "origin",
+            Self::Full => "full",
+            Self::Draining => "draining",
+        }
+    }
+
+    fn into_response(self) -> Response<Full<Bytes>> {
+        metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => self.label()).increment(1);
+        let mut resp = text(self.status(), format!("{self}\n"));
+        if matches!(self, Self::Full | Self::Draining) {
+            let secs = rand::random_range(1..=5u32);
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        resp
+    }
+}
+
+fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(body.into()));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+/// Serves one HTTP request on the client port.
+pub async fn handle(server: Arc<Server>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    match (req.method(), req.uri().path()) {
+        (&Method::GET, "/ws") => {
+            upgrade(server, req, Mode::Protocol).unwrap_or_else(HandshakeError::into_response)
+        }
+        (&Method::GET, "/echo") if server.echo_route => {
+            upgrade(server, req, Mode::Echo).unwrap_or_else(HandshakeError::into_response)
+        }
+        (&Method::GET, path) => demo::asset(path).map_or_else(
+            || text(StatusCode::NOT_FOUND, "not found\n"),
+            |(ct, body)| {
+                let mut resp = Response::new(Full::new(Bytes::from_static(body)));
+                resp.headers_mut()
+                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                resp.headers_mut()
+                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                resp
+            },
+        ),
+        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+    }
+}
+
+fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
+    req.headers()
+        .get_all(name)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case(token))
+}
+
+fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<std::borrow::Cow<'a, str>> {
+    let query = req.uri().query()?;
+    query.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+        (k == key).then(|| percent_decode(v))
+    })
+}
+
+fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
+    if !s.contains(['%', '+']) {
+        return s.into();
+    }
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < b.len() => {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
+                {
+                    Ok(v) => {
+                        out.push(v);
+                        i += 2;
+                    }
+                    Err(_) => out.push(b'%'),
+                }
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned().into()
+}
+
+/// The token, the subprotocol to answer with, from header, subprotocol or query.
+fn find_token(req: &Request<Incoming>) -> (Option<String>, bool) {
+    if let Some(auth) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    {
+        if let Some(t) = auth
+            .strip_prefix("Bearer ")
+            .or_else(|| auth.strip_prefix("bearer "))
+        {
+            return (Some(t.trim().to_owned()), false);
+        }
+    }
+    let protocols: Vec<&str> = req
+        .headers()
+        .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .collect();
+    let offers_ours = protocols.contains(&SUBPROTOCOL);
+    if let Some(t) = protocols
+        .iter()
+        .find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX))
+    {
+        return (Some(t.to_owned()), offers_ours);
+    }
+    (
+        query_param(req, "token").map(|t| t.into_owned()),
+        offers_ours,
+    )
+}
+
+fn authenticate(
+    server: &Server,
+    req: &Request<Incoming>,
+    token: Option<String>,
+) -> Result<Identity, HandshakeError> {
+    match token {
+        Some(t) => Ok(server.verifier.verify(&t)?),
+        None if server.anonymous => {
+            let user = match query_param(req, "user") {
+                Some(name) if valid_anonymous_name(&name) => name.into_owned(),
+                Some(_) => return Err(HandshakeError::BadRequest("invalid user name")),
+                None => format!("anon-{:08x}", rand::random::<u32>()),
+            };
+            Ok(Identity {
+                user: user.into(),
+                channels: None,
+                expires_at: None,
+            })
+        }
+        None => Err(AuthError::Missing.into()),
+    }
+}
+
+fn upgrade(
+    server: Arc<Server>,
+    mut req: Request<Incoming>,
+    mode: Mode,
+) -> Result<Response<Full<Bytes>>, HandshakeError> {
+    if server.draining.is_cancelled() {
+        return Err(HandshakeError::Draining);
+    }
+    let slot = server.try_reserve_session().ok_or(HandshakeError::Full)?;
+    if !header_has_token(&req, header::UPGRADE, "websocket")
+        || !header_has_token(&req, header::CONNECTION, "upgrade")
+    {
+        return Err(HandshakeError::BadRequest("not a websocket upgrade"));
+    }
+    if req
+        .headers()
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .map(HeaderValue::as_bytes)
+        != Some(b"13")
+    {
+        return Err(HandshakeError::BadRequest(
+            "Sec-WebSocket-Version must be 13",
+        ));
+    }
+    let key = req
+        .headers()
+        .get(header::SEC_WEBSOCKET_KEY)
+        .ok_or(HandshakeError::BadRequest("missing Sec-WebSocket-Key"))?;
+    let accept = {
+        let mut sha = Sha1::new();
+        sha.update(key.as_bytes());
+        sha.update(WS_GUID.as_bytes());
+        base64::engine::general_purpose::STANDARD.encode(sha.finalize())
+    };
+    if !server.allowed_origins.is_empty() {
+        let origin = req
+            .headers()
+            .get(header::ORIGIN)
+            .and_then(|v| v.to_str().ok());
+        if !origin.is_some_and(|o| server.allowed_origins.iter().any(|a| a == o)) {
+            return Err(HandshakeError::Origin);
+        }
+    }
+    let (identity, answer_protocol) = match mode {
+        Mode::Echo => (
+            Identity {
+                user: "echo".into(),
+                channels: None,
+                expires_at: None,
+            },
+            false,
+        ),
+        Mode::Protocol => {
+            let (token, offers_ours) = find_token(&req);
+            (authenticate(&server, &req, token)?, offers_ours)
+        }
+    };
+
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    let conn_id = server.next_conn_id.fetch_add(1, Ordering::Relaxed);
+    let tracker = server.tracker.clone();
+    tracker.spawn(start_session(
+        server, on_upgrade, identity, conn_id, slot, mode,
+    ));
+
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    // The accept value is base64: always a valid header value.
+    h.insert(
+        header::SEC_WEBSOCKET_ACCEPT,
+        HeaderValue::from_str(&accept).unwrap_or(HeaderValue::from_static("")),
+    );
+    if answer_protocol {
+        h.insert(
+            header::SEC_WEBSOCKET_PROTOCOL,
+            HeaderValue::from_static(SUBPROTOCOL),
+        );
+    }
+    Ok(resp)
+}
+
+async fn start_session(
+    server: Arc<Server>,
+    on_upgrade: hyper::upgrade::OnUpgrade,
+    identity: Identity,
+    conn_id: u64,
+    slot: SessionSlot,
+    mode: Mode,
+) {
+    let upgraded = match on_upgrade.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            return;
+        }
+    };
+    let parts = match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(p) => p,
+        Err(_) => {
+            tracing::error!("upgraded connection is not a TCP stream");
+            return;
+        }
+    };
+    let stream = parts.io.into_inner();
+    session::run(
+        server.node.clone(),
+        identity,
+        conn_id,
+        stream,
+        parts.read_buf,
+        mode,
+        server.stop_sessions.clone(),
+    )
+    .await;
+    drop(slot);
+}

@@ -1,0 +1,458 @@
+//! The local fanout hub: who is connected, who is subscribed to what, and the
+//! delivery of encoded frames to session queues.
+//!
+//! Sharded: channels, users and sessions each live in one of [`SHARDS`] maps
+//! chosen by hash, so there is no global lock on the message path. A channel's
+//! sequence number is assigned and its frame queued to every subscriber while
+//! that channel's own lock is held: all subscribers see one order.
+
+use std::collections::HashMap;
+use std::hash::{BuildHasher, Hash};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Notify, mpsc};
+
+use crate::metrics as m;
+use crate::policy::CloseReason;
+use crate::{protocol, wire};
+
+/// Number of shards per map.
+pub const SHARDS: usize = 64;
+
+/// Control block shared between a session and everyone who may end it.
+#[derive(Debug, Default)]
+pub struct SessionCtl {
+    close: AtomicU8,
+    reason: parking_lot::Mutex<Option<Box<str>>>,
+    notify: Notify,
+}
+
+impl SessionCtl {
+    /// Asks the session to close; the first reason wins.
+    pub fn close(&self, reason: CloseReason, text: Option<&str>) {
+        if self
+            .close
+            .compare_exchange(0, reason.to_u8(), Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            if let Some(t) = text {
+                *self.reason.lock() = Some(t.into());
+            }
+            self.notify.notify_one();
+        }
+    }
+
+    /// The close requested so far, if any.
+    pub fn requested(&self) -> Option<(CloseReason, Option<Box<str>>)> {
+        CloseReason::from_u8(self.close.load(Ordering::Acquire))
+            .map(|r| (r, self.reason.lock().clone()))
+    }
+
+    /// Waits until a close is requested.
+    pub async fn wait(&self) {
+        loop {
+            let notified = self.notify.notified();
+            if self.requested().is_some() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+/// What the hub holds of a session: where to send frames, how to close it.
+#[derive(Debug, Clone)]
+pub struct SessionHandle {
+    pub id: u64,
+    pub user: Arc<str>,
+    pub outbox: mpsc::Sender<Bytes>,
+    pub ctl: Arc<SessionCtl>,
+}
+
+impl SessionHandle {
+    /// Queues a frame; a full queue closes the session as a slow consumer.
+    /// Returns whether the frame was queued.
+    pub fn deliver(&self, frame: &Bytes) -> bool {
+        match self.outbox.try_send(frame.clone()) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if self.ctl.requested().is_none() {
+                    metrics::counter!(m::QUEUE_FULL).increment(1);
+                }
+                self.ctl.close(CloseReason::SlowConsumer, None);
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    seq: u64,
+    subs: HashMap<u64, SessionHandle>,
+    /// user → number of their sessions subscribed.
+    users: HashMap<Arc<str>, u32>,
+}
+
+#[derive(Debug, Default)]
+struct Channel {
+    state: Mutex<ChannelState>,
+}
+
+type Sharded<K, V> = Box<[RwLock<HashMap<K, V>>]>;
+
+/// Result of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    pub seq: u64,
+    pub delivered: u64,
+}
+
+/// The sharded registry of sessions, users and channels.
+#[derive(Debug)]
+pub struct Hub {
+    hasher: std::hash::RandomState,
+    channels: Sharded<Arc<str>, Arc<Channel>>,
+    users: Sharded<Arc<str>, Vec<SessionHandle>>,
+    sessions: Sharded<u64, SessionHandle>,
+    presence_patterns: Vec<String>,
+}
+
+fn sharded<K, V>() -> Sharded<K, V> {
+    (0..SHARDS).map(|_| RwLock::new(HashMap::new())).collect()
+}
+
+impl Hub {
+    /// A hub whose channels matching `presence_patterns` emit join/leave events.
+    pub fn new(presence_patterns: Vec<String>) -> Self {
+        Self {
+            hasher: std::hash::RandomState::new(),
+            channels: sharded(),
+            users: sharded(),
+            sessions: sharded(),
+            presence_patterns,
+        }
+    }
+
+    fn shard<K: Hash + ?Sized>(&self, key: &K) -> usize {
+        (self.hasher.hash_one(key) as usize) % SHARDS
+    }
+
+    fn is_presence_channel(&self, channel: &str) -> bool {
+        self.presence_patterns
+            .iter()
+            .any(|p| crate::auth::glob_match(p, channel))
+    }
+
+    /// Adds a new session.
+    pub fn register(&self, handle: SessionHandle) {
+        self.users[self.shard(&*handle.user)]
+            .write()
+            .entry(handle.user.clone())
+            .or_default()
+            .push(handle.clone());
+        self.sessions[self.shard(&handle.id)]
+            .write()
+            .insert(handle.id, handle);
+    }
+
+    /// Removes a session and every subscription it held.
+    pub fn unregister(
+        &self,
+        id: u64,
+        user: &Arc<str>,
+        channels: impl IntoIterator<Item = Arc<str>>,
+    ) {
+        for channel in channels {
+            self.unsubscribe(id, user, &channel);
+        }
+        let mut users = self.users[self.shard(&**user)].write();
+        if let Some(list) = users.get_mut(user) {
+            list.retain(|h| h.id != id);
+            if list.is_empty() {
+                users.remove(user);
+            }
+        }
+        drop(users);
+        self.sessions[self.shard(&id)].write().remove(&id);
+    }
+
+    /// Subscribes a session; returns false if it already was.
+    pub fn subscribe(&self, handle: &SessionHandle, channel: &Arc<str>) -> bool {
+        let mut shard = self.channels[self.shard(&**channel)].write();
+        let ch = shard.entry(channel.clone()).or_default().clone();
+        let mut st = ch.state.lock();
+        drop(shard);
+        if st.subs.insert(handle.id, handle.clone()).is_some() {
+            return false;
+        }
+        let count = st.users.entry(handle.user.clone()).or_insert(0);
+        *count += 1;
+        if *count == 1 && self.is_presence_channel(channel) {
+            let frame = wire::text(&protocol::membership(true, channel, &handle.user));
+            for sub in st.subs.values() {
+                sub.deliver(&frame);
+            }
+        }
+        true
+    }
+
+    /// Unsubscribes a session; returns false if it was not subscribed.
+    pub fn unsubscribe(&self, id: u64, user: &Arc<str>, channel: &str) -> bool {
+        let mut shard = self.channels[self.shard(channel)].write();
+        let Some(ch) = shard.get(channel).cloned() else {
+            return false;
+        };
+        let mut st = ch.state.lock();
+        if st.subs.remove(&id).is_none() {
+            return false;
+        }
+        if st.subs.is_empty() {
+            shard.remove(channel);
+        }
+        drop(shard);
+        let left = match st.users.get_mut(user) {
+            Some(n) if *n > 1 => {
+                *n -= 1;
+                false
+            }
+            Some(_) => {
+                st.users.remove(user);
+                true
+            }
+            None => false,
+        };
+        if left && !st.subs.is_empty() && self.is_presence_channel(channel) {
+            let frame = wire::text(&protocol::membership(false, channel, user));
+            for sub in st.subs.values() {
+                sub.deliver(&frame);
+            }
+        }
+        true
+    }
+
+    /// Publishes to a channel: assigns the next sequence number, encodes the
+    /// frame once and queues it to every subscriber, in one critical section.
+    pub fn publish(&self, channel: &str, id: &str, from: &str, data: &str) -> Published {
+        let ch = self.channels[self.shard(channel)]
+            .read()
+            .get(channel)
+            .cloned();
+        let Some(ch) = ch else {
+            return Published {
+                seq: 0,
+                delivered: 0,
+            };
+        };
+        let mut st = ch.state.lock();
+        st.seq += 1;
+        let seq = st.seq;
+        let frame = wire::text(&protocol::message(channel, id, from, seq, data));
+        let mut delivered = 0;
+        for sub in st.subs.values() {
+            delivered += u64::from(sub.deliver(&frame));
+        }
+        drop(st);
+        metrics::counter!(m::MESSAGES_OUT, "kind" => "message").increment(delivered);
+        Published { seq, delivered }
+    }
+
+    /// Queues a frame to every session of `user`; returns how many took it.
+    pub fn send_to_user(&self, user: &str, frame: &Bytes) -> u64 {
+        let users = self.users[self.shard(user)].read();
+        let delivered = users.get(user).map_or(0, |list| {
+            list.iter().map(|h| u64::from(h.deliver(frame))).sum()
+        });
+        drop(users);
+        metrics::counter!(m::MESSAGES_OUT, "kind" => "direct").increment(delivered);
+        delivered
+    }
+
+    /// Queues a frame to every session.
+    pub fn broadcast(&self, frame: &Bytes) -> u64 {
+        let mut delivered = 0;
+        for shard in self.sessions.iter() {
+            delivered += shard
+                .read()
+                .values()
+                .map(|h| u64::from(h.deliver(frame)))
+                .sum::<u64>();
+        }
+        metrics::counter!(m::MESSAGES_OUT, "kind" => "broadcast").increment(delivered);
+        delivered
+    }
+
+    /// Closes every session of `user` with 4004; returns how many.
+    pub fn disconnect_user(&self, user: &str, reason: &str) -> u64 {
+        let users = self.users[self.shard(user)].read();
+        let list = users.get(user).cloned().unwrap_or_default();
+        drop(users);
+        for h in &list {
+            h.ctl.close(CloseReason::Kicked, Some(reason));
+        }
+        list.len() as u64
+    }
+
+    /// Number of live sessions of `user`.
+    pub fn user_connections(&self, user: &str) -> u32 {
+        self.users[self.shard(user)]
+            .read()
+            .get(user)
+            .map_or(0, |l| l.len() as u32)
+    }
+
+    /// The users subscribed to `channel`, sorted.
+    pub fn channel_users(&self, channel: &str) -> Vec<Arc<str>> {
+        let ch = self.channels[self.shard(channel)]
+            .read()
+            .get(channel)
+            .cloned();
+        let mut users: Vec<Arc<str>> = ch
+            .map(|c| c.state.lock().users.keys().cloned().collect())
+            .unwrap_or_default();
+        users.sort();
+        users
+    }
+
+    /// A snapshot of every session (for draining).
+    pub fn sessions(&self) -> Vec<SessionHandle> {
+        self.sessions
+            .iter()
+            .flat_map(|s| s.read().values().cloned().collect::<Vec<_>>())
+            .collect()
+    }
+
+    /// Number of live sessions.
+    pub fn session_count(&self) -> usize {
+        self.sessions.iter().map(|s| s.read().len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(
+        hub: &Hub,
+        id: u64,
+        user: &str,
+        cap: usize,
+    ) -> (SessionHandle, mpsc::Receiver<Bytes>) {
+        let (tx, rx) = mpsc::channel(cap);
+        let h = SessionHandle {
+            id,
+            user: user.into(),
+            outbox: tx,
+            ctl: Arc::default(),
+        };
+        hub.register(h.clone());
+        (h, rx)
+    }
+
+    fn text_of(frame: &Bytes) -> serde_json::Value {
+        // Small frames only in these tests: 2-byte header.
+        serde_json::from_slice(&frame[2..]).unwrap()
+    }
+
+    #[test]
+    fn publish_reaches_subscribers_in_one_order() {
+        let hub = Hub::new(vec![]);
+        let (a, mut ra) = session(&hub, 1, "a", 16);
+        let (b, mut rb) = session(&hub, 2, "b", 16);
+        let ch: Arc<str> = "c".into();
+        assert!(hub.subscribe(&a, &ch));
+        assert!(!hub.subscribe(&a, &ch));
+        assert!(hub.subscribe(&b, &ch));
+        assert_eq!(
+            hub.publish("c", "m1", "a", "1"),
+            Published {
+                seq: 1,
+                delivered: 2
+            }
+        );
+        assert_eq!(
+            hub.publish("c", "m2", "a", "2"),
+            Published {
+                seq: 2,
+                delivered: 2
+            }
+        );
+        for rx in [&mut ra, &mut rb] {
+            assert_eq!(text_of(&rx.try_recv().unwrap())["seq"], 1);
+            assert_eq!(text_of(&rx.try_recv().unwrap())["seq"], 2);
+        }
+        assert!(hub.unsubscribe(1, &a.user, "c"));
+        assert_eq!(hub.publish("c", "m3", "a", "3").delivered, 1);
+    }
+
+    #[test]
+    fn full_queue_closes_only_the_slow_session() {
+        let hub = Hub::new(vec![]);
+        let (slow, _keep) = session(&hub, 1, "s", 1);
+        let (fast, mut rf) = session(&hub, 2, "f", 8);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe(&slow, &ch);
+        hub.subscribe(&fast, &ch);
+        for i in 0..3 {
+            hub.publish("c", &format!("m{i}"), "x", "0");
+        }
+        assert_eq!(
+            slow.ctl.requested().map(|r| r.0),
+            Some(CloseReason::SlowConsumer)
+        );
+        assert!(fast.ctl.requested().is_none());
+        assert_eq!((0..3).filter(|_| rf.try_recv().is_ok()).count(), 3);
+    }
+
+    #[test]
+    fn presence_joins_once_per_user_and_leaves_with_last_session() {
+        let hub = Hub::new(vec!["room:*".into()]);
+        let (watcher, mut rw) = session(&hub, 1, "w", 16);
+        let (tab1, _r1) = session(&hub, 2, "u", 16);
+        let (tab2, _r2) = session(&hub, 3, "u", 16);
+        let ch: Arc<str> = "room:1".into();
+        hub.subscribe(&watcher, &ch);
+        assert_eq!(text_of(&rw.try_recv().unwrap())["type"], "join"); // own join
+        hub.subscribe(&tab1, &ch);
+        hub.subscribe(&tab2, &ch);
+        let j = text_of(&rw.try_recv().unwrap());
+        assert_eq!(
+            (j["type"].as_str(), j["user"].as_str()),
+            (Some("join"), Some("u"))
+        );
+        assert!(rw.try_recv().is_err(), "second tab must not join again");
+        assert_eq!(hub.channel_users("room:1").len(), 2);
+        hub.unregister(2, &tab1.user, [ch.clone()]);
+        assert!(rw.try_recv().is_err());
+        hub.unregister(3, &tab2.user, [ch.clone()]);
+        assert_eq!(text_of(&rw.try_recv().unwrap())["type"], "leave");
+        assert_eq!(
+            hub.channel_users("room:1")
+                .iter()
+                .map(|u| &**u)
+                .collect::<Vec<_>>(),
+            vec!["w"]
+        );
+        assert_eq!(hub.user_connections("u"), 0);
+    }
+
+    #[test]
+    fn direct_and_disconnect_reach_every_session_of_a_user() {
+        let hub = Hub::new(vec![]);
+        let (t1, mut r1) = session(&hub, 1, "u", 4);
+        let (t2, mut r2) = session(&hub, 2, "u", 4);
+        let (_o, mut ro) = session(&hub, 3, "o", 4);
+        let frame = Bytes::from_static(b"\x81\x02{}");
+        assert_eq!(hub.send_to_user("u", &frame), 2);
+        assert!(r1.try_recv().is_ok() && r2.try_recv().is_ok() && ro.try_recv().is_err());
+        assert_eq!(hub.broadcast(&frame), 3);
+        assert_eq!(hub.disconnect_user("u", "bye"), 2);
+        assert_eq!(t1.ctl.requested().map(|r| r.0), Some(CloseReason::Kicked));
+        assert_eq!(t2.ctl.requested().unwrap().1.as_deref(), Some("bye"));
+        assert_eq!(hub.session_count(), 3);
+    }
+}

@@ -1,0 +1,31 @@
+//! Switchboard's WebSocket edge gateway.
+//!
+//! A standalone node is a complete real-time server: sessions, channels,
+//! direct messages, presence queries and the Push API, all in-process. The
+//! message path, one module per stage:
+//!
+//! - [`server`] (accept): listener, connection caps, HTTP/1 with slowloris timeout, drain;
+//! - [`handshake`]: routing, Origin allow-list, JWT auth ([`auth`]), the upgrade;
+//! - [`session`] (ingress/egress): framing rules, commands, limits ([`policy`]), heartbeats;
+//! - [`bus`] (publish): the seam where messages leave the session ([`bus::LocalBus`] here);
+//! - [`hub`] (fanout): sharded channels and users, encode once, bounded queues;
+//! - [`wire`] and [`protocol`]: server frames and the JSON client protocol;
+//! - [`push`]: the gRPC Push API; [`demo`]: the embedded chat page.
+
+pub mod auth;
+pub mod bus;
+pub mod config;
+pub mod demo;
+pub mod handshake;
+pub mod hub;
+pub mod metrics;
+pub mod policy;
+pub mod protocol;
+pub mod push;
+pub mod server;
+pub mod session;
+pub mod wire;
+
+mod run;
+
+pub use run::{Listeners, Settings, SettingsError, run};

@@ -1,0 +1,67 @@
+//! Every metric the gateway exports, described once. Listed in docs/metrics.md.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const CONNECTIONS_ACTIVE: &str = "switchboard_gateway_connections_active";
+pub const CONNECTIONS_LIMIT: &str = "switchboard_gateway_connections_limit";
+pub const CONNECTIONS_OPENED: &str = "switchboard_gateway_connections_opened_total";
+pub const CONNECTIONS_CLOSED: &str = "switchboard_gateway_connections_closed_total";
+pub const HANDSHAKE_REJECTED: &str = "switchboard_gateway_handshake_rejected_total";
+pub const MESSAGES_IN: &str = "switchboard_gateway_messages_in_total";
+pub const MESSAGES_OUT: &str = "switchboard_gateway_messages_out_total";
+pub const COMMAND_ERRORS: &str = "switchboard_gateway_command_errors_total";
+pub const FANOUT_DURATION: &str = "switchboard_gateway_fanout_duration_seconds";
+pub const QUEUE_FULL: &str = "switchboard_gateway_queue_full_total";
+pub const SUBSCRIPTIONS_ACTIVE: &str = "switchboard_gateway_subscriptions_active";
+pub const ACCEPT_ERRORS: &str = "switchboard_gateway_accept_errors_total";
+pub const PUSH_REQUESTS: &str = "switchboard_gateway_push_requests_total";
+
+/// Histogram buckets, by metric-name suffix.
+pub const BUCKETS: &[(&str, &[f64])] = &[(
+    "_duration_seconds",
+    &[
+        0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+    ],
+)];
+
+/// Registers help text and units for every metric.
+pub fn describe() {
+    describe_gauge!(CONNECTIONS_ACTIVE, "WebSocket sessions open now.");
+    describe_gauge!(
+        CONNECTIONS_LIMIT,
+        "Maximum concurrent sessions (connection cap)."
+    );
+    describe_counter!(CONNECTIONS_OPENED, "WebSocket sessions opened.");
+    describe_counter!(CONNECTIONS_CLOSED, "WebSocket sessions closed, by reason.");
+    describe_counter!(
+        HANDSHAKE_REJECTED,
+        "Upgrade requests refused before the upgrade, by reason."
+    );
+    describe_counter!(MESSAGES_IN, "Client commands received, by op.");
+    describe_counter!(
+        MESSAGES_OUT,
+        "Frames queued to sessions, by kind (message, direct, broadcast)."
+    );
+    describe_counter!(
+        COMMAND_ERRORS,
+        "Client commands answered with an error, by code."
+    );
+    describe_histogram!(
+        FANOUT_DURATION,
+        Unit::Seconds,
+        "Time to queue one publication to every local subscriber."
+    );
+    describe_counter!(
+        QUEUE_FULL,
+        "Sessions whose send queue overflowed (slow consumers)."
+    );
+    describe_gauge!(
+        SUBSCRIPTIONS_ACTIVE,
+        "Channel subscriptions held by sessions now."
+    );
+    describe_counter!(
+        ACCEPT_ERRORS,
+        "Errors accepting TCP connections (e.g. EMFILE)."
+    );
+    describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
+}

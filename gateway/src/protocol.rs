@@ -1,0 +1,416 @@
+//! The client protocol (docs/protocol.md): decoding commands and encoding
+//! server frames. Pure functions; the payload `data` is kept as raw JSON text
+//! and never re-serialised.
+
+use std::borrow::Cow;
+use std::io::Write;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+
+/// Longest channel name, in bytes.
+pub const MAX_CHANNEL_BYTES: usize = 128;
+
+/// One decoded client command and the `ref` to echo.
+#[derive(Debug)]
+pub struct Request<'a> {
+    pub reference: Option<&'a RawValue>,
+    pub command: Command<'a>,
+}
+
+/// What a client asks for.
+#[derive(Debug)]
+pub enum Command<'a> {
+    Subscribe {
+        channel: Cow<'a, str>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+    },
+    Publish {
+        channel: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+    Send {
+        user: Cow<'a, str>,
+        data: &'a RawValue,
+    },
+    Presence {
+        channel: Cow<'a, str>,
+    },
+    Ping,
+}
+
+/// A command that could not be decoded, with the `ref` when it was readable.
+#[derive(Debug)]
+pub struct DecodeError<'a> {
+    pub reference: Option<&'a RawValue>,
+    pub code: ErrorCode,
+    pub message: &'static str,
+}
+
+/// Stable, machine-readable error codes (docs/protocol.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadJson,
+    UnknownOp,
+    BadRequest,
+    BadChannel,
+    Forbidden,
+    TooManySubscriptions,
+    RateLimited,
+    Unavailable,
+}
+
+impl ErrorCode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::BadJson => "bad_json",
+            Self::UnknownOp => "unknown_op",
+            Self::BadRequest => "bad_request",
+            Self::BadChannel => "bad_channel",
+            Self::Forbidden => "forbidden",
+            Self::TooManySubscriptions => "too_many_subscriptions",
+            Self::RateLimited => "rate_limited",
+            Self::Unavailable => "unavailable",
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct Raw<'a> {
+    #[serde(borrow, default)]
+    op: Option<Cow<'a, str>>,
+    #[serde(borrow, default, rename = "ref")]
+    reference: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    channel: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    data: Option<&'a RawValue>,
+}
+
+/// Decodes one text frame (already checked to be UTF-8).
+pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
+    let err = |reference, code, message| DecodeError {
+        reference,
+        code,
+        message,
+    };
+    if !text.trim_start().starts_with('{') {
+        return Err(err(None, ErrorCode::BadJson, "expected a JSON object"));
+    }
+    let raw: Raw<'_> = serde_json::from_str(text).map_err(|e| {
+        if e.is_data() {
+            err(None, ErrorCode::BadRequest, "a field has the wrong type")
+        } else {
+            err(None, ErrorCode::BadJson, "invalid JSON")
+        }
+    })?;
+    let reference = raw.reference;
+    if let Some(r) = reference {
+        let s = r.get();
+        let ok = (s.starts_with('"') || s.starts_with('-') || s.as_bytes()[0].is_ascii_digit())
+            && s.len() <= 130;
+        if !ok {
+            return Err(err(
+                None,
+                ErrorCode::BadRequest,
+                "ref must be a string or number of at most 128 bytes",
+            ));
+        }
+    }
+    let command = match raw.op.as_deref() {
+        Some("subscribe") => {
+            need_channel(raw.channel).map(|channel| Command::Subscribe { channel })
+        }
+        Some("unsubscribe") => {
+            need_channel(raw.channel).map(|channel| Command::Unsubscribe { channel })
+        }
+        Some("presence") => need_channel(raw.channel).map(|channel| Command::Presence { channel }),
+        Some("publish") => need_channel(raw.channel).and_then(|channel| match raw.data {
+            Some(data) => Ok(Command::Publish { channel, data }),
+            None => Err((ErrorCode::BadRequest, "missing field `data`")),
+        }),
+        Some("send") => match (raw.user, raw.data) {
+            (Some(user), Some(data)) if crate::auth::valid_user_id(&user) => {
+                Ok(Command::Send { user, data })
+            }
+            (Some(_), Some(_)) => Err((ErrorCode::BadRequest, "user must be 1-128 bytes")),
+            (None, _) => Err((ErrorCode::BadRequest, "missing field `user`")),
+            (_, None) => Err((ErrorCode::BadRequest, "missing field `data`")),
+        },
+        Some("ping") => Ok(Command::Ping),
+        Some(_) => Err((ErrorCode::UnknownOp, "unknown op")),
+        None => Err((ErrorCode::UnknownOp, "missing field `op`")),
+    };
+    command
+        .map(|command| Request { reference, command })
+        .map_err(|(code, message)| err(reference, code, message))
+}
+
+fn need_channel(c: Option<Cow<'_, str>>) -> Result<Cow<'_, str>, (ErrorCode, &'static str)> {
+    match c {
+        None => Err((ErrorCode::BadRequest, "missing field `channel`")),
+        Some(c) if !valid_channel(&c) => Err((
+            ErrorCode::BadChannel,
+            "channel must be 1-128 printable ASCII bytes without spaces",
+        )),
+        Some(c) => Ok(c),
+    }
+}
+
+/// Channel names: 1-128 bytes of printable ASCII, no spaces.
+pub fn valid_channel(channel: &str) -> bool {
+    !channel.is_empty()
+        && channel.len() <= MAX_CHANNEL_BYTES
+        && channel.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+fn string(out: &mut Vec<u8>, s: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn reference(out: &mut Vec<u8>, r: Option<&RawValue>) {
+    if let Some(r) = r {
+        out.extend_from_slice(b",\"ref\":");
+        out.extend_from_slice(r.get().as_bytes());
+    }
+}
+
+/// `{"type":"message",...}`: a channel publication.
+pub fn message(channel: &str, id: &str, from: &str, seq: u64, data: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + channel.len() + id.len() + from.len() + data.len());
+    out.extend_from_slice(b"{\"type\":\"message\",\"channel\":");
+    string(&mut out, channel);
+    out.extend_from_slice(b",\"id\":");
+    string(&mut out, id);
+    out.extend_from_slice(b",\"from\":");
+    string(&mut out, from);
+    let _ = write!(out, ",\"seq\":{seq},\"data\":");
+    out.extend_from_slice(data.as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// `{"type":"direct",...}`: a message to a user.
+pub fn direct(id: &str, from: &str, to: &str, data: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + id.len() + from.len() + to.len() + data.len());
+    out.extend_from_slice(b"{\"type\":\"direct\",\"id\":");
+    string(&mut out, id);
+    out.extend_from_slice(b",\"from\":");
+    string(&mut out, from);
+    out.extend_from_slice(b",\"to\":");
+    string(&mut out, to);
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(data.as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// `{"type":"broadcast",...}`: a message to every session.
+pub fn broadcast(id: &str, from: &str, data: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + id.len() + from.len() + data.len());
+    out.extend_from_slice(b"{\"type\":\"broadcast\",\"id\":");
+    string(&mut out, id);
+    out.extend_from_slice(b",\"from\":");
+    string(&mut out, from);
+    out.extend_from_slice(b",\"data\":");
+    out.extend_from_slice(data.as_bytes());
+    out.push(b'}');
+    out
+}
+
+/// `{"type":"join"|"leave","channel":..,"user":..}`.
+pub fn membership(joined: bool, channel: &str, user: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + channel.len() + user.len());
+    out.extend_from_slice(if joined {
+        b"{\"type\":\"join\",\"channel\":"
+    } else {
+        b"{\"type\":\"leave\",\"channel\":"
+    });
+    string(&mut out, channel);
+    out.extend_from_slice(b",\"user\":");
+    string(&mut out, user);
+    out.push(b'}');
+    out
+}
+
+/// An `ack`, with the message id and sequence for publishes and sends.
+pub fn ack(
+    r: Option<&RawValue>,
+    id: Option<&str>,
+    seq: Option<u64>,
+    delivered: Option<u64>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"{\"type\":\"ack\"");
+    reference(&mut out, r);
+    if let Some(id) = id {
+        out.extend_from_slice(b",\"id\":");
+        string(&mut out, id);
+    }
+    if let Some(seq) = seq {
+        let _ = write!(out, ",\"seq\":{seq}");
+    }
+    if let Some(d) = delivered {
+        let _ = write!(out, ",\"delivered\":{d}");
+    }
+    out.push(b'}');
+    out
+}
+
+/// An `error` reply.
+pub fn error(
+    r: Option<&RawValue>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: Option<u64>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(96);
+    out.extend_from_slice(b"{\"type\":\"error\"");
+    reference(&mut out, r);
+    out.extend_from_slice(b",\"code\":");
+    string(&mut out, code.as_str());
+    out.extend_from_slice(b",\"message\":");
+    string(&mut out, message);
+    if let Some(ms) = retry_after_ms {
+        let _ = write!(out, ",\"retry_after_ms\":{ms}");
+    }
+    out.push(b'}');
+    out
+}
+
+/// A `presence` reply listing the users in a channel.
+pub fn presence(r: Option<&RawValue>, channel: &str, users: &[std::sync::Arc<str>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + users.len() * 16);
+    out.extend_from_slice(b"{\"type\":\"presence\"");
+    reference(&mut out, r);
+    out.extend_from_slice(b",\"channel\":");
+    string(&mut out, channel);
+    out.extend_from_slice(b",\"users\":[");
+    for (i, u) in users.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        string(&mut out, u);
+    }
+    out.extend_from_slice(b"]}");
+    out
+}
+
+/// A `pong` reply to `{"op":"ping"}`.
+pub fn pong(r: Option<&RawValue>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(32);
+    out.extend_from_slice(b"{\"type\":\"pong\"");
+    reference(&mut out, r);
+    out.push(b'}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decodes_each_command() {
+        let r =
+            decode(r#"{"op":"publish","channel":"room:1","data":{"t":[1,2]},"ref":"a"}"#).unwrap();
+        assert_eq!(r.reference.unwrap().get(), "\"a\"");
+        match r.command {
+            Command::Publish { channel, data } => {
+                assert_eq!(channel, "room:1");
+                assert_eq!(data.get(), r#"{"t":[1,2]}"#);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            decode(r#"{"op":"subscribe","channel":"x"}"#)
+                .unwrap()
+                .command,
+            Command::Subscribe { .. }
+        ));
+        assert!(matches!(
+            decode(r#"{"op":"send","user":"bob","data":1,"ref":7}"#)
+                .unwrap()
+                .command,
+            Command::Send { .. }
+        ));
+        assert!(matches!(
+            decode(r#"{"op":"ping"}"#).unwrap().command,
+            Command::Ping
+        ));
+        // Escaped channel names are unescaped.
+        match decode(r#"{"op":"subscribe","channel":"a\u0062"}"#)
+            .unwrap()
+            .command
+        {
+            Command::Subscribe { channel } => assert_eq!(channel, "ab"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn each_bad_command_has_its_code() {
+        let code = |s: &str| decode(s).unwrap_err().code;
+        assert_eq!(code("nope"), ErrorCode::BadJson);
+        assert_eq!(code("[1]"), ErrorCode::BadJson);
+        assert_eq!(code("{\"op\":"), ErrorCode::BadJson);
+        assert_eq!(code(r#"{"op":"dance"}"#), ErrorCode::UnknownOp);
+        assert_eq!(code(r#"{"channel":"x"}"#), ErrorCode::UnknownOp);
+        assert_eq!(code(r#"{"op":"subscribe"}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"op":"subscribe","channel":5}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","channel":"a b"}"#),
+            ErrorCode::BadChannel
+        );
+        assert_eq!(
+            code(r#"{"op":"subscribe","channel":""}"#),
+            ErrorCode::BadChannel
+        );
+        assert_eq!(
+            code(r#"{"op":"publish","channel":"x"}"#),
+            ErrorCode::BadRequest
+        );
+        assert_eq!(code(r#"{"op":"send","data":1}"#), ErrorCode::BadRequest);
+        assert_eq!(
+            code(r#"{"op":"ping","ref":{"a":1}}"#),
+            ErrorCode::BadRequest
+        );
+        let e = decode(r#"{"op":"dance","ref":3}"#).unwrap_err();
+        assert_eq!(e.reference.unwrap().get(), "3");
+    }
+
+    #[test]
+    fn encodes_valid_json() {
+        let data = RawValue::from_string("{\"x\":\"\\u00e9\"}".into()).unwrap();
+        let frames = [
+            message("c\"h", "id1", "al\nice", 9, data.get()),
+            direct("id", "a", "b", data.get()),
+            membership(true, "c", "u"),
+            ack(
+                Some(&RawValue::from_string("\"r\"".into()).unwrap()),
+                Some("id"),
+                Some(3),
+                Some(2),
+            ),
+            error(None, ErrorCode::RateLimited, "slow \"down\"", Some(12)),
+            presence(None, "c", &["a".into(), "b".into()]),
+            pong(None),
+        ];
+        for f in frames {
+            let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
+            assert!(v["type"].is_string(), "{v}");
+        }
+        let v: serde_json::Value =
+            serde_json::from_slice(&message("c\"h", "i", "a", 9, "[1]")).unwrap();
+        assert_eq!(v["channel"], "c\"h");
+        assert_eq!(v["seq"], 9);
+        assert_eq!(v["data"][0], 1);
+    }
+}

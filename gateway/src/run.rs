@@ -1,0 +1,305 @@
+//! Wiring: resolved settings, the listeners, and the node's lifetime from
+//! start to the end of the drain.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Verifier;
+use crate::bus::LocalBus;
+use crate::config::Cli;
+use crate::hub::Hub;
+use crate::push::PushService;
+use crate::server::{Drain, Server, caps_from_nofile};
+use crate::session::{Node, SessionConfig};
+
+/// Configuration that cannot be used; the binary exits with code 64.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    #[error(
+        "no client authentication configured: set --jwt-hs256-secret, --jwt-rs256-public-key, --jwt-eddsa-public-key, or --anonymous for a demo"
+    )]
+    NoAuth,
+    #[error("cannot read {path}: {error}")]
+    KeyFile { path: String, error: std::io::Error },
+    #[error("invalid key in {path}: {error}")]
+    Key {
+        path: String,
+        error: jsonwebtoken::errors::Error,
+    },
+    #[error(
+        "--max-connections {asked} exceeds what the open-files limit ({nofile}) allows: at most {allowed}"
+    )]
+    TooManyConnections {
+        asked: u32,
+        nofile: u64,
+        allowed: usize,
+    },
+    #[error("--heartbeat-interval and --heartbeat-timeout must be above zero")]
+    Heartbeat,
+}
+
+/// Everything `run` needs, checked.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub session: SessionConfig,
+    pub verifier: Verifier,
+    pub anonymous: bool,
+    pub allowed_origins: Vec<String>,
+    pub echo_route: bool,
+    pub handshake_timeout: Duration,
+    pub max_sessions: usize,
+    pub max_pending: usize,
+    pub presence_channels: Vec<String>,
+    pub drain: Drain,
+    pub nofile: u64,
+}
+
+fn read_key(path: &Path) -> Result<Vec<u8>, SettingsError> {
+    std::fs::read(path).map_err(|error| SettingsError::KeyFile {
+        path: path.display().to_string(),
+        error,
+    })
+}
+
+fn default_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "gateway".to_owned());
+    format!("{host}-{}", std::process::id())
+}
+
+impl Settings {
+    /// Resolves the command line: reads keys, raises and reads the open-files limit.
+    pub fn from_cli(cli: &Cli) -> Result<Self, SettingsError> {
+        let mut verifier = Verifier::new(cli.jwt_issuer.clone(), cli.jwt_audience.clone());
+        if let Some(secret) = &cli.jwt_hs256_secret {
+            verifier =
+                verifier
+                    .with_hs256(secret.as_bytes())
+                    .map_err(|error| SettingsError::Key {
+                        path: "--jwt-hs256-secret".into(),
+                        error,
+                    })?;
+        }
+        for (path, rs) in [
+            (&cli.jwt_rs256_public_key, true),
+            (&cli.jwt_eddsa_public_key, false),
+        ] {
+            if let Some(path) = path {
+                let pem = read_key(path)?;
+                let v = verifier.clone();
+                verifier = if rs {
+                    v.with_rs256_pem(&pem)
+                } else {
+                    v.with_eddsa_pem(&pem)
+                }
+                .map_err(|error| SettingsError::Key {
+                    path: path.display().to_string(),
+                    error,
+                })?;
+            }
+        }
+        if !verifier.has_keys() && !cli.anonymous {
+            return Err(SettingsError::NoAuth);
+        }
+        if cli.heartbeat_interval.is_zero() || cli.heartbeat_timeout.is_zero() {
+            return Err(SettingsError::Heartbeat);
+        }
+        // Raise the soft limit to the hard one; the caps derive from what we got.
+        let nofile = rlimit::increase_nofile_limit(u64::MAX)
+            .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
+            .unwrap_or(1024);
+        let (derived, max_pending) = caps_from_nofile(nofile);
+        let max_sessions = match cli.max_connections {
+            Some(n) if n.get() as usize > derived => {
+                return Err(SettingsError::TooManyConnections {
+                    asked: n.get(),
+                    nofile,
+                    allowed: derived,
+                });
+            }
+            Some(n) => n.get() as usize,
+            None => derived,
+        };
+        Ok(Self {
+            session: SessionConfig {
+                node_id: cli.node_id.clone().unwrap_or_else(default_node_id).into(),
+                heartbeat_interval: cli.heartbeat_interval,
+                heartbeat_timeout: cli.heartbeat_timeout,
+                max_message_bytes: cli.max_message_bytes.get() as usize,
+                max_subscriptions: cli.max_subscriptions.get() as usize,
+                publish_rate: cli.publish_rate.get(),
+                publish_burst: cli.publish_burst.get(),
+                send_queue: cli.send_queue.get() as usize,
+            },
+            verifier,
+            anonymous: cli.anonymous,
+            allowed_origins: cli
+                .allowed_origins
+                .iter()
+                .filter(|o| !o.is_empty())
+                .cloned()
+                .collect(),
+            echo_route: cli.echo_route,
+            handshake_timeout: cli.handshake_timeout,
+            max_sessions,
+            max_pending,
+            presence_channels: cli
+                .presence_channels
+                .iter()
+                .filter(|p| !p.is_empty())
+                .cloned()
+                .collect(),
+            drain: Drain {
+                window: cli.drain_window,
+                grace: cli.drain_grace,
+            },
+            nofile,
+        })
+    }
+}
+
+/// The already-bound listeners (tests bind `127.0.0.1:0`).
+#[derive(Debug)]
+pub struct Listeners {
+    pub client: TcpListener,
+    pub grpc: TcpListener,
+    pub admin: TcpListener,
+}
+
+impl Listeners {
+    /// Binds all three; the client port optionally with SO_REUSEPORT.
+    pub async fn bind(
+        client: SocketAddr,
+        reuse_port: bool,
+        grpc: SocketAddr,
+        admin: SocketAddr,
+    ) -> std::io::Result<Self> {
+        let client = if reuse_port {
+            bind_reuse_port(client)?
+        } else {
+            TcpListener::bind(client).await?
+        };
+        Ok(Self {
+            client,
+            grpc: TcpListener::bind(grpc).await?,
+            admin: TcpListener::bind(admin).await?,
+        })
+    }
+}
+
+fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    use socket2::{Domain, Socket, Type};
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(4096)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Runs a standalone gateway until `shutdown` is cancelled, then drains and returns.
+pub async fn run(
+    settings: Settings,
+    listeners: Listeners,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> Result<(), tonic::transport::Error> {
+    crate::metrics::describe();
+    let hub = Arc::new(Hub::new(settings.presence_channels.clone()));
+    let bus: Arc<dyn crate::bus::Bus> = Arc::new(LocalBus::new(hub.clone()));
+    let node = Arc::new(Node {
+        hub: hub.clone(),
+        bus: bus.clone(),
+        config: settings.session.clone(),
+    });
+    let server = Arc::new(Server::new(
+        node,
+        settings.verifier.clone(),
+        settings.anonymous,
+        settings.allowed_origins.clone(),
+        settings.echo_route,
+        settings.handshake_timeout,
+        settings.max_sessions,
+        settings.max_pending,
+    ));
+
+    let readiness = kit::admin::Readiness::default();
+    let stop_admin = CancellationToken::new();
+    let admin = tokio::spawn(kit::admin::serve(
+        listeners.admin,
+        kit::admin::Admin {
+            metrics,
+            readiness: readiness.clone(),
+        },
+        stop_admin.clone(),
+    ));
+
+    let push = PushService {
+        hub,
+        bus,
+        max_message_bytes: settings.session.max_message_bytes,
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_serving::<proto::push::v1::push_server::PushServer<PushService>>()
+        .await;
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1();
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha();
+    let stop_grpc = CancellationToken::new();
+    let grpc_stop = stop_grpc.clone();
+    let grpc = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(10))
+        .add_service(health_service)
+        .add_service(reflection_v1.expect("registered descriptor sets are valid"))
+        .add_service(reflection_v1alpha.expect("registered descriptor sets are valid"))
+        .add_service(proto::push::v1::push_server::PushServer::new(push))
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
+            async move { grpc_stop.cancelled().await },
+        );
+    let grpc = tokio::spawn(grpc);
+
+    let accept = tokio::spawn(server.clone().accept_loop(listeners.client));
+    readiness.set(true);
+    tracing::info!(
+        node = %settings.session.node_id,
+        max_connections = settings.max_sessions,
+        nofile = settings.nofile,
+        "gateway ready"
+    );
+
+    shutdown.cancelled().await;
+    readiness.set(false);
+    health
+        .set_not_serving::<proto::push::v1::push_server::PushServer<PushService>>()
+        .await;
+    server.draining.cancel();
+    let _ = accept.await;
+    server.drain(settings.drain).await;
+    stop_grpc.cancel();
+    stop_admin.cancel();
+    let grpc_result = grpc.await;
+    let _ = admin.await;
+    tracing::info!("gateway stopped");
+    match grpc_result {
+        Ok(r) => r,
+        Err(_) => Ok(()),
+    }
+}

@@ -1,0 +1,201 @@
+//! Accept: the client listener, the socket and session caps, hyper's HTTP/1
+//! connection with a header-read timeout (slowloris), and the drain.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::auth::Verifier;
+use crate::handshake;
+use crate::metrics as m;
+use crate::policy::CloseReason;
+use crate::session::{self, Node};
+
+/// File descriptors kept back for everything that is not a client socket.
+pub const FD_RESERVE: u64 = 128;
+/// Sockets kept back above the session cap, so that refusals (503) can still be answered.
+pub const HANDSHAKE_HEADROOM: u64 = 512;
+
+/// The session cap and the cap on not-yet-upgraded HTTP connections derived
+/// from an open-files limit: together with [`FD_RESERVE`] they never exceed it.
+pub fn caps_from_nofile(nofile: u64) -> (usize, usize) {
+    let pending = HANDSHAKE_HEADROOM.min(nofile / 8).max(4);
+    let sessions = nofile.saturating_sub(FD_RESERVE + pending).max(4);
+    (sessions as usize, pending as usize)
+}
+
+/// Everything the client port needs to serve.
+#[derive(Debug)]
+pub struct Server {
+    pub node: Arc<Node>,
+    pub verifier: Verifier,
+    pub anonymous: bool,
+    pub allowed_origins: Vec<String>,
+    pub echo_route: bool,
+    pub handshake_timeout: Duration,
+    pub max_sessions: usize,
+    pub max_pending: usize,
+    pub sessions: AtomicUsize,
+    pub pending: AtomicUsize,
+    socket_freed: Notify,
+    pub next_conn_id: AtomicU64,
+    /// Cancelled when the drain starts: no new sessions.
+    pub draining: CancellationToken,
+    /// Cancelled at the end of the drain window: every remaining session closes.
+    pub stop_sessions: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
+/// A reserved session slot, released on drop.
+#[derive(Debug)]
+pub struct SessionSlot(Arc<Server>);
+
+impl Drop for SessionSlot {
+    fn drop(&mut self) {
+        self.0.sessions.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+struct SocketSlot(Arc<Server>);
+
+impl Drop for SocketSlot {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+        self.0.socket_freed.notify_one();
+    }
+}
+
+/// Drain pacing and its timings.
+#[derive(Debug, Clone, Copy)]
+pub struct Drain {
+    pub window: Duration,
+    pub grace: Duration,
+}
+
+impl Server {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        node: Arc<Node>,
+        verifier: Verifier,
+        anonymous: bool,
+        allowed_origins: Vec<String>,
+        echo_route: bool,
+        handshake_timeout: Duration,
+        max_sessions: usize,
+        max_pending: usize,
+    ) -> Self {
+        metrics::gauge!(m::CONNECTIONS_LIMIT).set(max_sessions as f64);
+        Self {
+            node,
+            verifier,
+            anonymous,
+            allowed_origins,
+            echo_route,
+            handshake_timeout,
+            max_sessions,
+            max_pending,
+            sessions: AtomicUsize::new(0),
+            pending: AtomicUsize::new(0),
+            socket_freed: Notify::new(),
+            next_conn_id: AtomicU64::new(1),
+            draining: CancellationToken::new(),
+            stop_sessions: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+        }
+    }
+
+    /// Reserves a session slot if the cap allows.
+    pub fn try_reserve_session(self: &Arc<Self>) -> Option<SessionSlot> {
+        let prev = self.sessions.fetch_add(1, Ordering::AcqRel);
+        let slot = SessionSlot(self.clone());
+        (prev < self.max_sessions).then_some(slot)
+    }
+
+    /// Accepts clients until `draining` is cancelled.
+    pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            // With too many connections still in HTTP, stop accepting (the kernel
+            // backlog holds new clients) rather than run into EMFILE.
+            while self.pending.load(Ordering::Acquire) >= self.max_pending {
+                tokio::select! {
+                    () = self.draining.cancelled() => return,
+                    () = self.socket_freed.notified() => {}
+                    () = tokio::time::sleep(Duration::from_millis(100)) => {}
+                }
+            }
+            let (stream, _peer) = tokio::select! {
+                () = self.draining.cancelled() => return,
+                r = listener.accept() => match r {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // EMFILE/ENFILE/ECONNABORTED: back off, never crash.
+                        metrics::counter!(m::ACCEPT_ERRORS).increment(1);
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            self.pending.fetch_add(1, Ordering::AcqRel);
+            let guard = SocketSlot(self.clone());
+            let server = self.clone();
+            self.tracker.spawn(async move {
+                let _guard = guard;
+                let svc_server = server.clone();
+                let service = service_fn(move |req| {
+                    let s = svc_server.clone();
+                    async move { Ok::<_, Infallible>(handshake::handle(s, req).await) }
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(server.handshake_timeout)
+                    .max_buf_size(64 * 1024)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades();
+                if let Err(e) = conn.await {
+                    tracing::debug!(error = %e, "http connection ended");
+                }
+                // Once upgraded, the socket counts against the session slot instead.
+            });
+        }
+    }
+
+    /// Closes every session at a bounded pace spread over `window`, then sweeps
+    /// the rest and waits for all tasks, at most `grace` longer.
+    pub async fn drain(&self, drain: Drain) {
+        let sessions = self.node.hub.sessions();
+        let n = sessions.len().max(1);
+        let tick = (drain.window / n as u32).max(Duration::from_millis(1));
+        let per_tick = ((n as f64) * tick.as_secs_f64() / drain.window.as_secs_f64().max(1e-3))
+            .ceil()
+            .max(1.0) as usize;
+        tracing::info!(sessions = sessions.len(), window = ?drain.window, "draining sessions");
+        let mut interval = tokio::time::interval(tick);
+        for chunk in sessions.chunks(per_tick) {
+            interval.tick().await;
+            for s in chunk {
+                s.ctl
+                    .close(CloseReason::Drain, Some(&session::drain_reason()));
+            }
+        }
+        self.stop_sessions.cancel();
+        self.tracker.close();
+        if tokio::time::timeout(drain.grace, self.tracker.wait())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                left = self.tracker.len(),
+                "drain grace period over, exiting with tasks left"
+            );
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Egress: drain the send queue to the socket with vectored writes, send
+//! heartbeat pings, and write the close frame when the session ends.
+
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::OwnedWriteHalf;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, sleep_until};
+use tokio_util::sync::CancellationToken;
+
+use super::SessionConfig;
+use crate::hub::SessionCtl;
+use crate::policy::{CloseReason, Heartbeat, HeartbeatAction};
+use crate::wire;
+
+/// Frames taken from the queue per write.
+const BATCH: usize = 64;
+/// Time an in-flight write may take to finish once a close is requested, and
+/// time allowed to write the close frame.
+const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+
+async fn write_all(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+    let mut start = 0;
+    while start < bufs.len() {
+        let slices: Vec<IoSlice<'_>> = bufs[start..]
+            .iter()
+            .take(BATCH)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        let mut n = w.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let b = &mut bufs[start];
+            let take = n.min(b.len());
+            b.advance(take);
+            n -= take;
+            if b.is_empty() {
+                start += 1;
+            }
+        }
+    }
+    bufs.clear();
+    Ok(())
+}
+
+/// Outcome of a write raced against a close request.
+enum Wrote {
+    Done,
+    Failed,
+    /// A close was requested; the write finished (true) or was abandoned (false).
+    Closing(bool),
+}
+
+async fn write_or_close(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>, ctl: &SessionCtl) -> Wrote {
+    let write = write_all(w, bufs);
+    tokio::pin!(write);
+    tokio::select! {
+        r = &mut write => if r.is_ok() { Wrote::Done } else { Wrote::Failed },
+        () = ctl.wait() => {
+            let finished = matches!(tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write).await, Ok(Ok(())));
+            Wrote::Closing(finished)
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    cfg: &SessionConfig,
+    ctl: &SessionCtl,
+    mut rx: mpsc::Receiver<Bytes>,
+    mut w: OwnedWriteHalf,
+    last_seen: &AtomicU64,
+    started: Instant,
+    expires: Option<Instant>,
+    stop: &CancellationToken,
+) {
+    let mut heartbeat = Heartbeat::new(cfg.heartbeat_interval, cfg.heartbeat_timeout, started);
+    let mut wake = started + cfg.heartbeat_interval;
+    let mut batch: Vec<Bytes> = Vec::new();
+    let far = started + Duration::from_secs(86400 * 365);
+    let clean = loop {
+        tokio::select! {
+            biased;
+            () = ctl.wait() => break true,
+            () = stop.cancelled() => {
+                ctl.close(CloseReason::Drain, Some(&super::drain_reason()));
+                break true;
+            }
+            () = sleep_until(expires.unwrap_or(far)) => {
+                ctl.close(CloseReason::TokenExpired, Some("token expired"));
+                break true;
+            }
+            n = rx.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
+                    break true;
+                }
+                match write_or_close(&mut w, &mut batch, ctl).await {
+                    Wrote::Done => {}
+                    Wrote::Failed => {
+                        ctl.close(CloseReason::Gone, None);
+                        break false;
+                    }
+                    Wrote::Closing(finished) => break finished,
+                }
+            }
+            () = sleep_until(wake) => {
+                let now = Instant::now();
+                heartbeat.seen(started + Duration::from_millis(last_seen.load(Ordering::Relaxed)));
+                match heartbeat.poll(now) {
+                    HeartbeatAction::Wait(at) => wake = at,
+                    HeartbeatAction::Timeout => {
+                        ctl.close(CloseReason::HeartbeatTimeout, Some("heartbeat timeout"));
+                        break true;
+                    }
+                    HeartbeatAction::Ping => {
+                        batch.clear();
+                        batch.push(wire::ping(b""));
+                        match write_or_close(&mut w, &mut batch, ctl).await {
+                            Wrote::Done => {}
+                            Wrote::Failed => {
+                                ctl.close(CloseReason::Gone, None);
+                                break false;
+                            }
+                            Wrote::Closing(finished) => break finished,
+                        }
+                        if let HeartbeatAction::Wait(at) = heartbeat.poll(Instant::now()) {
+                            wake = at;
+                        }
+                    }
+                }
+            }
+        }
+    };
+    let (reason, text) = ctl.requested().unwrap_or((CloseReason::Gone, None));
+    if clean && reason != CloseReason::Gone {
+        // What is already queued still goes out before the close frame (a drain
+        // loses nothing), except for a slow consumer, whose queue is the problem.
+        if reason != CloseReason::SlowConsumer {
+            batch.clear();
+            while batch.len() < cfg.send_queue {
+                match rx.try_recv() {
+                    Ok(frame) => batch.push(frame),
+                    Err(_) => break,
+                }
+            }
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all(&mut w, &mut batch)).await;
+        }
+        let text = text.as_deref().unwrap_or(reason.label());
+        let frame = wire::close(reason.code(), text);
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.write_all(&frame)).await;
+    }
+    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.shutdown()).await;
+}

@@ -1,0 +1,357 @@
+//! Ingress: read frames, enforce framing rules and limits, run commands.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, WebSocketError};
+use tokio::io::AsyncReadExt;
+use tokio::net::tcp::OwnedReadHalf;
+use tokio::time::Instant;
+
+use super::{Mode, Node};
+use crate::auth::Identity;
+use crate::hub::SessionHandle;
+use crate::metrics as m;
+use crate::policy::{CloseReason, RateDecision, TokenBucket};
+use crate::protocol::{self, Command, ErrorCode};
+use crate::wire;
+
+/// Per-session state owned by the ingress loop.
+#[derive(Debug)]
+pub(super) struct State {
+    pub(super) subscriptions: HashSet<Arc<str>>,
+    pub(super) bucket: TokenBucket,
+    /// A fragmented message being reassembled: (is_text, bytes so far).
+    pub(super) fragments: Option<(bool, Vec<u8>)>,
+}
+
+fn error_reason(e: &WebSocketError) -> CloseReason {
+    match e {
+        WebSocketError::FrameTooLarge => CloseReason::TooBig,
+        WebSocketError::InvalidUTF8 => CloseReason::InvalidUtf8,
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::IoError(_)
+        | WebSocketError::ConnectionClosed => CloseReason::Gone,
+        _ => CloseReason::Protocol,
+    }
+}
+
+/// Whether the frame came masked, as RFC 6455 requires of clients.
+fn is_masked(frame: &mut Frame<'_>) -> bool {
+    let mut head = [0u8; 16];
+    frame.fmt_head(&mut head);
+    head[1] & 0x80 != 0
+}
+
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn run(
+    node: &Node,
+    identity: &Identity,
+    handle: &SessionHandle,
+    state: &mut State,
+    read: OwnedReadHalf,
+    leftover: Bytes,
+    last_seen: &AtomicU64,
+    started: Instant,
+    mode: Mode,
+) {
+    let cfg = &node.config;
+    let stream = std::io::Cursor::new(leftover).chain(read);
+    let (mut ws, _) = fastwebsockets::after_handshake_split(
+        stream,
+        tokio::io::sink(),
+        fastwebsockets::Role::Server,
+    );
+    ws.set_auto_close(false);
+    ws.set_auto_pong(false);
+    ws.set_auto_apply_mask(false);
+    // fastwebsockets refuses frames of `>= max`, we allow exactly `max`.
+    ws.set_max_message_size(cfg.max_message_bytes + 1);
+    let mut never_send = |_: Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
+    let ctl = &handle.ctl;
+    loop {
+        let mut frame = match ws.read_frame(&mut never_send).await {
+            Ok(f) => f,
+            Err(e) => {
+                ctl.close(error_reason(&e), None);
+                return;
+            }
+        };
+        last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
+        if ctl.requested().is_some() {
+            // Closing: discard everything until the peer's close or EOF.
+            if frame.opcode == OpCode::Close {
+                return;
+            }
+            continue;
+        }
+        if !is_masked(&mut frame) {
+            ctl.close(CloseReason::Protocol, Some("unmasked client frame"));
+            return;
+        }
+        frame.unmask();
+        let message = match frame.opcode {
+            OpCode::Close => {
+                ctl.close(close_answer(&frame.payload), None);
+                return;
+            }
+            OpCode::Ping => {
+                handle.deliver(&wire::pong(&frame.payload));
+                continue;
+            }
+            OpCode::Pong => continue,
+            OpCode::Text | OpCode::Binary if state.fragments.is_some() => {
+                ctl.close(
+                    CloseReason::Protocol,
+                    Some("new message inside a fragmented one"),
+                );
+                return;
+            }
+            OpCode::Text | OpCode::Binary if !frame.fin => {
+                state.fragments = Some((frame.opcode == OpCode::Text, frame.payload.to_vec()));
+                continue;
+            }
+            OpCode::Text | OpCode::Binary => (
+                frame.opcode == OpCode::Text,
+                Bytes::from(frame.payload.to_vec()),
+            ),
+            OpCode::Continuation => {
+                let Some((_, buf)) = state.fragments.as_mut() else {
+                    ctl.close(
+                        CloseReason::Protocol,
+                        Some("continuation without a message"),
+                    );
+                    return;
+                };
+                if buf.len() + frame.payload.len() > cfg.max_message_bytes {
+                    ctl.close(CloseReason::TooBig, None);
+                    return;
+                }
+                buf.extend_from_slice(&frame.payload);
+                if !frame.fin {
+                    continue;
+                }
+                let Some((text, buf)) = state.fragments.take() else {
+                    return;
+                };
+                (text, Bytes::from(buf))
+            }
+        };
+        match message {
+            (true, bytes) => {
+                let Ok(text) = std::str::from_utf8(&bytes) else {
+                    ctl.close(CloseReason::InvalidUtf8, None);
+                    return;
+                };
+                match mode {
+                    Mode::Echo => {
+                        handle.deliver(&wire::text(text.as_bytes()));
+                    }
+                    Mode::Protocol => {
+                        if let Err(reason) = command(node, identity, handle, state, text).await {
+                            ctl.close(reason, None);
+                            return;
+                        }
+                    }
+                }
+            }
+            (false, bytes) => match mode {
+                Mode::Echo => {
+                    handle.deliver(&wire::binary(&bytes));
+                }
+                Mode::Protocol => {
+                    ctl.close(CloseReason::Binary, Some("binary frames are not supported"));
+                    return;
+                }
+            },
+        }
+    }
+}
+
+/// The code of the client's close frame decides nothing: we answer 1000
+/// unless the frame itself is malformed.
+fn close_answer(payload: &[u8]) -> CloseReason {
+    match payload.len() {
+        0 => CloseReason::Normal,
+        1 => CloseReason::Protocol,
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            let valid_code = matches!(code, 1000..=1003 | 1007..=1011 | 3000..=4999);
+            if !valid_code {
+                CloseReason::Protocol
+            } else if std::str::from_utf8(&payload[2..]).is_err() {
+                CloseReason::InvalidUtf8
+            } else {
+                CloseReason::Normal
+            }
+        }
+    }
+}
+
+fn reply(handle: &SessionHandle, frame: Vec<u8>) {
+    handle.deliver(&wire::text(&frame));
+}
+
+fn refuse(
+    handle: &SessionHandle,
+    r: Option<&serde_json::value::RawValue>,
+    code: ErrorCode,
+    msg: &str,
+    retry_ms: Option<u64>,
+) {
+    metrics::counter!(m::COMMAND_ERRORS, "code" => code.as_str()).increment(1);
+    reply(handle, protocol::error(r, code, msg, retry_ms));
+}
+
+/// Applies the publish rate limit: `Ok(true)` goes on, `Ok(false)` was refused
+/// (the error reply is sent), `Err` closes a flooding session.
+fn admit(
+    handle: &SessionHandle,
+    state: &mut State,
+    r: Option<&serde_json::value::RawValue>,
+) -> Result<bool, CloseReason> {
+    match state.bucket.take(Instant::now()) {
+        RateDecision::Allow => Ok(true),
+        RateDecision::Refuse { retry_after } => {
+            let ms = retry_after.as_millis() as u64 + 1;
+            refuse(
+                handle,
+                r,
+                ErrorCode::RateLimited,
+                "publish rate exceeded",
+                Some(ms),
+            );
+            Ok(false)
+        }
+        RateDecision::Flood => Err(CloseReason::Flood),
+    }
+}
+
+/// Runs one text command. `Err` closes the session with that reason.
+async fn command(
+    node: &Node,
+    identity: &Identity,
+    handle: &SessionHandle,
+    state: &mut State,
+    text: &str,
+) -> Result<(), CloseReason> {
+    let req = match protocol::decode(text) {
+        Ok(r) => r,
+        Err(e) => {
+            metrics::counter!(m::MESSAGES_IN, "op" => "invalid").increment(1);
+            refuse(handle, e.reference, e.code, e.message, None);
+            return Ok(());
+        }
+    };
+    let r = req.reference;
+    let op = match &req.command {
+        Command::Subscribe { .. } => "subscribe",
+        Command::Unsubscribe { .. } => "unsubscribe",
+        Command::Publish { .. } => "publish",
+        Command::Send { .. } => "send",
+        Command::Presence { .. } => "presence",
+        Command::Ping => "ping",
+    };
+    metrics::counter!(m::MESSAGES_IN, "op" => op).increment(1);
+    match req.command {
+        Command::Subscribe { channel } => {
+            if !identity.may_use(&channel) {
+                refuse(
+                    handle,
+                    r,
+                    ErrorCode::Forbidden,
+                    "not allowed on this channel",
+                    None,
+                );
+            } else if state.subscriptions.contains(&*channel) {
+                reply(handle, protocol::ack(r, None, None, None));
+            } else if state.subscriptions.len() >= node.config.max_subscriptions {
+                refuse(
+                    handle,
+                    r,
+                    ErrorCode::TooManySubscriptions,
+                    "subscription limit reached",
+                    None,
+                );
+            } else {
+                let channel: Arc<str> = channel.into();
+                // The ack goes first so that it precedes the subscriber's own join event.
+                reply(handle, protocol::ack(r, None, None, None));
+                node.hub.subscribe(handle, &channel);
+                state.subscriptions.insert(channel);
+                metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).increment(1.0);
+            }
+        }
+        Command::Unsubscribe { channel } => {
+            if state.subscriptions.remove(&*channel) {
+                node.hub.unsubscribe(handle.id, &identity.user, &channel);
+                metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(1.0);
+            }
+            reply(handle, protocol::ack(r, None, None, None));
+        }
+        Command::Presence { channel } => {
+            if identity.may_use(&channel) {
+                reply(
+                    handle,
+                    protocol::presence(r, &channel, &node.hub.channel_users(&channel)),
+                );
+            } else {
+                refuse(
+                    handle,
+                    r,
+                    ErrorCode::Forbidden,
+                    "not allowed on this channel",
+                    None,
+                );
+            }
+        }
+        Command::Ping => reply(handle, protocol::pong(r)),
+        Command::Publish { channel, data } => {
+            if !identity.may_use(&channel) {
+                refuse(
+                    handle,
+                    r,
+                    ErrorCode::Forbidden,
+                    "not allowed on this channel",
+                    None,
+                );
+                return Ok(());
+            }
+            if !admit(handle, state, r)? {
+                return Ok(());
+            }
+            match node.bus.publish(&channel, &identity.user, data.get()).await {
+                Ok(a) => reply(handle, protocol::ack(r, Some(&a.id), a.seq, None)),
+                Err(e) => refuse(
+                    handle,
+                    r,
+                    ErrorCode::Unavailable,
+                    &e.to_string(),
+                    Some(1000),
+                ),
+            }
+        }
+        Command::Send { user, data } => {
+            if !admit(handle, state, r)? {
+                return Ok(());
+            }
+            match node.bus.send(&user, &identity.user, data.get()).await {
+                Ok(a) => reply(
+                    handle,
+                    protocol::ack(r, Some(&a.id), None, Some(a.delivered)),
+                ),
+                Err(e) => refuse(
+                    handle,
+                    r,
+                    ErrorCode::Unavailable,
+                    &e.to_string(),
+                    Some(1000),
+                ),
+            }
+        }
+    }
+    Ok(())
+}

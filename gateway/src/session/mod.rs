@@ -1,0 +1,159 @@
+//! One WebSocket session: an ingress loop (reads frames, runs commands) and an
+//! egress loop (drains the bounded send queue, pings, closes), polled together
+//! by one task. The hub holds only the session's queue sender and control block.
+//!
+//! `read_frame` is not cancel-safe, so the ingress future is only ever dropped
+//! when the whole connection is being thrown away.
+
+mod egress;
+mod ingress;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::auth::Identity;
+use crate::bus::Bus;
+use crate::hub::{Hub, SessionCtl, SessionHandle};
+use crate::metrics as m;
+use crate::policy::{CloseReason, TokenBucket};
+use crate::wire;
+
+/// Limits and timings that apply to every session.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub node_id: Arc<str>,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub max_subscriptions: usize,
+    pub publish_rate: u32,
+    pub publish_burst: u32,
+    pub send_queue: usize,
+}
+
+/// What a session needs from the node.
+#[derive(Debug)]
+pub struct Node {
+    pub hub: Arc<Hub>,
+    pub bus: Arc<dyn Bus>,
+    pub config: SessionConfig,
+}
+
+/// Session mode: the real protocol, or the conformance echo route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Protocol,
+    Echo,
+}
+
+/// How long the read side stays open after our close frame, waiting for the peer's.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Runs a session on an upgraded TCP stream until it ends.
+/// `leftover` holds bytes the HTTP layer read past the upgrade request.
+/// `stop` closes the session as part of a drain (the paced drain reaches
+/// registered sessions one by one first; `stop` is the final sweep).
+pub async fn run(
+    node: Arc<Node>,
+    identity: Identity,
+    conn_id: u64,
+    stream: TcpStream,
+    leftover: Bytes,
+    mode: Mode,
+    stop: CancellationToken,
+) {
+    let cfg = &node.config;
+    let (tx, rx) = mpsc::channel(cfg.send_queue);
+    let ctl = Arc::new(SessionCtl::default());
+    let handle = SessionHandle {
+        id: conn_id,
+        user: identity.user.clone(),
+        outbox: tx,
+        ctl: ctl.clone(),
+    };
+    if mode == Mode::Protocol {
+        handle.deliver(&wire::text(&welcome(&node, &identity, conn_id)));
+        node.hub.register(handle.clone());
+    }
+    metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
+    metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
+
+    let _ = stream.set_nodelay(true);
+    let (read, write) = stream.into_split();
+    let started = Instant::now();
+    let last_seen = AtomicU64::new(0);
+    let expires = identity.expires_at.map(|exp| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        started + Duration::from_secs(exp).saturating_sub(now)
+    });
+
+    let mut state = ingress::State {
+        subscriptions: HashSet::new(),
+        bucket: TokenBucket::new(cfg.publish_rate, cfg.publish_burst, started),
+        fragments: None,
+    };
+    {
+        let reader = ingress::run(
+            &node, &identity, &handle, &mut state, read, leftover, &last_seen, started, mode,
+        );
+        let writer = egress::run(cfg, &ctl, rx, write, &last_seen, started, expires, &stop);
+        tokio::pin!(reader, writer);
+        tokio::select! {
+            () = &mut reader => {
+                writer.await;
+            }
+            () = &mut writer => {
+                let _ = tokio::time::timeout(CLOSE_LINGER, reader).await;
+            }
+        }
+    }
+
+    let reason = ctl.requested().map_or(CloseReason::Gone, |(r, _)| r);
+    let subs = state.subscriptions.len();
+    if mode == Mode::Protocol {
+        node.hub
+            .unregister(conn_id, &identity.user, state.subscriptions.drain());
+    }
+    metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(subs as f64);
+    metrics::gauge!(m::CONNECTIONS_ACTIVE).decrement(1.0);
+    metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
+    tracing::debug!(conn.id = conn_id, user = %identity.user, reason = reason.label(), "session closed");
+}
+
+fn welcome(node: &Node, identity: &Identity, conn_id: u64) -> Vec<u8> {
+    let c = &node.config;
+    let mut v = serde_json::json!({
+        "type": "welcome",
+        "conn_id": format!("{}.{conn_id:x}", c.node_id),
+        "user": &*identity.user,
+        "node": &*c.node_id,
+        "heartbeat_ms": c.heartbeat_interval.as_millis() as u64,
+        "heartbeat_timeout_ms": c.heartbeat_timeout.as_millis() as u64,
+        "limits": {
+            "max_message_bytes": c.max_message_bytes,
+            "max_subscriptions": c.max_subscriptions,
+            "publish_per_sec": c.publish_rate,
+            "publish_burst": c.publish_burst,
+            "send_queue": c.send_queue,
+        },
+    });
+    if let Some(exp) = identity.expires_at {
+        v["expires_at"] = exp.into();
+    }
+    v.to_string().into_bytes()
+}
+
+/// Close reason text for a drain: reconnect elsewhere after a jittered delay.
+pub fn drain_reason() -> String {
+    format!("drain retry_ms={}", rand::random_range(250..2000u32))
+}

@@ -1,0 +1,14 @@
+//! Plumbing shared by every Switchboard binary; no domain logic lives here.
+//!
+//! - [`args`]: command-line flags every binary takes (logging, admin address).
+//! - [`telemetry`]: tracing subscriber (text or JSON) and the Prometheus recorder.
+//! - [`admin`]: the admin HTTP endpoints `/metrics`, `/healthz`, `/readyz`.
+//! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token.
+
+pub mod admin;
+pub mod args;
+pub mod shutdown;
+pub mod telemetry;
+
+/// Exit code for bad configuration (`EX_USAGE`).
+pub const EXIT_CONFIG: i32 = 64;

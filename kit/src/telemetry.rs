@@ -1,0 +1,45 @@
+//! Logs and metrics set-up, done once at process start.
+
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tracing_subscriber::{EnvFilter, fmt, prelude::*};
+
+use crate::args::LogFormat;
+
+/// Installs the global tracing subscriber. Fails if the filter does not parse.
+pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(filter)?;
+    let registry = tracing_subscriber::registry().with(filter);
+    match format {
+        LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init()?,
+        LogFormat::Json => registry
+            .with(
+                fmt::layer()
+                    .json()
+                    .flatten_event(true)
+                    .with_current_span(false),
+            )
+            .try_init()?,
+    }
+    Ok(())
+}
+
+/// Installs the global Prometheus recorder and returns the handle that renders it.
+///
+/// Histograms listed in `buckets` (by metric name suffix) get those bucket bounds;
+/// the others are summaries.
+pub fn init_metrics(buckets: &[(&str, &[f64])]) -> anyhow::Result<PrometheusHandle> {
+    let mut builder = PrometheusBuilder::new();
+    for (suffix, bounds) in buckets {
+        builder = builder.set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix((*suffix).to_owned()),
+            bounds,
+        )?;
+    }
+    Ok(builder.install_recorder()?)
+}
+
+/// A recorder that is not installed globally, for tests that render metrics of one
+/// run in isolation.
+pub fn local_recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
+    PrometheusBuilder::new().build_recorder()
+}

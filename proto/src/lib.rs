@@ -1,0 +1,18 @@
+//! Switchboard's wire types between services: one source of truth.
+//!
+//! - `proto/switchboard/push/v1/push.proto`: the Push API (internal services → clients).
+//!
+//! Code is generated at build time with a vendored `protoc` (no system install needed).
+
+#![allow(unreachable_pub, missing_debug_implementations)]
+
+/// The Push API, package `switchboard.push.v1`.
+pub mod push {
+    pub mod v1 {
+        tonic::include_proto!("switchboard.push.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every proto here, for gRPC reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    tonic::include_file_descriptor_set!("switchboard_descriptor");
