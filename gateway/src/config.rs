@@ -13,7 +13,8 @@ use clap::Parser;
 #[command(
     name = "gateway",
     version,
-    about = "Switchboard WebSocket edge gateway"
+    about = "Switchboard WebSocket edge gateway",
+    args_override_self = true
 )]
 pub struct Cli {
     /// Address for WebSocket clients and the demo page.

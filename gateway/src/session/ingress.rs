@@ -67,7 +67,8 @@ pub(super) async fn run(
     );
     ws.set_auto_close(false);
     ws.set_auto_pong(false);
-    ws.set_auto_apply_mask(false);
+    // fastwebsockets unmasks (it must, to check UTF-8) but keeps the mask key,
+    // so `is_masked` can still refuse unmasked client frames.
     // fastwebsockets refuses frames of `>= max`, we allow exactly `max`.
     ws.set_max_message_size(cfg.max_message_bytes + 1);
     let mut never_send = |_: Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
@@ -92,7 +93,6 @@ pub(super) async fn run(
             ctl.close(CloseReason::Protocol, Some("unmasked client frame"));
             return;
         }
-        frame.unmask();
         let message = match frame.opcode {
             OpCode::Close => {
                 ctl.close(close_answer(&frame.payload), None);

@@ -1,0 +1,257 @@
+//! Pub/sub, direct messages, presence and per-connection limits, through real sockets.
+
+mod common;
+
+use common::*;
+use futures_util::future::join_all;
+use serde_json::{Value, json};
+
+#[tokio::test]
+async fn every_subscriber_gets_every_message_in_the_same_order() {
+    let gw = Gateway::start(&["--publish-rate", "10000", "--publish-burst", "10000"]).await;
+    const SUBS: usize = 24;
+    const PUBLISHERS: usize = 3;
+    const EACH: usize = 100;
+    let mut subs = Vec::new();
+    for i in 0..SUBS {
+        let (mut ws, _) = gw.ws(&format!("sub{i}")).await;
+        assert_eq!(
+            call(&mut ws, json!({"op":"subscribe","channel":"news"})).await["type"],
+            "ack"
+        );
+        subs.push(ws);
+    }
+    // Publishers publish concurrently; each checks its acks.
+    let publishers = (0..PUBLISHERS).map(|p| {
+        let gw = &gw;
+        async move {
+            let (mut ws, _) = gw.ws(&format!("pub{p}")).await;
+            let mut acked = Vec::new();
+            for n in 0..EACH {
+                let ack = call(
+                    &mut ws,
+                    json!({"op":"publish","channel":"news","data":{"p":p,"n":n}}),
+                )
+                .await;
+                assert_eq!(ack["type"], "ack", "{ack}");
+                acked.push((
+                    ack["id"].as_str().unwrap().to_owned(),
+                    ack["seq"].as_u64().unwrap(),
+                ));
+            }
+            acked
+        }
+    });
+    let acked: Vec<(String, u64)> = join_all(publishers).await.into_iter().flatten().collect();
+    assert_eq!(acked.len(), PUBLISHERS * EACH);
+
+    let received = join_all(subs.iter_mut().map(|ws| async move {
+        let mut got = Vec::new();
+        while got.len() < PUBLISHERS * EACH {
+            let m = recv_type(ws, "message").await;
+            got.push(m);
+        }
+        got
+    }))
+    .await;
+    let reference: Vec<(Value, Value)> = received[0]
+        .iter()
+        .map(|m| (m["id"].clone(), m["seq"].clone()))
+        .collect();
+    for (i, got) in received.iter().enumerate() {
+        let order: Vec<(Value, Value)> = got
+            .iter()
+            .map(|m| (m["id"].clone(), m["seq"].clone()))
+            .collect();
+        assert_eq!(order, reference, "subscriber {i} saw another order");
+        // seq is 1..=N without gaps, and each publisher's own messages keep their order.
+        for (k, m) in got.iter().enumerate() {
+            assert_eq!(m["seq"], json!(k as u64 + 1));
+            assert_eq!(m["channel"], "news");
+        }
+        for p in 0..PUBLISHERS {
+            let ns: Vec<u64> = got
+                .iter()
+                .filter(|m| m["data"]["p"] == json!(p))
+                .map(|m| m["data"]["n"].as_u64().unwrap())
+                .collect();
+            assert_eq!(ns, (0..EACH as u64).collect::<Vec<_>>());
+        }
+    }
+    // Acks carry the same id and seq that subscribers saw.
+    for (id, seq) in &acked {
+        assert!(reference.contains(&(json!(id), json!(seq))));
+    }
+}
+
+#[tokio::test]
+async fn direct_message_reaches_every_connection_of_the_user() {
+    let gw = Gateway::start(&[]).await;
+    let (mut tab1, _) = gw.ws("bob").await;
+    let (mut tab2, _) = gw.ws("bob").await;
+    let (mut other, _) = gw.ws("carol").await;
+    let (mut alice, _) = gw.ws("alice").await;
+    let ack = call(
+        &mut alice,
+        json!({"op":"send","user":"bob","data":{"t":"psst"}}),
+    )
+    .await;
+    assert_eq!(
+        (ack["type"].as_str(), ack["delivered"].as_u64()),
+        (Some("ack"), Some(2))
+    );
+    for ws in [&mut tab1, &mut tab2] {
+        let m = recv_json(ws).await;
+        assert_eq!(m["type"], "direct");
+        assert_eq!(
+            (m["from"].as_str(), m["to"].as_str()),
+            (Some("alice"), Some("bob"))
+        );
+        assert_eq!(m["data"]["t"], "psst");
+        assert_eq!(m["id"], ack["id"]);
+    }
+    // carol got nothing: her next frame is the reply to her own ping.
+    assert_eq!(call(&mut other, json!({"op":"ping"})).await["type"], "pong");
+    // Offline users: acked with 0 deliveries.
+    let ack = call(&mut alice, json!({"op":"send","user":"nobody","data":1})).await;
+    assert_eq!(ack["delivered"], 0);
+}
+
+#[tokio::test]
+async fn presence_channel_join_leave_and_query() {
+    let gw = Gateway::start(&[]).await;
+    let (mut watcher, _) = gw.ws("watcher").await;
+    call(&mut watcher, json!({"op":"subscribe","channel":"room:1"})).await;
+    assert_eq!(recv_type(&mut watcher, "join").await["user"], "watcher");
+    let (mut t1, _) = gw.ws("dave").await;
+    let (mut t2, _) = gw.ws("dave").await;
+    call(&mut t1, json!({"op":"subscribe","channel":"room:1"})).await;
+    call(&mut t2, json!({"op":"subscribe","channel":"room:1"})).await;
+    let j = recv_type(&mut watcher, "join").await;
+    assert_eq!(j["user"], "dave");
+    let p = call(&mut watcher, json!({"op":"presence","channel":"room:1"})).await;
+    assert_eq!(p["users"], json!(["dave", "watcher"]));
+    // Closing one tab is not a leave; closing the last one is.
+    t1.close(None).await.unwrap();
+    eventually!(
+        call(&mut watcher, json!({"op":"ping"})).await["type"] == "pong" && {
+            // Wait for the server to have processed t1's close.
+            gw.admin_get("/metrics").await;
+            true
+        },
+        "ping failed"
+    );
+    t2.close(None).await.unwrap();
+    let l = recv_type(&mut watcher, "leave").await;
+    assert_eq!(l["user"], "dave");
+    let p = call(&mut watcher, json!({"op":"presence","channel":"room:1"})).await;
+    assert_eq!(p["users"], json!(["watcher"]));
+}
+
+#[tokio::test]
+async fn channel_claims_are_enforced() {
+    let gw = Gateway::start(&[]).await;
+    let t = token(json!({"sub":"eve","exp":now()+60,"channels":["room:*"]}));
+    let mut ws = gw.ws_with_header(&t).await.unwrap();
+    recv_json(&mut ws).await;
+    assert_eq!(
+        call(&mut ws, json!({"op":"subscribe","channel":"room:9"})).await["type"],
+        "ack"
+    );
+    for op in [
+        json!({"op":"subscribe","channel":"admin"}),
+        json!({"op":"publish","channel":"admin","data":1}),
+    ] {
+        let e = call(&mut ws, op).await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some("forbidden"))
+        );
+    }
+}
+
+#[tokio::test]
+async fn subscription_limit() {
+    let gw = Gateway::start(&["--max-subscriptions", "3"]).await;
+    let (mut ws, welcome) = gw.ws("a").await;
+    assert_eq!(welcome["limits"]["max_subscriptions"], 3);
+    for i in 0..3 {
+        assert_eq!(
+            call(&mut ws, json!({"op":"subscribe","channel":format!("c{i}")})).await["type"],
+            "ack"
+        );
+    }
+    // Re-subscribing is fine; a fourth is not.
+    assert_eq!(
+        call(&mut ws, json!({"op":"subscribe","channel":"c0"})).await["type"],
+        "ack"
+    );
+    let e = call(&mut ws, json!({"op":"subscribe","channel":"c3"})).await;
+    assert_eq!(e["code"], "too_many_subscriptions");
+    assert_eq!(
+        call(&mut ws, json!({"op":"unsubscribe","channel":"c0"})).await["type"],
+        "ack"
+    );
+    assert_eq!(
+        call(&mut ws, json!({"op":"subscribe","channel":"c3"})).await["type"],
+        "ack"
+    );
+}
+
+#[tokio::test]
+async fn publish_rate_limit_then_flood_close() {
+    let gw = Gateway::start(&["--publish-rate", "1", "--publish-burst", "3"]).await;
+    let (mut ws, _) = gw.ws("a").await;
+    for _ in 0..3 {
+        assert_eq!(
+            call(&mut ws, json!({"op":"publish","channel":"c","data":1})).await["type"],
+            "ack"
+        );
+    }
+    let e = call(&mut ws, json!({"op":"publish","channel":"c","data":1})).await;
+    assert_eq!(e["code"], "rate_limited");
+    assert!(e["retry_after_ms"].as_u64().unwrap() > 0);
+    // Keep going while limited: closed with 4003.
+    for _ in 0..10 {
+        send_json(&mut ws, json!({"op":"publish","channel":"c","data":1})).await;
+    }
+    let close = expect_close(&mut ws).await;
+    assert_eq!(u16::from(close.code), 4003);
+}
+
+#[tokio::test]
+async fn command_errors_have_stable_codes_and_keep_the_session() {
+    let gw = Gateway::start(&[]).await;
+    let (mut ws, _) = gw.ws("a").await;
+    let cases = [
+        ("not json", "bad_json"),
+        (r#"{"op":"dance","ref":"r1"}"#, "unknown_op"),
+        (r#"{"op":"subscribe","ref":"r2"}"#, "bad_request"),
+        (
+            r#"{"op":"subscribe","channel":"has space","ref":"r3"}"#,
+            "bad_channel",
+        ),
+        (
+            r#"{"op":"publish","channel":"c","ref":"r4"}"#,
+            "bad_request",
+        ),
+    ];
+    for (text, code) in cases {
+        ws_send_text(&mut ws, text).await;
+        let e = recv_json(&mut ws).await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some(code)),
+            "{text}"
+        );
+        assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
+    }
+    assert_eq!(call(&mut ws, json!({"op":"ping"})).await["type"], "pong");
+}
+
+async fn ws_send_text(ws: &mut Ws, text: &str) {
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
+        .await
+        .unwrap();
+}
