@@ -132,15 +132,31 @@ async fn presence_channel_join_leave_and_query() {
     let p = call(&mut watcher, json!({"op":"presence","channel":"room:1"})).await;
     assert_eq!(p["users"], json!(["dave", "watcher"]));
     // Closing one tab is not a leave; closing the last one is.
+    let mut push = proto::push::v1::push_client::PushClient::connect(format!("http://{}", gw.grpc))
+        .await
+        .unwrap();
+    let connections = |r: proto::push::v1::IsOnlineResponse| r.users[0].connections;
     t1.close(None).await.unwrap();
     eventually!(
-        call(&mut watcher, json!({"op":"ping"})).await["type"] == "pong" && {
-            // Wait for the server to have processed t1's close.
-            gw.admin_get("/metrics").await;
-            true
-        },
-        "ping failed"
+        connections(
+            push.is_online(proto::push::v1::IsOnlineRequest {
+                users: vec!["dave".into()]
+            })
+            .await
+            .unwrap()
+            .into_inner()
+        ) == 1,
+        "first tab never closed"
     );
+    // Everything the watcher got until its pong: no leave.
+    send_json(&mut watcher, json!({"op":"ping","ref":"sync"})).await;
+    loop {
+        let v = recv_json(&mut watcher).await;
+        assert_ne!(v["type"], "leave", "a tab closing is not a leave");
+        if v["ref"] == "sync" {
+            break;
+        }
+    }
     t2.close(None).await.unwrap();
     let l = recv_type(&mut watcher, "leave").await;
     assert_eq!(l["user"], "dave");
