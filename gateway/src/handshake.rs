@@ -152,17 +152,16 @@ fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// The token, the subprotocol to answer with, from header, subprotocol or query.
 fn find_token(req: &Request<Incoming>) -> (Option<String>, bool) {
-    if let Some(auth) = req
+    let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-    {
-        if let Some(t) = auth
-            .strip_prefix("Bearer ")
-            .or_else(|| auth.strip_prefix("bearer "))
-        {
-            return (Some(t.trim().to_owned()), false);
-        }
+        .and_then(|a| {
+            a.strip_prefix("Bearer ")
+                .or_else(|| a.strip_prefix("bearer "))
+        });
+    if let Some(t) = bearer {
+        return (Some(t.trim().to_owned()), false);
     }
     let protocols: Vec<&str> = req
         .headers()
