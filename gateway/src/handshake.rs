@@ -314,12 +314,16 @@ async fn start_session(
         }
     };
     let stream = parts.io.into_inner();
+    // `read_buf` is a view into hyper's whole read buffer: copy the few bytes
+    // (usually none) so that buffer is freed now rather than held per session.
+    let leftover = Bytes::copy_from_slice(&parts.read_buf);
+    drop(parts.read_buf);
     session::run(
         server.node.clone(),
         identity,
         conn_id,
         stream,
-        parts.read_buf,
+        leftover,
         mode,
         server.stop_sessions.clone(),
     )

@@ -45,7 +45,8 @@ async fn write_all(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Re
             }
         }
     }
-    bufs.clear();
+    // Release the batch's capacity: an idle session keeps no buffer.
+    *bufs = Vec::new();
     Ok(())
 }
 

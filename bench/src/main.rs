@@ -1,0 +1,211 @@
+//! `bench`: measures a gateway from the outside, as a separate process.
+//!
+//! `bench idle`: starts the gateway binary, opens N authenticated connections
+//! (each subscribed to one channel), and reports the gateway's RSS per idle
+//! connection. Prints a human table and one JSON line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+use futures_util::{SinkExt, StreamExt};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+
+#[derive(Debug, Parser)]
+#[command(name = "bench", about = "Switchboard load tool")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+}
+
+#[derive(Debug, Subcommand)]
+enum Scenario {
+    /// RSS per idle authenticated connection with one subscription.
+    Idle {
+        /// Connections to open (one process holds at most ~19.9k sockets here).
+        #[arg(long, default_value = "10000")]
+        connections: usize,
+        /// The gateway binary (build it with `cargo build --release -p gateway`).
+        #[arg(long, default_value = "target/release/gateway")]
+        gateway_bin: PathBuf,
+        /// Connections opened concurrently.
+        #[arg(long, default_value = "200")]
+        concurrency: usize,
+    },
+}
+
+const SECRET: &str = "bench-secret";
+
+struct Gateway {
+    child: Child,
+    client: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_gateway(bin: &PathBuf) -> anyhow::Result<Gateway> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(bin)
+        .args([
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+        ])
+        .args(["--jwt-hs256-secret", SECRET])
+        .env("SWITCHBOARD_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", bin.display()))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    let field = |k: &str| -> anyhow::Result<SocketAddr> {
+        Ok(line
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix(k))
+            .context("LISTENING line")?
+            .parse()?)
+    };
+    Ok(Gateway {
+        client: field("client=")?,
+        admin: field("admin=")?,
+        child,
+    })
+}
+
+fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
+}
+
+async fn metric(admin: SocketAddr, name: &str) -> anyhow::Result<f64> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(admin).await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await?;
+    let mut buf = String::new();
+    s.read_to_string(&mut buf).await?;
+    Ok(buf
+        .lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0))
+}
+
+async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::Result<()> {
+    let gw = start_gateway(&bin)?;
+    let pid = gw.child.id();
+    // Let the runtime settle, then take the baseline.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = rss_kib(pid)?;
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())?;
+    let started = Instant::now();
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<anyhow::Result<()>>(connections);
+    let hold = std::sync::Arc::new(tokio::sync::Notify::new());
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(concurrency));
+    for i in 0..connections {
+        let claims = serde_json::json!({"sub": format!("user{i}"), "exp": exp});
+        let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &claims, &key)?;
+        let url = format!("ws://{}/ws", gw.client);
+        let (done_tx, hold, permits) = (done_tx.clone(), hold.clone(), permits.clone());
+        tokio::spawn(async move {
+            let permit = permits.acquire_owned().await;
+            let r = async {
+                let mut req = url.into_client_request()?;
+                req.headers_mut()
+                    .insert("authorization", format!("Bearer {token}").parse()?);
+                let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
+                ws.next().await.context("welcome")??;
+                ws.send(Message::text(format!(
+                    r#"{{"op":"subscribe","channel":"c{}","ref":1}}"#,
+                    i % 1000
+                )))
+                .await?;
+                ws.next().await.context("ack")??;
+                anyhow::Ok(ws)
+            }
+            .await;
+            drop(permit);
+            match r {
+                Ok(mut ws) => {
+                    let _ = done_tx.send(Ok(())).await;
+                    // Stay connected (answering pings) until told to stop.
+                    let wait = hold.notified();
+                    tokio::pin!(wait);
+                    loop {
+                        tokio::select! {
+                            () = &mut wait => break,
+                            m = ws.next() => if m.is_none() { break },
+                        }
+                    }
+                }
+                Err(e) => {
+                    let _ = done_tx.send(Err(e)).await;
+                }
+            }
+        });
+    }
+    drop(done_tx);
+    for n in 0..connections {
+        match tokio::time::timeout(Duration::from_secs(60), done_rx.recv()).await {
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => bail!("connection {n} failed: {e:#}"),
+            Ok(None) | Err(_) => bail!("only {n} of {connections} connections opened"),
+        }
+    }
+    let connect_secs = started.elapsed().as_secs_f64();
+    let active = metric(gw.admin, "switchboard_gateway_connections_active").await?;
+    if active as usize != connections {
+        bail!("gateway reports {active} active connections, expected {connections}");
+    }
+    // Let allocations settle (first heartbeat tick excluded: default interval is 25 s).
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let after = rss_kib(pid)?;
+    let per_conn = (after.saturating_sub(before) as f64 * 1024.0) / connections as f64;
+    hold.notify_waiters();
+    println!("scenario      connections  rss_before_kib  rss_after_kib  bytes_per_conn  connect_s");
+    println!(
+        "idle          {connections:>11}  {before:>14}  {after:>13}  {per_conn:>14.0}  {connect_secs:>9.2}"
+    );
+    println!(
+        "{}",
+        serde_json::json!({"scenario":"idle","connections":connections,"rss_before_kib":before,
+            "rss_after_kib":after,"bytes_per_conn":per_conn.round(),"connect_s":connect_secs})
+    );
+    Ok(())
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.scenario {
+        Scenario::Idle {
+            connections,
+            gateway_bin,
+            concurrency,
+        } => rt.block_on(idle(connections, gateway_bin, concurrency)),
+    }
+}
