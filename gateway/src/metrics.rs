@@ -65,3 +65,24 @@ pub fn describe() {
     );
     describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
 }
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_metric_is_documented() {
+        let doc = include_str!("../../docs/metrics.md");
+        let src = include_str!("metrics.rs");
+        let names: Vec<&str> = src
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub const ")?.split('"').nth(1))
+            .filter(|n| n.starts_with("switchboard_"))
+            .collect();
+        assert!(names.len() >= 10, "{names:?}");
+        for n in names {
+            assert!(
+                doc.contains(&format!("`{n}`")),
+                "{n} missing from docs/metrics.md"
+            );
+        }
+    }
+}
