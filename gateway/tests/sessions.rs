@@ -289,3 +289,32 @@ async fn slow_consumer_is_cut_and_does_not_stall_a_fast_one() {
         ) >= 1.0
     );
 }
+
+#[tokio::test]
+async fn echo_route_is_off_by_default_and_echoes_when_enabled() {
+    let gw = Gateway::start(&[]).await;
+    assert_eq!(http_get(gw.client, "/echo").await.0, 404);
+
+    let gw = Gateway::start(&["--echo-route"]).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/echo", gw.client))
+        .await
+        .unwrap();
+    ws.send(Message::text("héllo")).await.unwrap();
+    ws.send(Message::binary(vec![0u8, 1, 2])).await.unwrap();
+    let mut got = Vec::new();
+    while got.len() < 2 {
+        match tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap()
+        {
+            m @ (Message::Text(_) | Message::Binary(_)) => got.push(m),
+            _ => {}
+        }
+    }
+    assert_eq!(
+        got,
+        vec![Message::text("héllo"), Message::binary(vec![0u8, 1, 2])]
+    );
+}
