@@ -303,14 +303,13 @@ async fn echo_route_is_off_by_default_and_echoes_when_enabled() {
     ws.send(Message::binary(vec![0u8, 1, 2])).await.unwrap();
     let mut got = Vec::new();
     while got.len() < 2 {
-        match tokio::time::timeout(WAIT, ws.next())
+        let m = tokio::time::timeout(WAIT, ws.next())
             .await
             .unwrap()
             .unwrap()
-            .unwrap()
-        {
-            m @ (Message::Text(_) | Message::Binary(_)) => got.push(m),
-            _ => {}
+            .unwrap();
+        if matches!(m, Message::Text(_) | Message::Binary(_)) {
+            got.push(m);
         }
     }
     assert_eq!(
