@@ -9,7 +9,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(out.join("switchboard_descriptor.bin"))
         .compile_with_config(
             config,
-            &["proto/switchboard/push/v1/push.proto"],
+            &[
+                "proto/switchboard/push/v1/push.proto",
+                "proto/switchboard/presence/v1/presence.proto",
+            ],
             &["proto"],
         )?;
     println!("cargo:rerun-if-changed=proto");

@@ -1,6 +1,7 @@
 //! Switchboard's wire types between services: one source of truth.
 //!
 //! - `proto/switchboard/push/v1/push.proto`: the Push API (internal services → clients).
+//! - `proto/switchboard/presence/v1/presence.proto`: presence (gateways → registry, queries, watch).
 //!
 //! Code is generated at build time with a vendored `protoc` (no system install needed).
 
@@ -10,6 +11,13 @@
 pub mod push {
     pub mod v1 {
         tonic::include_proto!("switchboard.push.v1");
+    }
+}
+
+/// Presence, package `switchboard.presence.v1`.
+pub mod presence {
+    pub mod v1 {
+        tonic::include_proto!("switchboard.presence.v1");
     }
 }
 
