@@ -480,20 +480,18 @@ impl Registry {
                 });
             }
         }
-        if entry.presence {
-            if let Some(m) = entry.members.get_mut(&user) {
-                *m -= 1;
-                if *m == 0 {
-                    let large = entry.members.len() > self.large_room;
-                    entry.members.remove(&user);
-                    if large {
-                        self.dirty_counts.insert(ch.clone());
-                    } else {
-                        ev.push(Event::Leave {
-                            channel: ch.clone(),
-                            user: user.clone(),
-                        });
-                    }
+        if let Some(m) = entry.members.get_mut(&user).filter(|_| entry.presence) {
+            *m -= 1;
+            if *m == 0 {
+                let large = entry.members.len() > self.large_room;
+                entry.members.remove(&user);
+                if large {
+                    self.dirty_counts.insert(ch.clone());
+                } else {
+                    ev.push(Event::Leave {
+                        channel: ch.clone(),
+                        user: user.clone(),
+                    });
                 }
             }
         }
