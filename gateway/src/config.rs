@@ -114,6 +114,20 @@ pub struct Cli {
         default_value = "room:*"
     )]
     pub presence_channels: Vec<String>,
+    /// Rooms with more members than this get `presence_count` frames instead of joins and leaves
+    /// (standalone mode; with `--presence-addrs` the presence service decides).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_LARGE_ROOM", default_value = "1000")]
+    pub large_room: usize,
+    /// Presence replicas (`http://host:port`, comma-separated). Empty: standalone, in-process presence.
+    #[arg(
+        long,
+        env = "SWITCHBOARD_GATEWAY_PRESENCE_ADDRS",
+        value_delimiter = ','
+    )]
+    pub presence_addrs: Vec<String>,
+    /// Address where this gateway takes deliveries from broker-bridge (reported to presence).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_DELIVERY_ADDR", default_value = "")]
+    pub delivery_addr: String,
     /// Window over which sessions are closed when draining.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_DRAIN_WINDOW", value_parser = parse_duration, default_value = "10s")]
     pub drain_window: Duration,

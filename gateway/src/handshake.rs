@@ -265,11 +265,29 @@ fn upgrade(
         }
     };
 
+    let client_info: Arc<str> = req
+        .headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map_or("", |ua| {
+            let mut end = ua.len().min(128);
+            while !ua.is_char_boundary(end) {
+                end -= 1;
+            }
+            &ua[..end]
+        })
+        .into();
     let on_upgrade = hyper::upgrade::on(&mut req);
     let conn_id = server.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let tracker = server.tracker.clone();
     tracker.spawn(start_session(
-        server, on_upgrade, identity, conn_id, slot, mode,
+        server,
+        on_upgrade,
+        identity,
+        conn_id,
+        client_info,
+        slot,
+        mode,
     ));
 
     let mut resp = Response::new(Full::new(Bytes::new()));
@@ -296,6 +314,7 @@ async fn start_session(
     on_upgrade: hyper::upgrade::OnUpgrade,
     identity: Identity,
     conn_id: u64,
+    client_info: Arc<str>,
     slot: SessionSlot,
     mode: Mode,
 ) {
@@ -322,6 +341,7 @@ async fn start_session(
         server.node.clone(),
         identity,
         conn_id,
+        client_info,
         stream,
         leftover,
         mode,

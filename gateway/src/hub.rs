@@ -68,6 +68,10 @@ impl SessionCtl {
 pub struct SessionHandle {
     pub id: u64,
     pub user: Arc<str>,
+    /// Unix milliseconds.
+    pub connected_at_ms: u64,
+    /// The client's User-Agent (truncated), shared with presence.
+    pub client_info: Arc<str>,
     pub outbox: mpsc::Sender<Bytes>,
     pub ctl: Arc<SessionCtl>,
 }
@@ -120,6 +124,19 @@ pub struct Hub {
     users: Sharded<Arc<str>, Vec<SessionHandle>>,
     sessions: Sharded<u64, SessionHandle>,
     presence_patterns: Vec<String>,
+    large_room: usize,
+    /// Large presence channels whose member count changed since the last flush.
+    dirty_counts: Mutex<std::collections::HashSet<Arc<str>>>,
+}
+
+/// One connection as presence sees it (for snapshots).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConnRecord {
+    pub conn_id: u64,
+    pub user: Arc<str>,
+    pub connected_at_ms: u64,
+    pub client_info: Arc<str>,
+    pub channels: Vec<Arc<str>>,
 }
 
 fn sharded<K, V>() -> Sharded<K, V> {
@@ -127,14 +144,18 @@ fn sharded<K, V>() -> Sharded<K, V> {
 }
 
 impl Hub {
-    /// A hub whose channels matching `presence_patterns` emit join/leave events.
-    pub fn new(presence_patterns: Vec<String>) -> Self {
+    /// A hub whose channels matching `presence_patterns` emit join/leave events
+    /// (counts instead, once they have more than `large_room` members). An empty
+    /// list turns local presence events off (presence is then remote).
+    pub fn new(presence_patterns: Vec<String>, large_room: usize) -> Self {
         Self {
             hasher: std::hash::RandomState::new(),
             channels: sharded(),
             users: sharded(),
             sessions: sharded(),
             presence_patterns,
+            large_room,
+            dirty_counts: Mutex::new(std::collections::HashSet::new()),
         }
     }
 
@@ -193,9 +214,13 @@ impl Hub {
         let count = st.users.entry(handle.user.clone()).or_insert(0);
         *count += 1;
         if *count == 1 && self.is_presence_channel(channel) {
-            let frame = wire::text(&protocol::membership(true, channel, &handle.user));
-            for sub in st.subs.values() {
-                sub.deliver(&frame);
+            if st.users.len() > self.large_room {
+                self.dirty_counts.lock().insert(channel.clone());
+            } else {
+                let frame = wire::text(&protocol::membership(true, channel, &handle.user));
+                for sub in st.subs.values() {
+                    sub.deliver(&frame);
+                }
             }
         }
         true
@@ -215,6 +240,7 @@ impl Hub {
             shard.remove(channel);
         }
         drop(shard);
+        let large = st.users.len() > self.large_room;
         let left = match st.users.get_mut(user) {
             Some(n) if *n > 1 => {
                 *n -= 1;
@@ -226,7 +252,9 @@ impl Hub {
             }
             None => false,
         };
-        if left && !st.subs.is_empty() && self.is_presence_channel(channel) {
+        if left && large && self.is_presence_channel(channel) {
+            self.dirty_counts.lock().insert(Arc::from(channel));
+        } else if left && !st.subs.is_empty() && self.is_presence_channel(channel) {
             let frame = wire::text(&protocol::membership(false, channel, user));
             for sub in st.subs.values() {
                 sub.deliver(&frame);
@@ -259,6 +287,82 @@ impl Hub {
         drop(st);
         metrics::counter!(m::MESSAGES_OUT, "kind" => "message").increment(delivered);
         Published { seq, delivered }
+    }
+
+    /// Queues a frame (no sequence number: presence events) to every local
+    /// subscriber of `channel`; returns how many took it.
+    pub fn deliver_to_channel(&self, channel: &str, frame: &Bytes) -> u64 {
+        let ch = self.channels[self.shard(channel)]
+            .read()
+            .get(channel)
+            .cloned();
+        ch.map_or(0, |c| {
+            c.state
+                .lock()
+                .subs
+                .values()
+                .map(|s| u64::from(s.deliver(frame)))
+                .sum()
+        })
+    }
+
+    /// Whether any local session is subscribed to `channel`.
+    pub fn has_subscribers(&self, channel: &str) -> bool {
+        self.channels[self.shard(channel)]
+            .read()
+            .contains_key(channel)
+    }
+
+    /// Sends `presence_count` frames for large rooms whose membership changed.
+    pub fn flush_counts(&self) {
+        let dirty = std::mem::take(&mut *self.dirty_counts.lock());
+        for channel in dirty {
+            let ch = self.channels[self.shard(&*channel)]
+                .read()
+                .get(&*channel)
+                .cloned();
+            if let Some(ch) = ch {
+                let st = ch.state.lock();
+                let frame = wire::text(&protocol::member_count(&channel, st.users.len() as u64));
+                for sub in st.subs.values() {
+                    sub.deliver(&frame);
+                }
+            }
+        }
+    }
+
+    /// Every local connection with its channels, for a presence snapshot.
+    pub fn presence_snapshot(&self) -> Vec<ConnRecord> {
+        let mut by_id: HashMap<u64, ConnRecord> = HashMap::new();
+        for shard in self.sessions.iter() {
+            for h in shard.read().values() {
+                by_id.insert(
+                    h.id,
+                    ConnRecord {
+                        conn_id: h.id,
+                        user: h.user.clone(),
+                        connected_at_ms: h.connected_at_ms,
+                        client_info: h.client_info.clone(),
+                        channels: Vec::new(),
+                    },
+                );
+            }
+        }
+        for shard in self.channels.iter() {
+            let channels: Vec<(Arc<str>, Arc<Channel>)> = shard
+                .read()
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            for (name, ch) in channels {
+                for id in ch.state.lock().subs.keys() {
+                    if let Some(rec) = by_id.get_mut(id) {
+                        rec.channels.push(name.clone());
+                    }
+                }
+            }
+        }
+        by_id.into_values().collect()
     }
 
     /// Queues a frame to every session of `user`; returns how many took it.
@@ -346,6 +450,8 @@ mod tests {
         let h = SessionHandle {
             id,
             user: user.into(),
+            connected_at_ms: 0,
+            client_info: "test".into(),
             outbox: tx,
             ctl: Arc::default(),
         };
@@ -360,7 +466,7 @@ mod tests {
 
     #[test]
     fn publish_reaches_subscribers_in_one_order() {
-        let hub = Hub::new(vec![]);
+        let hub = Hub::new(vec![], 1000);
         let (a, mut ra) = session(&hub, 1, "a", 16);
         let (b, mut rb) = session(&hub, 2, "b", 16);
         let ch: Arc<str> = "c".into();
@@ -391,7 +497,7 @@ mod tests {
 
     #[test]
     fn full_queue_closes_only_the_slow_session() {
-        let hub = Hub::new(vec![]);
+        let hub = Hub::new(vec![], 1000);
         let (slow, _keep) = session(&hub, 1, "s", 1);
         let (fast, mut rf) = session(&hub, 2, "f", 8);
         let ch: Arc<str> = "c".into();
@@ -410,7 +516,7 @@ mod tests {
 
     #[test]
     fn presence_joins_once_per_user_and_leaves_with_last_session() {
-        let hub = Hub::new(vec!["room:*".into()]);
+        let hub = Hub::new(vec!["room:*".into()], 1000);
         let (watcher, mut rw) = session(&hub, 1, "w", 16);
         let (tab1, _r1) = session(&hub, 2, "u", 16);
         let (tab2, _r2) = session(&hub, 3, "u", 16);
@@ -441,8 +547,36 @@ mod tests {
     }
 
     #[test]
+    fn large_rooms_get_counts_and_snapshots_list_channels() {
+        let hub = Hub::new(vec!["room:*".into()], 2);
+        let ch: Arc<str> = "room:big".into();
+        let mut rxs = Vec::new();
+        for i in 0..4 {
+            let (h, rx) = session(&hub, i, &format!("u{i}"), 64);
+            hub.subscribe(&h, &ch);
+            rxs.push(rx);
+        }
+        // u0 saw joins of u0, u1 (2 members max), then nothing per member.
+        let kinds: Vec<String> = std::iter::from_fn(|| rxs[0].try_recv().ok())
+            .map(|f| text_of(&f)["type"].to_string())
+            .collect();
+        assert_eq!(kinds, vec!["\"join\"", "\"join\""]);
+        hub.flush_counts();
+        let c = text_of(&rxs[0].try_recv().unwrap());
+        assert_eq!(
+            (c["type"].as_str(), c["members"].as_u64()),
+            (Some("presence_count"), Some(4))
+        );
+        let mut snap = hub.presence_snapshot();
+        snap.sort_by_key(|r| r.conn_id);
+        assert_eq!(snap.len(), 4);
+        assert_eq!(snap[3].channels, vec![ch.clone()]);
+        assert_eq!(&*snap[3].user, "u3");
+    }
+
+    #[test]
     fn direct_and_disconnect_reach_every_session_of_a_user() {
-        let hub = Hub::new(vec![]);
+        let hub = Hub::new(vec![], 1000);
         let (t1, mut r1) = session(&hub, 1, "u", 4);
         let (t2, mut r2) = session(&hub, 2, "u", 4);
         let (_o, mut ro) = session(&hub, 3, "o", 4);

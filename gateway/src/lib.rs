@@ -10,6 +10,7 @@
 //! - [`bus`] (publish): the seam where messages leave the session ([`bus::LocalBus`] here);
 //! - [`hub`] (fanout): sharded channels and users, encode once, bounded queues;
 //! - [`wire`] and [`protocol`]: server frames and the JSON client protocol;
+//! - [`presence`]: the presence seam (local hub, or remote replicas over gRPC);
 //! - [`push`]: the gRPC Push API; [`demo`]: the embedded chat page.
 
 pub mod auth;
@@ -20,6 +21,7 @@ pub mod handshake;
 pub mod hub;
 pub mod metrics;
 pub mod policy;
+pub mod presence;
 pub mod protocol;
 pub mod push;
 pub mod server;

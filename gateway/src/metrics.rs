@@ -15,6 +15,12 @@ pub const QUEUE_FULL: &str = "switchboard_gateway_queue_full_total";
 pub const SUBSCRIPTIONS_ACTIVE: &str = "switchboard_gateway_subscriptions_active";
 pub const ACCEPT_ERRORS: &str = "switchboard_gateway_accept_errors_total";
 pub const PUSH_REQUESTS: &str = "switchboard_gateway_push_requests_total";
+pub const PRESENCE_LINKS_UP: &str = "switchboard_gateway_presence_links_up";
+pub const PRESENCE_RECONNECTS: &str = "switchboard_gateway_presence_reconnects_total";
+pub const PRESENCE_RESYNCS: &str = "switchboard_gateway_presence_resyncs_total";
+pub const PRESENCE_SENT_SEQ: &str = "switchboard_gateway_presence_sent_seq";
+pub const PRESENCE_ACKED_SEQ: &str = "switchboard_gateway_presence_acked_seq";
+pub const PRESENCE_FALLBACKS: &str = "switchboard_gateway_presence_fallbacks_total";
 
 /// Histogram buckets, by metric-name suffix.
 pub const BUCKETS: &[(&str, &[f64])] = &[(
@@ -64,6 +70,27 @@ pub fn describe() {
         "Errors accepting TCP connections (e.g. EMFILE)."
     );
     describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
+    describe_gauge!(
+        PRESENCE_LINKS_UP,
+        "Presence replicas this gateway is streaming to (connecting or connected)."
+    );
+    describe_counter!(
+        PRESENCE_RECONNECTS,
+        "Presence links that broke and are being re-established."
+    );
+    describe_counter!(
+        PRESENCE_RESYNCS,
+        "Fresh snapshots sent on a live link because the delta queue overflowed."
+    );
+    describe_gauge!(
+        PRESENCE_SENT_SEQ,
+        "Last delta batch sequence sent to presence."
+    );
+    describe_gauge!(PRESENCE_ACKED_SEQ, "Last sequence presence acknowledged.");
+    describe_counter!(
+        PRESENCE_FALLBACKS,
+        "Presence queries answered from local state because no replica answered."
+    );
 }
 
 #[cfg(test)]

@@ -238,6 +238,15 @@ pub fn membership(joined: bool, channel: &str, user: &str) -> Vec<u8> {
     out
 }
 
+/// `{"type":"presence_count","channel":..,"members":N}` for large rooms.
+pub fn member_count(channel: &str, members: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + channel.len());
+    out.extend_from_slice(b"{\"type\":\"presence_count\",\"channel\":");
+    string(&mut out, channel);
+    let _ = write!(out, ",\"members\":{members}}}");
+    out
+}
+
 /// An `ack`, with the message id and sequence for publishes and sends.
 pub fn ack(
     r: Option<&RawValue>,

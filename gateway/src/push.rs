@@ -11,6 +11,7 @@ use tonic::{Request, Response, Status};
 use crate::bus::{Bus, BusError};
 use crate::hub::Hub;
 use crate::metrics as m;
+use crate::presence::PresenceBackend;
 use crate::protocol::valid_channel;
 
 /// Default and largest page of `ChannelMembers`.
@@ -22,6 +23,7 @@ const PAGE_MAX: usize = 1000;
 pub struct PushService {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
+    pub presence: Arc<dyn PresenceBackend>,
     pub max_message_bytes: usize,
 }
 
@@ -165,16 +167,15 @@ impl Push for PushService {
                 format!("at most {PAGE_MAX} users per call"),
             ));
         }
+        let counts = self.presence.connections(&r.users).await;
         let users = r
             .users
             .into_iter()
-            .map(|user| {
-                let connections = self.hub.user_connections(&user);
-                pb::UserOnline {
-                    user,
-                    online: connections > 0,
-                    connections,
-                }
+            .zip(counts)
+            .map(|(user, connections)| pb::UserOnline {
+                user,
+                online: connections > 0,
+                connections,
             })
             .collect();
         ok("is_online");
@@ -202,27 +203,12 @@ impl Push for PushService {
             }
             n => n,
         };
-        let all = self.hub.channel_users(&r.channel);
-        let start = if r.after.is_empty() {
-            0
-        } else {
-            all.partition_point(|u| **u <= *r.after)
-        };
-        let page: Vec<String> = all[start..]
-            .iter()
-            .take(limit)
-            .map(|u| u.to_string())
-            .collect();
-        let next_after = if start + page.len() < all.len() {
-            page.last().cloned().unwrap_or_default()
-        } else {
-            String::new()
-        };
+        let page = self.presence.members(&r.channel, &r.after, limit).await;
         ok("channel_members");
         Ok(Response::new(pb::ChannelMembersResponse {
-            users: page,
-            total: all.len() as u64,
-            next_after,
+            users: page.users,
+            total: page.total,
+            next_after: page.next_after,
         }))
     }
 }

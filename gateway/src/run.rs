@@ -14,6 +14,7 @@ use crate::auth::Verifier;
 use crate::bus::LocalBus;
 use crate::config::Cli;
 use crate::hub::Hub;
+use crate::presence::{LocalPresence, PresenceBackend, RemoteConfig, RemotePresence};
 use crate::push::PushService;
 use crate::server::{Drain, Server, caps_from_nofile};
 use crate::session::{Node, SessionConfig};
@@ -56,6 +57,9 @@ pub struct Settings {
     pub max_sessions: usize,
     pub max_pending: usize,
     pub presence_channels: Vec<String>,
+    pub large_room: usize,
+    pub presence_addrs: Vec<String>,
+    pub delivery_addr: String,
     pub drain: Drain,
     pub nofile: u64,
 }
@@ -159,6 +163,14 @@ impl Settings {
                 .filter(|p| !p.is_empty())
                 .cloned()
                 .collect(),
+            large_room: cli.large_room,
+            presence_addrs: cli
+                .presence_addrs
+                .iter()
+                .filter(|a| !a.is_empty())
+                .cloned()
+                .collect(),
+            delivery_addr: cli.delivery_addr.clone(),
             drain: Drain {
                 window: cli.drain_window,
                 grace: cli.drain_grace,
@@ -216,11 +228,47 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     crate::metrics::describe();
-    let hub = Arc::new(Hub::new(settings.presence_channels.clone()));
+    let remote = !settings.presence_addrs.is_empty();
+    // With remote presence, joins and leaves come from its Watch stream, not the hub.
+    let patterns = if remote {
+        Vec::new()
+    } else {
+        settings.presence_channels.clone()
+    };
+    let hub = Arc::new(Hub::new(patterns, settings.large_room));
     let bus: Arc<dyn crate::bus::Bus> = Arc::new(LocalBus::new(hub.clone()));
+    let stop_presence = CancellationToken::new();
+    let presence: Arc<dyn PresenceBackend> = if remote {
+        let boot_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let cfg = RemoteConfig {
+            addrs: settings.presence_addrs.clone(),
+            node_id: settings.session.node_id.to_string(),
+            delivery_addr: settings.delivery_addr.clone(),
+            boot_epoch,
+        };
+        RemotePresence::start(hub.clone(), cfg, stop_presence.clone())?
+    } else {
+        Arc::new(LocalPresence::new(hub.clone()))
+    };
+    let counts = {
+        let hub = hub.clone();
+        let stop = stop_presence.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = every.tick() => hub.flush_counts(),
+                }
+            }
+        })
+    };
     let node = Arc::new(Node {
         hub: hub.clone(),
         bus: bus.clone(),
+        presence: presence.clone(),
         config: settings.session.clone(),
     });
     let server = Arc::new(Server::new(
@@ -248,6 +296,7 @@ pub async fn run(
     let push = PushService {
         hub,
         bus,
+        presence,
         max_message_bytes: settings.session.max_message_bytes,
     };
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -293,6 +342,9 @@ pub async fn run(
     server.draining.cancel();
     let _ = accept.await;
     server.drain(settings.drain).await;
+    // Tell presence we are gone (goodbye) now that every session has ended.
+    stop_presence.cancel();
+    let _ = counts.await;
     stop_grpc.cancel();
     stop_admin.cancel();
     let grpc_result = grpc.await;

@@ -19,6 +19,9 @@ use crate::policy::{CloseReason, RateDecision, TokenBucket};
 use crate::protocol::{self, Command, ErrorCode};
 use crate::wire;
 
+/// Most users listed in a `presence` reply.
+const PRESENCE_REPLY_MAX: usize = 1000;
+
 /// Per-session state owned by the ingress loop.
 #[derive(Debug)]
 pub(super) struct State {
@@ -281,6 +284,7 @@ async fn command(
                 // The ack goes first so that it precedes the subscriber's own join event.
                 reply(handle, protocol::ack(r, None, None, None));
                 node.hub.subscribe(handle, &channel);
+                node.presence.subscribed(handle.id, &channel);
                 state.subscriptions.insert(channel);
                 metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).increment(1.0);
             }
@@ -288,16 +292,19 @@ async fn command(
         Command::Unsubscribe { channel } => {
             if state.subscriptions.remove(&*channel) {
                 node.hub.unsubscribe(handle.id, &identity.user, &channel);
+                node.presence.unsubscribed(handle.id, &channel);
                 metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(1.0);
             }
             reply(handle, protocol::ack(r, None, None, None));
         }
         Command::Presence { channel } => {
             if identity.may_use(&channel) {
-                reply(
-                    handle,
-                    protocol::presence(r, &channel, &node.hub.channel_users(&channel)),
-                );
+                let members = node
+                    .presence
+                    .members(&channel, "", PRESENCE_REPLY_MAX)
+                    .await;
+                let users: Vec<Arc<str>> = members.users.into_iter().map(Arc::from).collect();
+                reply(handle, protocol::presence(r, &channel, &users));
             } else {
                 refuse(
                     handle,

@@ -21,9 +21,10 @@ use tokio_util::sync::CancellationToken;
 
 use crate::auth::Identity;
 use crate::bus::Bus;
-use crate::hub::{Hub, SessionCtl, SessionHandle};
+use crate::hub::{ConnRecord, Hub, SessionCtl, SessionHandle};
 use crate::metrics as m;
 use crate::policy::{CloseReason, TokenBucket};
+use crate::presence::PresenceBackend;
 use crate::wire;
 
 /// Limits and timings that apply to every session.
@@ -44,6 +45,7 @@ pub struct SessionConfig {
 pub struct Node {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
+    pub presence: Arc<dyn PresenceBackend>,
     pub config: SessionConfig,
 }
 
@@ -65,6 +67,7 @@ pub async fn run(
     node: Arc<Node>,
     identity: Identity,
     conn_id: u64,
+    client_info: Arc<str>,
     stream: TcpStream,
     leftover: Bytes,
     mode: Mode,
@@ -73,15 +76,27 @@ pub async fn run(
     let cfg = &node.config;
     let (tx, rx) = mpsc::channel(cfg.send_queue);
     let ctl = Arc::new(SessionCtl::default());
+    let connected_at_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
     let handle = SessionHandle {
         id: conn_id,
         user: identity.user.clone(),
+        connected_at_ms,
+        client_info: client_info.clone(),
         outbox: tx,
         ctl: ctl.clone(),
     };
     if mode == Mode::Protocol {
         handle.deliver(&wire::text(&welcome(&node, &identity, conn_id)));
         node.hub.register(handle.clone());
+        node.presence.connected(&ConnRecord {
+            conn_id,
+            user: identity.user.clone(),
+            connected_at_ms,
+            client_info,
+            channels: Vec::new(),
+        });
     }
     metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
     metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
@@ -123,6 +138,7 @@ pub async fn run(
     if mode == Mode::Protocol {
         node.hub
             .unregister(conn_id, &identity.user, state.subscriptions.drain());
+        node.presence.disconnected(conn_id);
     }
     metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(subs as f64);
     metrics::gauge!(m::CONNECTIONS_ACTIVE).decrement(1.0);

@@ -1,0 +1,431 @@
+//! Presence over gRPC: one Sync stream per presence replica (hello, snapshot,
+//! delta batches, keepalives), queries with failover, and one Watch stream that
+//! turns remote joins, leaves and counts into frames for local subscribers.
+//!
+//! While a replica is unreachable its deltas are dropped, not buffered: every
+//! (re)connection starts with a fresh snapshot of the hub, which supersedes
+//! them. A full delta queue (presence too slow) triggers the same resync.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use proto::presence::v1 as pb;
+use proto::presence::v1::presence_client::PresenceClient;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use super::local::page;
+use super::{Members, PresenceBackend, QueryFuture};
+use crate::hub::{ConnRecord, Hub};
+use crate::metrics as m;
+use crate::{protocol, wire};
+
+/// Deltas queued per replica before a resync is forced.
+const DELTA_QUEUE: usize = 65_536;
+/// Connections per snapshot chunk.
+const CHUNK: usize = 2000;
+/// Deltas per batch.
+const BATCH: usize = 1000;
+/// Time limit of one query to one replica.
+const QUERY_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// How to reach presence and who we are.
+#[derive(Debug, Clone)]
+pub struct RemoteConfig {
+    pub addrs: Vec<String>,
+    pub node_id: String,
+    pub delivery_addr: String,
+    pub boot_epoch: u64,
+}
+
+#[derive(Debug)]
+struct Link {
+    addr: String,
+    deltas: mpsc::Sender<pb::Delta>,
+    resync: Arc<AtomicBool>,
+}
+
+/// Presence held by remote replicas.
+#[derive(Debug)]
+pub struct RemotePresence {
+    hub: Arc<Hub>,
+    links: Vec<Link>,
+    clients: Vec<PresenceClient<Channel>>,
+    next: AtomicU64,
+}
+
+fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(Endpoint::from_shared(addr.to_owned())?
+        .connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(5))
+        .keep_alive_timeout(Duration::from_secs(5)))
+}
+
+fn conn_pb(c: &ConnRecord) -> pb::Connection {
+    pb::Connection {
+        conn_id: c.conn_id,
+        user: c.user.to_string(),
+        connected_at_ms: c.connected_at_ms,
+        client_info: c.client_info.to_string(),
+        channels: c.channels.iter().map(|ch| ch.to_string()).collect(),
+    }
+}
+
+/// Reconnect delays: 100 ms doubling to 5 s, each scaled by a random factor in [0.5, 1.5].
+#[derive(Debug)]
+struct Backoff(Duration);
+
+impl Backoff {
+    fn new() -> Self {
+        Self(Duration::from_millis(100))
+    }
+    fn next(&mut self) -> Duration {
+        let d = self.0.mul_f64(rand::random_range(0.5..1.5));
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+        d
+    }
+    fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+}
+
+impl RemotePresence {
+    /// Starts a Sync link per replica and the Watch task; they run until `stop`.
+    pub fn start(
+        hub: Arc<Hub>,
+        cfg: RemoteConfig,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, tonic::transport::Error> {
+        let mut links = Vec::new();
+        let mut clients = Vec::new();
+        for addr in &cfg.addrs {
+            let channel = endpoint(addr)?.connect_lazy();
+            clients.push(PresenceClient::new(channel));
+            let (tx, rx) = mpsc::channel(DELTA_QUEUE);
+            let resync = Arc::new(AtomicBool::new(false));
+            tokio::spawn(link_task(
+                addr.clone(),
+                hub.clone(),
+                cfg.clone(),
+                rx,
+                resync.clone(),
+                stop.clone(),
+            ));
+            links.push(Link {
+                addr: addr.clone(),
+                deltas: tx,
+                resync,
+            });
+        }
+        tokio::spawn(watch_task(clients.clone(), hub.clone(), stop));
+        Ok(Arc::new(Self {
+            hub,
+            links,
+            clients,
+            next: AtomicU64::new(0),
+        }))
+    }
+
+    fn push(&self, change: pb::delta::Change) {
+        let delta = pb::Delta {
+            change: Some(change),
+        };
+        for link in &self.links {
+            if link.resync.load(Ordering::Relaxed) {
+                continue;
+            }
+            if let Err(mpsc::error::TrySendError::Full(_)) = link.deltas.try_send(delta.clone()) {
+                tracing::warn!(presence = %link.addr, "presence delta queue full, resyncing");
+                link.resync.store(true, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Clients in failover order, starting from a rotating replica.
+    fn rotation(&self) -> impl Iterator<Item = PresenceClient<Channel>> + '_ {
+        let n = self.clients.len();
+        let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        (0..n).map(move |i| self.clients[(start + i) % n].clone())
+    }
+}
+
+impl PresenceBackend for RemotePresence {
+    fn connected(&self, conn: &ConnRecord) {
+        self.push(pb::delta::Change::Connect(conn_pb(conn)));
+    }
+
+    fn disconnected(&self, conn_id: u64) {
+        self.push(pb::delta::Change::Disconnect(conn_id));
+    }
+
+    fn subscribed(&self, conn_id: u64, channel: &Arc<str>) {
+        self.push(pb::delta::Change::Subscribe(pb::ChannelChange {
+            conn_id,
+            channel: channel.to_string(),
+        }));
+    }
+
+    fn unsubscribed(&self, conn_id: u64, channel: &str) {
+        self.push(pb::delta::Change::Unsubscribe(pb::ChannelChange {
+            conn_id,
+            channel: channel.to_owned(),
+        }));
+    }
+
+    fn members<'a>(
+        &'a self,
+        channel: &'a str,
+        after: &'a str,
+        limit: usize,
+    ) -> QueryFuture<'a, Members> {
+        Box::pin(async move {
+            for mut client in self.rotation() {
+                let req = pb::ChannelMembersRequest {
+                    channel: channel.to_owned(),
+                    after: after.to_owned(),
+                    limit: limit as u32,
+                };
+                match tokio::time::timeout(QUERY_TIMEOUT, client.channel_members(req)).await {
+                    Ok(Ok(r)) => {
+                        let r = r.into_inner();
+                        return Members {
+                            users: r.users,
+                            total: r.total,
+                            next_after: r.next_after,
+                        };
+                    }
+                    Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
+                        // Not a presence channel there: members are not tracked cluster-wide.
+                        break;
+                    }
+                    _ => continue,
+                }
+            }
+            metrics::counter!(m::PRESENCE_FALLBACKS).increment(1);
+            page(&self.hub.channel_users(channel), after, limit)
+        })
+    }
+
+    fn connections<'a>(&'a self, users: &'a [String]) -> QueryFuture<'a, Vec<u32>> {
+        Box::pin(async move {
+            for mut client in self.rotation() {
+                let req = pb::LocateUsersRequest {
+                    users: users.to_vec(),
+                };
+                if let Ok(Ok(r)) =
+                    tokio::time::timeout(QUERY_TIMEOUT, client.locate_users(req)).await
+                {
+                    return r
+                        .into_inner()
+                        .users
+                        .iter()
+                        .map(|u| u.connections.len() as u32)
+                        .collect();
+                }
+            }
+            metrics::counter!(m::PRESENCE_FALLBACKS).increment(1);
+            users.iter().map(|u| self.hub.user_connections(u)).collect()
+        })
+    }
+}
+
+/// Why a link session ended.
+#[derive(Debug, thiserror::Error)]
+enum LinkError {
+    #[error("connect: {0}")]
+    Connect(#[from] tonic::transport::Error),
+    #[error("presence refused: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("stream closed")]
+    Closed,
+}
+
+async fn link_task(
+    addr: String,
+    hub: Arc<Hub>,
+    cfg: RemoteConfig,
+    mut deltas: mpsc::Receiver<pb::Delta>,
+    resync: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::new();
+    let mut seq = 0u64;
+    loop {
+        let result = link_session(
+            &addr,
+            &hub,
+            &cfg,
+            &mut deltas,
+            &resync,
+            &stop,
+            &mut seq,
+            &mut backoff,
+        )
+        .await;
+        metrics::gauge!(m::PRESENCE_LINKS_UP).decrement(1.0);
+        match result {
+            Ok(()) => return,
+            Err(e) => {
+                metrics::counter!(m::PRESENCE_RECONNECTS).increment(1);
+                tracing::warn!(presence = %addr, error = %e, "presence link down, reconnecting");
+            }
+        }
+        // Deltas while disconnected are superseded by the next snapshot.
+        resync.store(true, Ordering::Relaxed);
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff.next()) => {}
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn link_session(
+    addr: &str,
+    hub: &Hub,
+    cfg: &RemoteConfig,
+    deltas: &mut mpsc::Receiver<pb::Delta>,
+    resync: &AtomicBool,
+    stop: &CancellationToken,
+    seq: &mut u64,
+    backoff: &mut Backoff,
+) -> Result<(), LinkError> {
+    use pb::gateway_message::Msg;
+    metrics::gauge!(m::PRESENCE_LINKS_UP).increment(1.0);
+    let channel = endpoint(addr)?.connect().await?;
+    let mut client = PresenceClient::new(channel);
+    let (out, out_rx) = mpsc::channel::<pb::GatewayMessage>(8);
+    let send = |msg: Msg| {
+        let out = out.clone();
+        async move {
+            out.send(pb::GatewayMessage { msg: Some(msg) })
+                .await
+                .map_err(|_| LinkError::Closed)
+        }
+    };
+    send(Msg::Hello(pb::Hello {
+        node_id: cfg.node_id.clone(),
+        delivery_addr: cfg.delivery_addr.clone(),
+        boot_epoch: cfg.boot_epoch,
+    }))
+    .await?;
+    let mut acks = client.sync(ReceiverStream::new(out_rx)).await?.into_inner();
+    let first = acks.message().await?.ok_or(LinkError::Closed)?;
+    let lease = Duration::from_millis(first.lease_ms.max(300));
+    let mut keepalive = tokio::time::interval(lease / 3);
+    let mut batch: Vec<pb::Delta> = Vec::new();
+    let mut need_snapshot = true;
+    loop {
+        if need_snapshot || resync.load(Ordering::Relaxed) {
+            // Drop queued deltas first: the snapshot taken after covers them, and
+            // a change racing with it is applied twice, which presence ignores.
+            while deltas.try_recv().is_ok() {}
+            resync.store(false, Ordering::Relaxed);
+            let snapshot = hub.presence_snapshot();
+            *seq += 1;
+            let chunks: Vec<&[ConnRecord]> = if snapshot.is_empty() {
+                vec![&[]]
+            } else {
+                snapshot.chunks(CHUNK).collect()
+            };
+            let last = chunks.len() - 1;
+            for (i, chunk) in chunks.into_iter().enumerate() {
+                let connections = chunk.iter().map(conn_pb).collect();
+                send(Msg::Snapshot(pb::SnapshotChunk {
+                    connections,
+                    last: i == last,
+                    seq: *seq,
+                }))
+                .await?;
+            }
+            tracing::info!(presence = %addr, connections = snapshot.len(), "snapshot sent");
+            if !need_snapshot {
+                metrics::counter!(m::PRESENCE_RESYNCS).increment(1);
+            }
+            need_snapshot = false;
+            backoff.reset();
+        }
+        tokio::select! {
+            () = stop.cancelled() => {
+                let _ = send(Msg::Goodbye(pb::Goodbye {})).await;
+                drop(out);
+                // Give presence a moment to read the goodbye before the stream closes.
+                let _ = tokio::time::timeout(Duration::from_millis(500), acks.message()).await;
+                return Ok(());
+            }
+            ack = acks.message() => match ack? {
+                Some(a) => metrics::gauge!(m::PRESENCE_ACKED_SEQ).set(a.seq as f64),
+                None => return Err(LinkError::Closed),
+            },
+            n = deltas.recv_many(&mut batch, BATCH) => {
+                if n == 0 {
+                    return Ok(());
+                }
+                if resync.load(Ordering::Relaxed) {
+                    batch.clear();
+                    continue;
+                }
+                *seq += 1;
+                let deltas = std::mem::take(&mut batch);
+                send(Msg::Deltas(pb::DeltaBatch { seq: *seq, deltas })).await?;
+                metrics::gauge!(m::PRESENCE_SENT_SEQ).set(*seq as f64);
+            }
+            _ = keepalive.tick() => {
+                *seq += 1;
+                send(Msg::Deltas(pb::DeltaBatch { seq: *seq, deltas: Vec::new() })).await?;
+            }
+        }
+    }
+}
+
+/// Follows one replica's Watch stream (failing over between replicas) and
+/// delivers joins, leaves and counts to local subscribers.
+async fn watch_task(clients: Vec<PresenceClient<Channel>>, hub: Arc<Hub>, stop: CancellationToken) {
+    use pb::watch_event::Event;
+    let mut backoff = Backoff::new();
+    let mut i = 0usize;
+    loop {
+        let mut client = clients[i % clients.len()].clone();
+        i += 1;
+        let opened = tokio::select! {
+            () = stop.cancelled() => return,
+            r = client.watch(pb::WatchRequest { initial_state: false }) => r,
+        };
+        if let Ok(resp) = opened {
+            let mut stream = resp.into_inner();
+            loop {
+                let next = tokio::select! {
+                    () = stop.cancelled() => return,
+                    m = stream.message() => m,
+                };
+                let Ok(Some(ev)) = next else { break };
+                backoff.reset();
+                let (channel, frame) = match ev.event {
+                    Some(Event::Join(j)) => (
+                        j.channel.clone(),
+                        protocol::membership(true, &j.channel, &j.user),
+                    ),
+                    Some(Event::Leave(l)) => (
+                        l.channel.clone(),
+                        protocol::membership(false, &l.channel, &l.user),
+                    ),
+                    Some(Event::Count(c)) => (
+                        c.channel.clone(),
+                        protocol::member_count(&c.channel, c.members),
+                    ),
+                    _ => continue,
+                };
+                if hub.has_subscribers(&channel) {
+                    hub.deliver_to_channel(&channel, &wire::text(&frame));
+                }
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(backoff.next()) => {}
+        }
+    }
+}
