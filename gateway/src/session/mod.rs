@@ -63,6 +63,7 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// `leftover` holds bytes the HTTP layer read past the upgrade request.
 /// `stop` closes the session as part of a drain (the paced drain reaches
 /// registered sessions one by one first; `stop` is the final sweep).
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     node: Arc<Node>,
     identity: Identity,

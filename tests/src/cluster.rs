@@ -1,0 +1,267 @@
+//! The real binaries as child processes on loopback, killed on drop.
+//!
+//! Binaries are taken from the cargo target directory of the running test
+//! (`target/<profile>/`); `cargo test --workspace` / `cargo nextest run
+//! --workspace` build them. A missing binary fails the test with instructions.
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary next to the running test executable.
+pub fn binary(name: &str) -> PathBuf {
+    if let Ok(p) = std::env::var(format!(
+        "SWITCHBOARD_{}_BIN",
+        name.to_uppercase().replace('-', "_")
+    )) {
+        return PathBuf::from(p);
+    }
+    // target/<profile>/deps/<test-exe> → target/<profile>/<name>
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} not found: build it first (`cargo build -p {name}`, or run the suite with `cargo nextest run --workspace`)",
+        path.display()
+    );
+    path
+}
+
+/// A free loopback port (bound, then released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("addr").port()
+}
+
+/// One child process; killed (SIGKILL) on drop.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    /// Fields of its `LISTENING k=v ...` line.
+    pub addrs: Vec<(String, SocketAddr)>,
+}
+
+impl Proc {
+    /// Starts `bin` with `args` and waits for its `LISTENING` line.
+    pub fn spawn(name: &str, bin: &str, args: &[String]) -> Self {
+        let mut child = Command::new(binary(bin))
+            .args(args)
+            .env(
+                "SWITCHBOARD_LOG",
+                std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read LISTENING");
+        assert!(
+            line.starts_with("LISTENING"),
+            "{name} did not start: {line:?}"
+        );
+        let addrs = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|kv| kv.split_once('='))
+            .map(|(k, v)| (k.to_owned(), v.parse().expect("socket address")))
+            .collect();
+        Self {
+            name: name.to_owned(),
+            child,
+            addrs,
+        }
+    }
+
+    pub fn addr(&self, key: &str) -> SocketAddr {
+        self.addrs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("{} has no {key}", self.name))
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal (`-TERM`, `-KILL`, `-STOP`, `-CONT`).
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .map(|s| s.success());
+        assert!(matches!(ok, Ok(true)), "kill {sig} {} failed", self.name);
+    }
+
+    /// kill -9 and reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Waits for exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(s) = self.child.try_wait().expect("try_wait") {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{} did not exit within {limit:?}",
+                self.name
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Builder for a [`Cluster`].
+#[derive(Debug, Clone)]
+pub struct ClusterBuilder {
+    presence: usize,
+    gateways: usize,
+    lease: String,
+    large_room: usize,
+    gateway_args: Vec<String>,
+}
+
+/// Presence replicas and gateways wired together.
+pub struct Cluster {
+    pub presence: Vec<Proc>,
+    pub presence_ports: Vec<u16>,
+    pub gateways: Vec<Proc>,
+    builder: ClusterBuilder,
+}
+
+impl Cluster {
+    pub fn builder() -> ClusterBuilder {
+        ClusterBuilder {
+            presence: 1,
+            gateways: 2,
+            lease: "1s".into(),
+            large_room: 1000,
+            gateway_args: Vec::new(),
+        }
+    }
+
+    /// Client address of gateway `i`.
+    pub fn gateway(&self, i: usize) -> SocketAddr {
+        self.gateways[i].addr("client")
+    }
+
+    /// gRPC URL of presence replica `i`.
+    pub fn presence_url(&self, i: usize) -> String {
+        format!("http://127.0.0.1:{}", self.presence_ports[i])
+    }
+
+    fn presence_args(&self, port: u16) -> Vec<String> {
+        vec![
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
+            "--lease".into(),
+            self.builder.lease.clone(),
+            "--large-room".into(),
+            self.builder.large_room.to_string(),
+        ]
+    }
+
+    /// Starts (again) presence replica `i` on its port.
+    pub fn start_presence(&mut self, i: usize) {
+        let args = self.presence_args(self.presence_ports[i]);
+        let p = Proc::spawn(&format!("presence{i}"), "presence", &args);
+        if i < self.presence.len() {
+            self.presence[i] = p;
+        } else {
+            self.presence.push(p);
+        }
+    }
+
+    /// Starts one more gateway and returns its index.
+    pub fn start_gateway(&mut self) -> usize {
+        let i = self.gateways.len();
+        let urls: Vec<String> = (0..self.presence_ports.len())
+            .map(|p| self.presence_url(p))
+            .collect();
+        let mut args: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--grpc-addr",
+            "127.0.0.1:0",
+            "--admin-addr",
+            "127.0.0.1:0",
+            "--jwt-hs256-secret",
+            crate::ws::SECRET,
+            "--node-id",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        args.push(format!("gw{i}"));
+        if !urls.is_empty() {
+            args.push("--presence-addrs".into());
+            args.push(urls.join(","));
+        }
+        args.extend(self.builder.gateway_args.iter().cloned());
+        self.gateways
+            .push(Proc::spawn(&format!("gw{i}"), "gateway", &args));
+        i
+    }
+}
+
+impl ClusterBuilder {
+    pub fn presence(mut self, n: usize) -> Self {
+        self.presence = n;
+        self
+    }
+    pub fn gateways(mut self, n: usize) -> Self {
+        self.gateways = n;
+        self
+    }
+    /// Presence lease (default 1s in tests).
+    pub fn lease(mut self, lease: &str) -> Self {
+        self.lease = lease.to_owned();
+        self
+    }
+    pub fn large_room(mut self, n: usize) -> Self {
+        self.large_room = n;
+        self
+    }
+    /// Extra flags for every gateway.
+    pub fn gateway_args(mut self, args: &[&str]) -> Self {
+        self.gateway_args = args.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
+
+    pub fn start(self) -> Cluster {
+        let presence_ports = (0..self.presence).map(|_| free_port()).collect();
+        let gateways = self.gateways;
+        let mut c = Cluster {
+            presence: Vec::new(),
+            presence_ports,
+            gateways: Vec::new(),
+            builder: self,
+        };
+        for i in 0..c.presence_ports.len() {
+            c.start_presence(i);
+        }
+        for _ in 0..gateways {
+            c.start_gateway();
+        }
+        c
+    }
+}

@@ -1,0 +1,27 @@
+//! Test harness for Switchboard.
+//!
+//! - [`ws`]: WebSocket client helpers over tokio-tungstenite (an independent
+//!   implementation, not our framing code), tokens, HTTP and metrics helpers;
+//! - [`cluster`]: the real binaries as child processes on free loopback ports,
+//!   torn down on drop: `Cluster::builder().presence(1).gateways(2).start()`.
+#![allow(missing_debug_implementations)]
+
+pub mod cluster;
+pub mod ws;
+
+/// Polls `cond` every 20 ms until it holds, or panics with the message after [`ws::WAIT`].
+#[macro_export]
+macro_rules! eventually {
+    ($cond:expr, $($msg:tt)+) => {{
+        let deadline = tokio::time::Instant::now() + $crate::ws::WAIT;
+        loop {
+            if $cond {
+                break;
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!($($msg)+);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }};
+}
