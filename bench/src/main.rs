@@ -36,6 +36,26 @@ enum Scenario {
         #[arg(long, default_value = "200")]
         concurrency: usize,
     },
+    /// presence: RSS per tracked connection, then LocateUsers queries per second.
+    Presence {
+        /// Tracked connections in total (spread over `nodes` fake gateways).
+        #[arg(long, default_value = "1000000")]
+        connections: usize,
+        #[arg(long, default_value = "10")]
+        nodes: usize,
+        /// The presence binary.
+        #[arg(long, default_value = "target/release/presence")]
+        presence_bin: PathBuf,
+        /// Concurrent query streams.
+        #[arg(long, default_value = "32")]
+        concurrency: usize,
+        /// Users per LocateUsers call.
+        #[arg(long, default_value = "1")]
+        batch: usize,
+        /// How long to run queries.
+        #[arg(long, default_value = "5")]
+        seconds: u64,
+    },
 }
 
 const SECRET: &str = "bench-secret";
@@ -85,7 +105,7 @@ fn start_gateway(bin: &PathBuf) -> anyhow::Result<Gateway> {
     })
 }
 
-fn rss_kib(pid: u32) -> anyhow::Result<u64> {
+pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
@@ -196,6 +216,8 @@ async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::R
     Ok(())
 }
 
+mod presence_bench;
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -207,5 +229,20 @@ fn main() -> anyhow::Result<()> {
             gateway_bin,
             concurrency,
         } => rt.block_on(idle(connections, gateway_bin, concurrency)),
+        Scenario::Presence {
+            connections,
+            nodes,
+            presence_bin,
+            concurrency,
+            batch,
+            seconds,
+        } => rt.block_on(presence_bench::run(
+            connections,
+            nodes,
+            presence_bin,
+            concurrency,
+            batch,
+            seconds,
+        )),
     }
 }
