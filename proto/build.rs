@@ -12,6 +12,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             &[
                 "proto/switchboard/push/v1/push.proto",
                 "proto/switchboard/presence/v1/presence.proto",
+                "proto/switchboard/bridge/v1/bridge.proto",
             ],
             &["proto"],
         )?;

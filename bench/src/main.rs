@@ -76,14 +76,7 @@ impl Drop for Gateway {
 fn start_gateway(bin: &PathBuf) -> anyhow::Result<Gateway> {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(bin)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .args(["--jwt-hs256-secret", SECRET])
         .env("SWITCHBOARD_LOG", "warn")
         .stdout(Stdio::piped())
@@ -92,37 +85,21 @@ fn start_gateway(bin: &PathBuf) -> anyhow::Result<Gateway> {
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
     let field = |k: &str| -> anyhow::Result<SocketAddr> {
-        Ok(line
-            .split_whitespace()
-            .find_map(|kv| kv.strip_prefix(k))
-            .context("LISTENING line")?
-            .parse()?)
+        Ok(line.split_whitespace().find_map(|kv| kv.strip_prefix(k)).context("LISTENING line")?.parse()?)
     };
-    Ok(Gateway {
-        client: field("client=")?,
-        admin: field("admin=")?,
-        child,
-    })
+    Ok(Gateway { client: field("client=")?, admin: field("admin=")?, child })
 }
 
 pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .context("VmRSS")?;
-    Ok(line
-        .split_whitespace()
-        .nth(1)
-        .context("VmRSS value")?
-        .parse()?)
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).context("VmRSS")?;
+    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
 }
 
 async fn metric(admin: SocketAddr, name: &str) -> anyhow::Result<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin).await?;
-    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .await?;
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
     let mut buf = String::new();
     s.read_to_string(&mut buf).await?;
     Ok(buf
@@ -153,15 +130,10 @@ async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::R
             let permit = permits.acquire_owned().await;
             let r = async {
                 let mut req = url.into_client_request()?;
-                req.headers_mut()
-                    .insert("authorization", format!("Bearer {token}").parse()?);
+                req.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
                 let (mut ws, _) = tokio_tungstenite::connect_async(req).await?;
                 ws.next().await.context("welcome")??;
-                ws.send(Message::text(format!(
-                    r#"{{"op":"subscribe","channel":"c{}","ref":1}}"#,
-                    i % 1000
-                )))
-                .await?;
+                ws.send(Message::text(format!(r#"{{"op":"subscribe","channel":"c{}","ref":1}}"#, i % 1000))).await?;
                 ws.next().await.context("ack")??;
                 anyhow::Ok(ws)
             }
@@ -205,9 +177,7 @@ async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::R
     let per_conn = (after.saturating_sub(before) as f64 * 1024.0) / connections as f64;
     hold.notify_waiters();
     println!("scenario      connections  rss_before_kib  rss_after_kib  bytes_per_conn  connect_s");
-    println!(
-        "idle          {connections:>11}  {before:>14}  {after:>13}  {per_conn:>14.0}  {connect_secs:>9.2}"
-    );
+    println!("idle          {connections:>11}  {before:>14}  {after:>13}  {per_conn:>14.0}  {connect_secs:>9.2}");
     println!(
         "{}",
         serde_json::json!({"scenario":"idle","connections":connections,"rss_before_kib":before,
@@ -220,29 +190,13 @@ mod presence_bench;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.scenario {
-        Scenario::Idle {
-            connections,
-            gateway_bin,
-            concurrency,
-        } => rt.block_on(idle(connections, gateway_bin, concurrency)),
-        Scenario::Presence {
-            connections,
-            nodes,
-            presence_bin,
-            concurrency,
-            batch,
-            seconds,
-        } => rt.block_on(presence_bench::run(
-            connections,
-            nodes,
-            presence_bin,
-            concurrency,
-            batch,
-            seconds,
-        )),
+        Scenario::Idle { connections, gateway_bin, concurrency } => {
+            rt.block_on(idle(connections, gateway_bin, concurrency))
+        }
+        Scenario::Presence { connections, nodes, presence_bin, concurrency, batch, seconds } => {
+            rt.block_on(presence_bench::run(connections, nodes, presence_bin, concurrency, batch, seconds))
+        }
     }
 }

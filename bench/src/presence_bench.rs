@@ -24,14 +24,7 @@ pub(crate) async fn run(
 ) -> anyhow::Result<()> {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(&bin)
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-            "--lease",
-            "60s",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--lease", "60s"])
         .args(["--max-concurrent", "100000"])
         .env("SWITCHBOARD_LOG", "warn")
         .stdout(Stdio::piped())
@@ -39,11 +32,7 @@ pub(crate) async fn run(
         .with_context(|| format!("cannot start {}", bin.display()))?;
     let mut line = String::new();
     BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let grpc = line
-        .split_whitespace()
-        .find_map(|kv| kv.strip_prefix("grpc="))
-        .context("LISTENING line")?
-        .to_owned();
+    let grpc = line.split_whitespace().find_map(|kv| kv.strip_prefix("grpc=")).context("LISTENING line")?.to_owned();
     let url = format!("http://{grpc}");
     let pid = child.id();
     let result = measure(&url, pid, connections, nodes, concurrency, batch, seconds).await;
@@ -61,9 +50,7 @@ async fn measure(
     batch: usize,
     seconds: u64,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?
-        .connect()
-        .await?;
+    let channel = tonic::transport::Endpoint::from_shared(url.to_owned())?.connect().await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = crate::rss_kib(pid)?;
     let per_node = connections / nodes;
@@ -114,16 +101,9 @@ async fn measure(
     }
     let load_secs = loaded.elapsed().as_secs_f64();
     let mut q = PresenceClient::new(channel.clone());
-    let counts = q
-        .online_counts(pb::OnlineCountsRequest {})
-        .await?
-        .into_inner();
+    let counts = q.online_counts(pb::OnlineCountsRequest {}).await?.into_inner();
     if counts.connections as usize != per_node * nodes {
-        bail!(
-            "presence tracks {} connections, expected {}",
-            counts.connections,
-            per_node * nodes
-        );
+        bail!("presence tracks {} connections, expected {}", counts.connections, per_node * nodes);
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
     let after = crate::rss_kib(pid)?;
@@ -149,15 +129,9 @@ async fn measure(
                         format!("user{}", x % tracked as u64)
                     })
                     .collect();
-                let r = c
-                    .locate_users(pb::LocateUsersRequest { users })
-                    .await?
-                    .into_inner();
+                let r = c.locate_users(pb::LocateUsersRequest { users }).await?.into_inner();
                 done.fetch_add(1, Ordering::Relaxed);
-                found.fetch_add(
-                    r.users.iter().filter(|u| !u.connections.is_empty()).count() as u64,
-                    Ordering::Relaxed,
-                );
+                found.fetch_add(r.users.iter().filter(|u| !u.connections.is_empty()).count() as u64, Ordering::Relaxed);
             }
             anyhow::Ok(())
         }));

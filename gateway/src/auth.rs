@@ -103,31 +103,24 @@ impl std::fmt::Debug for Verifier {
 impl Verifier {
     /// A verifier with no keys: refuses every token.
     pub fn new(issuer: Option<String>, audience: Option<String>) -> Self {
-        Self {
-            keys: Vec::new(),
-            issuer,
-            audience,
-        }
+        Self { keys: Vec::new(), issuer, audience }
     }
 
     /// Accepts HS256 tokens signed with `secret`.
     pub fn with_hs256(mut self, secret: &[u8]) -> Result<Self, jsonwebtoken::errors::Error> {
-        self.keys
-            .push((Algorithm::HS256, DecodingKey::from_secret(secret)?));
+        self.keys.push((Algorithm::HS256, DecodingKey::from_secret(secret)?));
         Ok(self)
     }
 
     /// Accepts RS256 tokens verified with this PEM public key.
     pub fn with_rs256_pem(mut self, pem: &[u8]) -> Result<Self, jsonwebtoken::errors::Error> {
-        self.keys
-            .push((Algorithm::RS256, DecodingKey::from_rsa_pem(pem)?));
+        self.keys.push((Algorithm::RS256, DecodingKey::from_rsa_pem(pem)?));
         Ok(self)
     }
 
     /// Accepts EdDSA (Ed25519) tokens verified with this PEM public key.
     pub fn with_eddsa_pem(mut self, pem: &[u8]) -> Result<Self, jsonwebtoken::errors::Error> {
-        self.keys
-            .push((Algorithm::EdDSA, DecodingKey::from_ed_pem(pem)?));
+        self.keys.push((Algorithm::EdDSA, DecodingKey::from_ed_pem(pem)?));
         Ok(self)
     }
 
@@ -146,12 +139,8 @@ impl Verifier {
             ErrorKind::Json(_) => AuthError::Algorithm,
             _ => AuthError::Malformed,
         })?;
-        let key = self
-            .keys
-            .iter()
-            .find(|(alg, _)| *alg == header.alg)
-            .map(|(_, key)| key)
-            .ok_or(AuthError::Algorithm)?;
+        let key =
+            self.keys.iter().find(|(alg, _)| *alg == header.alg).map(|(_, key)| key).ok_or(AuthError::Algorithm)?;
         let mut validation = Validation::new(header.alg);
         validation.leeway = 5;
         validation.validate_nbf = true;
@@ -164,9 +153,7 @@ impl Verifier {
             Some(aud) => validation.set_audience(&[aud]),
             None => validation.validate_aud = false,
         }
-        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e
-            .kind()
-        {
+        let data = jsonwebtoken::decode::<Claims>(token, key, &validation).map_err(|e| match e.kind() {
             ErrorKind::ExpiredSignature => AuthError::Expired,
             ErrorKind::ImmatureSignature => AuthError::NotYetValid,
             ErrorKind::InvalidIssuer => AuthError::Issuer,
@@ -194,11 +181,7 @@ pub fn valid_user_id(user: &str) -> bool {
 
 /// Anonymous (demo) names: 1 to 64 of `A-Z a-z 0-9 _ . - @`.
 pub fn valid_anonymous_name(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 64
-        && name
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b"_.-@".contains(&b))
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"_.-@".contains(&b))
 }
 
 /// Glob match where `*` matches any run of characters (including none).
@@ -232,32 +215,20 @@ mod tests {
     use serde_json::json;
 
     fn now() -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs()
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs()
     }
 
     fn hs(claims: serde_json::Value) -> String {
-        encode(
-            &Header::new(Algorithm::HS256),
-            &claims,
-            &EncodingKey::from_secret(b"k").unwrap(),
-        )
-        .unwrap()
+        encode(&Header::new(Algorithm::HS256), &claims, &EncodingKey::from_secret(b"k").unwrap()).unwrap()
     }
 
     fn verifier() -> Verifier {
-        Verifier::new(Some("iss1".into()), Some("aud1".into()))
-            .with_hs256(b"k")
-            .unwrap()
+        Verifier::new(Some("iss1".into()), Some("aud1".into())).with_hs256(b"k").unwrap()
     }
 
     #[test]
     fn valid_token_gives_identity() {
-        let t = hs(
-            json!({"sub":"alice","exp":now()+60,"iss":"iss1","aud":"aud1","channels":["room:*"]}),
-        );
+        let t = hs(json!({"sub":"alice","exp":now()+60,"iss":"iss1","aud":"aud1","channels":["room:*"]}));
         let id = verifier().verify(&t).unwrap();
         assert_eq!(&*id.user, "alice");
         assert!(id.may_use("room:1"));
@@ -273,44 +244,17 @@ mod tests {
             c[k] = val;
             hs(c)
         };
-        assert_eq!(
-            v.verify(&with("exp", json!(now() - 3600))).unwrap_err(),
-            AuthError::Expired
-        );
-        assert_eq!(
-            v.verify(&with("nbf", json!(now() + 3600))).unwrap_err(),
-            AuthError::NotYetValid
-        );
-        assert_eq!(
-            v.verify(&with("iss", json!("other"))).unwrap_err(),
-            AuthError::Issuer
-        );
-        assert_eq!(
-            v.verify(&with("aud", json!("other"))).unwrap_err(),
-            AuthError::Audience
-        );
-        assert_eq!(
-            v.verify(&with("sub", json!(""))).unwrap_err(),
-            AuthError::Subject
-        );
+        assert_eq!(v.verify(&with("exp", json!(now() - 3600))).unwrap_err(), AuthError::Expired);
+        assert_eq!(v.verify(&with("nbf", json!(now() + 3600))).unwrap_err(), AuthError::NotYetValid);
+        assert_eq!(v.verify(&with("iss", json!("other"))).unwrap_err(), AuthError::Issuer);
+        assert_eq!(v.verify(&with("aud", json!("other"))).unwrap_err(), AuthError::Audience);
+        assert_eq!(v.verify(&with("sub", json!(""))).unwrap_err(), AuthError::Subject);
         assert_eq!(v.verify("garbage").unwrap_err(), AuthError::Malformed);
-        assert_eq!(
-            v.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)).unwrap_err(),
-            AuthError::TooLarge
-        );
-        let other_key = encode(
-            &Header::new(Algorithm::HS256),
-            &base,
-            &EncodingKey::from_secret(b"x").unwrap(),
-        )
-        .unwrap();
+        assert_eq!(v.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)).unwrap_err(), AuthError::TooLarge);
+        let other_key =
+            encode(&Header::new(Algorithm::HS256), &base, &EncodingKey::from_secret(b"x").unwrap()).unwrap();
         assert_eq!(v.verify(&other_key).unwrap_err(), AuthError::Signature);
-        let hs384 = encode(
-            &Header::new(Algorithm::HS384),
-            &base,
-            &EncodingKey::from_secret(b"k").unwrap(),
-        )
-        .unwrap();
+        let hs384 = encode(&Header::new(Algorithm::HS384), &base, &EncodingKey::from_secret(b"k").unwrap()).unwrap();
         assert_eq!(v.verify(&hs384).unwrap_err(), AuthError::Algorithm);
     }
 

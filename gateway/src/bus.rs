@@ -52,21 +52,13 @@ pub struct IdGen {
 
 impl IdGen {
     pub fn new() -> Self {
-        let boot_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        Self {
-            boot_ms,
-            next: AtomicU64::new(1),
-        }
+        let boot_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Self { boot_ms, next: AtomicU64::new(1) }
     }
 
     pub fn next_id(&self) -> String {
-        format!(
-            "{:x}-{:013x}",
-            self.boot_ms,
-            self.next.fetch_add(1, Ordering::Relaxed)
-        )
+        format!("{:x}-{:013x}", self.boot_ms, self.next.fetch_add(1, Ordering::Relaxed))
     }
 }
 
@@ -85,10 +77,7 @@ pub struct LocalBus {
 
 impl LocalBus {
     pub fn new(hub: Arc<Hub>) -> Self {
-        Self {
-            hub,
-            ids: IdGen::new(),
-        }
+        Self { hub, ids: IdGen::new() }
     }
 
     fn publish_now(&self, channel: &str, from: &str, data: &str) -> Accepted {
@@ -96,31 +85,19 @@ impl LocalBus {
         let start = Instant::now();
         let p = self.hub.publish(channel, &id, from, data);
         metrics::histogram!(m::FANOUT_DURATION).record(start.elapsed().as_secs_f64());
-        Accepted {
-            id,
-            seq: Some(p.seq),
-            delivered: p.delivered,
-        }
+        Accepted { id, seq: Some(p.seq), delivered: p.delivered }
     }
 
     fn send_now(&self, to: &str, from: &str, data: &str) -> Accepted {
         let id = self.ids.next_id();
         let frame = wire::text(&protocol::direct(&id, from, to, data));
-        Accepted {
-            id,
-            seq: None,
-            delivered: self.hub.send_to_user(to, &frame),
-        }
+        Accepted { id, seq: None, delivered: self.hub.send_to_user(to, &frame) }
     }
 
     fn broadcast_now(&self, from: &str, data: &str) -> Accepted {
         let id = self.ids.next_id();
         let frame = wire::text(&protocol::broadcast(&id, from, data));
-        Accepted {
-            id,
-            seq: None,
-            delivered: self.hub.broadcast(&frame),
-        }
+        Accepted { id, seq: None, delivered: self.hub.broadcast(&frame) }
     }
 }
 

@@ -10,29 +10,16 @@ use clap::Parser;
 
 /// Command line of the `gateway` binary.
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "gateway",
-    version,
-    about = "Switchboard WebSocket edge gateway",
-    args_override_self = true
-)]
+#[command(name = "gateway", version, about = "Switchboard WebSocket edge gateway", args_override_self = true)]
 pub struct Cli {
     /// Address for WebSocket clients and the demo page.
-    #[arg(
-        long,
-        env = "SWITCHBOARD_GATEWAY_LISTEN",
-        default_value = "0.0.0.0:8080"
-    )]
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_LISTEN", default_value = "0.0.0.0:8080")]
     pub listen: SocketAddr,
     /// Open the client port with SO_REUSEPORT, so several gateway processes share it.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_REUSE_PORT")]
     pub reuse_port: bool,
     /// Address of the gRPC Push API (standalone mode).
-    #[arg(
-        long,
-        env = "SWITCHBOARD_GATEWAY_GRPC_ADDR",
-        default_value = "127.0.0.1:9090"
-    )]
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_GRPC_ADDR", default_value = "127.0.0.1:9090")]
     pub grpc_addr: SocketAddr,
     /// This node's id, shown to clients and in message ids. Default: hostname-pid.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_NODE_ID")]
@@ -45,11 +32,7 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_GATEWAY_ANONYMOUS")]
     pub anonymous: bool,
     /// HS256 shared secret for client JWTs.
-    #[arg(
-        long,
-        env = "SWITCHBOARD_GATEWAY_JWT_HS256_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_HS256_SECRET", hide_env_values = true)]
     pub jwt_hs256_secret: Option<String>,
     /// PEM file with an RS256 public key for client JWTs.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_RS256_PUBLIC_KEY")]
@@ -64,11 +47,7 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// Allowed `Origin` values, comma-separated; empty allows any origin.
-    #[arg(
-        long,
-        env = "SWITCHBOARD_GATEWAY_ALLOWED_ORIGINS",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
     /// Maximum concurrent WebSocket sessions. Default: derived from the open-files limit.
@@ -84,18 +63,10 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_GATEWAY_HEARTBEAT_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub heartbeat_timeout: Duration,
     /// Largest client message, in bytes (frames and reassembled fragments).
-    #[arg(
-        long,
-        env = "SWITCHBOARD_GATEWAY_MAX_MESSAGE_BYTES",
-        default_value = "65536"
-    )]
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_MESSAGE_BYTES", default_value = "65536")]
     pub max_message_bytes: NonZeroU32,
     /// Channels one session may subscribe to.
-    #[arg(
-        long,
-        env = "SWITCHBOARD_GATEWAY_MAX_SUBSCRIPTIONS",
-        default_value = "128"
-    )]
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_SUBSCRIPTIONS", default_value = "128")]
     pub max_subscriptions: NonZeroU32,
     /// Sustained publish/send rate per session (commands per second).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_PUBLISH_RATE", default_value = "50")]
@@ -107,23 +78,14 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_GATEWAY_SEND_QUEUE", default_value = "1024")]
     pub send_queue: NonZeroU32,
     /// Channel patterns whose subscribers get join/leave events (comma-separated).
-    #[arg(
-        long,
-        env = "SWITCHBOARD_GATEWAY_PRESENCE_CHANNELS",
-        value_delimiter = ',',
-        default_value = "room:*"
-    )]
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_PRESENCE_CHANNELS", value_delimiter = ',', default_value = "room:*")]
     pub presence_channels: Vec<String>,
     /// Rooms with more members than this get `presence_count` frames instead of joins and leaves
     /// (standalone mode; with `--presence-addrs` the presence service decides).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_LARGE_ROOM", default_value = "1000")]
     pub large_room: usize,
     /// Presence replicas (`http://host:port`, comma-separated). Empty: standalone, in-process presence.
-    #[arg(
-        long,
-        env = "SWITCHBOARD_GATEWAY_PRESENCE_ADDRS",
-        value_delimiter = ','
-    )]
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_PRESENCE_ADDRS", value_delimiter = ',')]
     pub presence_addrs: Vec<String>,
     /// Address where this gateway takes deliveries from broker-bridge (reported to presence).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_DELIVERY_ADDR", default_value = "")]
@@ -178,10 +140,7 @@ mod tests {
             if id == "help" || id == "version" {
                 continue;
             }
-            assert!(
-                arg.get_env().is_some(),
-                "flag {id} has no environment variable"
-            );
+            assert!(arg.get_env().is_some(), "flag {id} has no environment variable");
         }
     }
 }

@@ -65,8 +65,7 @@ impl HandshakeError {
         let mut resp = text(self.status(), format!("{self}\n"));
         if matches!(self, Self::Full | Self::Draining) {
             let secs = rand::random_range(1..=5u32);
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+            resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
         resp
     }
@@ -75,19 +74,14 @@ impl HandshakeError {
 fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body.into()));
     *resp.status_mut() = status;
-    resp.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("text/plain; charset=utf-8"),
-    );
+    resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; charset=utf-8"));
     resp
 }
 
 /// Serves one HTTP request on the client port.
 pub async fn handle(server: Arc<Server>, req: Request<Incoming>) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => {
-            upgrade(server, req, Mode::Protocol).unwrap_or_else(HandshakeError::into_response)
-        }
+        (&Method::GET, "/ws") => upgrade(server, req, Mode::Protocol).unwrap_or_else(HandshakeError::into_response),
         (&Method::GET, "/echo") if server.echo_route => {
             upgrade(server, req, Mode::Echo).unwrap_or_else(HandshakeError::into_response)
         }
@@ -95,10 +89,8 @@ pub async fn handle(server: Arc<Server>, req: Request<Incoming>) -> Response<Ful
             || text(StatusCode::NOT_FOUND, "not found\n"),
             |(ct, body)| {
                 let mut resp = Response::new(Full::new(Bytes::from_static(body)));
-                resp.headers_mut()
-                    .insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
-                resp.headers_mut()
-                    .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+                resp.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static(ct));
+                resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                 resp
             },
         ),
@@ -134,8 +126,7 @@ fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
         match b[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16)
-                {
+                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
                     Ok(v) => {
                         out.push(v);
                         i += 2;
@@ -156,10 +147,7 @@ fn find_token(req: &Request<Incoming>) -> (Option<String>, bool) {
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|a| {
-            a.strip_prefix("Bearer ")
-                .or_else(|| a.strip_prefix("bearer "))
-        });
+        .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")));
     if let Some(t) = bearer {
         return (Some(t.trim().to_owned()), false);
     }
@@ -172,23 +160,13 @@ fn find_token(req: &Request<Incoming>) -> (Option<String>, bool) {
         .map(str::trim)
         .collect();
     let offers_ours = protocols.contains(&SUBPROTOCOL);
-    if let Some(t) = protocols
-        .iter()
-        .find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX))
-    {
+    if let Some(t) = protocols.iter().find_map(|p| p.strip_prefix(BEARER_PROTOCOL_PREFIX)) {
         return (Some(t.to_owned()), offers_ours);
     }
-    (
-        query_param(req, "token").map(|t| t.into_owned()),
-        offers_ours,
-    )
+    (query_param(req, "token").map(|t| t.into_owned()), offers_ours)
 }
 
-fn authenticate(
-    server: &Server,
-    req: &Request<Incoming>,
-    token: Option<String>,
-) -> Result<Identity, HandshakeError> {
+fn authenticate(server: &Server, req: &Request<Incoming>, token: Option<String>) -> Result<Identity, HandshakeError> {
     match token {
         Some(t) => Ok(server.verifier.verify(&t)?),
         None if server.anonymous => {
@@ -197,11 +175,7 @@ fn authenticate(
                 Some(_) => return Err(HandshakeError::BadRequest("invalid user name")),
                 None => format!("anon-{:08x}", rand::random::<u32>()),
             };
-            Ok(Identity {
-                user: user.into(),
-                channels: None,
-                expires_at: None,
-            })
+            Ok(Identity { user: user.into(), channels: None, expires_at: None })
         }
         None => Err(AuthError::Missing.into()),
     }
@@ -216,25 +190,14 @@ fn upgrade(
         return Err(HandshakeError::Draining);
     }
     let slot = server.try_reserve_session().ok_or(HandshakeError::Full)?;
-    if !header_has_token(&req, header::UPGRADE, "websocket")
-        || !header_has_token(&req, header::CONNECTION, "upgrade")
-    {
+    if !header_has_token(&req, header::UPGRADE, "websocket") || !header_has_token(&req, header::CONNECTION, "upgrade") {
         return Err(HandshakeError::BadRequest("not a websocket upgrade"));
     }
-    if req
-        .headers()
-        .get(header::SEC_WEBSOCKET_VERSION)
-        .map(HeaderValue::as_bytes)
-        != Some(b"13")
-    {
-        return Err(HandshakeError::BadRequest(
-            "Sec-WebSocket-Version must be 13",
-        ));
+    if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
+        return Err(HandshakeError::BadRequest("Sec-WebSocket-Version must be 13"));
     }
-    let key = req
-        .headers()
-        .get(header::SEC_WEBSOCKET_KEY)
-        .ok_or(HandshakeError::BadRequest("missing Sec-WebSocket-Key"))?;
+    let key =
+        req.headers().get(header::SEC_WEBSOCKET_KEY).ok_or(HandshakeError::BadRequest("missing Sec-WebSocket-Key"))?;
     let accept = {
         let mut sha = Sha1::new();
         sha.update(key.as_bytes());
@@ -242,23 +205,13 @@ fn upgrade(
         base64::engine::general_purpose::STANDARD.encode(sha.finalize())
     };
     if !server.allowed_origins.is_empty() {
-        let origin = req
-            .headers()
-            .get(header::ORIGIN)
-            .and_then(|v| v.to_str().ok());
+        let origin = req.headers().get(header::ORIGIN).and_then(|v| v.to_str().ok());
         if !origin.is_some_and(|o| server.allowed_origins.iter().any(|a| a == o)) {
             return Err(HandshakeError::Origin);
         }
     }
     let (identity, answer_protocol) = match mode {
-        Mode::Echo => (
-            Identity {
-                user: "echo".into(),
-                channels: None,
-                expires_at: None,
-            },
-            false,
-        ),
+        Mode::Echo => (Identity { user: "echo".into(), channels: None, expires_at: None }, false),
         Mode::Protocol => {
             let (token, offers_ours) = find_token(&req);
             (authenticate(&server, &req, token)?, offers_ours)
@@ -280,15 +233,7 @@ fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let conn_id = server.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let tracker = server.tracker.clone();
-    tracker.spawn(start_session(
-        server,
-        on_upgrade,
-        identity,
-        conn_id,
-        client_info,
-        slot,
-        mode,
-    ));
+    tracker.spawn(start_session(server, on_upgrade, identity, conn_id, client_info, slot, mode));
 
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -296,15 +241,9 @@ fn upgrade(
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
     // The accept value is base64: always a valid header value.
-    h.insert(
-        header::SEC_WEBSOCKET_ACCEPT,
-        HeaderValue::from_str(&accept).unwrap_or(HeaderValue::from_static("")),
-    );
+    h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).unwrap_or(HeaderValue::from_static("")));
     if answer_protocol {
-        h.insert(
-            header::SEC_WEBSOCKET_PROTOCOL,
-            HeaderValue::from_static(SUBPROTOCOL),
-        );
+        h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
     }
     Ok(resp)
 }

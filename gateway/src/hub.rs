@@ -33,11 +33,7 @@ pub struct SessionCtl {
 impl SessionCtl {
     /// Asks the session to close; the first reason wins.
     pub fn close(&self, reason: CloseReason, text: Option<&str>) {
-        if self
-            .close
-            .compare_exchange(0, reason.to_u8(), Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-        {
+        if self.close.compare_exchange(0, reason.to_u8(), Ordering::AcqRel, Ordering::Acquire).is_ok() {
             if let Some(t) = text {
                 *self.reason.lock() = Some(t.into());
             }
@@ -47,8 +43,7 @@ impl SessionCtl {
 
     /// The close requested so far, if any.
     pub fn requested(&self) -> Option<(CloseReason, Option<Box<str>>)> {
-        CloseReason::from_u8(self.close.load(Ordering::Acquire))
-            .map(|r| (r, self.reason.lock().clone()))
+        CloseReason::from_u8(self.close.load(Ordering::Acquire)).map(|r| (r, self.reason.lock().clone()))
     }
 
     /// Waits until a close is requested.
@@ -164,30 +159,17 @@ impl Hub {
     }
 
     fn is_presence_channel(&self, channel: &str) -> bool {
-        self.presence_patterns
-            .iter()
-            .any(|p| crate::auth::glob_match(p, channel))
+        self.presence_patterns.iter().any(|p| crate::auth::glob_match(p, channel))
     }
 
     /// Adds a new session.
     pub fn register(&self, handle: SessionHandle) {
-        self.users[self.shard(&*handle.user)]
-            .write()
-            .entry(handle.user.clone())
-            .or_default()
-            .push(handle.clone());
-        self.sessions[self.shard(&handle.id)]
-            .write()
-            .insert(handle.id, handle);
+        self.users[self.shard(&*handle.user)].write().entry(handle.user.clone()).or_default().push(handle.clone());
+        self.sessions[self.shard(&handle.id)].write().insert(handle.id, handle);
     }
 
     /// Removes a session and every subscription it held.
-    pub fn unregister(
-        &self,
-        id: u64,
-        user: &Arc<str>,
-        channels: impl IntoIterator<Item = Arc<str>>,
-    ) {
+    pub fn unregister(&self, id: u64, user: &Arc<str>, channels: impl IntoIterator<Item = Arc<str>>) {
         for channel in channels {
             self.unsubscribe(id, user, &channel);
         }
@@ -266,15 +248,9 @@ impl Hub {
     /// Publishes to a channel: assigns the next sequence number, encodes the
     /// frame once and queues it to every subscriber, in one critical section.
     pub fn publish(&self, channel: &str, id: &str, from: &str, data: &str) -> Published {
-        let ch = self.channels[self.shard(channel)]
-            .read()
-            .get(channel)
-            .cloned();
+        let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
         let Some(ch) = ch else {
-            return Published {
-                seq: 0,
-                delivered: 0,
-            };
+            return Published { seq: 0, delivered: 0 };
         };
         let mut st = ch.state.lock();
         st.seq += 1;
@@ -292,35 +268,20 @@ impl Hub {
     /// Queues a frame (no sequence number: presence events) to every local
     /// subscriber of `channel`; returns how many took it.
     pub fn deliver_to_channel(&self, channel: &str, frame: &Bytes) -> u64 {
-        let ch = self.channels[self.shard(channel)]
-            .read()
-            .get(channel)
-            .cloned();
-        ch.map_or(0, |c| {
-            c.state
-                .lock()
-                .subs
-                .values()
-                .map(|s| u64::from(s.deliver(frame)))
-                .sum()
-        })
+        let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
+        ch.map_or(0, |c| c.state.lock().subs.values().map(|s| u64::from(s.deliver(frame))).sum())
     }
 
     /// Whether any local session is subscribed to `channel`.
     pub fn has_subscribers(&self, channel: &str) -> bool {
-        self.channels[self.shard(channel)]
-            .read()
-            .contains_key(channel)
+        self.channels[self.shard(channel)].read().contains_key(channel)
     }
 
     /// Sends `presence_count` frames for large rooms whose membership changed.
     pub fn flush_counts(&self) {
         let dirty = std::mem::take(&mut *self.dirty_counts.lock());
         for channel in dirty {
-            let ch = self.channels[self.shard(&*channel)]
-                .read()
-                .get(&*channel)
-                .cloned();
+            let ch = self.channels[self.shard(&*channel)].read().get(&*channel).cloned();
             if let Some(ch) = ch {
                 let st = ch.state.lock();
                 let frame = wire::text(&protocol::member_count(&channel, st.users.len() as u64));
@@ -349,11 +310,8 @@ impl Hub {
             }
         }
         for shard in self.channels.iter() {
-            let channels: Vec<(Arc<str>, Arc<Channel>)> = shard
-                .read()
-                .iter()
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
+            let channels: Vec<(Arc<str>, Arc<Channel>)> =
+                shard.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             for (name, ch) in channels {
                 for id in ch.state.lock().subs.keys() {
                     if let Some(rec) = by_id.get_mut(id) {
@@ -368,9 +326,7 @@ impl Hub {
     /// Queues a frame to every session of `user`; returns how many took it.
     pub fn send_to_user(&self, user: &str, frame: &Bytes) -> u64 {
         let users = self.users[self.shard(user)].read();
-        let delivered = users.get(user).map_or(0, |list| {
-            list.iter().map(|h| u64::from(h.deliver(frame))).sum()
-        });
+        let delivered = users.get(user).map_or(0, |list| list.iter().map(|h| u64::from(h.deliver(frame))).sum());
         drop(users);
         metrics::counter!(m::MESSAGES_OUT, "kind" => "direct").increment(delivered);
         delivered
@@ -380,11 +336,7 @@ impl Hub {
     pub fn broadcast(&self, frame: &Bytes) -> u64 {
         let mut delivered = 0;
         for shard in self.sessions.iter() {
-            delivered += shard
-                .read()
-                .values()
-                .map(|h| u64::from(h.deliver(frame)))
-                .sum::<u64>();
+            delivered += shard.read().values().map(|h| u64::from(h.deliver(frame))).sum::<u64>();
         }
         metrics::counter!(m::MESSAGES_OUT, "kind" => "broadcast").increment(delivered);
         delivered
@@ -403,31 +355,20 @@ impl Hub {
 
     /// Number of live sessions of `user`.
     pub fn user_connections(&self, user: &str) -> u32 {
-        self.users[self.shard(user)]
-            .read()
-            .get(user)
-            .map_or(0, |l| l.len() as u32)
+        self.users[self.shard(user)].read().get(user).map_or(0, |l| l.len() as u32)
     }
 
     /// The users subscribed to `channel`, sorted.
     pub fn channel_users(&self, channel: &str) -> Vec<Arc<str>> {
-        let ch = self.channels[self.shard(channel)]
-            .read()
-            .get(channel)
-            .cloned();
-        let mut users: Vec<Arc<str>> = ch
-            .map(|c| c.state.lock().users.keys().cloned().collect())
-            .unwrap_or_default();
+        let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
+        let mut users: Vec<Arc<str>> = ch.map(|c| c.state.lock().users.keys().cloned().collect()).unwrap_or_default();
         users.sort();
         users
     }
 
     /// A snapshot of every session (for draining).
     pub fn sessions(&self) -> Vec<SessionHandle> {
-        self.sessions
-            .iter()
-            .flat_map(|s| s.read().values().cloned().collect::<Vec<_>>())
-            .collect()
+        self.sessions.iter().flat_map(|s| s.read().values().cloned().collect::<Vec<_>>()).collect()
     }
 
     /// Number of live sessions.
@@ -440,12 +381,7 @@ impl Hub {
 mod tests {
     use super::*;
 
-    fn session(
-        hub: &Hub,
-        id: u64,
-        user: &str,
-        cap: usize,
-    ) -> (SessionHandle, mpsc::Receiver<Bytes>) {
+    fn session(hub: &Hub, id: u64, user: &str, cap: usize) -> (SessionHandle, mpsc::Receiver<Bytes>) {
         let (tx, rx) = mpsc::channel(cap);
         let h = SessionHandle {
             id,
@@ -473,20 +409,8 @@ mod tests {
         assert!(hub.subscribe(&a, &ch));
         assert!(!hub.subscribe(&a, &ch));
         assert!(hub.subscribe(&b, &ch));
-        assert_eq!(
-            hub.publish("c", "m1", "a", "1"),
-            Published {
-                seq: 1,
-                delivered: 2
-            }
-        );
-        assert_eq!(
-            hub.publish("c", "m2", "a", "2"),
-            Published {
-                seq: 2,
-                delivered: 2
-            }
-        );
+        assert_eq!(hub.publish("c", "m1", "a", "1"), Published { seq: 1, delivered: 2 });
+        assert_eq!(hub.publish("c", "m2", "a", "2"), Published { seq: 2, delivered: 2 });
         for rx in [&mut ra, &mut rb] {
             assert_eq!(text_of(&rx.try_recv().unwrap())["seq"], 1);
             assert_eq!(text_of(&rx.try_recv().unwrap())["seq"], 2);
@@ -506,10 +430,7 @@ mod tests {
         for i in 0..3 {
             hub.publish("c", &format!("m{i}"), "x", "0");
         }
-        assert_eq!(
-            slow.ctl.requested().map(|r| r.0),
-            Some(CloseReason::SlowConsumer)
-        );
+        assert_eq!(slow.ctl.requested().map(|r| r.0), Some(CloseReason::SlowConsumer));
         assert!(fast.ctl.requested().is_none());
         assert_eq!((0..3).filter(|_| rf.try_recv().is_ok()).count(), 3);
     }
@@ -526,23 +447,14 @@ mod tests {
         hub.subscribe(&tab1, &ch);
         hub.subscribe(&tab2, &ch);
         let j = text_of(&rw.try_recv().unwrap());
-        assert_eq!(
-            (j["type"].as_str(), j["user"].as_str()),
-            (Some("join"), Some("u"))
-        );
+        assert_eq!((j["type"].as_str(), j["user"].as_str()), (Some("join"), Some("u")));
         assert!(rw.try_recv().is_err(), "second tab must not join again");
         assert_eq!(hub.channel_users("room:1").len(), 2);
         hub.unregister(2, &tab1.user, [ch.clone()]);
         assert!(rw.try_recv().is_err());
         hub.unregister(3, &tab2.user, [ch.clone()]);
         assert_eq!(text_of(&rw.try_recv().unwrap())["type"], "leave");
-        assert_eq!(
-            hub.channel_users("room:1")
-                .iter()
-                .map(|u| &**u)
-                .collect::<Vec<_>>(),
-            vec!["w"]
-        );
+        assert_eq!(hub.channel_users("room:1").iter().map(|u| &**u).collect::<Vec<_>>(), vec!["w"]);
         assert_eq!(hub.user_connections("u"), 0);
     }
 
@@ -557,16 +469,12 @@ mod tests {
             rxs.push(rx);
         }
         // u0 saw joins of u0, u1 (2 members max), then nothing per member.
-        let kinds: Vec<String> = std::iter::from_fn(|| rxs[0].try_recv().ok())
-            .map(|f| text_of(&f)["type"].to_string())
-            .collect();
+        let kinds: Vec<String> =
+            std::iter::from_fn(|| rxs[0].try_recv().ok()).map(|f| text_of(&f)["type"].to_string()).collect();
         assert_eq!(kinds, vec!["\"join\"", "\"join\""]);
         hub.flush_counts();
         let c = text_of(&rxs[0].try_recv().unwrap());
-        assert_eq!(
-            (c["type"].as_str(), c["members"].as_u64()),
-            (Some("presence_count"), Some(4))
-        );
+        assert_eq!((c["type"].as_str(), c["members"].as_u64()), (Some("presence_count"), Some(4)));
         let mut snap = hub.presence_snapshot();
         snap.sort_by_key(|r| r.conn_id);
         assert_eq!(snap.len(), 4);

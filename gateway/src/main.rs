@@ -16,10 +16,7 @@ fn main() {
             std::process::exit(kit::EXIT_CONFIG);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("gateway: cannot start the runtime: {e}");
@@ -34,25 +31,17 @@ fn main() {
                 return 1;
             }
         };
-        let listeners = match gateway::Listeners::bind(
-            cli.listen,
-            cli.reuse_port,
-            cli.grpc_addr,
-            cli.common.admin_addr,
-        )
-        .await
+        let listeners =
+            match gateway::Listeners::bind(cli.listen, cli.reuse_port, cli.grpc_addr, cli.common.admin_addr).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("gateway: cannot bind: {e}");
+                    return kit::EXIT_CONFIG;
+                }
+            };
+        if let (Ok(c), Ok(g), Ok(a)) =
+            (listeners.client.local_addr(), listeners.grpc.local_addr(), listeners.admin.local_addr())
         {
-            Ok(l) => l,
-            Err(e) => {
-                eprintln!("gateway: cannot bind: {e}");
-                return kit::EXIT_CONFIG;
-            }
-        };
-        if let (Ok(c), Ok(g), Ok(a)) = (
-            listeners.client.local_addr(),
-            listeners.grpc.local_addr(),
-            listeners.admin.local_addr(),
-        ) {
             // One machine-readable line so that scripts and tests can find the ports.
             println!("LISTENING client={c} grpc={g} admin={a}");
         }

@@ -23,74 +23,30 @@ pub const PRESENCE_ACKED_SEQ: &str = "switchboard_gateway_presence_acked_seq";
 pub const PRESENCE_FALLBACKS: &str = "switchboard_gateway_presence_fallbacks_total";
 
 /// Histogram buckets, by metric-name suffix.
-pub const BUCKETS: &[(&str, &[f64])] = &[(
-    "_duration_seconds",
-    &[
-        0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
-    ],
-)];
+pub const BUCKETS: &[(&str, &[f64])] =
+    &[("_duration_seconds", &[0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0])];
 
 /// Registers help text and units for every metric.
 pub fn describe() {
     describe_gauge!(CONNECTIONS_ACTIVE, "WebSocket sessions open now.");
-    describe_gauge!(
-        CONNECTIONS_LIMIT,
-        "Maximum concurrent sessions (connection cap)."
-    );
+    describe_gauge!(CONNECTIONS_LIMIT, "Maximum concurrent sessions (connection cap).");
     describe_counter!(CONNECTIONS_OPENED, "WebSocket sessions opened.");
     describe_counter!(CONNECTIONS_CLOSED, "WebSocket sessions closed, by reason.");
-    describe_counter!(
-        HANDSHAKE_REJECTED,
-        "Upgrade requests refused before the upgrade, by reason."
-    );
+    describe_counter!(HANDSHAKE_REJECTED, "Upgrade requests refused before the upgrade, by reason.");
     describe_counter!(MESSAGES_IN, "Client commands received, by op.");
-    describe_counter!(
-        MESSAGES_OUT,
-        "Frames queued to sessions, by kind (message, direct, broadcast)."
-    );
-    describe_counter!(
-        COMMAND_ERRORS,
-        "Client commands answered with an error, by code."
-    );
-    describe_histogram!(
-        FANOUT_DURATION,
-        Unit::Seconds,
-        "Time to queue one publication to every local subscriber."
-    );
-    describe_counter!(
-        QUEUE_FULL,
-        "Sessions whose send queue overflowed (slow consumers)."
-    );
-    describe_gauge!(
-        SUBSCRIPTIONS_ACTIVE,
-        "Channel subscriptions held by sessions now."
-    );
-    describe_counter!(
-        ACCEPT_ERRORS,
-        "Errors accepting TCP connections (e.g. EMFILE)."
-    );
+    describe_counter!(MESSAGES_OUT, "Frames queued to sessions, by kind (message, direct, broadcast).");
+    describe_counter!(COMMAND_ERRORS, "Client commands answered with an error, by code.");
+    describe_histogram!(FANOUT_DURATION, Unit::Seconds, "Time to queue one publication to every local subscriber.");
+    describe_counter!(QUEUE_FULL, "Sessions whose send queue overflowed (slow consumers).");
+    describe_gauge!(SUBSCRIPTIONS_ACTIVE, "Channel subscriptions held by sessions now.");
+    describe_counter!(ACCEPT_ERRORS, "Errors accepting TCP connections (e.g. EMFILE).");
     describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
-    describe_gauge!(
-        PRESENCE_LINKS_UP,
-        "Presence replicas this gateway is streaming to (connecting or connected)."
-    );
-    describe_counter!(
-        PRESENCE_RECONNECTS,
-        "Presence links that broke and are being re-established."
-    );
-    describe_counter!(
-        PRESENCE_RESYNCS,
-        "Fresh snapshots sent on a live link because the delta queue overflowed."
-    );
-    describe_gauge!(
-        PRESENCE_SENT_SEQ,
-        "Last delta batch sequence sent to presence."
-    );
+    describe_gauge!(PRESENCE_LINKS_UP, "Presence replicas this gateway is streaming to (connecting or connected).");
+    describe_counter!(PRESENCE_RECONNECTS, "Presence links that broke and are being re-established.");
+    describe_counter!(PRESENCE_RESYNCS, "Fresh snapshots sent on a live link because the delta queue overflowed.");
+    describe_gauge!(PRESENCE_SENT_SEQ, "Last delta batch sequence sent to presence.");
     describe_gauge!(PRESENCE_ACKED_SEQ, "Last sequence presence acknowledged.");
-    describe_counter!(
-        PRESENCE_FALLBACKS,
-        "Presence queries answered from local state because no replica answered."
-    );
+    describe_counter!(PRESENCE_FALLBACKS, "Presence queries answered from local state because no replica answered.");
 }
 
 #[cfg(test)]
@@ -106,10 +62,7 @@ mod tests {
             .collect();
         assert!(names.len() >= 10, "{names:?}");
         for n in names {
-            assert!(
-                doc.contains(&format!("`{n}`")),
-                "{n} missing from docs/metrics.md"
-            );
+            assert!(doc.contains(&format!("`{n}`")), "{n} missing from docs/metrics.md");
         }
     }
 }

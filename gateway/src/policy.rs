@@ -93,16 +93,12 @@ impl CloseReason {
 
     /// Compact encoding for an atomic.
     pub fn to_u8(self) -> u8 {
-        Self::ALL
-            .iter()
-            .position(|r| *r == self)
-            .map_or(0, |i| i as u8 + 1)
+        Self::ALL.iter().position(|r| *r == self).map_or(0, |i| i as u8 + 1)
     }
 
     /// Inverse of [`CloseReason::to_u8`]; 0 is "none".
     pub fn from_u8(v: u8) -> Option<Self> {
-        v.checked_sub(1)
-            .and_then(|i| Self::ALL.get(usize::from(i)).copied())
+        v.checked_sub(1).and_then(|i| Self::ALL.get(usize::from(i)).copied())
     }
 }
 
@@ -155,9 +151,7 @@ impl TokenBucket {
             return RateDecision::Flood;
         }
         let missing = 1.0 - self.tokens;
-        RateDecision::Refuse {
-            retry_after: Duration::from_secs_f64(missing / self.rate_per_sec),
-        }
+        RateDecision::Refuse { retry_after: Duration::from_secs_f64(missing / self.rate_per_sec) }
     }
 }
 
@@ -183,12 +177,7 @@ pub enum HeartbeatAction {
 
 impl Heartbeat {
     pub fn new(interval: Duration, timeout: Duration, now: Instant) -> Self {
-        Self {
-            interval,
-            timeout,
-            last_seen: now,
-            next_ping: now + interval,
-        }
+        Self { interval, timeout, last_seen: now, next_ping: now + interval }
     }
 
     /// The peer sent something at `seen` (any frame counts, a pong too).

@@ -21,23 +21,11 @@ pub struct Request<'a> {
 /// What a client asks for.
 #[derive(Debug)]
 pub enum Command<'a> {
-    Subscribe {
-        channel: Cow<'a, str>,
-    },
-    Unsubscribe {
-        channel: Cow<'a, str>,
-    },
-    Publish {
-        channel: Cow<'a, str>,
-        data: &'a RawValue,
-    },
-    Send {
-        user: Cow<'a, str>,
-        data: &'a RawValue,
-    },
-    Presence {
-        channel: Cow<'a, str>,
-    },
+    Subscribe { channel: Cow<'a, str> },
+    Unsubscribe { channel: Cow<'a, str> },
+    Publish { channel: Cow<'a, str>, data: &'a RawValue },
+    Send { user: Cow<'a, str>, data: &'a RawValue },
+    Presence { channel: Cow<'a, str> },
     Ping,
 }
 
@@ -93,11 +81,7 @@ struct Raw<'a> {
 
 /// Decodes one text frame (already checked to be UTF-8).
 pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
-    let err = |reference, code, message| DecodeError {
-        reference,
-        code,
-        message,
-    };
+    let err = |reference, code, message| DecodeError { reference, code, message };
     if !text.trim_start().starts_with('{') {
         return Err(err(None, ErrorCode::BadJson, "expected a JSON object"));
     }
@@ -111,32 +95,21 @@ pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
     let reference = raw.reference;
     if let Some(r) = reference {
         let s = r.get();
-        let ok = (s.starts_with('"') || s.starts_with('-') || s.as_bytes()[0].is_ascii_digit())
-            && s.len() <= 130;
+        let ok = (s.starts_with('"') || s.starts_with('-') || s.as_bytes()[0].is_ascii_digit()) && s.len() <= 130;
         if !ok {
-            return Err(err(
-                None,
-                ErrorCode::BadRequest,
-                "ref must be a string or number of at most 128 bytes",
-            ));
+            return Err(err(None, ErrorCode::BadRequest, "ref must be a string or number of at most 128 bytes"));
         }
     }
     let command = match raw.op.as_deref() {
-        Some("subscribe") => {
-            need_channel(raw.channel).map(|channel| Command::Subscribe { channel })
-        }
-        Some("unsubscribe") => {
-            need_channel(raw.channel).map(|channel| Command::Unsubscribe { channel })
-        }
+        Some("subscribe") => need_channel(raw.channel).map(|channel| Command::Subscribe { channel }),
+        Some("unsubscribe") => need_channel(raw.channel).map(|channel| Command::Unsubscribe { channel }),
         Some("presence") => need_channel(raw.channel).map(|channel| Command::Presence { channel }),
         Some("publish") => need_channel(raw.channel).and_then(|channel| match raw.data {
             Some(data) => Ok(Command::Publish { channel, data }),
             None => Err((ErrorCode::BadRequest, "missing field `data`")),
         }),
         Some("send") => match (raw.user, raw.data) {
-            (Some(user), Some(data)) if crate::auth::valid_user_id(&user) => {
-                Ok(Command::Send { user, data })
-            }
+            (Some(user), Some(data)) if crate::auth::valid_user_id(&user) => Ok(Command::Send { user, data }),
             (Some(_), Some(_)) => Err((ErrorCode::BadRequest, "user must be 1-128 bytes")),
             (None, _) => Err((ErrorCode::BadRequest, "missing field `user`")),
             (_, None) => Err((ErrorCode::BadRequest, "missing field `data`")),
@@ -145,27 +118,22 @@ pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
         Some(_) => Err((ErrorCode::UnknownOp, "unknown op")),
         None => Err((ErrorCode::UnknownOp, "missing field `op`")),
     };
-    command
-        .map(|command| Request { reference, command })
-        .map_err(|(code, message)| err(reference, code, message))
+    command.map(|command| Request { reference, command }).map_err(|(code, message)| err(reference, code, message))
 }
 
 fn need_channel(c: Option<Cow<'_, str>>) -> Result<Cow<'_, str>, (ErrorCode, &'static str)> {
     match c {
         None => Err((ErrorCode::BadRequest, "missing field `channel`")),
-        Some(c) if !valid_channel(&c) => Err((
-            ErrorCode::BadChannel,
-            "channel must be 1-128 printable ASCII bytes without spaces",
-        )),
+        Some(c) if !valid_channel(&c) => {
+            Err((ErrorCode::BadChannel, "channel must be 1-128 printable ASCII bytes without spaces"))
+        }
         Some(c) => Ok(c),
     }
 }
 
 /// Channel names: 1-128 bytes of printable ASCII, no spaces.
 pub fn valid_channel(channel: &str) -> bool {
-    !channel.is_empty()
-        && channel.len() <= MAX_CHANNEL_BYTES
-        && channel.bytes().all(|b| (0x21..=0x7e).contains(&b))
+    !channel.is_empty() && channel.len() <= MAX_CHANNEL_BYTES && channel.bytes().all(|b| (0x21..=0x7e).contains(&b))
 }
 
 fn string(out: &mut Vec<u8>, s: &str) {
@@ -248,12 +216,7 @@ pub fn member_count(channel: &str, members: u64) -> Vec<u8> {
 }
 
 /// An `ack`, with the message id and sequence for publishes and sends.
-pub fn ack(
-    r: Option<&RawValue>,
-    id: Option<&str>,
-    seq: Option<u64>,
-    delivered: Option<u64>,
-) -> Vec<u8> {
+pub fn ack(r: Option<&RawValue>, id: Option<&str>, seq: Option<u64>, delivered: Option<u64>) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(b"{\"type\":\"ack\"");
     reference(&mut out, r);
@@ -272,12 +235,7 @@ pub fn ack(
 }
 
 /// An `error` reply.
-pub fn error(
-    r: Option<&RawValue>,
-    code: ErrorCode,
-    message: &str,
-    retry_after_ms: Option<u64>,
-) -> Vec<u8> {
+pub fn error(r: Option<&RawValue>, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) -> Vec<u8> {
     let mut out = Vec::with_capacity(96);
     out.extend_from_slice(b"{\"type\":\"error\"");
     reference(&mut out, r);
@@ -325,8 +283,7 @@ mod tests {
 
     #[test]
     fn decodes_each_command() {
-        let r =
-            decode(r#"{"op":"publish","channel":"room:1","data":{"t":[1,2]},"ref":"a"}"#).unwrap();
+        let r = decode(r#"{"op":"publish","channel":"room:1","data":{"t":[1,2]},"ref":"a"}"#).unwrap();
         assert_eq!(r.reference.unwrap().get(), "\"a\"");
         match r.command {
             Command::Publish { channel, data } => {
@@ -335,27 +292,14 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+        assert!(matches!(decode(r#"{"op":"subscribe","channel":"x"}"#).unwrap().command, Command::Subscribe { .. }));
         assert!(matches!(
-            decode(r#"{"op":"subscribe","channel":"x"}"#)
-                .unwrap()
-                .command,
-            Command::Subscribe { .. }
-        ));
-        assert!(matches!(
-            decode(r#"{"op":"send","user":"bob","data":1,"ref":7}"#)
-                .unwrap()
-                .command,
+            decode(r#"{"op":"send","user":"bob","data":1,"ref":7}"#).unwrap().command,
             Command::Send { .. }
         ));
-        assert!(matches!(
-            decode(r#"{"op":"ping"}"#).unwrap().command,
-            Command::Ping
-        ));
+        assert!(matches!(decode(r#"{"op":"ping"}"#).unwrap().command, Command::Ping));
         // Escaped channel names are unescaped.
-        match decode(r#"{"op":"subscribe","channel":"a\u0062"}"#)
-            .unwrap()
-            .command
-        {
+        match decode(r#"{"op":"subscribe","channel":"a\u0062"}"#).unwrap().command {
             Command::Subscribe { channel } => assert_eq!(channel, "ab"),
             other => panic!("{other:?}"),
         }
@@ -370,27 +314,12 @@ mod tests {
         assert_eq!(code(r#"{"op":"dance"}"#), ErrorCode::UnknownOp);
         assert_eq!(code(r#"{"channel":"x"}"#), ErrorCode::UnknownOp);
         assert_eq!(code(r#"{"op":"subscribe"}"#), ErrorCode::BadRequest);
-        assert_eq!(
-            code(r#"{"op":"subscribe","channel":5}"#),
-            ErrorCode::BadRequest
-        );
-        assert_eq!(
-            code(r#"{"op":"subscribe","channel":"a b"}"#),
-            ErrorCode::BadChannel
-        );
-        assert_eq!(
-            code(r#"{"op":"subscribe","channel":""}"#),
-            ErrorCode::BadChannel
-        );
-        assert_eq!(
-            code(r#"{"op":"publish","channel":"x"}"#),
-            ErrorCode::BadRequest
-        );
+        assert_eq!(code(r#"{"op":"subscribe","channel":5}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"subscribe","channel":"a b"}"#), ErrorCode::BadChannel);
+        assert_eq!(code(r#"{"op":"subscribe","channel":""}"#), ErrorCode::BadChannel);
+        assert_eq!(code(r#"{"op":"publish","channel":"x"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"op":"send","data":1}"#), ErrorCode::BadRequest);
-        assert_eq!(
-            code(r#"{"op":"ping","ref":{"a":1}}"#),
-            ErrorCode::BadRequest
-        );
+        assert_eq!(code(r#"{"op":"ping","ref":{"a":1}}"#), ErrorCode::BadRequest);
         let e = decode(r#"{"op":"dance","ref":3}"#).unwrap_err();
         assert_eq!(e.reference.unwrap().get(), "3");
     }
@@ -402,12 +331,7 @@ mod tests {
             message("c\"h", "id1", "al\nice", 9, data.get()),
             direct("id", "a", "b", data.get()),
             membership(true, "c", "u"),
-            ack(
-                Some(&RawValue::from_string("\"r\"".into()).unwrap()),
-                Some("id"),
-                Some(3),
-                Some(2),
-            ),
+            ack(Some(&RawValue::from_string("\"r\"".into()).unwrap()), Some("id"), Some(3), Some(2)),
             error(None, ErrorCode::RateLimited, "slow \"down\"", Some(12)),
             presence(None, "c", &["a".into(), "b".into()]),
             pong(None),
@@ -416,8 +340,7 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
             assert!(v["type"].is_string(), "{v}");
         }
-        let v: serde_json::Value =
-            serde_json::from_slice(&message("c\"h", "i", "a", 9, "[1]")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&message("c\"h", "i", "a", 9, "[1]")).unwrap();
         assert_eq!(v["channel"], "c\"h");
         assert_eq!(v["seq"], 9);
         assert_eq!(v["data"][0], 1);

@@ -28,8 +28,7 @@ pub struct PushService {
 }
 
 fn invalid(method: &'static str, msg: impl Into<String>) -> Status {
-    metrics::counter!(m::PUSH_REQUESTS, "method" => method, "outcome" => "invalid_argument")
-        .increment(1);
+    metrics::counter!(m::PUSH_REQUESTS, "method" => method, "outcome" => "invalid_argument").increment(1);
     Status::invalid_argument(msg)
 }
 
@@ -48,11 +47,7 @@ impl PushService {
         if data.len() > self.max_message_bytes {
             return Err(invalid(
                 method,
-                format!(
-                    "data_json is {} bytes, the limit is {}",
-                    data.len(),
-                    self.max_message_bytes
-                ),
+                format!("data_json is {} bytes, the limit is {}", data.len(), self.max_message_bytes),
             ));
         }
         serde_json::from_str::<&RawValue>(data)
@@ -64,10 +59,7 @@ impl PushService {
         if crate::auth::valid_user_id(user) {
             Ok(())
         } else {
-            Err(invalid(
-                method,
-                "user must be 1-128 bytes without control characters",
-            ))
+            Err(invalid(method, "user must be 1-128 bytes without control characters"))
         }
     }
 
@@ -78,63 +70,32 @@ impl PushService {
 
 #[tonic::async_trait]
 impl Push for PushService {
-    async fn send_to_user(
-        &self,
-        req: Request<pb::SendToUserRequest>,
-    ) -> Result<Response<pb::SendResponse>, Status> {
+    async fn send_to_user(&self, req: Request<pb::SendToUserRequest>) -> Result<Response<pb::SendResponse>, Status> {
         let r = req.into_inner();
         Self::check_user("send_to_user", &r.user)?;
         self.check_data("send_to_user", &r.data_json)?;
-        let a = self
-            .bus
-            .send(&r.user, Self::from_or_system(&r.from), &r.data_json)
-            .await?;
+        let a = self.bus.send(&r.user, Self::from_or_system(&r.from), &r.data_json).await?;
         ok("send_to_user");
-        Ok(Response::new(pb::SendResponse {
-            id: a.id,
-            delivered: a.delivered,
-        }))
+        Ok(Response::new(pb::SendResponse { id: a.id, delivered: a.delivered }))
     }
 
-    async fn publish(
-        &self,
-        req: Request<pb::PublishRequest>,
-    ) -> Result<Response<pb::PublishResponse>, Status> {
+    async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
         let r = req.into_inner();
         if !valid_channel(&r.channel) {
-            return Err(invalid(
-                "publish",
-                "channel must be 1-128 printable ASCII bytes without spaces",
-            ));
+            return Err(invalid("publish", "channel must be 1-128 printable ASCII bytes without spaces"));
         }
         self.check_data("publish", &r.data_json)?;
-        let a = self
-            .bus
-            .publish(&r.channel, Self::from_or_system(&r.from), &r.data_json)
-            .await?;
+        let a = self.bus.publish(&r.channel, Self::from_or_system(&r.from), &r.data_json).await?;
         ok("publish");
-        Ok(Response::new(pb::PublishResponse {
-            id: a.id,
-            seq: a.seq.unwrap_or(0),
-            delivered: a.delivered,
-        }))
+        Ok(Response::new(pb::PublishResponse { id: a.id, seq: a.seq.unwrap_or(0), delivered: a.delivered }))
     }
 
-    async fn broadcast(
-        &self,
-        req: Request<pb::BroadcastRequest>,
-    ) -> Result<Response<pb::SendResponse>, Status> {
+    async fn broadcast(&self, req: Request<pb::BroadcastRequest>) -> Result<Response<pb::SendResponse>, Status> {
         let r = req.into_inner();
         self.check_data("broadcast", &r.data_json)?;
-        let a = self
-            .bus
-            .broadcast(Self::from_or_system(&r.from), &r.data_json)
-            .await?;
+        let a = self.bus.broadcast(Self::from_or_system(&r.from), &r.data_json).await?;
         ok("broadcast");
-        Ok(Response::new(pb::SendResponse {
-            id: a.id,
-            delivered: a.delivered,
-        }))
+        Ok(Response::new(pb::SendResponse { id: a.id, delivered: a.delivered }))
     }
 
     async fn disconnect(
@@ -146,37 +107,23 @@ impl Push for PushService {
         if r.reason.len() > 120 {
             return Err(invalid("disconnect", "reason must be at most 120 bytes"));
         }
-        let reason = if r.reason.is_empty() {
-            "disconnected"
-        } else {
-            &r.reason
-        };
+        let reason = if r.reason.is_empty() { "disconnected" } else { &r.reason };
         let closed = self.hub.disconnect_user(&r.user, reason);
         ok("disconnect");
         Ok(Response::new(pb::DisconnectResponse { closed }))
     }
 
-    async fn is_online(
-        &self,
-        req: Request<pb::IsOnlineRequest>,
-    ) -> Result<Response<pb::IsOnlineResponse>, Status> {
+    async fn is_online(&self, req: Request<pb::IsOnlineRequest>) -> Result<Response<pb::IsOnlineResponse>, Status> {
         let r = req.into_inner();
         if r.users.len() > PAGE_MAX {
-            return Err(invalid(
-                "is_online",
-                format!("at most {PAGE_MAX} users per call"),
-            ));
+            return Err(invalid("is_online", format!("at most {PAGE_MAX} users per call")));
         }
         let counts = self.presence.connections(&r.users).await;
         let users = r
             .users
             .into_iter()
             .zip(counts)
-            .map(|(user, connections)| pb::UserOnline {
-                user,
-                online: connections > 0,
-                connections,
-            })
+            .map(|(user, connections)| pb::UserOnline { user, online: connections > 0, connections })
             .collect();
         ok("is_online");
         Ok(Response::new(pb::IsOnlineResponse { users }))
@@ -188,18 +135,12 @@ impl Push for PushService {
     ) -> Result<Response<pb::ChannelMembersResponse>, Status> {
         let r = req.into_inner();
         if !valid_channel(&r.channel) {
-            return Err(invalid(
-                "channel_members",
-                "channel must be 1-128 printable ASCII bytes without spaces",
-            ));
+            return Err(invalid("channel_members", "channel must be 1-128 printable ASCII bytes without spaces"));
         }
         let limit = match r.limit as usize {
             0 => PAGE_DEFAULT,
             n if n > PAGE_MAX => {
-                return Err(invalid(
-                    "channel_members",
-                    format!("limit must be at most {PAGE_MAX}"),
-                ));
+                return Err(invalid("channel_members", format!("limit must be at most {PAGE_MAX}")));
             }
             n => n,
         };

@@ -29,18 +29,9 @@ pub enum SettingsError {
     #[error("cannot read {path}: {error}")]
     KeyFile { path: String, error: std::io::Error },
     #[error("invalid key in {path}: {error}")]
-    Key {
-        path: String,
-        error: jsonwebtoken::errors::Error,
-    },
-    #[error(
-        "--max-connections {asked} exceeds what the open-files limit ({nofile}) allows: at most {allowed}"
-    )]
-    TooManyConnections {
-        asked: u32,
-        nofile: u64,
-        allowed: usize,
-    },
+    Key { path: String, error: jsonwebtoken::errors::Error },
+    #[error("--max-connections {asked} exceeds what the open-files limit ({nofile}) allows: at most {allowed}")]
+    TooManyConnections { asked: u32, nofile: u64, allowed: usize },
     #[error("--heartbeat-interval and --heartbeat-timeout must be above zero")]
     Heartbeat,
 }
@@ -65,10 +56,7 @@ pub struct Settings {
 }
 
 fn read_key(path: &Path) -> Result<Vec<u8>, SettingsError> {
-    std::fs::read(path).map_err(|error| SettingsError::KeyFile {
-        path: path.display().to_string(),
-        error,
-    })
+    std::fs::read(path).map_err(|error| SettingsError::KeyFile { path: path.display().to_string(), error })
 }
 
 fn default_node_id() -> String {
@@ -86,30 +74,16 @@ impl Settings {
     pub fn from_cli(cli: &Cli) -> Result<Self, SettingsError> {
         let mut verifier = Verifier::new(cli.jwt_issuer.clone(), cli.jwt_audience.clone());
         if let Some(secret) = &cli.jwt_hs256_secret {
-            verifier =
-                verifier
-                    .with_hs256(secret.as_bytes())
-                    .map_err(|error| SettingsError::Key {
-                        path: "--jwt-hs256-secret".into(),
-                        error,
-                    })?;
+            verifier = verifier
+                .with_hs256(secret.as_bytes())
+                .map_err(|error| SettingsError::Key { path: "--jwt-hs256-secret".into(), error })?;
         }
-        for (path, rs) in [
-            (&cli.jwt_rs256_public_key, true),
-            (&cli.jwt_eddsa_public_key, false),
-        ] {
+        for (path, rs) in [(&cli.jwt_rs256_public_key, true), (&cli.jwt_eddsa_public_key, false)] {
             if let Some(path) = path {
                 let pem = read_key(path)?;
                 let v = verifier.clone();
-                verifier = if rs {
-                    v.with_rs256_pem(&pem)
-                } else {
-                    v.with_eddsa_pem(&pem)
-                }
-                .map_err(|error| SettingsError::Key {
-                    path: path.display().to_string(),
-                    error,
-                })?;
+                verifier = if rs { v.with_rs256_pem(&pem) } else { v.with_eddsa_pem(&pem) }
+                    .map_err(|error| SettingsError::Key { path: path.display().to_string(), error })?;
             }
         }
         if !verifier.has_keys() && !cli.anonymous {
@@ -125,11 +99,7 @@ impl Settings {
         let (derived, max_pending) = caps_from_nofile(nofile);
         let max_sessions = match cli.max_connections {
             Some(n) if n.get() as usize > derived => {
-                return Err(SettingsError::TooManyConnections {
-                    asked: n.get(),
-                    nofile,
-                    allowed: derived,
-                });
+                return Err(SettingsError::TooManyConnections { asked: n.get(), nofile, allowed: derived });
             }
             Some(n) => n.get() as usize,
             None => derived,
@@ -147,34 +117,16 @@ impl Settings {
             },
             verifier,
             anonymous: cli.anonymous,
-            allowed_origins: cli
-                .allowed_origins
-                .iter()
-                .filter(|o| !o.is_empty())
-                .cloned()
-                .collect(),
+            allowed_origins: cli.allowed_origins.iter().filter(|o| !o.is_empty()).cloned().collect(),
             echo_route: cli.echo_route,
             handshake_timeout: cli.handshake_timeout,
             max_sessions,
             max_pending,
-            presence_channels: cli
-                .presence_channels
-                .iter()
-                .filter(|p| !p.is_empty())
-                .cloned()
-                .collect(),
+            presence_channels: cli.presence_channels.iter().filter(|p| !p.is_empty()).cloned().collect(),
             large_room: cli.large_room,
-            presence_addrs: cli
-                .presence_addrs
-                .iter()
-                .filter(|a| !a.is_empty())
-                .cloned()
-                .collect(),
+            presence_addrs: cli.presence_addrs.iter().filter(|a| !a.is_empty()).cloned().collect(),
             delivery_addr: cli.delivery_addr.clone(),
-            drain: Drain {
-                window: cli.drain_window,
-                grace: cli.drain_grace,
-            },
+            drain: Drain { window: cli.drain_window, grace: cli.drain_grace },
             nofile,
         })
     }
@@ -196,16 +148,8 @@ impl Listeners {
         grpc: SocketAddr,
         admin: SocketAddr,
     ) -> std::io::Result<Self> {
-        let client = if reuse_port {
-            bind_reuse_port(client)?
-        } else {
-            TcpListener::bind(client).await?
-        };
-        Ok(Self {
-            client,
-            grpc: TcpListener::bind(grpc).await?,
-            admin: TcpListener::bind(admin).await?,
-        })
+        let client = if reuse_port { bind_reuse_port(client)? } else { TcpListener::bind(client).await? };
+        Ok(Self { client, grpc: TcpListener::bind(grpc).await?, admin: TcpListener::bind(admin).await? })
     }
 }
 
@@ -230,18 +174,13 @@ pub async fn run(
     crate::metrics::describe();
     let remote = !settings.presence_addrs.is_empty();
     // With remote presence, joins and leaves come from its Watch stream, not the hub.
-    let patterns = if remote {
-        Vec::new()
-    } else {
-        settings.presence_channels.clone()
-    };
+    let patterns = if remote { Vec::new() } else { settings.presence_channels.clone() };
     let hub = Arc::new(Hub::new(patterns, settings.large_room));
     let bus: Arc<dyn crate::bus::Bus> = Arc::new(LocalBus::new(hub.clone()));
     let stop_presence = CancellationToken::new();
     let presence: Arc<dyn PresenceBackend> = if remote {
-        let boot_epoch = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
+        let boot_epoch =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         let cfg = RemoteConfig {
             addrs: settings.presence_addrs.clone(),
             node_id: settings.session.node_id.to_string(),
@@ -286,23 +225,13 @@ pub async fn run(
     let stop_admin = CancellationToken::new();
     let admin = tokio::spawn(kit::admin::serve(
         listeners.admin,
-        kit::admin::Admin {
-            metrics,
-            readiness: readiness.clone(),
-        },
+        kit::admin::Admin { metrics, readiness: readiness.clone() },
         stop_admin.clone(),
     ));
 
-    let push = PushService {
-        hub,
-        bus,
-        presence,
-        max_message_bytes: settings.session.max_message_bytes,
-    };
+    let push = PushService { hub, bus, presence, max_message_bytes: settings.session.max_message_bytes };
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<proto::push::v1::push_server::PushServer<PushService>>()
-        .await;
+    health.set_serving::<proto::push::v1::push_server::PushServer<PushService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -319,10 +248,9 @@ pub async fn run(
         .add_service(reflection_v1.expect("registered descriptor sets are valid"))
         .add_service(reflection_v1alpha.expect("registered descriptor sets are valid"))
         .add_service(proto::push::v1::push_server::PushServer::new(push))
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc),
-            async move { grpc_stop.cancelled().await },
-        );
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), async move {
+            grpc_stop.cancelled().await
+        });
     let grpc = tokio::spawn(grpc);
 
     let accept = tokio::spawn(server.clone().accept_loop(listeners.client));
@@ -336,9 +264,7 @@ pub async fn run(
 
     shutdown.cancelled().await;
     readiness.set(false);
-    health
-        .set_not_serving::<proto::push::v1::push_server::PushServer<PushService>>()
-        .await;
+    health.set_not_serving::<proto::push::v1::push_server::PushServer<PushService>>().await;
     server.draining.cancel();
     let _ = accept.await;
     server.drain(settings.drain).await;

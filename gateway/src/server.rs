@@ -174,28 +174,20 @@ impl Server {
         let sessions = self.node.hub.sessions();
         let n = sessions.len().max(1);
         let tick = (drain.window / n as u32).max(Duration::from_millis(1));
-        let per_tick = ((n as f64) * tick.as_secs_f64() / drain.window.as_secs_f64().max(1e-3))
-            .ceil()
-            .max(1.0) as usize;
+        let per_tick =
+            ((n as f64) * tick.as_secs_f64() / drain.window.as_secs_f64().max(1e-3)).ceil().max(1.0) as usize;
         tracing::info!(sessions = sessions.len(), window = ?drain.window, "draining sessions");
         let mut interval = tokio::time::interval(tick);
         for chunk in sessions.chunks(per_tick) {
             interval.tick().await;
             for s in chunk {
-                s.ctl
-                    .close(CloseReason::Drain, Some(&session::drain_reason()));
+                s.ctl.close(CloseReason::Drain, Some(&session::drain_reason()));
             }
         }
         self.stop_sessions.cancel();
         self.tracker.close();
-        if tokio::time::timeout(drain.grace, self.tracker.wait())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                left = self.tracker.len(),
-                "drain grace period over, exiting with tasks left"
-            );
+        if tokio::time::timeout(drain.grace, self.tracker.wait()).await.is_err() {
+            tracing::warn!(left = self.tracker.len(), "drain grace period over, exiting with tasks left");
         }
     }
 }

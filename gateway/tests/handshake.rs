@@ -15,15 +15,8 @@ use tokio_tungstenite::tungstenite::{self, http};
 async fn refused(req: http::Request<()>) -> (u16, String, Option<String>) {
     match tokio_tungstenite::connect_async(req).await {
         Err(tungstenite::Error::Http(resp)) => {
-            let body = resp
-                .body()
-                .as_ref()
-                .map(|b| String::from_utf8_lossy(b).into_owned())
-                .unwrap_or_default();
-            let retry = resp
-                .headers()
-                .get("retry-after")
-                .map(|v| v.to_str().unwrap().to_owned());
+            let body = resp.body().as_ref().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
+            let retry = resp.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
             (resp.status().as_u16(), body, retry)
         }
         Err(e) => panic!("expected an HTTP refusal, got {e}"),
@@ -44,10 +37,7 @@ async fn missing_and_bad_tokens_get_401_with_a_reason() {
         (None, "missing token"),
         (Some("not.a.jwt".to_owned()), "malformed token"),
         (Some(with("exp", json!(now() - 3600))), "token expired"),
-        (
-            Some(with("nbf", json!(now() + 3600))),
-            "token not yet valid",
-        ),
+        (Some(with("nbf", json!(now() + 3600))), "token not yet valid"),
         (Some(with("aud", json!("other"))), "wrong audience"),
         (Some(with("iss", json!("other"))), "wrong issuer"),
         (Some("x".repeat(9000)), "token too large"),
@@ -77,8 +67,7 @@ async fn missing_and_bad_tokens_get_401_with_a_reason() {
     for (tok, reason) in cases {
         let mut req = gw.url("").into_client_request().unwrap();
         if let Some(t) = tok {
-            req.headers_mut()
-                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
         }
         let (status, body, _) = refused(req).await;
         assert_eq!(status, 401, "{reason}");
@@ -104,22 +93,12 @@ async fn token_from_subprotocol_or_query_string() {
     let t = token(json!({"sub": "bob", "exp": now() + 60}));
 
     let mut req = gw.url("").into_client_request().unwrap();
-    req.headers_mut().insert(
-        "sec-websocket-protocol",
-        format!("switchboard.v1, bearer.{t}").parse().unwrap(),
-    );
-    let (mut ws, resp) = tokio_tungstenite::connect_async(req)
-        .await
-        .expect("subprotocol auth");
-    assert_eq!(
-        resp.headers().get("sec-websocket-protocol").unwrap(),
-        "switchboard.v1"
-    );
+    req.headers_mut().insert("sec-websocket-protocol", format!("switchboard.v1, bearer.{t}").parse().unwrap());
+    let (mut ws, resp) = tokio_tungstenite::connect_async(req).await.expect("subprotocol auth");
+    assert_eq!(resp.headers().get("sec-websocket-protocol").unwrap(), "switchboard.v1");
     assert_eq!(recv_json(&mut ws).await["user"], "bob");
 
-    let (mut ws, _) = tokio_tungstenite::connect_async(gw.url(&format!("?token={t}")))
-        .await
-        .expect("query auth");
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.url(&format!("?token={t}"))).await.expect("query auth");
     assert_eq!(recv_json(&mut ws).await["user"], "bob");
 }
 
@@ -136,29 +115,12 @@ async fn rs256_and_eddsa_keys_from_files() {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/keys");
     let rs_pub = format!("{dir}/rs256.pub.pem");
     let ed_pub = format!("{dir}/ed25519.pub.pem");
-    let gw = Gateway::start(&[
-        "--jwt-rs256-public-key",
-        &rs_pub,
-        "--jwt-eddsa-public-key",
-        &ed_pub,
-    ])
-    .await;
+    let gw = Gateway::start(&["--jwt-rs256-public-key", &rs_pub, "--jwt-eddsa-public-key", &ed_pub]).await;
     let claims = json!({"sub": "carol", "exp": now() + 60});
-    let rs = sign(
-        Algorithm::RS256,
-        &std::fs::read(format!("{dir}/rs256.key.pem")).unwrap(),
-        &claims,
-    );
-    let ed = sign(
-        Algorithm::EdDSA,
-        &std::fs::read(format!("{dir}/ed25519.key.pem")).unwrap(),
-        &claims,
-    );
+    let rs = sign(Algorithm::RS256, &std::fs::read(format!("{dir}/rs256.key.pem")).unwrap(), &claims);
+    let ed = sign(Algorithm::EdDSA, &std::fs::read(format!("{dir}/ed25519.key.pem")).unwrap(), &claims);
     for t in [rs, ed] {
-        let mut ws = gw
-            .ws_with_header(&t)
-            .await
-            .expect("asymmetric token accepted");
+        let mut ws = gw.ws_with_header(&t).await.expect("asymmetric token accepted");
         assert_eq!(recv_json(&mut ws).await["user"], "carol");
     }
 }
@@ -170,9 +132,7 @@ async fn anonymous_mode_is_off_unless_configured() {
     assert_eq!(status, 401);
 
     let gw = Gateway::start(&["--anonymous"]).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(gw.url("?user=alice"))
-        .await
-        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.url("?user=alice")).await.unwrap();
     assert_eq!(recv_json(&mut ws).await["user"], "alice");
     let (status, _, _) = refused(gw.url("?user=bad%20name").into_client_request().unwrap()).await;
     assert_eq!(status, 400);
@@ -182,27 +142,14 @@ async fn anonymous_mode_is_off_unless_configured() {
 async fn foreign_origin_gets_403() {
     let gw = Gateway::start(&["--allowed-origins", "https://app.example"]).await;
     let t = token(json!({"sub": "a", "exp": now() + 60}));
-    let mut req = gw
-        .url(&format!("?token={t}"))
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("origin", "https://evil.example".parse().unwrap());
+    let mut req = gw.url(&format!("?token={t}")).into_client_request().unwrap();
+    req.headers_mut().insert("origin", "https://evil.example".parse().unwrap());
     let (status, body, _) = refused(req).await;
-    assert_eq!(
-        (status, body.trim()),
-        (403, "forbidden: origin not allowed")
-    );
+    assert_eq!((status, body.trim()), (403, "forbidden: origin not allowed"));
 
-    let mut req = gw
-        .url(&format!("?token={t}"))
-        .into_client_request()
-        .unwrap();
-    req.headers_mut()
-        .insert("origin", "https://app.example".parse().unwrap());
-    tokio_tungstenite::connect_async(req)
-        .await
-        .expect("allowed origin");
+    let mut req = gw.url(&format!("?token={t}")).into_client_request().unwrap();
+    req.headers_mut().insert("origin", "https://app.example".parse().unwrap());
+    tokio_tungstenite::connect_async(req).await.expect("allowed origin");
 }
 
 #[tokio::test]
@@ -211,41 +158,21 @@ async fn connection_cap_answers_503_with_retry_after() {
     let (_a, _) = gw.ws("a").await;
     let (b, _) = gw.ws("b").await;
     let t = token(json!({"sub": "c", "exp": now() + 60}));
-    let (status, _, retry) = refused(
-        gw.url(&format!("?token={t}"))
-            .into_client_request()
-            .unwrap(),
-    )
-    .await;
+    let (status, _, retry) = refused(gw.url(&format!("?token={t}")).into_client_request().unwrap()).await;
     assert_eq!(status, 503);
     assert!(retry.unwrap().parse::<u32>().unwrap() >= 1);
     // A slot frees when a session ends.
     drop(b);
-    eventually!(
-        tokio_tungstenite::connect_async(gw.url(&format!("?token={t}")))
-            .await
-            .is_ok(),
-        "slot never freed"
-    );
+    eventually!(tokio_tungstenite::connect_async(gw.url(&format!("?token={t}"))).await.is_ok(), "slot never freed");
     let (_, page) = gw.admin_get("/metrics").await;
-    assert!(
-        metric(
-            &page,
-            "switchboard_gateway_handshake_rejected_total",
-            "reason=\"full\""
-        ) >= 1.0
-    );
+    assert!(metric(&page, "switchboard_gateway_handshake_rejected_total", "reason=\"full\"") >= 1.0);
 }
 
 #[tokio::test]
 async fn cap_defaults_below_the_open_files_limit() {
-    let cli =
-        <gateway::config::Cli as clap::Parser>::try_parse_from(["gateway", "--anonymous"]).unwrap();
+    let cli = <gateway::config::Cli as clap::Parser>::try_parse_from(["gateway", "--anonymous"]).unwrap();
     let s = gateway::Settings::from_cli(&cli).unwrap();
-    assert!(
-        s.max_sessions + s.max_pending + (gateway::server::FD_RESERVE as usize)
-            <= s.nofile as usize
-    );
+    assert!(s.max_sessions + s.max_pending + (gateway::server::FD_RESERVE as usize) <= s.nofile as usize);
     assert!(s.max_sessions > 0);
     let too_many = (s.nofile + 1).to_string();
     let cli = <gateway::config::Cli as clap::Parser>::try_parse_from([
@@ -262,9 +189,7 @@ async fn cap_defaults_below_the_open_files_limit() {
 async fn slowloris_is_cut_by_the_handshake_timeout() {
     let gw = Gateway::start(&["--handshake-timeout", "500ms"]).await;
     let mut s = tokio::net::TcpStream::connect(gw.client).await.unwrap();
-    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n")
-        .await
-        .unwrap();
+    s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.unwrap();
     let started = std::time::Instant::now();
     let mut buf = [0u8; 1024];
     // The server must end the connection on its own (we never finish the headers).
@@ -279,10 +204,7 @@ async fn slowloris_is_cut_by_the_handshake_timeout() {
     })
     .await
     .expect("half-sent request kept open");
-    assert!(
-        started.elapsed() >= Duration::from_millis(400),
-        "closed before the timeout"
-    );
+    assert!(started.elapsed() >= Duration::from_millis(400), "closed before the timeout");
     let _ = n;
 }
 

@@ -15,10 +15,7 @@ async fn every_subscriber_gets_every_message_in_the_same_order() {
     let mut subs = Vec::new();
     for i in 0..SUBS {
         let (mut ws, _) = gw.ws(&format!("sub{i}")).await;
-        assert_eq!(
-            call(&mut ws, json!({"op":"subscribe","channel":"news"})).await["type"],
-            "ack"
-        );
+        assert_eq!(call(&mut ws, json!({"op":"subscribe","channel":"news"})).await["type"], "ack");
         subs.push(ws);
     }
     // Publishers publish concurrently; each checks its acks.
@@ -28,16 +25,9 @@ async fn every_subscriber_gets_every_message_in_the_same_order() {
             let (mut ws, _) = gw.ws(&format!("pub{p}")).await;
             let mut acked = Vec::new();
             for n in 0..EACH {
-                let ack = call(
-                    &mut ws,
-                    json!({"op":"publish","channel":"news","data":{"p":p,"n":n}}),
-                )
-                .await;
+                let ack = call(&mut ws, json!({"op":"publish","channel":"news","data":{"p":p,"n":n}})).await;
                 assert_eq!(ack["type"], "ack", "{ack}");
-                acked.push((
-                    ack["id"].as_str().unwrap().to_owned(),
-                    ack["seq"].as_u64().unwrap(),
-                ));
+                acked.push((ack["id"].as_str().unwrap().to_owned(), ack["seq"].as_u64().unwrap()));
             }
             acked
         }
@@ -54,15 +44,9 @@ async fn every_subscriber_gets_every_message_in_the_same_order() {
         got
     }))
     .await;
-    let reference: Vec<(Value, Value)> = received[0]
-        .iter()
-        .map(|m| (m["id"].clone(), m["seq"].clone()))
-        .collect();
+    let reference: Vec<(Value, Value)> = received[0].iter().map(|m| (m["id"].clone(), m["seq"].clone())).collect();
     for (i, got) in received.iter().enumerate() {
-        let order: Vec<(Value, Value)> = got
-            .iter()
-            .map(|m| (m["id"].clone(), m["seq"].clone()))
-            .collect();
+        let order: Vec<(Value, Value)> = got.iter().map(|m| (m["id"].clone(), m["seq"].clone())).collect();
         assert_eq!(order, reference, "subscriber {i} saw another order");
         // seq is 1..=N without gaps, and each publisher's own messages keep their order.
         for (k, m) in got.iter().enumerate() {
@@ -70,11 +54,8 @@ async fn every_subscriber_gets_every_message_in_the_same_order() {
             assert_eq!(m["channel"], "news");
         }
         for p in 0..PUBLISHERS {
-            let ns: Vec<u64> = got
-                .iter()
-                .filter(|m| m["data"]["p"] == json!(p))
-                .map(|m| m["data"]["n"].as_u64().unwrap())
-                .collect();
+            let ns: Vec<u64> =
+                got.iter().filter(|m| m["data"]["p"] == json!(p)).map(|m| m["data"]["n"].as_u64().unwrap()).collect();
             assert_eq!(ns, (0..EACH as u64).collect::<Vec<_>>());
         }
     }
@@ -91,22 +72,12 @@ async fn direct_message_reaches_every_connection_of_the_user() {
     let (mut tab2, _) = gw.ws("bob").await;
     let (mut other, _) = gw.ws("carol").await;
     let (mut alice, _) = gw.ws("alice").await;
-    let ack = call(
-        &mut alice,
-        json!({"op":"send","user":"bob","data":{"t":"psst"}}),
-    )
-    .await;
-    assert_eq!(
-        (ack["type"].as_str(), ack["delivered"].as_u64()),
-        (Some("ack"), Some(2))
-    );
+    let ack = call(&mut alice, json!({"op":"send","user":"bob","data":{"t":"psst"}})).await;
+    assert_eq!((ack["type"].as_str(), ack["delivered"].as_u64()), (Some("ack"), Some(2)));
     for ws in [&mut tab1, &mut tab2] {
         let m = recv_json(ws).await;
         assert_eq!(m["type"], "direct");
-        assert_eq!(
-            (m["from"].as_str(), m["to"].as_str()),
-            (Some("alice"), Some("bob"))
-        );
+        assert_eq!((m["from"].as_str(), m["to"].as_str()), (Some("alice"), Some("bob")));
         assert_eq!(m["data"]["t"], "psst");
         assert_eq!(m["id"], ack["id"]);
     }
@@ -132,19 +103,12 @@ async fn presence_channel_join_leave_and_query() {
     let p = call(&mut watcher, json!({"op":"presence","channel":"room:1"})).await;
     assert_eq!(p["users"], json!(["dave", "watcher"]));
     // Closing one tab is not a leave; closing the last one is.
-    let mut push = proto::push::v1::push_client::PushClient::connect(format!("http://{}", gw.grpc))
-        .await
-        .unwrap();
+    let mut push = proto::push::v1::push_client::PushClient::connect(format!("http://{}", gw.grpc)).await.unwrap();
     let connections = |r: proto::push::v1::IsOnlineResponse| r.users[0].connections;
     t1.close(None).await.unwrap();
     eventually!(
         connections(
-            push.is_online(proto::push::v1::IsOnlineRequest {
-                users: vec!["dave".into()]
-            })
-            .await
-            .unwrap()
-            .into_inner()
+            push.is_online(proto::push::v1::IsOnlineRequest { users: vec!["dave".into()] }).await.unwrap().into_inner()
         ) == 1,
         "first tab never closed"
     );
@@ -170,19 +134,10 @@ async fn channel_claims_are_enforced() {
     let t = token(json!({"sub":"eve","exp":now()+60,"channels":["room:*"]}));
     let mut ws = gw.ws_with_header(&t).await.unwrap();
     recv_json(&mut ws).await;
-    assert_eq!(
-        call(&mut ws, json!({"op":"subscribe","channel":"room:9"})).await["type"],
-        "ack"
-    );
-    for op in [
-        json!({"op":"subscribe","channel":"admin"}),
-        json!({"op":"publish","channel":"admin","data":1}),
-    ] {
+    assert_eq!(call(&mut ws, json!({"op":"subscribe","channel":"room:9"})).await["type"], "ack");
+    for op in [json!({"op":"subscribe","channel":"admin"}), json!({"op":"publish","channel":"admin","data":1})] {
         let e = call(&mut ws, op).await;
-        assert_eq!(
-            (e["type"].as_str(), e["code"].as_str()),
-            (Some("error"), Some("forbidden"))
-        );
+        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("forbidden")));
     }
 }
 
@@ -192,26 +147,14 @@ async fn subscription_limit() {
     let (mut ws, welcome) = gw.ws("a").await;
     assert_eq!(welcome["limits"]["max_subscriptions"], 3);
     for i in 0..3 {
-        assert_eq!(
-            call(&mut ws, json!({"op":"subscribe","channel":format!("c{i}")})).await["type"],
-            "ack"
-        );
+        assert_eq!(call(&mut ws, json!({"op":"subscribe","channel":format!("c{i}")})).await["type"], "ack");
     }
     // Re-subscribing is fine; a fourth is not.
-    assert_eq!(
-        call(&mut ws, json!({"op":"subscribe","channel":"c0"})).await["type"],
-        "ack"
-    );
+    assert_eq!(call(&mut ws, json!({"op":"subscribe","channel":"c0"})).await["type"], "ack");
     let e = call(&mut ws, json!({"op":"subscribe","channel":"c3"})).await;
     assert_eq!(e["code"], "too_many_subscriptions");
-    assert_eq!(
-        call(&mut ws, json!({"op":"unsubscribe","channel":"c0"})).await["type"],
-        "ack"
-    );
-    assert_eq!(
-        call(&mut ws, json!({"op":"subscribe","channel":"c3"})).await["type"],
-        "ack"
-    );
+    assert_eq!(call(&mut ws, json!({"op":"unsubscribe","channel":"c0"})).await["type"], "ack");
+    assert_eq!(call(&mut ws, json!({"op":"subscribe","channel":"c3"})).await["type"], "ack");
 }
 
 #[tokio::test]
@@ -219,10 +162,7 @@ async fn publish_rate_limit_then_flood_close() {
     let gw = Gateway::start(&["--publish-rate", "1", "--publish-burst", "3"]).await;
     let (mut ws, _) = gw.ws("a").await;
     for _ in 0..3 {
-        assert_eq!(
-            call(&mut ws, json!({"op":"publish","channel":"c","data":1})).await["type"],
-            "ack"
-        );
+        assert_eq!(call(&mut ws, json!({"op":"publish","channel":"c","data":1})).await["type"], "ack");
     }
     let e = call(&mut ws, json!({"op":"publish","channel":"c","data":1})).await;
     assert_eq!(e["code"], "rate_limited");
@@ -243,23 +183,13 @@ async fn command_errors_have_stable_codes_and_keep_the_session() {
         ("not json", "bad_json"),
         (r#"{"op":"dance","ref":"r1"}"#, "unknown_op"),
         (r#"{"op":"subscribe","ref":"r2"}"#, "bad_request"),
-        (
-            r#"{"op":"subscribe","channel":"has space","ref":"r3"}"#,
-            "bad_channel",
-        ),
-        (
-            r#"{"op":"publish","channel":"c","ref":"r4"}"#,
-            "bad_request",
-        ),
+        (r#"{"op":"subscribe","channel":"has space","ref":"r3"}"#, "bad_channel"),
+        (r#"{"op":"publish","channel":"c","ref":"r4"}"#, "bad_request"),
     ];
     for (text, code) in cases {
         ws_send_text(&mut ws, text).await;
         let e = recv_json(&mut ws).await;
-        assert_eq!(
-            (e["type"].as_str(), e["code"].as_str()),
-            (Some("error"), Some(code)),
-            "{text}"
-        );
+        assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some(code)), "{text}");
         assert!(e["message"].as_str().is_some_and(|m| !m.is_empty()));
     }
     assert_eq!(call(&mut ws, json!({"op":"ping"})).await["type"], "pong");
@@ -267,7 +197,5 @@ async fn command_errors_have_stable_codes_and_keep_the_session() {
 
 async fn ws_send_text(ws: &mut Ws, text: &str) {
     use futures_util::SinkExt;
-    ws.send(tokio_tungstenite::tungstenite::Message::text(text))
-        .await
-        .unwrap();
+    ws.send(tokio_tungstenite::tungstenite::Message::text(text)).await.unwrap();
 }

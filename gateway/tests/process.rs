@@ -21,23 +21,14 @@ struct Proc {
 impl Proc {
     fn start(args: &[&str]) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--grpc-addr",
-                "127.0.0.1:0",
-                "--admin-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
             .args(args)
             .env("SWITCHBOARD_LOG", "warn")
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn gateway");
         let mut line = String::new();
-        BufReader::new(child.stdout.take().unwrap())
-            .read_line(&mut line)
-            .expect("LISTENING line");
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).expect("LISTENING line");
         let field = |k: &str| -> SocketAddr {
             line.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(k))
@@ -45,19 +36,11 @@ impl Proc {
                 .parse()
                 .unwrap()
         };
-        Self {
-            client: field("client="),
-            admin: field("admin="),
-            child,
-        }
+        Self { client: field("client="), admin: field("admin="), child }
     }
 
     fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
         assert!(ok, "kill {sig} failed");
     }
 
@@ -68,10 +51,7 @@ impl Proc {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                Instant::now() < deadline,
-                "gateway did not exit within {limit:?}"
-            );
+            assert!(Instant::now() < deadline, "gateway did not exit within {limit:?}");
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -86,23 +66,13 @@ impl Drop for Proc {
 
 #[tokio::test]
 async fn sigterm_drains_at_a_bounded_pace_and_exits() {
-    let mut gw = Proc::start(&[
-        "--jwt-hs256-secret",
-        SECRET,
-        "--drain-window",
-        "2s",
-        "--drain-grace",
-        "3s",
-    ]);
+    let mut gw = Proc::start(&["--jwt-hs256-secret", SECRET, "--drain-window", "2s", "--drain-grace", "3s"]);
     const N: usize = 40;
     let mut clients = Vec::new();
     for i in 0..N {
-        let mut req = format!("ws://{}/ws", gw.client)
-            .into_client_request()
-            .unwrap();
+        let mut req = format!("ws://{}/ws", gw.client).into_client_request().unwrap();
         let t = token(json!({"sub": format!("u{i}"), "exp": now() + 600}));
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        req.headers_mut().insert("authorization", format!("Bearer {t}").parse().unwrap());
         let (mut ws, _) = tokio_tungstenite::connect_async(req).await.unwrap();
         recv_json(&mut ws).await;
         call(&mut ws, json!({"op":"subscribe","channel":"c"})).await;
@@ -112,17 +82,10 @@ async fn sigterm_drains_at_a_bounded_pace_and_exits() {
     let signalled = Instant::now();
     gw.signal("-TERM");
 
-    eventually!(
-        http_get(gw.admin, "/readyz").await.0 == 503,
-        "readiness stayed true while draining"
-    );
+    eventually!(http_get(gw.admin, "/readyz").await.0 == 503, "readiness stayed true while draining");
     // New sessions are refused while draining (503, or the listener is already closed).
     let t = token(json!({"sub": "late", "exp": now() + 600}));
-    assert!(
-        tokio_tungstenite::connect_async(format!("ws://{}/ws?token={t}", gw.client))
-            .await
-            .is_err()
-    );
+    assert!(tokio_tungstenite::connect_async(format!("ws://{}/ws?token={t}", gw.client)).await.is_err());
 
     let closes = futures_util::future::join_all(clients.iter_mut().map(|ws| async move {
         let c = expect_close(ws).await;
@@ -131,20 +94,12 @@ async fn sigterm_drains_at_a_bounded_pace_and_exits() {
     .await;
     for (_, code, reason) in &closes {
         assert_eq!(*code, 1001);
-        let ms: u32 = reason
-            .strip_prefix("drain retry_ms=")
-            .expect("retry hint")
-            .parse()
-            .unwrap();
+        let ms: u32 = reason.strip_prefix("drain retry_ms=").expect("retry hint").parse().unwrap();
         assert!((250..2000).contains(&ms));
     }
     let first = closes.iter().map(|c| c.0).min().unwrap();
     let last = closes.iter().map(|c| c.0).max().unwrap();
-    assert!(
-        last - first >= Duration::from_millis(700),
-        "closes not spread: {:?}",
-        last - first
-    );
+    assert!(last - first >= Duration::from_millis(700), "closes not spread: {:?}", last - first);
     let status = gw.wait_exit(Duration::from_secs(15));
     assert!(status.success(), "{status:?}");
     assert!(signalled.elapsed() < Duration::from_secs(2 + 3 + 5));
@@ -153,14 +108,7 @@ async fn sigterm_drains_at_a_bounded_pace_and_exits() {
 #[test]
 fn bad_config_exits_64_with_one_line() {
     let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
-        .args([
-            "--listen",
-            "127.0.0.1:0",
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--admin-addr",
-            "127.0.0.1:0",
-        ])
+        .args(["--listen", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(64));
@@ -185,8 +133,5 @@ async fn demo_page_in_headless_chromium() {
         .expect("node must be installed (the test command installs it with chromium and playwright-core)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success(),
-        "browser test failed:\n{stdout}\n{stderr}"
-    );
+    assert!(out.status.success(), "browser test failed:\n{stdout}\n{stderr}");
 }

@@ -9,9 +9,7 @@ use serde_json::json;
 use tonic::Code;
 
 async fn client(gw: &Gateway) -> PushClient<tonic::transport::Channel> {
-    PushClient::connect(format!("http://{}", gw.grpc))
-        .await
-        .expect("grpc connect")
+    PushClient::connect(format!("http://{}", gw.grpc)).await.expect("grpc connect")
 }
 
 #[tokio::test]
@@ -35,48 +33,31 @@ async fn publish_send_broadcast_reach_the_right_sockets() {
     assert_eq!((r.seq, r.delivered), (1, 1));
     let m = recv_type(&mut sub, "message").await;
     assert_eq!(
-        (
-            m["from"].as_str(),
-            m["data"]["level"].as_str(),
-            m["id"].as_str()
-        ),
+        (m["from"].as_str(), m["data"]["level"].as_str(), m["id"].as_str()),
         (Some("ops"), Some("high"), Some(&*r.id))
     );
 
     let r = push
-        .send_to_user(pb::SendToUserRequest {
-            user: "bob".into(),
-            data_json: "[1,2]".into(),
-            from: String::new(),
-        })
+        .send_to_user(pb::SendToUserRequest { user: "bob".into(), data_json: "[1,2]".into(), from: String::new() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.delivered, 2);
     for ws in [&mut bob1, &mut bob2] {
         let m = recv_type(ws, "direct").await;
-        assert_eq!(
-            (m["from"].as_str(), m["to"].as_str()),
-            (Some("system"), Some("bob"))
-        );
+        assert_eq!((m["from"].as_str(), m["to"].as_str()), (Some("system"), Some("bob")));
         assert_eq!(m["data"], json!([1, 2]));
     }
     // sub got no direct message: its next frame is the broadcast.
     let r = push
-        .broadcast(pb::BroadcastRequest {
-            data_json: "\"all\"".into(),
-            from: String::new(),
-        })
+        .broadcast(pb::BroadcastRequest { data_json: "\"all\"".into(), from: String::new() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.delivered, 3);
     for ws in [&mut sub, &mut bob1, &mut bob2] {
         let m = recv_json(ws).await;
-        assert_eq!(
-            (m["type"].as_str(), m["data"].as_str()),
-            (Some("broadcast"), Some("all"))
-        );
+        assert_eq!((m["type"].as_str(), m["data"].as_str()), (Some("broadcast"), Some("all")));
     }
 }
 
@@ -92,22 +73,13 @@ async fn online_members_and_disconnect() {
     }
     let (mut u1_tab2, _) = gw.ws("u1").await;
 
-    let r = push
-        .is_online(pb::IsOnlineRequest {
-            users: vec!["u1".into(), "ghost".into()],
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let r =
+        push.is_online(pb::IsOnlineRequest { users: vec!["u1".into(), "ghost".into()] }).await.unwrap().into_inner();
     assert_eq!((r.users[0].online, r.users[0].connections), (true, 2));
     assert_eq!((r.users[1].online, r.users[1].connections), (false, 0));
 
     let page1 = push
-        .channel_members(pb::ChannelMembersRequest {
-            channel: "room:big".into(),
-            after: String::new(),
-            limit: 2,
-        })
+        .channel_members(pb::ChannelMembersRequest { channel: "room:big".into(), after: String::new(), limit: 2 })
         .await
         .unwrap()
         .into_inner();
@@ -116,24 +88,14 @@ async fn online_members_and_disconnect() {
         (vec!["u1".to_owned(), "u2".to_owned()], 5, "u2")
     );
     let page3 = push
-        .channel_members(pb::ChannelMembersRequest {
-            channel: "room:big".into(),
-            after: "u4".into(),
-            limit: 2,
-        })
+        .channel_members(pb::ChannelMembersRequest { channel: "room:big".into(), after: "u4".into(), limit: 2 })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        (page3.users, page3.next_after),
-        (vec!["u5".to_owned()], String::new())
-    );
+    assert_eq!((page3.users, page3.next_after), (vec!["u5".to_owned()], String::new()));
 
     let r = push
-        .disconnect(pb::DisconnectRequest {
-            user: "u1".into(),
-            reason: "banned".into(),
-        })
+        .disconnect(pb::DisconnectRequest { user: "u1".into(), reason: "banned".into() })
         .await
         .unwrap()
         .into_inner();
@@ -143,13 +105,7 @@ async fn online_members_and_disconnect() {
         assert_eq!((u16::from(c.code), c.reason.as_str()), (4004, "banned"));
     }
     eventually!(
-        push.is_online(pb::IsOnlineRequest {
-            users: vec!["u1".into()]
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .users[0]
+        push.is_online(pb::IsOnlineRequest { users: vec!["u1".into()] }).await.unwrap().into_inner().users[0]
             .connections
             == 0,
         "u1 still online"
@@ -161,20 +117,12 @@ async fn bad_arguments_are_invalid_argument_with_a_message() {
     let gw = Gateway::start(&["--max-message-bytes", "100"]).await;
     let mut push = client(&gw).await;
     let cases = [
-        push.publish(pb::PublishRequest {
-            channel: String::new(),
-            data_json: "1".into(),
-            from: String::new(),
-        })
-        .await
-        .map(|_| ()),
-        push.publish(pb::PublishRequest {
-            channel: "c".into(),
-            data_json: "{not json".into(),
-            from: String::new(),
-        })
-        .await
-        .map(|_| ()),
+        push.publish(pb::PublishRequest { channel: String::new(), data_json: "1".into(), from: String::new() })
+            .await
+            .map(|_| ()),
+        push.publish(pb::PublishRequest { channel: "c".into(), data_json: "{not json".into(), from: String::new() })
+            .await
+            .map(|_| ()),
         push.publish(pb::PublishRequest {
             channel: "c".into(),
             data_json: format!("\"{}\"", "x".repeat(200)),
@@ -182,20 +130,12 @@ async fn bad_arguments_are_invalid_argument_with_a_message() {
         })
         .await
         .map(|_| ()),
-        push.send_to_user(pb::SendToUserRequest {
-            user: String::new(),
-            data_json: "1".into(),
-            from: String::new(),
-        })
-        .await
-        .map(|_| ()),
-        push.channel_members(pb::ChannelMembersRequest {
-            channel: "c".into(),
-            after: String::new(),
-            limit: 5000,
-        })
-        .await
-        .map(|_| ()),
+        push.send_to_user(pb::SendToUserRequest { user: String::new(), data_json: "1".into(), from: String::new() })
+            .await
+            .map(|_| ()),
+        push.channel_members(pb::ChannelMembersRequest { channel: "c".into(), after: String::new(), limit: 5000 })
+            .await
+            .map(|_| ()),
     ];
     for (i, r) in cases.into_iter().enumerate() {
         let status = r.expect_err("must be refused");
@@ -207,23 +147,15 @@ async fn bad_arguments_are_invalid_argument_with_a_message() {
 #[tokio::test]
 async fn health_and_reflection_are_served() {
     let gw = Gateway::start(&[]).await;
-    let channel = tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc)).unwrap().connect().await.unwrap();
     let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
     let r = health
-        .check(tonic_health::pb::HealthCheckRequest {
-            service: "switchboard.push.v1.Push".into(),
-        })
+        .check(tonic_health::pb::HealthCheckRequest { service: "switchboard.push.v1.Push".into() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(
-        r.status(),
-        tonic_health::pb::health_check_response::ServingStatus::Serving
-    );
+    assert_eq!(r.status(), tonic_health::pb::health_check_response::ServingStatus::Serving);
 
     use tonic_reflection::pb::v1::server_reflection_client::ServerReflectionClient;
     use tonic_reflection::pb::v1::server_reflection_request::MessageRequest;
@@ -233,15 +165,9 @@ async fn health_and_reflection_are_served() {
         host: String::new(),
         message_request: Some(MessageRequest::ListServices(String::new())),
     };
-    let mut stream = refl
-        .server_reflection_info(tokio_stream::iter([req]))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut stream = refl.server_reflection_info(tokio_stream::iter([req])).await.unwrap().into_inner();
     let resp = stream.message().await.unwrap().unwrap();
-    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else {
-        panic!("{resp:?}")
-    };
+    let Some(MessageResponse::ListServicesResponse(list)) = resp.message_response else { panic!("{resp:?}") };
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"switchboard.push.v1.Push"), "{names:?}");
 }

@@ -38,20 +38,8 @@ async fn oversized_message_closes_1009_whole_or_fragmented() {
 
     // Fragments of 600 bytes each: every frame is small, the message is not.
     let (mut ws, _) = gw.ws("b").await;
-    ws.send(Message::Frame(Frame::message(
-        vec![b' '; 600],
-        OpCode::Data(Data::Text),
-        false,
-    )))
-    .await
-    .unwrap();
-    ws.send(Message::Frame(Frame::message(
-        vec![b' '; 600],
-        OpCode::Data(Data::Continue),
-        true,
-    )))
-    .await
-    .unwrap();
+    ws.send(Message::Frame(Frame::message(vec![b' '; 600], OpCode::Data(Data::Text), false))).await.unwrap();
+    ws.send(Message::Frame(Frame::message(vec![b' '; 600], OpCode::Data(Data::Continue), true))).await.unwrap();
     assert_eq!(close_code(&mut ws).await, 1009);
 }
 
@@ -61,38 +49,19 @@ async fn fragmented_message_within_the_limit_is_reassembled() {
     let (mut ws, _) = gw.ws("a").await;
     let text = br#"{"op":"ping","ref":"frag"}"#;
     let (a, b) = text.split_at(10);
-    ws.send(Message::Frame(Frame::message(
-        a.to_vec(),
-        OpCode::Data(Data::Text),
-        false,
-    )))
-    .await
-    .unwrap();
-    ws.send(Message::Frame(Frame::message(
-        b.to_vec(),
-        OpCode::Data(Data::Continue),
-        true,
-    )))
-    .await
-    .unwrap();
+    ws.send(Message::Frame(Frame::message(a.to_vec(), OpCode::Data(Data::Text), false))).await.unwrap();
+    ws.send(Message::Frame(Frame::message(b.to_vec(), OpCode::Data(Data::Continue), true))).await.unwrap();
     let pong = recv_json(&mut ws).await;
-    assert_eq!(
-        (pong["type"].as_str(), pong["ref"].as_str()),
-        (Some("pong"), Some("frag"))
-    );
+    assert_eq!((pong["type"].as_str(), pong["ref"].as_str()), (Some("pong"), Some("frag")));
 }
 
 #[tokio::test]
 async fn invalid_utf8_closes_1007() {
     let gw = Gateway::start(&[]).await;
     let (mut ws, _) = gw.ws("a").await;
-    ws.send(Message::Frame(Frame::message(
-        vec![b'{', 0xff, 0xfe, b'}'],
-        OpCode::Data(Data::Text),
-        true,
-    )))
-    .await
-    .unwrap();
+    ws.send(Message::Frame(Frame::message(vec![b'{', 0xff, 0xfe, b'}'], OpCode::Data(Data::Text), true)))
+        .await
+        .unwrap();
     assert_eq!(close_code(&mut ws).await, 1007);
 }
 
@@ -113,10 +82,7 @@ async fn raw_session(gw: &Gateway) -> tokio::net::TcpStream {
     }
     let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(
-        head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="),
-        "RFC 6455 sample accept key: {head}"
-    );
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455 sample accept key: {head}");
     s
 }
 
@@ -239,11 +205,7 @@ async fn slow_consumer_is_cut_and_does_not_stall_a_fast_one() {
     const N: usize = 1500; // ~24 MiB: more than the slow socket's kernel buffers and queue
     let publish = async {
         for n in 0..N {
-            let ack = call(
-                &mut publisher,
-                json!({"op":"publish","channel":"firehose","data":{"n":n,"b":blob}}),
-            )
-            .await;
+            let ack = call(&mut publisher, json!({"op":"publish","channel":"firehose","data":{"n":n,"b":blob}})).await;
             assert_eq!(ack["type"], "ack");
         }
     };
@@ -257,11 +219,8 @@ async fn slow_consumer_is_cut_and_does_not_stall_a_fast_one() {
     };
     tokio::join!(publish, consume);
     eventually!(
-        metric(
-            &gw.admin_get("/metrics").await.1,
-            "switchboard_gateway_connections_closed_total",
-            "slow_consumer"
-        ) >= 1.0,
+        metric(&gw.admin_get("/metrics").await.1, "switchboard_gateway_connections_closed_total", "slow_consumer")
+            >= 1.0,
         "slow consumer was not closed"
     );
     // The slow client now reads: it ends (4002 if the close frame fit, else a dropped connection)
@@ -281,13 +240,7 @@ async fn slow_consumer_is_cut_and_does_not_stall_a_fast_one() {
     .expect("slow session never ended");
     assert!(ended.is_none() || ended == Some(4002), "{ended:?}");
     assert!(got < N);
-    assert!(
-        metric(
-            &gw.admin_get("/metrics").await.1,
-            "switchboard_gateway_queue_full_total",
-            ""
-        ) >= 1.0
-    );
+    assert!(metric(&gw.admin_get("/metrics").await.1, "switchboard_gateway_queue_full_total", "") >= 1.0);
 }
 
 #[tokio::test]
@@ -296,24 +249,15 @@ async fn echo_route_is_off_by_default_and_echoes_when_enabled() {
     assert_eq!(http_get(gw.client, "/echo").await.0, 404);
 
     let gw = Gateway::start(&["--echo-route"]).await;
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/echo", gw.client))
-        .await
-        .unwrap();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/echo", gw.client)).await.unwrap();
     ws.send(Message::text("héllo")).await.unwrap();
     ws.send(Message::binary(vec![0u8, 1, 2])).await.unwrap();
     let mut got = Vec::new();
     while got.len() < 2 {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap()
-            .unwrap()
-            .unwrap();
+        let m = tokio::time::timeout(WAIT, ws.next()).await.unwrap().unwrap().unwrap();
         if matches!(m, Message::Text(_) | Message::Binary(_)) {
             got.push(m);
         }
     }
-    assert_eq!(
-        got,
-        vec![Message::text("héllo"), Message::binary(vec![0u8, 1, 2])]
-    );
+    assert_eq!(got, vec![Message::text("héllo"), Message::binary(vec![0u8, 1, 2])]);
 }

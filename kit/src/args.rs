@@ -16,12 +16,7 @@ pub enum LogFormat {
 #[derive(Debug, Clone, clap::Args)]
 pub struct CommonArgs {
     /// Log format.
-    #[arg(
-        long,
-        env = "SWITCHBOARD_LOG_FORMAT",
-        value_enum,
-        default_value = "text"
-    )]
+    #[arg(long, env = "SWITCHBOARD_LOG_FORMAT", value_enum, default_value = "text")]
     pub log_format: LogFormat,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]

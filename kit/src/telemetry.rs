@@ -11,14 +11,9 @@ pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let registry = tracing_subscriber::registry().with(filter);
     match format {
         LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init()?,
-        LogFormat::Json => registry
-            .with(
-                fmt::layer()
-                    .json()
-                    .flatten_event(true)
-                    .with_current_span(false),
-            )
-            .try_init()?,
+        LogFormat::Json => {
+            registry.with(fmt::layer().json().flatten_event(true).with_current_span(false)).try_init()?
+        }
     }
     Ok(())
 }
@@ -30,10 +25,8 @@ pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
 pub fn init_metrics(buckets: &[(&str, &[f64])]) -> anyhow::Result<PrometheusHandle> {
     let mut builder = PrometheusBuilder::new();
     for (suffix, bounds) in buckets {
-        builder = builder.set_buckets_for_metric(
-            metrics_exporter_prometheus::Matcher::Suffix((*suffix).to_owned()),
-            bounds,
-        )?;
+        builder = builder
+            .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix((*suffix).to_owned()), bounds)?;
     }
     Ok(builder.install_recorder()?)
 }

@@ -6,19 +6,10 @@ use std::time::Duration;
 use clap::Parser;
 
 #[derive(Debug, Clone, Parser)]
-#[command(
-    name = "presence",
-    version,
-    about = "Switchboard presence registry",
-    args_override_self = true
-)]
+#[command(name = "presence", version, about = "Switchboard presence registry", args_override_self = true)]
 pub struct Cli {
     /// gRPC address (Sync, queries, Watch, health, reflection).
-    #[arg(
-        long,
-        env = "SWITCHBOARD_PRESENCE_LISTEN",
-        default_value = "0.0.0.0:50051"
-    )]
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_LISTEN", default_value = "0.0.0.0:50051")]
     pub listen: SocketAddr,
     #[command(flatten)]
     pub common: kit::args::CommonArgs,
@@ -26,22 +17,13 @@ pub struct Cli {
     #[arg(long, env = "SWITCHBOARD_PRESENCE_LEASE", value_parser = parse_duration, default_value = "10s")]
     pub lease: Duration,
     /// Channel patterns whose members are tracked (comma-separated, `*` wildcard).
-    #[arg(
-        long,
-        env = "SWITCHBOARD_PRESENCE_CHANNELS",
-        value_delimiter = ',',
-        default_value = "room:*"
-    )]
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_CHANNELS", value_delimiter = ',', default_value = "room:*")]
     pub presence_channels: Vec<String>,
     /// Rooms with more members than this publish counts instead of joins and leaves.
     #[arg(long, env = "SWITCHBOARD_PRESENCE_LARGE_ROOM", default_value = "1000")]
     pub large_room: usize,
     /// Queries handled at once; more are refused with RESOURCE_EXHAUSTED.
-    #[arg(
-        long,
-        env = "SWITCHBOARD_PRESENCE_MAX_CONCURRENT",
-        default_value = "256"
-    )]
+    #[arg(long, env = "SWITCHBOARD_PRESENCE_MAX_CONCURRENT", default_value = "256")]
     pub max_concurrent: usize,
     /// Time limit to produce a response.
     #[arg(long, env = "SWITCHBOARD_PRESENCE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
@@ -73,10 +55,7 @@ mod tests {
         for arg in super::Cli::command().get_arguments() {
             let id = arg.get_id().as_str();
             if id != "help" && id != "version" {
-                assert!(
-                    arg.get_env().is_some(),
-                    "flag {id} has no environment variable"
-                );
+                assert!(arg.get_env().is_some(), "flag {id} has no environment variable");
             }
         }
     }

@@ -27,11 +27,8 @@ pub struct Guarded<S> {
 
 impl<S> Guarded<S> {
     pub fn new(service: S, max_concurrent: usize, timeout: Duration) -> Self {
-        let inner = ServiceBuilder::new()
-            .load_shed()
-            .concurrency_limit(max_concurrent)
-            .timeout(timeout)
-            .service(service);
+        let inner =
+            ServiceBuilder::new().load_shed().concurrency_limit(max_concurrent).timeout(timeout).service(service);
         Self { inner }
     }
 }
@@ -42,9 +39,7 @@ impl<S: NamedService> NamedService for Guarded<S> {
 
 fn status_for(e: &BoxError) -> Status {
     if e.is::<Overloaded>() {
-        Status::resource_exhausted(
-            "presence is overloaded: too many concurrent requests, retry with backoff",
-        )
+        Status::resource_exhausted("presence is overloaded: too many concurrent requests, retry with backoff")
     } else if e.is::<Elapsed>() {
         Status::deadline_exceeded("presence did not answer in time")
     } else {
@@ -54,9 +49,7 @@ fn status_for(e: &BoxError) -> Status {
 
 impl<S> Service<http::Request<Body>> for Guarded<S>
 where
-    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible>
-        + Send
-        + 'static,
+    S: Service<http::Request<Body>, Response = http::Response<Body>, Error = Infallible> + Send + 'static,
     S::Future: Send + 'static,
 {
     type Response = http::Response<Body>;
@@ -112,9 +105,7 @@ mod tests {
     }
 
     fn grpc_status(r: &http::Response<Body>) -> Option<String> {
-        r.headers()
-            .get("grpc-status")
-            .map(|v| v.to_str().unwrap().to_owned())
+        r.headers().get("grpc-status").map(|v| v.to_str().unwrap().to_owned())
     }
 
     #[tokio::test]
@@ -123,24 +114,13 @@ mod tests {
         let svc = Guarded::new(Blocking(release.clone()), 1, Duration::from_millis(200));
         assert_eq!(Guarded::<Blocking>::NAME, "test.Blocking");
         let mut first = svc.clone();
-        std::future::poll_fn(|cx| first.poll_ready(cx))
-            .await
-            .unwrap();
+        std::future::poll_fn(|cx| first.poll_ready(cx)).await.unwrap();
         let slow = first.call(http::Request::new(Body::empty()));
         // A second call while the first holds the only slot: refused at once.
         let mut second = svc.clone();
-        std::future::poll_fn(|cx| second.poll_ready(cx))
-            .await
-            .unwrap();
-        let shed = second
-            .call(http::Request::new(Body::empty()))
-            .await
-            .unwrap();
-        assert_eq!(
-            grpc_status(&shed).as_deref(),
-            Some("8"),
-            "RESOURCE_EXHAUSTED"
-        );
+        std::future::poll_fn(|cx| second.poll_ready(cx)).await.unwrap();
+        let shed = second.call(http::Request::new(Body::empty())).await.unwrap();
+        assert_eq!(grpc_status(&shed).as_deref(), Some("8"), "RESOURCE_EXHAUSTED");
         // (tonic clones the service per request and drops it after the call; so do we.)
         drop((first, second));
         // The first never completes on its own: the timeout answers DEADLINE_EXCEEDED.
@@ -148,9 +128,7 @@ mod tests {
         assert_eq!(grpc_status(&timed_out).as_deref(), Some("4"));
         // Once the slot is free, calls go through.
         let mut third = svc.clone();
-        std::future::poll_fn(|cx| third.poll_ready(cx))
-            .await
-            .unwrap();
+        std::future::poll_fn(|cx| third.poll_ready(cx)).await.unwrap();
         let call = third.call(http::Request::new(Body::empty()));
         release.notify_one();
         assert_eq!(grpc_status(&call.await.unwrap()), None);

@@ -13,10 +13,7 @@ fn main() {
         eprintln!("presence: --lease and --max-concurrent must be above zero");
         std::process::exit(kit::EXIT_CONFIG);
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("presence: cannot start the runtime: {e}");

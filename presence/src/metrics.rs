@@ -17,10 +17,7 @@ pub fn describe() {
     describe_gauge!(NODES, "Gateway nodes holding a lease.");
     describe_gauge!(CONNECTIONS, "Client connections tracked.");
     describe_gauge!(USERS, "Distinct users with at least one connection.");
-    describe_gauge!(
-        CHANNELS,
-        "Channels with at least one subscriber on some node."
-    );
+    describe_gauge!(CHANNELS, "Channels with at least one subscriber on some node.");
     describe_gauge!(WATCHERS, "Open Watch streams.");
     describe_counter!(SYNC_STREAMS, "Gateway Sync streams accepted (hello).");
     describe_counter!(DELTAS, "Deltas applied from gateways.");
@@ -41,10 +38,7 @@ mod tests {
             .collect();
         assert!(names.len() >= 8);
         for n in names {
-            assert!(
-                doc.contains(&format!("`{n}`")),
-                "{n} missing from docs/metrics.md"
-            );
+            assert!(doc.contains(&format!("`{n}`")), "{n} missing from docs/metrics.md");
         }
     }
 }

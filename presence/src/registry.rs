@@ -51,6 +51,16 @@ pub enum Event {
         channel: Arc<str>,
         user: Arc<str>,
     },
+    /// The user's first connection on this node.
+    UserOnline {
+        user: Arc<str>,
+        node: Arc<str>,
+    },
+    /// The user's last connection on this node is gone.
+    UserOffline {
+        user: Arc<str>,
+        node: Arc<str>,
+    },
 }
 
 /// Why a gateway's message was refused.
@@ -196,21 +206,8 @@ impl Registry {
             None => {
                 let id: Arc<str> = node.into();
                 let addr: Arc<str> = delivery_addr.into();
-                events.push(Event::NodeUp {
-                    node: id.clone(),
-                    delivery_addr: addr.clone(),
-                    epoch,
-                });
-                self.nodes.insert(
-                    id,
-                    Node {
-                        delivery_addr: addr,
-                        epoch,
-                        stream,
-                        lease_until,
-                        conns: HashMap::new(),
-                    },
-                );
+                events.push(Event::NodeUp { node: id.clone(), delivery_addr: addr.clone(), epoch });
+                self.nodes.insert(id, Node { delivery_addr: addr, epoch, stream, lease_until, conns: HashMap::new() });
             }
         }
         Ok((stream, events))
@@ -218,11 +215,7 @@ impl Registry {
 
     fn node_for(&mut self, node: &str, stream: u64, now: Instant) -> Result<Arc<str>, SyncError> {
         let lease = self.lease;
-        let id = self
-            .nodes
-            .get_key_value(node)
-            .map(|(k, _)| k.clone())
-            .ok_or(SyncError::UnknownNode)?;
+        let id = self.nodes.get_key_value(node).map(|(k, _)| k.clone()).ok_or(SyncError::UnknownNode)?;
         let n = self.nodes.get_mut(node).ok_or(SyncError::UnknownNode)?;
         if n.stream != stream {
             return Err(SyncError::Superseded);
@@ -265,12 +258,7 @@ impl Registry {
                 self.unsubscribe(&node, id, &ch, &mut ev);
             }
         }
-        let gone: Vec<u64> = self.nodes[&node]
-            .conns
-            .keys()
-            .filter(|id| !keep.contains(id))
-            .copied()
-            .collect();
+        let gone: Vec<u64> = self.nodes[&node].conns.keys().filter(|id| !keep.contains(id)).copied().collect();
         for id in gone {
             self.disconnect(&node, id, &mut ev);
         }
@@ -316,12 +304,8 @@ impl Registry {
 
     /// Removes every node whose lease ran out by `now`.
     pub fn expire(&mut self, now: Instant) -> Vec<Event> {
-        let dead: Vec<Arc<str>> = self
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.lease_until <= now)
-            .map(|(k, _)| k.clone())
-            .collect();
+        let dead: Vec<Arc<str>> =
+            self.nodes.iter().filter(|(_, n)| n.lease_until <= now).map(|(k, _)| k.clone()).collect();
         dead.iter().flat_map(|n| self.remove_node(n)).collect()
     }
 
@@ -347,20 +331,15 @@ impl Registry {
             self.disconnect(node, c.conn_id, ev);
         }
         // One shared allocation per distinct user: the users map's key.
-        let user = self
-            .users
-            .get_key_value(c.user.as_str())
-            .map_or_else(|| Arc::from(c.user.as_str()), |(k, _)| k.clone());
-        self.users
-            .entry(user.clone())
-            .or_default()
-            .push((node.clone(), c.conn_id));
-        let conn = Conn {
-            user,
-            connected_at_ms: c.connected_at_ms,
-            client_info: c.client_info.into(),
-            channels: Vec::new(),
-        };
+        let user =
+            self.users.get_key_value(c.user.as_str()).map_or_else(|| Arc::from(c.user.as_str()), |(k, _)| k.clone());
+        let list = self.users.entry(user.clone()).or_default();
+        if !list.iter().any(|(n, _)| n == node) {
+            ev.push(Event::UserOnline { user: user.clone(), node: node.clone() });
+        }
+        list.push((node.clone(), c.conn_id));
+        let conn =
+            Conn { user, connected_at_ms: c.connected_at_ms, client_info: c.client_info.into(), channels: Vec::new() };
         if let Some(n) = self.nodes.get_mut(node) {
             n.conns.insert(c.conn_id, conn);
             self.connections += 1;
@@ -368,27 +347,21 @@ impl Registry {
     }
 
     fn disconnect(&mut self, node: &Arc<str>, conn_id: u64, ev: &mut Vec<Event>) {
-        let Some(chans) = self
-            .nodes
-            .get(node)
-            .and_then(|n| n.conns.get(&conn_id))
-            .map(|c| c.channels.clone())
-        else {
+        let Some(chans) = self.nodes.get(node).and_then(|n| n.conns.get(&conn_id)).map(|c| c.channels.clone()) else {
             return;
         };
         for ch in chans {
             self.unsubscribe(node, conn_id, &ch, ev);
         }
-        let Some(conn) = self
-            .nodes
-            .get_mut(node)
-            .and_then(|n| n.conns.remove(&conn_id))
-        else {
+        let Some(conn) = self.nodes.get_mut(node).and_then(|n| n.conns.remove(&conn_id)) else {
             return;
         };
         self.connections -= 1;
         if let Some(list) = self.users.get_mut(&conn.user) {
             list.retain(|(n, id)| !(n == node && *id == conn_id));
+            if !list.iter().any(|(n, _)| n == node) {
+                ev.push(Event::UserOffline { user: conn.user.clone(), node: node.clone() });
+            }
             if list.is_empty() {
                 self.users.remove(&conn.user);
             }
@@ -396,49 +369,23 @@ impl Registry {
     }
 
     fn subscribe(&mut self, node: &Arc<str>, conn_id: u64, channel: &str, ev: &mut Vec<Event>) {
-        let Some(user) = self
-            .nodes
-            .get(node)
-            .and_then(|n| n.conns.get(&conn_id))
-            .map(|c| c.user.clone())
-        else {
+        let Some(user) = self.nodes.get(node).and_then(|n| n.conns.get(&conn_id)).map(|c| c.user.clone()) else {
             return;
         };
-        if self.nodes[node].conns[&conn_id]
-            .channels
-            .iter()
-            .any(|c| **c == *channel)
-        {
+        if self.nodes[node].conns[&conn_id].channels.iter().any(|c| **c == *channel) {
             return;
         }
         // One shared allocation per distinct channel: the channels map's key.
-        let ch = self
-            .channels
-            .get_key_value(channel)
-            .map_or_else(|| Arc::from(channel), |(k, _)| k.clone());
-        if let Some(c) = self
-            .nodes
-            .get_mut(node)
-            .and_then(|n| n.conns.get_mut(&conn_id))
-        {
+        let ch = self.channels.get_key_value(channel).map_or_else(|| Arc::from(channel), |(k, _)| k.clone());
+        if let Some(c) = self.nodes.get_mut(node).and_then(|n| n.conns.get_mut(&conn_id)) {
             c.channels.push(ch.clone());
         }
-        let presence = self
-            .presence_patterns
-            .iter()
-            .any(|p| glob_match(p, channel));
-        let entry = self.channels.entry(ch.clone()).or_insert_with(|| Channel {
-            presence,
-            ..Default::default()
-        });
+        let presence = self.presence_patterns.iter().any(|p| glob_match(p, channel));
+        let entry = self.channels.entry(ch.clone()).or_insert_with(|| Channel { presence, ..Default::default() });
         let n = entry.nodes.entry(node.clone()).or_insert(0);
         *n += 1;
         if *n == 1 {
-            ev.push(Event::Interest {
-                channel: ch.clone(),
-                node: node.clone(),
-                interested: true,
-            });
+            ev.push(Event::Interest { channel: ch.clone(), node: node.clone(), interested: true });
         }
         if entry.presence {
             let m = entry.members.entry(user.clone()).or_insert(0);
@@ -454,11 +401,7 @@ impl Registry {
     }
 
     fn unsubscribe(&mut self, node: &Arc<str>, conn_id: u64, channel: &str, ev: &mut Vec<Event>) {
-        let Some(conn) = self
-            .nodes
-            .get_mut(node)
-            .and_then(|n| n.conns.get_mut(&conn_id))
-        else {
+        let Some(conn) = self.nodes.get_mut(node).and_then(|n| n.conns.get_mut(&conn_id)) else {
             return;
         };
         let Some(pos) = conn.channels.iter().position(|c| **c == *channel) else {
@@ -473,11 +416,7 @@ impl Registry {
             *n -= 1;
             if *n == 0 {
                 entry.nodes.remove(node);
-                ev.push(Event::Interest {
-                    channel: ch.clone(),
-                    node: node.clone(),
-                    interested: false,
-                });
+                ev.push(Event::Interest { channel: ch.clone(), node: node.clone(), interested: false });
             }
         }
         if let Some(m) = entry.members.get_mut(&user).filter(|_| entry.presence) {
@@ -488,10 +427,7 @@ impl Registry {
                 if large {
                     self.dirty_counts.insert(ch.clone());
                 } else {
-                    ev.push(Event::Leave {
-                        channel: ch.clone(),
-                        user: user.clone(),
-                    });
+                    ev.push(Event::Leave { channel: ch.clone(), user: user.clone() });
                 }
             }
         }
@@ -531,30 +467,18 @@ impl Registry {
 
     /// Nodes with at least one subscriber on `channel`, sorted.
     pub fn channel_nodes(&self, channel: &str) -> Vec<Arc<str>> {
-        let mut v: Vec<Arc<str>> = self
-            .channels
-            .get(channel)
-            .map_or_else(Vec::new, |c| c.nodes.keys().cloned().collect());
+        let mut v: Vec<Arc<str>> =
+            self.channels.get(channel).map_or_else(Vec::new, |c| c.nodes.keys().cloned().collect());
         v.sort();
         v
     }
 
     /// A page of a presence channel's members (sorted) and the total.
-    pub fn channel_members(
-        &self,
-        channel: &str,
-        after: &str,
-        limit: usize,
-    ) -> (Vec<Arc<str>>, usize) {
+    pub fn channel_members(&self, channel: &str, after: &str, limit: usize) -> (Vec<Arc<str>>, usize) {
         let Some(c) = self.channels.get(channel) else {
             return (Vec::new(), 0);
         };
-        let mut page: Vec<Arc<str>> = c
-            .members
-            .keys()
-            .filter(|u| after.is_empty() || ***u > *after)
-            .cloned()
-            .collect();
+        let mut page: Vec<Arc<str>> = c.members.keys().filter(|u| after.is_empty() || ***u > *after).cloned().collect();
         page.sort();
         page.truncate(limit);
         (page, c.members.len())
@@ -562,9 +486,7 @@ impl Registry {
 
     /// Whether members are tracked for `channel` (it matches a presence pattern).
     pub fn is_presence_channel(&self, channel: &str) -> bool {
-        self.presence_patterns
-            .iter()
-            .any(|p| glob_match(p, channel))
+        self.presence_patterns.iter().any(|p| glob_match(p, channel))
     }
 
     pub fn counts(&self) -> Counts {
@@ -592,24 +514,31 @@ impl Registry {
         v
     }
 
+    /// Where every user is, as `UserOnline` events (one per user and node).
+    pub fn user_events(&self) -> Vec<Event> {
+        let mut ev = Vec::new();
+        for (user, list) in &self.users {
+            let mut seen: Vec<&Arc<str>> = Vec::new();
+            for (node, _) in list {
+                if !seen.contains(&node) {
+                    seen.push(node);
+                    ev.push(Event::UserOnline { user: user.clone(), node: node.clone() });
+                }
+            }
+        }
+        ev
+    }
+
     /// Current interest as events, for a Watch that asked for the initial state.
     pub fn interest_events(&self) -> Vec<Event> {
         let mut ev: Vec<Event> = self
             .nodes
             .iter()
-            .map(|(id, n)| Event::NodeUp {
-                node: id.clone(),
-                delivery_addr: n.delivery_addr.clone(),
-                epoch: n.epoch,
-            })
+            .map(|(id, n)| Event::NodeUp { node: id.clone(), delivery_addr: n.delivery_addr.clone(), epoch: n.epoch })
             .collect();
         for (ch, c) in &self.channels {
             for node in c.nodes.keys() {
-                ev.push(Event::Interest {
-                    channel: ch.clone(),
-                    node: node.clone(),
-                    interested: true,
-                });
+                ev.push(Event::Interest { channel: ch.clone(), node: node.clone(), interested: true });
             }
         }
         ev

@@ -28,10 +28,7 @@ pub async fn run(
     let stop_admin = CancellationToken::new();
     let admin_task = tokio::spawn(kit::admin::serve(
         admin,
-        kit::admin::Admin {
-            metrics,
-            readiness: readiness.clone(),
-        },
+        kit::admin::Admin { metrics, readiness: readiness.clone() },
         stop_admin.clone(),
     ));
 
@@ -53,9 +50,7 @@ pub async fn run(
     };
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_serving::<PresenceServer<PresenceService>>()
-        .await;
+    health.set_serving::<PresenceServer<PresenceService>>().await;
     // Invariant: the descriptor sets are generated at build time and valid.
     let r1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -67,13 +62,8 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("valid descriptor sets");
-    let service = Guarded::new(
-        PresenceServer::new(PresenceService {
-            shared: shared.clone(),
-        }),
-        cli.max_concurrent,
-        cli.timeout,
-    );
+    let service =
+        Guarded::new(PresenceServer::new(PresenceService { shared: shared.clone() }), cli.max_concurrent, cli.timeout);
     readiness.set(true);
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), lease = ?cli.lease, "presence ready");
     let stop = shutdown.clone();
@@ -83,13 +73,10 @@ pub async fn run(
         .add_service(r1)
         .add_service(r1a)
         .add_service(service)
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            async move {
-                stop.cancelled().await;
-                readiness.set(false);
-            },
-        )
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            stop.cancelled().await;
+            readiness.set(false);
+        })
         .await;
     ticker.abort();
     stop_admin.cancel();

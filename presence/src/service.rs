@@ -32,10 +32,7 @@ pub struct Shared {
 impl Shared {
     pub fn new(registry: Registry) -> Arc<Self> {
         let (events, _) = broadcast::channel(65_536);
-        Arc::new(Self {
-            registry: RwLock::new(registry),
-            events,
-        })
+        Arc::new(Self { registry: RwLock::new(registry), events })
     }
 
     /// Publishes registry events to watchers (none listening is fine).
@@ -47,6 +44,8 @@ impl Shared {
                 Event::Interest { .. } => "interest",
                 Event::Join { .. } => "join",
                 Event::Leave { .. } => "leave",
+                Event::UserOnline { .. } => "user_online",
+                Event::UserOffline { .. } => "user_offline",
             };
             metrics::counter!(m::EVENTS, "kind" => kind).increment(1);
             let _ = self.events.send(Arc::new(to_pb(e)));
@@ -59,10 +58,7 @@ impl Shared {
         for (channel, members) in counts {
             metrics::counter!(m::EVENTS, "kind" => "count").increment(1);
             let ev = pb::WatchEvent {
-                event: Some(pb::watch_event::Event::Count(pb::MemberCount {
-                    channel: channel.to_string(),
-                    members,
-                })),
+                event: Some(pb::watch_event::Event::Count(pb::MemberCount { channel: channel.to_string(), members })),
             };
             let _ = self.events.send(Arc::new(ev));
         }
@@ -74,10 +70,7 @@ impl Shared {
             let mut r = self.registry.write();
             (r.expire(now), r.counts())
         };
-        let downs = events
-            .iter()
-            .filter(|e| matches!(e, Event::NodeDown { .. }))
-            .count();
+        let downs = events.iter().filter(|e| matches!(e, Event::NodeDown { .. })).count();
         if downs > 0 {
             metrics::counter!(m::LEASES_EXPIRED).increment(downs as u64);
             tracing::info!(nodes = downs, "node leases expired");
@@ -93,11 +86,7 @@ impl Shared {
 fn to_pb(e: Event) -> pb::WatchEvent {
     use pb::watch_event::Event as E;
     let event = match e {
-        Event::NodeUp {
-            node,
-            delivery_addr,
-            epoch,
-        } => E::NodeUp(pb::NodeInfo {
+        Event::NodeUp { node, delivery_addr, epoch } => E::NodeUp(pb::NodeInfo {
             node_id: node.to_string(),
             delivery_addr: delivery_addr.to_string(),
             boot_epoch: epoch,
@@ -105,23 +94,21 @@ fn to_pb(e: Event) -> pb::WatchEvent {
             lease_left_ms: 0,
         }),
         Event::NodeDown { node } => E::NodeDown(node.to_string()),
-        Event::Interest {
-            channel,
-            node,
-            interested,
-        } => E::Interest(pb::ChannelInterest {
-            channel: channel.to_string(),
-            node_id: node.to_string(),
-            interested,
-        }),
-        Event::Join { channel, user } => E::Join(pb::Membership {
-            channel: channel.to_string(),
-            user: user.to_string(),
-        }),
-        Event::Leave { channel, user } => E::Leave(pb::Membership {
-            channel: channel.to_string(),
-            user: user.to_string(),
-        }),
+        Event::Interest { channel, node, interested } => {
+            E::Interest(pb::ChannelInterest { channel: channel.to_string(), node_id: node.to_string(), interested })
+        }
+        Event::Join { channel, user } => {
+            E::Join(pb::Membership { channel: channel.to_string(), user: user.to_string() })
+        }
+        Event::UserOnline { user, node } => {
+            E::UserOnline(pb::UserNode { user: user.to_string(), node_id: node.to_string() })
+        }
+        Event::UserOffline { user, node } => {
+            E::UserOffline(pb::UserNode { user: user.to_string(), node_id: node.to_string() })
+        }
+        Event::Leave { channel, user } => {
+            E::Leave(pb::Membership { channel: channel.to_string(), user: user.to_string() })
+        }
     };
     pb::WatchEvent { event: Some(event) }
 }
@@ -132,19 +119,13 @@ fn valid_name(s: &str) -> bool {
 
 fn conn_in(c: pb::Connection) -> Result<ConnIn, Status> {
     if !valid_name(&c.user) {
-        return Err(Status::invalid_argument(
-            "user must be 1-128 bytes without control characters",
-        ));
+        return Err(Status::invalid_argument("user must be 1-128 bytes without control characters"));
     }
     if c.client_info.len() > 256 {
-        return Err(Status::invalid_argument(
-            "client_info is limited to 256 bytes",
-        ));
+        return Err(Status::invalid_argument("client_info is limited to 256 bytes"));
     }
     if c.channels.iter().any(|ch| !valid_name(ch)) {
-        return Err(Status::invalid_argument(
-            "channel names must be 1-128 bytes",
-        ));
+        return Err(Status::invalid_argument("channel names must be 1-128 bytes"));
     }
     Ok(ConnIn {
         conn_id: c.conn_id,
@@ -161,18 +142,14 @@ fn delta_in(d: pb::Delta) -> Result<DeltaIn, Status> {
         if valid_name(&ch.channel) {
             Ok(())
         } else {
-            Err(Status::invalid_argument(
-                "channel names must be 1-128 bytes",
-            ))
+            Err(Status::invalid_argument("channel names must be 1-128 bytes"))
         }
     };
     match d.change {
         Some(Change::Connect(c)) => Ok(DeltaIn::Connect(conn_in(c)?)),
         Some(Change::Disconnect(id)) => Ok(DeltaIn::Disconnect(id)),
         Some(Change::Subscribe(c)) => check(&c).map(|()| DeltaIn::Subscribe(c.conn_id, c.channel)),
-        Some(Change::Unsubscribe(c)) => {
-            check(&c).map(|()| DeltaIn::Unsubscribe(c.conn_id, c.channel))
-        }
+        Some(Change::Unsubscribe(c)) => check(&c).map(|()| DeltaIn::Unsubscribe(c.conn_id, c.channel)),
         None => Err(Status::invalid_argument("empty delta")),
     }
 }
@@ -201,34 +178,20 @@ async fn sync_stream(
     use pb::gateway_message::Msg;
     let lease_ms = shared.registry.read().lease().as_millis() as u64;
     let hello = match inbound.message().await {
-        Ok(Some(pb::GatewayMessage {
-            msg: Some(Msg::Hello(h)),
-        })) => h,
+        Ok(Some(pb::GatewayMessage { msg: Some(Msg::Hello(h)) })) => h,
         Ok(_) => {
-            let _ = acks
-                .send(Err(Status::invalid_argument(
-                    "the first message must be hello",
-                )))
-                .await;
+            let _ = acks.send(Err(Status::invalid_argument("the first message must be hello"))).await;
             return;
         }
         Err(_) => return,
     };
     if !valid_name(&hello.node_id) || hello.delivery_addr.len() > 256 {
-        let _ = acks
-            .send(Err(Status::invalid_argument(
-                "node_id must be 1-128 bytes, delivery_addr at most 256",
-            )))
-            .await;
+        let _ =
+            acks.send(Err(Status::invalid_argument("node_id must be 1-128 bytes, delivery_addr at most 256"))).await;
         return;
     }
     let node = hello.node_id;
-    let registered = shared.registry.write().hello(
-        &node,
-        &hello.delivery_addr,
-        hello.boot_epoch,
-        Instant::now(),
-    );
+    let registered = shared.registry.write().hello(&node, &hello.delivery_addr, hello.boot_epoch, Instant::now());
     let stream = match registered {
         Ok((stream, events)) => {
             shared.publish(events);
@@ -241,11 +204,7 @@ async fn sync_stream(
     };
     tracing::info!(node = %node, epoch = hello.boot_epoch, "gateway connected");
     metrics::counter!(m::SYNC_STREAMS).increment(1);
-    if acks
-        .send(Ok(pb::SyncAck { seq: 0, lease_ms }))
-        .await
-        .is_err()
-    {
+    if acks.send(Ok(pb::SyncAck { seq: 0, lease_ms })).await.is_err() {
         return;
     }
     let mut pending: Vec<ConnIn> = Vec::new();
@@ -253,9 +212,7 @@ async fn sync_stream(
         let msg = match inbound.message().await {
             Ok(Some(pb::GatewayMessage { msg: Some(m) })) => m,
             Ok(Some(_)) => {
-                let _ = acks
-                    .send(Err(Status::invalid_argument("empty message")))
-                    .await;
+                let _ = acks.send(Err(Status::invalid_argument("empty message"))).await;
                 return;
             }
             // Stream ended or broke: the node's state stays until its lease runs out.
@@ -266,39 +223,22 @@ async fn sync_stream(
         };
         let now = Instant::now();
         let result: Result<Option<u64>, Status> = match msg {
-            Msg::Hello(_) => Err(Status::invalid_argument(
-                "hello was already sent on this stream",
-            )),
+            Msg::Hello(_) => Err(Status::invalid_argument("hello was already sent on this stream")),
             Msg::Snapshot(chunk) => {
-                if chunk.connections.len() > MAX_BATCH
-                    || pending.len() + chunk.connections.len() > MAX_NODE_CONNECTIONS
+                if chunk.connections.len() > MAX_BATCH || pending.len() + chunk.connections.len() > MAX_NODE_CONNECTIONS
                 {
                     Err(Status::resource_exhausted("snapshot too large"))
                 } else {
-                    match chunk
-                        .connections
-                        .into_iter()
-                        .map(conn_in)
-                        .collect::<Result<Vec<_>, _>>()
-                    {
+                    match chunk.connections.into_iter().map(conn_in).collect::<Result<Vec<_>, _>>() {
                         Err(e) => Err(e),
                         Ok(mut conns) => {
                             pending.append(&mut conns);
                             if chunk.last {
                                 let conns = std::mem::take(&mut pending);
-                                let applied =
-                                    shared.registry.write().snapshot(&node, stream, conns, now);
-                                applied
-                                    .map(|ev| shared.publish(ev))
-                                    .map(|()| Some(chunk.seq))
-                                    .map_err(Status::from)
+                                let applied = shared.registry.write().snapshot(&node, stream, conns, now);
+                                applied.map(|ev| shared.publish(ev)).map(|()| Some(chunk.seq)).map_err(Status::from)
                             } else {
-                                shared
-                                    .registry
-                                    .write()
-                                    .renew(&node, stream, now)
-                                    .map(|()| None)
-                                    .map_err(Status::from)
+                                shared.registry.write().renew(&node, stream, now).map(|()| None).map_err(Status::from)
                             }
                         }
                     }
@@ -308,12 +248,7 @@ async fn sync_stream(
                 if batch.deltas.len() > MAX_BATCH {
                     Err(Status::resource_exhausted("delta batch too large"))
                 } else {
-                    match batch
-                        .deltas
-                        .into_iter()
-                        .map(delta_in)
-                        .collect::<Result<Vec<_>, _>>()
-                    {
+                    match batch.deltas.into_iter().map(delta_in).collect::<Result<Vec<_>, _>>() {
                         Err(e) => Err(e),
                         Ok(deltas) if deltas.is_empty() => shared
                             .registry
@@ -323,12 +258,8 @@ async fn sync_stream(
                             .map_err(Status::from),
                         Ok(deltas) => {
                             metrics::counter!(m::DELTAS).increment(deltas.len() as u64);
-                            let applied =
-                                shared.registry.write().deltas(&node, stream, deltas, now);
-                            applied
-                                .map(|ev| shared.publish(ev))
-                                .map(|()| Some(batch.seq))
-                                .map_err(Status::from)
+                            let applied = shared.registry.write().deltas(&node, stream, deltas, now);
+                            applied.map(|ev| shared.publish(ev)).map(|()| Some(batch.seq)).map_err(Status::from)
                         }
                     }
                 }
@@ -364,10 +295,7 @@ impl pb::presence_server::Presence for PresenceService {
     type SyncStream = ReceiverStream<Result<pb::SyncAck, Status>>;
     type WatchStream = WatchStream;
 
-    async fn sync(
-        &self,
-        req: Request<Streaming<pb::GatewayMessage>>,
-    ) -> Result<Response<Self::SyncStream>, Status> {
+    async fn sync(&self, req: Request<Streaming<pb::GatewayMessage>>) -> Result<Response<Self::SyncStream>, Status> {
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(sync_stream(self.shared.clone(), req.into_inner(), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -379,9 +307,7 @@ impl pb::presence_server::Presence for PresenceService {
     ) -> Result<Response<pb::LocateUsersResponse>, Status> {
         let users = req.into_inner().users;
         if users.len() > MAX_QUERY {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_QUERY} users per call"
-            )));
+            return Err(Status::invalid_argument(format!("at most {MAX_QUERY} users per call")));
         }
         metrics::counter!(m::QUERIES, "method" => "locate_users").increment(1);
         let r = self.shared.registry.read();
@@ -410,20 +336,14 @@ impl pb::presence_server::Presence for PresenceService {
     ) -> Result<Response<pb::ChannelNodesResponse>, Status> {
         let channels = req.into_inner().channels;
         if channels.len() > MAX_QUERY {
-            return Err(Status::invalid_argument(format!(
-                "at most {MAX_QUERY} channels per call"
-            )));
+            return Err(Status::invalid_argument(format!("at most {MAX_QUERY} channels per call")));
         }
         metrics::counter!(m::QUERIES, "method" => "channel_nodes").increment(1);
         let r = self.shared.registry.read();
         let channels = channels
             .into_iter()
             .map(|channel| {
-                let node_ids = r
-                    .channel_nodes(&channel)
-                    .iter()
-                    .map(|n| n.to_string())
-                    .collect();
+                let node_ids = r.channel_nodes(&channel).iter().map(|n| n.to_string()).collect();
                 pb::ChannelNodes { channel, node_ids }
             })
             .collect();
@@ -438,9 +358,7 @@ impl pb::presence_server::Presence for PresenceService {
         let limit = match r.limit as usize {
             0 => 100,
             n if n > MAX_QUERY => {
-                return Err(Status::invalid_argument(format!(
-                    "limit must be at most {MAX_QUERY}"
-                )));
+                return Err(Status::invalid_argument(format!("limit must be at most {MAX_QUERY}")));
             }
             n => n,
         };
@@ -482,10 +400,7 @@ impl pb::presence_server::Presence for PresenceService {
         }))
     }
 
-    async fn list_nodes(
-        &self,
-        _: Request<pb::ListNodesRequest>,
-    ) -> Result<Response<pb::ListNodesResponse>, Status> {
+    async fn list_nodes(&self, _: Request<pb::ListNodesRequest>) -> Result<Response<pb::ListNodesResponse>, Status> {
         metrics::counter!(m::QUERIES, "method" => "list_nodes").increment(1);
         let nodes = self
             .shared
@@ -504,44 +419,51 @@ impl pb::presence_server::Presence for PresenceService {
         Ok(Response::new(pb::ListNodesResponse { nodes }))
     }
 
-    async fn watch(
-        &self,
-        req: Request<pb::WatchRequest>,
-    ) -> Result<Response<Self::WatchStream>, Status> {
-        // Subscribe before reading the initial state, so nothing falls in between.
+    async fn watch(&self, req: Request<pb::WatchRequest>) -> Result<Response<Self::WatchStream>, Status> {
+        // Subscribe before reading the initial state, so nothing falls in between
+        // (an event may then appear twice; watchers apply them idempotently).
         let rx = self.shared.events.subscribe();
-        let initial: Vec<pb::WatchEvent> = if req.into_inner().initial_state {
-            self.shared
-                .registry
-                .read()
-                .interest_events()
-                .into_iter()
-                .map(to_pb)
-                .collect()
+        let want = req.into_inner();
+        let users = want.users;
+        let initial: Vec<pb::WatchEvent> = if want.initial_state {
+            let r = self.shared.registry.read();
+            let mut ev = r.interest_events();
+            if users {
+                ev.extend(r.user_events());
+            }
+            ev.into_iter().map(to_pb).collect()
         } else {
             Vec::new()
         };
         let guard = WatcherGuard::new();
-        let live =
-            futures_util::stream::unfold((rx, guard, false), |(mut rx, guard, done)| async move {
-                if done {
-                    return None;
-                }
+        let live = futures_util::stream::unfold((rx, guard, false), move |(mut rx, guard, done)| async move {
+            if done {
+                return None;
+            }
+            loop {
                 match rx.recv().await {
-                    Ok(ev) => Some((Ok((*ev).clone()), (rx, guard, false))),
+                    Ok(ev) => {
+                        let is_user = matches!(
+                            ev.event,
+                            Some(pb::watch_event::Event::UserOnline(_) | pb::watch_event::Event::UserOffline(_))
+                        );
+                        if is_user && !users {
+                            continue;
+                        }
+                        return Some((Ok((*ev).clone()), (rx, guard, false)));
+                    }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         let status = Status::data_loss(format!(
                             "watcher fell {n} events behind; watch again with initial_state"
                         ));
-                        Some((Err(status), (rx, guard, true)))
+                        return Some((Err(status), (rx, guard, true)));
                     }
-                    Err(broadcast::error::RecvError::Closed) => None,
+                    Err(broadcast::error::RecvError::Closed) => return None,
                 }
-            });
+            }
+        });
         let initial = futures_util::stream::iter(initial.into_iter().map(Ok));
-        Ok(Response::new(Box::pin(futures_util::StreamExt::chain(
-            initial, live,
-        ))))
+        Ok(Response::new(Box::pin(futures_util::StreamExt::chain(initial, live))))
     }
 }
 

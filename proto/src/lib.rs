@@ -2,6 +2,7 @@
 //!
 //! - `proto/switchboard/push/v1/push.proto`: the Push API (internal services → clients).
 //! - `proto/switchboard/presence/v1/presence.proto`: presence (gateways → registry, queries, watch).
+//! - `proto/switchboard/bridge/v1/bridge.proto`: the Kafka envelope and the gateway Delivery stream.
 //!
 //! Code is generated at build time with a vendored `protoc` (no system install needed).
 
@@ -21,6 +22,12 @@ pub mod presence {
     }
 }
 
+/// The Kafka envelope and the gateway Delivery service, package `switchboard.bridge.v1`.
+pub mod bridge {
+    pub mod v1 {
+        tonic::include_proto!("switchboard.bridge.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every proto here, for gRPC reflection.
-pub const FILE_DESCRIPTOR_SET: &[u8] =
-    tonic::include_file_descriptor_set!("switchboard_descriptor");
+pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("switchboard_descriptor");

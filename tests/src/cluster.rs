@@ -12,10 +12,7 @@ use std::time::{Duration, Instant};
 
 /// Path of a workspace binary next to the running test executable.
 pub fn binary(name: &str) -> PathBuf {
-    if let Ok(p) = std::env::var(format!(
-        "SWITCHBOARD_{}_BIN",
-        name.to_uppercase().replace('-', "_")
-    )) {
+    if let Ok(p) = std::env::var(format!("SWITCHBOARD_{}_BIN", name.to_uppercase().replace('-', "_"))) {
         return PathBuf::from(p);
     }
     // target/<profile>/deps/<test-exe> → target/<profile>/<name>
@@ -49,33 +46,21 @@ impl Proc {
     pub fn spawn(name: &str, bin: &str, args: &[String]) -> Self {
         let mut child = Command::new(binary(bin))
             .args(args)
-            .env(
-                "SWITCHBOARD_LOG",
-                std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()),
-            )
+            .env("SWITCHBOARD_LOG", std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let mut line = String::new();
-        BufReader::new(child.stdout.take().expect("stdout"))
-            .read_line(&mut line)
-            .expect("read LISTENING");
-        assert!(
-            line.starts_with("LISTENING"),
-            "{name} did not start: {line:?}"
-        );
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read LISTENING");
+        assert!(line.starts_with("LISTENING"), "{name} did not start: {line:?}");
         let addrs = line
             .split_whitespace()
             .skip(1)
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.parse().expect("socket address")))
             .collect();
-        Self {
-            name: name.to_owned(),
-            child,
-            addrs,
-        }
+        Self { name: name.to_owned(), child, addrs }
     }
 
     pub fn addr(&self, key: &str) -> SocketAddr {
@@ -92,10 +77,7 @@ impl Proc {
 
     /// Sends a signal (`-TERM`, `-KILL`, `-STOP`, `-CONT`).
     pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.pid().to_string()])
-            .status()
-            .map(|s| s.success());
+        let ok = Command::new("kill").args([sig, &self.pid().to_string()]).status().map(|s| s.success());
         assert!(matches!(ok, Ok(true)), "kill {sig} {} failed", self.name);
     }
 
@@ -112,11 +94,7 @@ impl Proc {
             if let Some(s) = self.child.try_wait().expect("try_wait") {
                 return s;
             }
-            assert!(
-                Instant::now() < deadline,
-                "{} did not exit within {limit:?}",
-                self.name
-            );
+            assert!(Instant::now() < deadline, "{} did not exit within {limit:?}", self.name);
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -148,13 +126,7 @@ pub struct Cluster {
 
 impl Cluster {
     pub fn builder() -> ClusterBuilder {
-        ClusterBuilder {
-            presence: 1,
-            gateways: 2,
-            lease: "1s".into(),
-            large_room: 1000,
-            gateway_args: Vec::new(),
-        }
+        ClusterBuilder { presence: 1, gateways: 2, lease: "1s".into(), large_room: 1000, gateway_args: Vec::new() }
     }
 
     /// Client address of gateway `i`.
@@ -194,9 +166,7 @@ impl Cluster {
     /// Starts one more gateway and returns its index.
     pub fn start_gateway(&mut self) -> usize {
         let i = self.gateways.len();
-        let urls: Vec<String> = (0..self.presence_ports.len())
-            .map(|p| self.presence_url(p))
-            .collect();
+        let urls: Vec<String> = (0..self.presence_ports.len()).map(|p| self.presence_url(p)).collect();
         let mut args: Vec<String> = [
             "--listen",
             "127.0.0.1:0",
@@ -217,8 +187,7 @@ impl Cluster {
             args.push(urls.join(","));
         }
         args.extend(self.builder.gateway_args.iter().cloned());
-        self.gateways
-            .push(Proc::spawn(&format!("gw{i}"), "gateway", &args));
+        self.gateways.push(Proc::spawn(&format!("gw{i}"), "gateway", &args));
         i
     }
 }
@@ -250,12 +219,7 @@ impl ClusterBuilder {
     pub fn start(self) -> Cluster {
         let presence_ports = (0..self.presence).map(|_| free_port()).collect();
         let gateways = self.gateways;
-        let mut c = Cluster {
-            presence: Vec::new(),
-            presence_ports,
-            gateways: Vec::new(),
-            builder: self,
-        };
+        let mut c = Cluster { presence: Vec::new(), presence_ports, gateways: Vec::new(), builder: self };
         for i in 0..c.presence_ports.len() {
             c.start_presence(i);
         }

@@ -18,30 +18,19 @@ pub const SECRET: &str = "test-secret-0123456789";
 pub const WAIT: Duration = Duration::from_secs(10);
 
 pub fn now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
 /// An HS256 token signed with [`SECRET`].
 pub fn token(claims: Value) -> String {
     let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap();
-    jsonwebtoken::encode(
-        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
-        &claims,
-        &key,
-    )
-    .unwrap()
+    jsonwebtoken::encode(&jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256), &claims, &key).unwrap()
 }
 
 /// Next text frame as JSON (skips pings); panics after [`WAIT`].
 pub async fn recv_json(ws: &mut Ws) -> Value {
     loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("timed out waiting for a frame")
-        {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for a frame") {
             Some(Ok(Message::Text(t))) => {
                 return serde_json::from_str(&t).expect("server sent JSON");
             }
@@ -68,9 +57,7 @@ pub async fn send_json(ws: &mut Ws, v: Value) {
 /// Sends a command with `ref` and returns the reply carrying that ref.
 pub async fn call(ws: &mut Ws, mut cmd: Value) -> Value {
     static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    let r = NEXT
-        .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        .to_string();
+    let r = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed).to_string();
     cmd["ref"] = json!(r);
     send_json(ws, cmd).await;
     loop {
@@ -84,10 +71,7 @@ pub async fn call(ws: &mut Ws, mut cmd: Value) -> Value {
 /// Reads until the server's close frame and returns it; panics on a plain drop.
 pub async fn expect_close(ws: &mut Ws) -> CloseFrame {
     loop {
-        match tokio::time::timeout(WAIT, ws.next())
-            .await
-            .expect("timed out waiting for close")
-        {
+        match tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for close") {
             Some(Ok(Message::Close(Some(frame)))) => return frame,
             Some(Ok(Message::Close(None))) => panic!("close frame without a code"),
             Some(Ok(_)) => continue,
@@ -100,24 +84,12 @@ pub async fn expect_close(ws: &mut Ws) -> CloseFrame {
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = TcpStream::connect(addr).await.expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
     let mut buf = Vec::new();
-    tokio::time::timeout(WAIT, s.read_to_end(&mut buf))
-        .await
-        .expect("http timeout")
-        .unwrap();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut buf)).await.expect("http timeout").unwrap();
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let status = text
-        .split(' ')
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_owned())
-        .unwrap_or_default();
+    let status = text.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status line");
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
     (status, body)
 }
 
@@ -125,9 +97,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 pub fn metric(page: &str, name: &str, labels: &str) -> f64 {
     page.lines()
         .filter(|l| !l.starts_with('#'))
-        .filter(|l| {
-            l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels)
-        })
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']) && l.contains(labels))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }

@@ -11,26 +11,16 @@ use switchboard_tests::ws::*;
 use tonic::transport::Channel;
 
 async fn client(c: &Cluster, i: usize) -> PresenceClient<Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(c.presence_url(i))
-        .unwrap()
-        .connect_lazy();
+    let ch = tonic::transport::Endpoint::from_shared(c.presence_url(i)).unwrap().connect_lazy();
     PresenceClient::new(ch)
 }
 
 /// (node, conn count) per user, sorted by node.
 async fn locate(p: &mut PresenceClient<Channel>, user: &str) -> Vec<String> {
-    match p
-        .locate_users(pb::LocateUsersRequest {
-            users: vec![user.into()],
-        })
-        .await
-    {
+    match p.locate_users(pb::LocateUsersRequest { users: vec![user.into()] }).await {
         Ok(r) => {
-            let mut nodes: Vec<String> = r.into_inner().users[0]
-                .connections
-                .iter()
-                .map(|c| c.node_id.clone())
-                .collect();
+            let mut nodes: Vec<String> =
+                r.into_inner().users[0].connections.iter().map(|c| c.node_id.clone()).collect();
             nodes.sort();
             nodes
         }
@@ -39,12 +29,7 @@ async fn locate(p: &mut PresenceClient<Channel>, user: &str) -> Vec<String> {
 }
 
 async fn channel_nodes(p: &mut PresenceClient<Channel>, channel: &str) -> Vec<String> {
-    match p
-        .channel_nodes(pb::ChannelNodesRequest {
-            channels: vec![channel.into()],
-        })
-        .await
-    {
+    match p.channel_nodes(pb::ChannelNodesRequest { channels: vec![channel.into()] }).await {
         Ok(r) => r.into_inner().channels[0].node_ids.clone(),
         Err(_) => vec!["<unreachable>".into()],
     }
@@ -58,35 +43,15 @@ async fn locate_finds_users_on_the_right_nodes() {
     let (_a1, _) = connect(c.gateway(1), "alice").await;
     let (_b, _) = connect(c.gateway(1), "bob").await;
     call(&mut a0, json!({"op":"subscribe","channel":"news"})).await;
-    eventually!(
-        locate(&mut p, "alice").await == ["gw0", "gw1"],
-        "alice not on gw0+gw1"
-    );
+    eventually!(locate(&mut p, "alice").await == ["gw0", "gw1"], "alice not on gw0+gw1");
     eventually!(locate(&mut p, "bob").await == ["gw1"], "bob not on gw1");
-    eventually!(
-        channel_nodes(&mut p, "news").await == ["gw0"],
-        "news interest missing"
-    );
-    let nodes = p
-        .list_nodes(pb::ListNodesRequest {})
-        .await
-        .unwrap()
-        .into_inner()
-        .nodes;
-    assert_eq!(
-        nodes.iter().map(|n| n.node_id.as_str()).collect::<Vec<_>>(),
-        vec!["gw0", "gw1"]
-    );
+    eventually!(channel_nodes(&mut p, "news").await == ["gw0"], "news interest missing");
+    let nodes = p.list_nodes(pb::ListNodesRequest {}).await.unwrap().into_inner().nodes;
+    assert_eq!(nodes.iter().map(|n| n.node_id.as_str()).collect::<Vec<_>>(), vec!["gw0", "gw1"]);
     // Closing a session removes it.
     a0.close(None).await.unwrap();
-    eventually!(
-        locate(&mut p, "alice").await == ["gw1"],
-        "alice's gw0 session still tracked"
-    );
-    eventually!(
-        channel_nodes(&mut p, "news").await.is_empty(),
-        "interest outlived the session"
-    );
+    eventually!(locate(&mut p, "alice").await == ["gw1"], "alice's gw0 session still tracked");
+    eventually!(channel_nodes(&mut p, "news").await.is_empty(), "interest outlived the session");
 }
 
 #[tokio::test]
@@ -103,18 +68,9 @@ async fn presence_restart_is_rebuilt_from_the_gateways_and_no_session_drops() {
     assert_eq!(call(&mut a, json!({"op":"ping"})).await["type"], "pong");
     c.start_presence(0);
     let mut p = client(&c, 0).await;
-    eventually!(
-        locate(&mut p, "alice").await == ["gw0"],
-        "alice not re-sent after restart"
-    );
-    eventually!(
-        locate(&mut p, "bob").await == ["gw1"],
-        "bob not re-sent after restart"
-    );
-    eventually!(
-        channel_nodes(&mut p, "room:r").await == ["gw1"],
-        "interest not re-sent"
-    );
+    eventually!(locate(&mut p, "alice").await == ["gw0"], "alice not re-sent after restart");
+    eventually!(locate(&mut p, "bob").await == ["gw1"], "bob not re-sent after restart");
+    eventually!(channel_nodes(&mut p, "room:r").await == ["gw1"], "interest not re-sent");
     // Both sessions are still the same open sockets.
     assert_eq!(call(&mut a, json!({"op":"ping"})).await["type"], "pong");
     assert_eq!(call(&mut b, json!({"op":"ping"})).await["type"], "pong");
@@ -122,26 +78,13 @@ async fn presence_restart_is_rebuilt_from_the_gateways_and_no_session_drops() {
 
 #[tokio::test]
 async fn a_killed_gateway_vanishes_within_the_lease_and_watch_reports_it() {
-    let mut c = Cluster::builder()
-        .presence(1)
-        .gateways(2)
-        .lease("1s")
-        .start();
+    let mut c = Cluster::builder().presence(1).gateways(2).lease("1s").start();
     let mut p = client(&c, 0).await;
     let (_a, _) = connect(c.gateway(0), "alice").await;
     let (mut v, _) = connect(c.gateway(1), "victim").await;
     call(&mut v, json!({"op":"subscribe","channel":"room:x"})).await;
-    eventually!(
-        locate(&mut p, "victim").await == ["gw1"],
-        "victim not tracked"
-    );
-    let mut watch = p
-        .watch(pb::WatchRequest {
-            initial_state: false,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    eventually!(locate(&mut p, "victim").await == ["gw1"], "victim not tracked");
+    let mut watch = p.watch(pb::WatchRequest { initial_state: false, users: false }).await.unwrap().into_inner();
 
     let killed = std::time::Instant::now();
     c.gateways[1].kill();
@@ -157,11 +100,7 @@ async fn a_killed_gateway_vanishes_within_the_lease_and_watch_reports_it() {
     .expect("no node_down event");
     assert_eq!(down, "gw1");
     // Lease 1s plus the expiry tick: well within 3 s.
-    assert!(
-        killed.elapsed() < Duration::from_secs(3),
-        "took {:?}",
-        killed.elapsed()
-    );
+    assert!(killed.elapsed() < Duration::from_secs(3), "took {:?}", killed.elapsed());
     assert!(locate(&mut p, "victim").await.is_empty());
     assert!(channel_nodes(&mut p, "room:x").await.is_empty());
     assert_eq!(locate(&mut p, "alice").await, ["gw0"]);
@@ -182,14 +121,10 @@ async fn clients_on_different_gateways_see_join_and_leave_once() {
     // The presence op answers cluster-wide.
     let mut p = client(&c, 0).await;
     eventually!(
-        p.channel_members(pb::ChannelMembersRequest {
-            channel: "room:lobby".into(),
-            after: String::new(),
-            limit: 10
-        })
-        .await
-        .map(|r| r.into_inner().total)
-        .unwrap_or(0)
+        p.channel_members(pb::ChannelMembersRequest { channel: "room:lobby".into(), after: String::new(), limit: 10 })
+            .await
+            .map(|r| r.into_inner().total)
+            .unwrap_or(0)
             == 2,
         "members not tracked"
     );
@@ -204,10 +139,7 @@ async fn clients_on_different_gateways_see_join_and_leave_once() {
     send_json(&mut alice, json!({"op":"ping","ref":"end"})).await;
     loop {
         let v = recv_json(&mut alice).await;
-        assert!(
-            v["type"] != "join" && v["type"] != "leave",
-            "extra presence event {v}"
-        );
+        assert!(v["type"] != "join" && v["type"] != "leave", "extra presence event {v}");
         if v["ref"] == "end" {
             break;
         }
@@ -216,11 +148,7 @@ async fn clients_on_different_gateways_see_join_and_leave_once() {
 
 #[tokio::test]
 async fn large_rooms_send_counts() {
-    let c = Cluster::builder()
-        .presence(1)
-        .gateways(2)
-        .large_room(2)
-        .start();
+    let c = Cluster::builder().presence(1).gateways(2).large_room(2).start();
     let (mut watcher, _) = connect(c.gateway(0), "watcher").await;
     call(&mut watcher, json!({"op":"subscribe","channel":"room:big"})).await;
     let mut others = Vec::new();
@@ -232,9 +160,7 @@ async fn large_rooms_send_counts() {
     // 5 members: the count frame eventually says 5.
     let deadline = tokio::time::Instant::now() + WAIT;
     loop {
-        let v = tokio::time::timeout_at(deadline, recv_type(&mut watcher, "presence_count"))
-            .await
-            .expect("no count");
+        let v = tokio::time::timeout_at(deadline, recv_type(&mut watcher, "presence_count")).await.expect("no count");
         if v["members"] == 5 {
             break;
         }
@@ -250,16 +176,10 @@ async fn two_replicas_each_answer_and_a_gateway_started_before_presence_catches_
     let (mut a, _) = connect(c.gateway(0), "alice").await;
     assert_eq!(call(&mut a, json!({"op":"ping"})).await["type"], "pong");
     let mut p0 = client(&c, 0).await;
-    eventually!(
-        locate(&mut p0, "alice").await == ["gw0"],
-        "replica 0 not fed"
-    );
+    eventually!(locate(&mut p0, "alice").await == ["gw0"], "replica 0 not fed");
     c.start_presence(1);
     let mut p1 = client(&c, 1).await;
-    eventually!(
-        locate(&mut p1, "alice").await == ["gw0"],
-        "replica 1 did not catch up"
-    );
+    eventually!(locate(&mut p1, "alice").await == ["gw0"], "replica 1 did not catch up");
     let (_b, _) = connect(c.gateway(0), "bob").await;
     for p in [&mut p0, &mut p1] {
         eventually!(locate(p, "bob").await == ["gw0"], "a replica missed bob");

@@ -19,26 +19,11 @@ impl LocalPresence {
 
 /// A page of `all` (sorted) after `after`.
 pub(super) fn page(all: &[Arc<str>], after: &str, limit: usize) -> Members {
-    let start = if after.is_empty() {
-        0
-    } else {
-        all.partition_point(|u| **u <= *after)
-    };
-    let users: Vec<String> = all[start..]
-        .iter()
-        .take(limit)
-        .map(|u| u.to_string())
-        .collect();
-    let next_after = if start + users.len() < all.len() {
-        users.last().cloned().unwrap_or_default()
-    } else {
-        String::new()
-    };
-    Members {
-        users,
-        total: all.len() as u64,
-        next_after,
-    }
+    let start = if after.is_empty() { 0 } else { all.partition_point(|u| **u <= *after) };
+    let users: Vec<String> = all[start..].iter().take(limit).map(|u| u.to_string()).collect();
+    let next_after =
+        if start + users.len() < all.len() { users.last().cloned().unwrap_or_default() } else { String::new() };
+    Members { users, total: all.len() as u64, next_after }
 }
 
 impl PresenceBackend for LocalPresence {
@@ -47,12 +32,7 @@ impl PresenceBackend for LocalPresence {
     fn subscribed(&self, _: u64, _: &Arc<str>) {}
     fn unsubscribed(&self, _: u64, _: &str) {}
 
-    fn members<'a>(
-        &'a self,
-        channel: &'a str,
-        after: &'a str,
-        limit: usize,
-    ) -> QueryFuture<'a, Members> {
+    fn members<'a>(&'a self, channel: &'a str, after: &'a str, limit: usize) -> QueryFuture<'a, Members> {
         let m = page(&self.hub.channel_users(channel), after, limit);
         Box::pin(std::future::ready(m))
     }

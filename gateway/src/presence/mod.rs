@@ -35,12 +35,7 @@ pub trait PresenceBackend: Send + Sync + std::fmt::Debug + 'static {
     fn subscribed(&self, conn_id: u64, channel: &Arc<str>);
     fn unsubscribed(&self, conn_id: u64, channel: &str);
     /// Members of a channel, cluster-wide, sorted, after `after`.
-    fn members<'a>(
-        &'a self,
-        channel: &'a str,
-        after: &'a str,
-        limit: usize,
-    ) -> QueryFuture<'a, Members>;
+    fn members<'a>(&'a self, channel: &'a str, after: &'a str, limit: usize) -> QueryFuture<'a, Members>;
     /// Live connections of each user, cluster-wide.
     fn connections<'a>(&'a self, users: &'a [String]) -> QueryFuture<'a, Vec<u32>>;
 }

@@ -106,33 +106,15 @@ impl RemotePresence {
             clients.push(PresenceClient::new(channel));
             let (tx, rx) = mpsc::channel(DELTA_QUEUE);
             let resync = Arc::new(AtomicBool::new(false));
-            tokio::spawn(link_task(
-                addr.clone(),
-                hub.clone(),
-                cfg.clone(),
-                rx,
-                resync.clone(),
-                stop.clone(),
-            ));
-            links.push(Link {
-                addr: addr.clone(),
-                deltas: tx,
-                resync,
-            });
+            tokio::spawn(link_task(addr.clone(), hub.clone(), cfg.clone(), rx, resync.clone(), stop.clone()));
+            links.push(Link { addr: addr.clone(), deltas: tx, resync });
         }
         tokio::spawn(watch_task(clients.clone(), hub.clone(), stop));
-        Ok(Arc::new(Self {
-            hub,
-            links,
-            clients,
-            next: AtomicU64::new(0),
-        }))
+        Ok(Arc::new(Self { hub, links, clients, next: AtomicU64::new(0) }))
     }
 
     fn push(&self, change: pb::delta::Change) {
-        let delta = pb::Delta {
-            change: Some(change),
-        };
+        let delta = pb::Delta { change: Some(change) };
         for link in &self.links {
             if link.resync.load(Ordering::Relaxed) {
                 continue;
@@ -162,25 +144,14 @@ impl PresenceBackend for RemotePresence {
     }
 
     fn subscribed(&self, conn_id: u64, channel: &Arc<str>) {
-        self.push(pb::delta::Change::Subscribe(pb::ChannelChange {
-            conn_id,
-            channel: channel.to_string(),
-        }));
+        self.push(pb::delta::Change::Subscribe(pb::ChannelChange { conn_id, channel: channel.to_string() }));
     }
 
     fn unsubscribed(&self, conn_id: u64, channel: &str) {
-        self.push(pb::delta::Change::Unsubscribe(pb::ChannelChange {
-            conn_id,
-            channel: channel.to_owned(),
-        }));
+        self.push(pb::delta::Change::Unsubscribe(pb::ChannelChange { conn_id, channel: channel.to_owned() }));
     }
 
-    fn members<'a>(
-        &'a self,
-        channel: &'a str,
-        after: &'a str,
-        limit: usize,
-    ) -> QueryFuture<'a, Members> {
+    fn members<'a>(&'a self, channel: &'a str, after: &'a str, limit: usize) -> QueryFuture<'a, Members> {
         Box::pin(async move {
             for mut client in self.rotation() {
                 let req = pb::ChannelMembersRequest {
@@ -191,11 +162,7 @@ impl PresenceBackend for RemotePresence {
                 match tokio::time::timeout(QUERY_TIMEOUT, client.channel_members(req)).await {
                     Ok(Ok(r)) => {
                         let r = r.into_inner();
-                        return Members {
-                            users: r.users,
-                            total: r.total,
-                            next_after: r.next_after,
-                        };
+                        return Members { users: r.users, total: r.total, next_after: r.next_after };
                     }
                     Ok(Err(status)) if status.code() == tonic::Code::FailedPrecondition => {
                         // Not a presence channel there: members are not tracked cluster-wide.
@@ -212,18 +179,9 @@ impl PresenceBackend for RemotePresence {
     fn connections<'a>(&'a self, users: &'a [String]) -> QueryFuture<'a, Vec<u32>> {
         Box::pin(async move {
             for mut client in self.rotation() {
-                let req = pb::LocateUsersRequest {
-                    users: users.to_vec(),
-                };
-                if let Ok(Ok(r)) =
-                    tokio::time::timeout(QUERY_TIMEOUT, client.locate_users(req)).await
-                {
-                    return r
-                        .into_inner()
-                        .users
-                        .iter()
-                        .map(|u| u.connections.len() as u32)
-                        .collect();
+                let req = pb::LocateUsersRequest { users: users.to_vec() };
+                if let Ok(Ok(r)) = tokio::time::timeout(QUERY_TIMEOUT, client.locate_users(req)).await {
+                    return r.into_inner().users.iter().map(|u| u.connections.len() as u32).collect();
                 }
             }
             metrics::counter!(m::PRESENCE_FALLBACKS).increment(1);
@@ -254,17 +212,7 @@ async fn link_task(
     let mut backoff = Backoff::new();
     let mut seq = 0u64;
     loop {
-        let result = link_session(
-            &addr,
-            &hub,
-            &cfg,
-            &mut deltas,
-            &resync,
-            &stop,
-            &mut seq,
-            &mut backoff,
-        )
-        .await;
+        let result = link_session(&addr, &hub, &cfg, &mut deltas, &resync, &stop, &mut seq, &mut backoff).await;
         metrics::gauge!(m::PRESENCE_LINKS_UP).decrement(1.0);
         match result {
             Ok(()) => return,
@@ -300,11 +248,7 @@ async fn link_session(
     let (out, out_rx) = mpsc::channel::<pb::GatewayMessage>(8);
     let send = |msg: Msg| {
         let out = out.clone();
-        async move {
-            out.send(pb::GatewayMessage { msg: Some(msg) })
-                .await
-                .map_err(|_| LinkError::Closed)
-        }
+        async move { out.send(pb::GatewayMessage { msg: Some(msg) }).await.map_err(|_| LinkError::Closed) }
     };
     send(Msg::Hello(pb::Hello {
         node_id: cfg.node_id.clone(),
@@ -326,20 +270,12 @@ async fn link_session(
             resync.store(false, Ordering::Relaxed);
             let snapshot = hub.presence_snapshot();
             *seq += 1;
-            let chunks: Vec<&[ConnRecord]> = if snapshot.is_empty() {
-                vec![&[]]
-            } else {
-                snapshot.chunks(CHUNK).collect()
-            };
+            let chunks: Vec<&[ConnRecord]> =
+                if snapshot.is_empty() { vec![&[]] } else { snapshot.chunks(CHUNK).collect() };
             let last = chunks.len() - 1;
             for (i, chunk) in chunks.into_iter().enumerate() {
                 let connections = chunk.iter().map(conn_pb).collect();
-                send(Msg::Snapshot(pb::SnapshotChunk {
-                    connections,
-                    last: i == last,
-                    seq: *seq,
-                }))
-                .await?;
+                send(Msg::Snapshot(pb::SnapshotChunk { connections, last: i == last, seq: *seq })).await?;
             }
             tracing::info!(presence = %addr, connections = snapshot.len(), "snapshot sent");
             if !need_snapshot {
@@ -392,7 +328,7 @@ async fn watch_task(clients: Vec<PresenceClient<Channel>>, hub: Arc<Hub>, stop: 
         i += 1;
         let opened = tokio::select! {
             () = stop.cancelled() => return,
-            r = client.watch(pb::WatchRequest { initial_state: false }) => r,
+            r = client.watch(pb::WatchRequest { initial_state: false, users: false }) => r,
         };
         if let Ok(resp) = opened {
             let mut stream = resp.into_inner();
@@ -404,18 +340,9 @@ async fn watch_task(clients: Vec<PresenceClient<Channel>>, hub: Arc<Hub>, stop: 
                 let Ok(Some(ev)) = next else { break };
                 backoff.reset();
                 let (channel, frame) = match ev.event {
-                    Some(Event::Join(j)) => (
-                        j.channel.clone(),
-                        protocol::membership(true, &j.channel, &j.user),
-                    ),
-                    Some(Event::Leave(l)) => (
-                        l.channel.clone(),
-                        protocol::membership(false, &l.channel, &l.user),
-                    ),
-                    Some(Event::Count(c)) => (
-                        c.channel.clone(),
-                        protocol::member_count(&c.channel, c.members),
-                    ),
+                    Some(Event::Join(j)) => (j.channel.clone(), protocol::membership(true, &j.channel, &j.user)),
+                    Some(Event::Leave(l)) => (l.channel.clone(), protocol::membership(false, &l.channel, &l.user)),
+                    Some(Event::Count(c)) => (c.channel.clone(), protocol::member_count(&c.channel, c.members)),
                     _ => continue,
                 };
                 if hub.has_subscribers(&channel) {

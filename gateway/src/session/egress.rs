@@ -26,11 +26,7 @@ const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 async fn write_all(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
     let mut start = 0;
     while start < bufs.len() {
-        let slices: Vec<IoSlice<'_>> = bufs[start..]
-            .iter()
-            .take(BATCH)
-            .map(|b| IoSlice::new(b))
-            .collect();
+        let slices: Vec<IoSlice<'_>> = bufs[start..].iter().take(BATCH).map(|b| IoSlice::new(b)).collect();
         let mut n = w.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());

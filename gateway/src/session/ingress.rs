@@ -35,9 +35,9 @@ fn error_reason(e: &WebSocketError) -> CloseReason {
     match e {
         WebSocketError::FrameTooLarge => CloseReason::TooBig,
         WebSocketError::InvalidUTF8 => CloseReason::InvalidUtf8,
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => CloseReason::Gone,
+        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
+            CloseReason::Gone
+        }
         _ => CloseReason::Protocol,
     }
 }
@@ -63,11 +63,7 @@ pub(super) async fn run(
 ) {
     let cfg = &node.config;
     let stream = std::io::Cursor::new(leftover).chain(read);
-    let (mut ws, _) = fastwebsockets::after_handshake_split(
-        stream,
-        tokio::io::sink(),
-        fastwebsockets::Role::Server,
-    );
+    let (mut ws, _) = fastwebsockets::after_handshake_split(stream, tokio::io::sink(), fastwebsockets::Role::Server);
     ws.set_auto_close(false);
     ws.set_auto_pong(false);
     // fastwebsockets unmasks (it must, to check UTF-8) but keeps the mask key,
@@ -107,26 +103,17 @@ pub(super) async fn run(
             }
             OpCode::Pong => continue,
             OpCode::Text | OpCode::Binary if state.fragments.is_some() => {
-                ctl.close(
-                    CloseReason::Protocol,
-                    Some("new message inside a fragmented one"),
-                );
+                ctl.close(CloseReason::Protocol, Some("new message inside a fragmented one"));
                 return;
             }
             OpCode::Text | OpCode::Binary if !frame.fin => {
                 state.fragments = Some((frame.opcode == OpCode::Text, frame.payload.to_vec()));
                 continue;
             }
-            OpCode::Text | OpCode::Binary => (
-                frame.opcode == OpCode::Text,
-                Bytes::from(frame.payload.to_vec()),
-            ),
+            OpCode::Text | OpCode::Binary => (frame.opcode == OpCode::Text, Bytes::from(frame.payload.to_vec())),
             OpCode::Continuation => {
                 let Some((_, buf)) = state.fragments.as_mut() else {
-                    ctl.close(
-                        CloseReason::Protocol,
-                        Some("continuation without a message"),
-                    );
+                    ctl.close(CloseReason::Protocol, Some("continuation without a message"));
                     return;
                 };
                 if buf.len() + frame.payload.len() > cfg.max_message_bytes {
@@ -220,13 +207,7 @@ fn admit(
         RateDecision::Allow => Ok(true),
         RateDecision::Refuse { retry_after } => {
             let ms = retry_after.as_millis() as u64 + 1;
-            refuse(
-                handle,
-                r,
-                ErrorCode::RateLimited,
-                "publish rate exceeded",
-                Some(ms),
-            );
+            refuse(handle, r, ErrorCode::RateLimited, "publish rate exceeded", Some(ms));
             Ok(false)
         }
         RateDecision::Flood => Err(CloseReason::Flood),
@@ -262,23 +243,11 @@ async fn command(
     match req.command {
         Command::Subscribe { channel } => {
             if !identity.may_use(&channel) {
-                refuse(
-                    handle,
-                    r,
-                    ErrorCode::Forbidden,
-                    "not allowed on this channel",
-                    None,
-                );
+                refuse(handle, r, ErrorCode::Forbidden, "not allowed on this channel", None);
             } else if state.subscriptions.contains(&*channel) {
                 reply(handle, protocol::ack(r, None, None, None));
             } else if state.subscriptions.len() >= node.config.max_subscriptions {
-                refuse(
-                    handle,
-                    r,
-                    ErrorCode::TooManySubscriptions,
-                    "subscription limit reached",
-                    None,
-                );
+                refuse(handle, r, ErrorCode::TooManySubscriptions, "subscription limit reached", None);
             } else {
                 let channel: Arc<str> = channel.into();
                 // The ack goes first so that it precedes the subscriber's own join event.
@@ -299,32 +268,17 @@ async fn command(
         }
         Command::Presence { channel } => {
             if identity.may_use(&channel) {
-                let members = node
-                    .presence
-                    .members(&channel, "", PRESENCE_REPLY_MAX)
-                    .await;
+                let members = node.presence.members(&channel, "", PRESENCE_REPLY_MAX).await;
                 let users: Vec<Arc<str>> = members.users.into_iter().map(Arc::from).collect();
                 reply(handle, protocol::presence(r, &channel, &users));
             } else {
-                refuse(
-                    handle,
-                    r,
-                    ErrorCode::Forbidden,
-                    "not allowed on this channel",
-                    None,
-                );
+                refuse(handle, r, ErrorCode::Forbidden, "not allowed on this channel", None);
             }
         }
         Command::Ping => reply(handle, protocol::pong(r)),
         Command::Publish { channel, data } => {
             if !identity.may_use(&channel) {
-                refuse(
-                    handle,
-                    r,
-                    ErrorCode::Forbidden,
-                    "not allowed on this channel",
-                    None,
-                );
+                refuse(handle, r, ErrorCode::Forbidden, "not allowed on this channel", None);
                 return Ok(());
             }
             if !admit(handle, state, r)? {
@@ -332,13 +286,7 @@ async fn command(
             }
             match node.bus.publish(&channel, &identity.user, data.get()).await {
                 Ok(a) => reply(handle, protocol::ack(r, Some(&a.id), a.seq, None)),
-                Err(e) => refuse(
-                    handle,
-                    r,
-                    ErrorCode::Unavailable,
-                    &e.to_string(),
-                    Some(1000),
-                ),
+                Err(e) => refuse(handle, r, ErrorCode::Unavailable, &e.to_string(), Some(1000)),
             }
         }
         Command::Send { user, data } => {
@@ -346,17 +294,8 @@ async fn command(
                 return Ok(());
             }
             match node.bus.send(&user, &identity.user, data.get()).await {
-                Ok(a) => reply(
-                    handle,
-                    protocol::ack(r, Some(&a.id), None, Some(a.delivered)),
-                ),
-                Err(e) => refuse(
-                    handle,
-                    r,
-                    ErrorCode::Unavailable,
-                    &e.to_string(),
-                    Some(1000),
-                ),
+                Ok(a) => reply(handle, protocol::ack(r, Some(&a.id), None, Some(a.delivered))),
+                Err(e) => refuse(handle, r, ErrorCode::Unavailable, &e.to_string(), Some(1000)),
             }
         }
     }

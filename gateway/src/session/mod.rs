@@ -77,9 +77,8 @@ pub async fn run(
     let cfg = &node.config;
     let (tx, rx) = mpsc::channel(cfg.send_queue);
     let ctl = Arc::new(SessionCtl::default());
-    let connected_at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64);
+    let connected_at_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let handle = SessionHandle {
         id: conn_id,
         user: identity.user.clone(),
@@ -107,9 +106,7 @@ pub async fn run(
     let started = Instant::now();
     let last_seen = AtomicU64::new(0);
     let expires = identity.expires_at.map(|exp| {
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
         started + Duration::from_secs(exp).saturating_sub(now)
     });
 
@@ -119,9 +116,7 @@ pub async fn run(
         fragments: None,
     };
     {
-        let reader = ingress::run(
-            &node, &identity, &handle, &mut state, read, leftover, &last_seen, started, mode,
-        );
+        let reader = ingress::run(&node, &identity, &handle, &mut state, read, leftover, &last_seen, started, mode);
         let writer = egress::run(cfg, &ctl, rx, write, &last_seen, started, expires, &stop);
         tokio::pin!(reader, writer);
         tokio::select! {
@@ -137,8 +132,7 @@ pub async fn run(
     let reason = ctl.requested().map_or(CloseReason::Gone, |(r, _)| r);
     let subs = state.subscriptions.len();
     if mode == Mode::Protocol {
-        node.hub
-            .unregister(conn_id, &identity.user, state.subscriptions.drain());
+        node.hub.unregister(conn_id, &identity.user, state.subscriptions.drain());
         node.presence.disconnected(conn_id);
     }
     metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(subs as f64);

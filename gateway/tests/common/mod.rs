@@ -17,9 +17,7 @@ pub use switchboard_tests::ws::*;
 
 fn metrics_handle() -> metrics_exporter_prometheus::PrometheusHandle {
     static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
-    HANDLE
-        .get_or_init(|| kit::telemetry::init_metrics(gateway::metrics::BUCKETS).expect("recorder"))
-        .clone()
+    HANDLE.get_or_init(|| kit::telemetry::init_metrics(gateway::metrics::BUCKETS).expect("recorder")).clone()
 }
 
 /// A gateway running inside the test process; dropping it shuts it down.
@@ -63,17 +61,9 @@ impl Gateway {
         let stop = shutdown.clone();
         let metrics = Some(metrics_handle());
         let task = tokio::spawn(async move {
-            gateway::run(settings, listeners, metrics, stop)
-                .await
-                .expect("gateway run");
+            gateway::run(settings, listeners, metrics, stop).await.expect("gateway run");
         });
-        Self {
-            client,
-            grpc,
-            admin,
-            shutdown,
-            task: Some(task),
-        }
+        Self { client, grpc, admin, shutdown, task: Some(task) }
     }
 
     pub fn url(&self, query: &str) -> String {
@@ -91,11 +81,8 @@ impl Gateway {
 
     pub async fn ws_with_header(&self, token: &str) -> Result<Ws, tungstenite::Error> {
         let mut req = self.url("").into_client_request().unwrap();
-        req.headers_mut()
-            .insert("authorization", format!("Bearer {token}").parse().unwrap());
-        tokio_tungstenite::connect_async(req)
-            .await
-            .map(|(ws, _)| ws)
+        req.headers_mut().insert("authorization", format!("Bearer {token}").parse().unwrap());
+        tokio_tungstenite::connect_async(req).await.map(|(ws, _)| ws)
     }
 
     /// GET on the admin port; returns (status, body).
@@ -107,10 +94,7 @@ impl Gateway {
     pub async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(t) = self.task.take() {
-            tokio::time::timeout(Duration::from_secs(30), t)
-                .await
-                .expect("gateway stops")
-                .expect("no panic");
+            tokio::time::timeout(Duration::from_secs(30), t).await.expect("gateway stops").expect("no panic");
         }
     }
 }
