@@ -87,7 +87,12 @@ pub struct Cli {
     /// Presence replicas (`http://host:port`, comma-separated). Empty: standalone, in-process presence.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_PRESENCE_ADDRS", value_delimiter = ',')]
     pub presence_addrs: Vec<String>,
+    /// broker-bridge Push API addresses (`http://host:port`, comma-separated). Empty: standalone,
+    /// in-process bus. Requires `--presence-addrs` (the bridges route by presence).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_BRIDGE_ADDRS", value_delimiter = ',')]
+    pub bridge_addrs: Vec<String>,
     /// Address where this gateway takes deliveries from broker-bridge (reported to presence).
+    /// Default: `http://<grpc address>` when that is a specific IP.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_DELIVERY_ADDR", default_value = "")]
     pub delivery_addr: String,
     /// Window over which sessions are closed when draining.

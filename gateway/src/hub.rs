@@ -265,6 +265,27 @@ impl Hub {
         Published { seq, delivered }
     }
 
+    /// Delivers a channel message whose sequence number was assigned upstream
+    /// (cluster mode: Kafka offset + 1). A sequence not above the channel's last
+    /// one is a duplicate or a late redelivery and is dropped: `None`.
+    pub fn publish_at(&self, channel: &str, id: &str, from: &str, seq: u64, data: &str) -> Option<u64> {
+        let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
+        let Some(ch) = ch else { return Some(0) };
+        let mut st = ch.state.lock();
+        if seq <= st.seq {
+            return None;
+        }
+        st.seq = seq;
+        let frame = wire::text(&protocol::message(channel, id, from, seq, data));
+        let mut delivered = 0;
+        for sub in st.subs.values() {
+            delivered += u64::from(sub.deliver(&frame));
+        }
+        drop(st);
+        metrics::counter!(m::MESSAGES_OUT, "kind" => "message").increment(delivered);
+        Some(delivered)
+    }
+
     /// Queues a frame (no sequence number: presence events) to every local
     /// subscriber of `channel`; returns how many took it.
     pub fn deliver_to_channel(&self, channel: &str, frame: &Bytes) -> u64 {

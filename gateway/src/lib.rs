@@ -8,6 +8,7 @@
 //! - [`handshake`]: routing, Origin allow-list, JWT auth ([`auth`]), the upgrade;
 //! - [`session`] (ingress/egress): framing rules, commands, limits ([`policy`]), heartbeats;
 //! - [`bus`] (publish): the seam where messages leave the session ([`bus::LocalBus`] here);
+//! - [`delivery`] (deliver, cluster mode): messages streamed in by broker-bridge;
 //! - [`hub`] (fanout): sharded channels and users, encode once, bounded queues;
 //! - [`wire`] and [`protocol`]: server frames and the JSON client protocol;
 //! - [`presence`]: the presence seam (local hub, or remote replicas over gRPC);
@@ -16,6 +17,7 @@
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod delivery;
 pub mod demo;
 pub mod handshake;
 pub mod hub;
@@ -30,4 +32,4 @@ pub mod wire;
 
 mod run;
 
-pub use run::{Listeners, Settings, SettingsError, run};
+pub use run::{Listeners, RunError, Settings, SettingsError, run};

@@ -15,6 +15,10 @@ pub const QUEUE_FULL: &str = "switchboard_gateway_queue_full_total";
 pub const SUBSCRIPTIONS_ACTIVE: &str = "switchboard_gateway_subscriptions_active";
 pub const ACCEPT_ERRORS: &str = "switchboard_gateway_accept_errors_total";
 pub const PUSH_REQUESTS: &str = "switchboard_gateway_push_requests_total";
+pub const END_TO_END: &str = "switchboard_gateway_end_to_end_latency_seconds";
+pub const DUPLICATES_DROPPED: &str = "switchboard_gateway_duplicates_dropped_total";
+pub const DELIVERIES: &str = "switchboard_gateway_deliveries_total";
+pub const DELIVERY_STREAMS: &str = "switchboard_gateway_delivery_streams";
 pub const PRESENCE_LINKS_UP: &str = "switchboard_gateway_presence_links_up";
 pub const PRESENCE_RECONNECTS: &str = "switchboard_gateway_presence_reconnects_total";
 pub const PRESENCE_RESYNCS: &str = "switchboard_gateway_presence_resyncs_total";
@@ -41,6 +45,14 @@ pub fn describe() {
     describe_gauge!(SUBSCRIPTIONS_ACTIVE, "Channel subscriptions held by sessions now.");
     describe_counter!(ACCEPT_ERRORS, "Errors accepting TCP connections (e.g. EMFILE).");
     describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
+    describe_histogram!(
+        END_TO_END,
+        Unit::Seconds,
+        "Cluster mode: from the bridge accepting a message to its frame queued on local sockets."
+    );
+    describe_counter!(DUPLICATES_DROPPED, "Cluster mode: redelivered messages dropped (already delivered here).");
+    describe_counter!(DELIVERIES, "Cluster mode: messages received from broker-bridge.");
+    describe_gauge!(DELIVERY_STREAMS, "Cluster mode: open delivery streams from broker-bridges.");
     describe_gauge!(PRESENCE_LINKS_UP, "Presence replicas this gateway is streaming to (connecting or connected).");
     describe_counter!(PRESENCE_RECONNECTS, "Presence links that broke and are being re-established.");
     describe_counter!(PRESENCE_RESYNCS, "Fresh snapshots sent on a live link because the delta queue overflowed.");

@@ -38,7 +38,10 @@ fn ok(method: &'static str) {
 
 impl From<BusError> for Status {
     fn from(e: BusError) -> Self {
-        Status::unavailable(e.to_string())
+        match e {
+            BusError::Unavailable(m) => Status::unavailable(format!("{m}; retry")),
+            BusError::Invalid(m) => Status::invalid_argument(m),
+        }
     }
 }
 
@@ -108,7 +111,7 @@ impl Push for PushService {
             return Err(invalid("disconnect", "reason must be at most 120 bytes"));
         }
         let reason = if r.reason.is_empty() { "disconnected" } else { &r.reason };
-        let closed = self.hub.disconnect_user(&r.user, reason);
+        let closed = self.bus.disconnect(&r.user, reason).await?.delivered;
         ok("disconnect");
         Ok(Response::new(pb::DisconnectResponse { closed }))
     }

@@ -11,8 +11,9 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::auth::Verifier;
-use crate::bus::LocalBus;
+use crate::bus::{LocalBus, RemoteBus};
 use crate::config::Cli;
+use crate::delivery::{Dedupe, DeliveryService};
 use crate::hub::Hub;
 use crate::presence::{LocalPresence, PresenceBackend, RemoteConfig, RemotePresence};
 use crate::push::PushService;
@@ -34,6 +35,8 @@ pub enum SettingsError {
     TooManyConnections { asked: u32, nofile: u64, allowed: usize },
     #[error("--heartbeat-interval and --heartbeat-timeout must be above zero")]
     Heartbeat,
+    #[error("--bridge-addrs needs --presence-addrs: the bridges route messages by presence")]
+    BridgeWithoutPresence,
 }
 
 /// Everything `run` needs, checked.
@@ -51,6 +54,7 @@ pub struct Settings {
     pub large_room: usize,
     pub presence_addrs: Vec<String>,
     pub delivery_addr: String,
+    pub bridge_addrs: Vec<String>,
     pub drain: Drain,
     pub nofile: u64,
 }
@@ -92,6 +96,10 @@ impl Settings {
         if cli.heartbeat_interval.is_zero() || cli.heartbeat_timeout.is_zero() {
             return Err(SettingsError::Heartbeat);
         }
+        let bridge_addrs: Vec<String> = cli.bridge_addrs.iter().filter(|a| !a.is_empty()).cloned().collect();
+        if !bridge_addrs.is_empty() && cli.presence_addrs.iter().all(|a| a.is_empty()) {
+            return Err(SettingsError::BridgeWithoutPresence);
+        }
         // Raise the soft limit to the hard one; the caps derive from what we got.
         let nofile = rlimit::increase_nofile_limit(u64::MAX)
             .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
@@ -126,6 +134,7 @@ impl Settings {
             large_room: cli.large_room,
             presence_addrs: cli.presence_addrs.iter().filter(|a| !a.is_empty()).cloned().collect(),
             delivery_addr: cli.delivery_addr.clone(),
+            bridge_addrs,
             drain: Drain { window: cli.drain_window, grace: cli.drain_grace },
             nofile,
         })
@@ -164,19 +173,41 @@ fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::from_std(socket.into())
 }
 
-/// Runs a standalone gateway until `shutdown` is cancelled, then drains and returns.
+/// Why a gateway stopped with an error.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("--delivery-addr is required when the gRPC address ({0}) is not a specific IP")]
+    DeliveryAddr(std::net::SocketAddr),
+    #[error(transparent)]
+    Grpc(#[from] tonic::transport::Error),
+}
+
+/// Runs a gateway until `shutdown` is cancelled, then drains and returns.
 pub async fn run(
     settings: Settings,
     listeners: Listeners,
     metrics: Option<PrometheusHandle>,
     shutdown: CancellationToken,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), RunError> {
     crate::metrics::describe();
+    let grpc_addr = listeners.grpc.local_addr().map_err(|_| RunError::DeliveryAddr(([0, 0, 0, 0], 0).into()))?;
+    let delivery_addr = match settings.delivery_addr.as_str() {
+        "" if grpc_addr.ip().is_unspecified() && !settings.bridge_addrs.is_empty() => {
+            return Err(RunError::DeliveryAddr(grpc_addr));
+        }
+        "" => format!("http://{grpc_addr}"),
+        a => a.to_owned(),
+    };
     let remote = !settings.presence_addrs.is_empty();
     // With remote presence, joins and leaves come from its Watch stream, not the hub.
     let patterns = if remote { Vec::new() } else { settings.presence_channels.clone() };
     let hub = Arc::new(Hub::new(patterns, settings.large_room));
-    let bus: Arc<dyn crate::bus::Bus> = Arc::new(LocalBus::new(hub.clone()));
+    let bus: Arc<dyn crate::bus::Bus> = if settings.bridge_addrs.is_empty() {
+        Arc::new(LocalBus::new(hub.clone()))
+    } else {
+        // The bridge answers within its produce timeout (5 s by default); allow margin.
+        Arc::new(RemoteBus::new(&settings.bridge_addrs, Duration::from_secs(8))?)
+    };
     let stop_presence = CancellationToken::new();
     let presence: Arc<dyn PresenceBackend> = if remote {
         let boot_epoch =
@@ -184,7 +215,7 @@ pub async fn run(
         let cfg = RemoteConfig {
             addrs: settings.presence_addrs.clone(),
             node_id: settings.session.node_id.to_string(),
-            delivery_addr: settings.delivery_addr.clone(),
+            delivery_addr: delivery_addr.clone(),
             boot_epoch,
         };
         RemotePresence::start(hub.clone(), cfg, stop_presence.clone())?
@@ -230,6 +261,8 @@ pub async fn run(
     ));
 
     let push = PushService { hub, bus, presence, max_message_bytes: settings.session.max_message_bytes };
+    let delivery = (!settings.bridge_addrs.is_empty())
+        .then(|| DeliveryService { hub: server.node.hub.clone(), dedupe: Arc::new(Dedupe::new(200_000)) });
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<proto::push::v1::push_server::PushServer<PushService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -242,15 +275,19 @@ pub async fn run(
         .build_v1alpha();
     let stop_grpc = CancellationToken::new();
     let grpc_stop = stop_grpc.clone();
-    let grpc = tonic::transport::Server::builder()
-        .timeout(Duration::from_secs(10))
-        .add_service(health_service)
-        .add_service(reflection_v1.expect("registered descriptor sets are valid"))
-        .add_service(reflection_v1alpha.expect("registered descriptor sets are valid"))
-        .add_service(proto::push::v1::push_server::PushServer::new(push))
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), async move {
-            grpc_stop.cancelled().await
-        });
+    let grpc =
+        tonic::transport::Server::builder()
+            .timeout(Duration::from_secs(10))
+            .add_service(health_service)
+            .add_service(reflection_v1.expect("registered descriptor sets are valid"))
+            .add_service(reflection_v1alpha.expect("registered descriptor sets are valid"))
+            .add_service(proto::push::v1::push_server::PushServer::new(push))
+            .add_optional_service(delivery.map(|d| {
+                proto::bridge::v1::delivery_server::DeliveryServer::new(d).max_decoding_message_size(64 << 20)
+            }))
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), async move {
+                grpc_stop.cancelled().await
+            });
     let grpc = tokio::spawn(grpc);
 
     let accept = tokio::spawn(server.clone().accept_loop(listeners.client));
@@ -277,7 +314,7 @@ pub async fn run(
     let _ = admin.await;
     tracing::info!("gateway stopped");
     match grpc_result {
-        Ok(r) => r,
+        Ok(r) => r.map_err(RunError::from),
         Err(_) => Ok(()),
     }
 }

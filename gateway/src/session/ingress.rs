@@ -13,6 +13,7 @@ use tokio::time::Instant;
 
 use super::{Mode, Node};
 use crate::auth::Identity;
+use crate::bus::BusError;
 use crate::hub::SessionHandle;
 use crate::metrics as m;
 use crate::policy::{CloseReason, RateDecision, TokenBucket};
@@ -214,6 +215,13 @@ fn admit(
     }
 }
 
+fn bus_refusal(handle: &SessionHandle, r: Option<&serde_json::value::RawValue>, e: &BusError) {
+    match e {
+        BusError::Unavailable(m) => refuse(handle, r, ErrorCode::Unavailable, m, Some(1000)),
+        BusError::Invalid(m) => refuse(handle, r, ErrorCode::BadRequest, m, None),
+    }
+}
+
 /// Runs one text command. `Err` closes the session with that reason.
 async fn command(
     node: &Node,
@@ -286,7 +294,7 @@ async fn command(
             }
             match node.bus.publish(&channel, &identity.user, data.get()).await {
                 Ok(a) => reply(handle, protocol::ack(r, Some(&a.id), a.seq, None)),
-                Err(e) => refuse(handle, r, ErrorCode::Unavailable, &e.to_string(), Some(1000)),
+                Err(e) => bus_refusal(handle, r, &e),
             }
         }
         Command::Send { user, data } => {
@@ -295,7 +303,7 @@ async fn command(
             }
             match node.bus.send(&user, &identity.user, data.get()).await {
                 Ok(a) => reply(handle, protocol::ack(r, Some(&a.id), None, Some(a.delivered))),
-                Err(e) => refuse(handle, r, ErrorCode::Unavailable, &e.to_string(), Some(1000)),
+                Err(e) => bus_refusal(handle, r, &e),
             }
         }
     }

@@ -1,7 +1,11 @@
 //! The message bus seam: where a publish or a direct message goes after the
 //! session accepted it. Standalone mode uses [`LocalBus`], which assigns the id
 //! and fans out in-process; the distributed mode (broker-bridge) implements the
-//! same trait over gRPC.
+//! same trait over gRPC ([`RemoteBus`]).
+
+mod remote;
+
+pub use remote::RemoteBus;
 
 use std::future::Future;
 use std::pin::Pin;
@@ -16,8 +20,12 @@ use crate::{protocol, wire};
 /// Why the bus could not take a message. Retryable.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BusError {
+    /// Not stored; retry later.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// Refused as malformed; retrying will not help.
+    #[error("refused: {0}")]
+    Invalid(String),
 }
 
 /// What the bus did with a message.
@@ -41,6 +49,8 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
     fn send<'a>(&'a self, to: &'a str, from: &'a str, data: &'a str) -> BusFuture<'a>;
     /// Sends to every session.
     fn broadcast<'a>(&'a self, from: &'a str, data: &'a str) -> BusFuture<'a>;
+    /// Closes every session of `user` with 4004; `delivered` is the number closed when known.
+    fn disconnect<'a>(&'a self, user: &'a str, reason: &'a str) -> BusFuture<'a>;
 }
 
 /// Unique message ids for one process: boot time plus a counter.
@@ -115,5 +125,10 @@ impl Bus for LocalBus {
     fn broadcast<'a>(&'a self, from: &'a str, data: &'a str) -> BusFuture<'a> {
         let r = self.broadcast_now(from, data);
         Box::pin(std::future::ready(Ok(r)))
+    }
+
+    fn disconnect<'a>(&'a self, user: &'a str, reason: &'a str) -> BusFuture<'a> {
+        let closed = self.hub.disconnect_user(user, reason);
+        Box::pin(std::future::ready(Ok(Accepted { id: String::new(), seq: None, delivered: closed })))
     }
 }

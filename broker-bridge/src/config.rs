@@ -1,0 +1,96 @@
+//! broker-bridge configuration: every flag is also a `SWITCHBOARD_BRIDGE_*` variable.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+
+#[derive(Debug, Clone, Parser)]
+#[command(name = "broker-bridge", version, about = "Switchboard Kafka bridge and Push API", args_override_self = true)]
+pub struct Cli {
+    /// gRPC address of the Push API (gateways and internal services).
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_LISTEN", default_value = "0.0.0.0:50052")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub common: kit::args::CommonArgs,
+    /// This bridge's id (in message ids and logs). Default: hostname-pid.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_ID")]
+    pub bridge_id: Option<String>,
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// The messages topic.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_TOPIC", default_value = "switchboard.messages")]
+    pub topic: String,
+    /// Consumer group shared by all bridges.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_GROUP", default_value = "switchboard-bridge")]
+    pub group: String,
+    /// Create the topic at start if it is missing.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_CREATE_TOPICS", default_value = "true", action = clap::ArgAction::Set)]
+    pub create_topics: bool,
+    /// Partitions of a created topic.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_PARTITIONS", default_value = "12")]
+    pub partitions: i32,
+    /// Replication factor of a created topic.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_REPLICATION", default_value = "1")]
+    pub replication: i32,
+    /// Retention of a created topic.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_RETENTION", value_parser = parse_duration, default_value = "1h")]
+    pub retention: Duration,
+    /// Extra librdkafka settings, `key=value`, repeatable (e.g. fetch.wait.max.ms=10).
+    #[arg(long = "kafka-option", env = "SWITCHBOARD_BRIDGE_KAFKA_OPTIONS", value_delimiter = ',')]
+    pub kafka_options: Vec<String>,
+    /// Presence replicas (`http://host:port`, comma-separated), for routing.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_PRESENCE_ADDRS", value_delimiter = ',', required = true)]
+    pub presence_addrs: Vec<String>,
+    /// Longest wait for Kafka to store a message before the caller gets UNAVAILABLE.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_PRODUCE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub produce_timeout: Duration,
+    /// A gateway that acknowledges nothing for this long is given up on for the pending messages.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_DELIVERY_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub delivery_timeout: Duration,
+    /// Consumed messages not yet acknowledged by every target gateway, at most.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_MAX_IN_FLIGHT", default_value = "20000")]
+    pub max_in_flight: usize,
+    /// Largest payload accepted, in bytes.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_MAX_MESSAGE_BYTES", default_value = "65536")]
+    pub max_message_bytes: usize,
+}
+
+/// Parses `250ms`, `10s`, `2m`, `1h` or a bare number of seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid duration `{s}`"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid duration unit in `{s}` (use ms, s, m or h)")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration `{s}`: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_flag_has_an_env_var() {
+        use clap::CommandFactory;
+        for arg in super::Cli::command().get_arguments() {
+            let id = arg.get_id().as_str();
+            if id != "help" && id != "version" {
+                assert!(arg.get_env().is_some(), "flag {id} has no environment variable");
+            }
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(super::parse_duration("1h"), Ok(std::time::Duration::from_secs(3600)));
+        assert!(super::parse_duration("1d").is_err());
+    }
+}

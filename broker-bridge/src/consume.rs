@@ -1,0 +1,183 @@
+//! Consume and route: read the messages topic in the consumer group, resolve
+//! each record's target gateways, hand it to their delivery streams, and commit
+//! an offset only once every target has acknowledged every record before it.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use prost::Message as _;
+use proto::bridge::v1::{Envelope, envelope};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+
+use crate::deliver::{Completer, Item, Links};
+use crate::metrics as m;
+use crate::offsets::Tracker;
+use crate::route::Routes;
+
+/// Consumer context: on a revoke, commit what is complete and forget the
+/// partitions; on an assignment, start tracking them.
+#[derive(Debug)]
+pub struct Ctx {
+    pub tracker: Arc<Mutex<Tracker>>,
+    pub topic: String,
+}
+
+impl ClientContext for Ctx {}
+
+impl Ctx {
+    fn partitions(&self, tpl: &TopicPartitionList) -> Vec<i32> {
+        tpl.elements_for_topic(&self.topic).iter().map(|e| e.partition()).collect()
+    }
+}
+
+impl ConsumerContext for Ctx {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            let parts = self.partitions(tpl);
+            let points = self.tracker.lock().points_of(&parts);
+            if let Some(tpl) = to_tpl(&self.topic, &points)
+                && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
+            {
+                tracing::warn!(error = %e, "commit on revoke failed; records will be redelivered");
+            }
+            self.tracker.lock().revoke(&parts);
+            tracing::info!(partitions = ?parts, "partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let parts = self.partitions(tpl);
+            self.tracker.lock().assign(&parts);
+            tracing::info!(partitions = ?parts, "partitions assigned");
+        }
+    }
+}
+
+fn to_tpl(topic: &str, points: &[(i32, i64)]) -> Option<TopicPartitionList> {
+    if points.is_empty() {
+        return None;
+    }
+    let mut tpl = TopicPartitionList::new();
+    for (p, off) in points {
+        tpl.add_partition_offset(topic, *p, Offset::Offset(*off)).ok()?;
+    }
+    Some(tpl)
+}
+
+/// The consume loop; returns when `stop` is cancelled.
+pub async fn run(
+    consumer: Arc<StreamConsumer<Ctx>>,
+    routes: Arc<Routes>,
+    links: Arc<Links>,
+    completer: Completer,
+    max_in_flight: usize,
+    stop: CancellationToken,
+) {
+    loop {
+        // Bounded memory: wait while too many records await acknowledgement.
+        while completer.tracker.lock().in_flight() >= max_in_flight {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = completer.progress.notified() => {}
+                () = tokio::time::sleep(Duration::from_millis(50)) => {}
+            }
+        }
+        let received = tokio::select! {
+            () = stop.cancelled() => return,
+            m = consumer.recv() => m.map(|msg| (msg.partition(), msg.offset(), msg.payload().map(Envelope::decode))),
+        };
+        let (partition, offset, decoded) = match received {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "kafka consume error");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        metrics::counter!(m::CONSUMED).increment(1);
+        let env = match decoded {
+            Some(Ok(env)) => env,
+            _ => {
+                metrics::counter!(m::BAD_RECORDS).increment(1);
+                tracing::warn!(partition, offset, "record is not an envelope; skipped");
+                completer.tracker.lock().consumed(partition, offset, 0);
+                continue;
+            }
+        };
+        let targets = routes.resolve(&env);
+        metrics::histogram!(m::FANOUT_WIDTH).record(targets.len() as f64);
+        let record = completer.tracker.lock().consumed(partition, offset, targets.len());
+        let channel_seq = match env.target {
+            Some(envelope::Target::Channel(_)) => offset as u64 + 1,
+            _ => 0,
+        };
+        let envelope = Arc::new(env);
+        for (node, addr) in targets {
+            links.send(&node, &addr, Item { envelope: envelope.clone(), channel_seq, record }).await;
+        }
+        metrics::gauge!(m::IN_FLIGHT).set(completer.tracker.lock().in_flight() as f64);
+    }
+}
+
+/// Commits complete offsets every 200 ms; a last commit when `stop` is cancelled.
+pub async fn commit_loop(
+    consumer: Arc<StreamConsumer<Ctx>>,
+    tracker: Arc<Mutex<Tracker>>,
+    topic: String,
+    stop: CancellationToken,
+) {
+    let mut every = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        let last = tokio::select! {
+            () = stop.cancelled() => true,
+            _ = every.tick() => false,
+        };
+        let points = tracker.lock().commit_points();
+        if let Some(tpl) = to_tpl(&topic, &points) {
+            let mode = if last { CommitMode::Sync } else { CommitMode::Async };
+            match consumer.commit(&tpl, mode) {
+                Ok(()) => metrics::counter!(m::COMMITS, "outcome" => "ok").increment(1),
+                Err(e) => {
+                    metrics::counter!(m::COMMITS, "outcome" => "error").increment(1);
+                    tracing::debug!(error = %e, "offset commit failed; will retry");
+                }
+            }
+        }
+        if last {
+            return;
+        }
+    }
+}
+
+/// Reports consumer lag (high watermark − position) every 5 s.
+pub async fn lag_loop(consumer: Arc<StreamConsumer<Ctx>>, topic: String, stop: CancellationToken) {
+    let mut every = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let c = consumer.clone();
+        let t = topic.clone();
+        let lag = tokio::task::spawn_blocking(move || {
+            let position = c.position().ok()?;
+            let mut lag = 0i64;
+            for e in position.elements_for_topic(&t) {
+                let (_, high) = c.fetch_watermarks(&t, e.partition(), Duration::from_secs(1)).ok()?;
+                if let Offset::Offset(pos) = e.offset() {
+                    lag += (high - pos).max(0);
+                }
+            }
+            Some(lag)
+        })
+        .await;
+        if let Ok(Some(lag)) = lag {
+            metrics::gauge!(m::CONSUMER_LAG).set(lag as f64);
+        }
+    }
+}

@@ -1,0 +1,280 @@
+//! Publish: the Push API served by broker-bridge. Each message gets its id,
+//! goes to Kafka keyed by its target, and is acknowledged only once Kafka has
+//! stored it; otherwise the caller gets UNAVAILABLE (retryable) within the
+//! produce timeout.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use prost::Message;
+use proto::bridge::v1::{Envelope, envelope};
+use proto::presence::v1 as ppb;
+use proto::presence::v1::presence_client::PresenceClient;
+use proto::push::v1 as pb;
+use proto::push::v1::push_server::Push;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use serde_json::value::RawValue;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::metrics as m;
+
+const PAGE_MAX: usize = 1000;
+
+/// Unique message ids: bridge id, boot time, counter.
+#[derive(Debug)]
+pub struct Ids {
+    prefix: String,
+    next: AtomicU64,
+}
+
+impl Ids {
+    pub fn new(bridge_id: &str) -> Self {
+        let boot_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        Self { prefix: format!("{bridge_id}-{boot_ms:x}"), next: AtomicU64::new(1) }
+    }
+
+    pub fn next(&self) -> String {
+        format!("{}-{:x}", self.prefix, self.next.fetch_add(1, Ordering::Relaxed))
+    }
+}
+
+/// The Push service over Kafka.
+#[derive(Clone)]
+pub struct PushIngest {
+    pub producer: FutureProducer,
+    pub topic: String,
+    pub ids: Arc<Ids>,
+    pub produce_timeout: Duration,
+    pub max_message_bytes: usize,
+    pub presence: Vec<PresenceClient<Channel>>,
+}
+
+impl std::fmt::Debug for PushIngest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PushIngest").field("topic", &self.topic).finish_non_exhaustive()
+    }
+}
+
+fn count(method: &'static str, outcome: &'static str) {
+    metrics::counter!(m::PUSH_REQUESTS, "method" => method, "outcome" => outcome).increment(1);
+}
+
+fn invalid(method: &'static str, msg: impl Into<String>) -> Status {
+    count(method, "invalid_argument");
+    Status::invalid_argument(msg)
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+fn valid_channel(c: &str) -> bool {
+    !c.is_empty() && c.len() <= 128 && c.bytes().all(|b| (0x21..=0x7e).contains(&b))
+}
+
+fn valid_user(u: &str) -> bool {
+    !u.is_empty() && u.len() <= 128 && !u.chars().any(char::is_control)
+}
+
+impl PushIngest {
+    fn check_data(&self, method: &'static str, data: &str) -> Result<(), Status> {
+        if data.len() > self.max_message_bytes {
+            return Err(invalid(
+                method,
+                format!("data_json is {} bytes, the limit is {}", data.len(), self.max_message_bytes),
+            ));
+        }
+        serde_json::from_str::<&RawValue>(data)
+            .map(|_| ())
+            .map_err(|e| invalid(method, format!("data_json is not valid JSON: {e}")))
+    }
+
+    /// Stores one envelope; returns (id, partition offset).
+    async fn produce(&self, method: &'static str, key: String, env: Envelope) -> Result<(String, i64), Status> {
+        let id = env.id.clone();
+        let kind = match env.target {
+            Some(envelope::Target::Channel(_)) => "channel",
+            Some(envelope::Target::User(_)) => "user",
+            _ => "broadcast",
+        };
+        let payload = env.encode_to_vec();
+        let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
+        let started = Instant::now();
+        // librdkafka bounds the wait with message.timeout.ms; the outer timeout is a safety net.
+        let sent = tokio::time::timeout(
+            self.produce_timeout + Duration::from_secs(1),
+            self.producer.send(record, self.produce_timeout),
+        )
+        .await;
+        match sent {
+            Ok(Ok(delivery)) => {
+                metrics::histogram!(m::PRODUCE_DURATION).record(started.elapsed().as_secs_f64());
+                metrics::counter!(m::PRODUCED, "target" => kind).increment(1);
+                count(method, "ok");
+                Ok((id, delivery.offset))
+            }
+            Ok(Err((e, _))) => {
+                metrics::counter!(m::PRODUCE_ERRORS).increment(1);
+                count(method, "unavailable");
+                tracing::warn!(error = %e, "kafka did not store a message");
+                Err(Status::unavailable(format!("kafka did not store the message ({e}); nothing was published, retry")))
+            }
+            Err(_) => {
+                metrics::counter!(m::PRODUCE_ERRORS).increment(1);
+                count(method, "unavailable");
+                Err(Status::unavailable("kafka did not answer in time; nothing was published, retry"))
+            }
+        }
+    }
+
+    fn envelope(&self, target: envelope::Target, from: &str, payload: Vec<u8>, kind: envelope::Kind) -> Envelope {
+        Envelope {
+            id: self.ids.next(),
+            target: Some(target),
+            from: if from.is_empty() { "system".into() } else { from.to_owned() },
+            payload,
+            published_at_ms: now_ms(),
+            kind: kind as i32,
+        }
+    }
+
+    async fn presence<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: Fn(PresenceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let mut last = Status::unavailable("no presence replica configured");
+        for c in &self.presence {
+            match tokio::time::timeout(Duration::from_secs(2), f(c.clone())).await {
+                Ok(Ok(v)) => return Ok(v),
+                Ok(Err(s))
+                    if s.code() == tonic::Code::InvalidArgument || s.code() == tonic::Code::FailedPrecondition =>
+                {
+                    return Err(s);
+                }
+                Ok(Err(s)) => last = s,
+                Err(_) => last = Status::unavailable("presence did not answer in time"),
+            }
+        }
+        Err(Status::unavailable(format!("presence unavailable: {}", last.message())))
+    }
+}
+
+#[tonic::async_trait]
+impl Push for PushIngest {
+    async fn send_to_user(&self, req: Request<pb::SendToUserRequest>) -> Result<Response<pb::SendResponse>, Status> {
+        let r = req.into_inner();
+        if !valid_user(&r.user) {
+            return Err(invalid("send_to_user", "user must be 1-128 bytes without control characters"));
+        }
+        self.check_data("send_to_user", &r.data_json)?;
+        let key = format!("u:{}", r.user);
+        let env =
+            self.envelope(envelope::Target::User(r.user), &r.from, r.data_json.into_bytes(), envelope::Kind::Message);
+        let (id, _) = self.produce("send_to_user", key, env).await?;
+        // Connections reached are not known when Kafka acknowledges: 0 means "stored".
+        Ok(Response::new(pb::SendResponse { id, delivered: 0 }))
+    }
+
+    async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let r = req.into_inner();
+        if !valid_channel(&r.channel) {
+            return Err(invalid("publish", "channel must be 1-128 printable ASCII bytes without spaces"));
+        }
+        self.check_data("publish", &r.data_json)?;
+        let key = format!("c:{}", r.channel);
+        let env = self.envelope(
+            envelope::Target::Channel(r.channel),
+            &r.from,
+            r.data_json.into_bytes(),
+            envelope::Kind::Message,
+        );
+        let (id, offset) = self.produce("publish", key, env).await?;
+        Ok(Response::new(pb::PublishResponse { id, seq: offset as u64 + 1, delivered: 0 }))
+    }
+
+    async fn broadcast(&self, req: Request<pb::BroadcastRequest>) -> Result<Response<pb::SendResponse>, Status> {
+        let r = req.into_inner();
+        self.check_data("broadcast", &r.data_json)?;
+        let env = self.envelope(
+            envelope::Target::Broadcast(true),
+            &r.from,
+            r.data_json.into_bytes(),
+            envelope::Kind::Message,
+        );
+        let (id, _) = self.produce("broadcast", "b".into(), env).await?;
+        Ok(Response::new(pb::SendResponse { id, delivered: 0 }))
+    }
+
+    async fn disconnect(
+        &self,
+        req: Request<pb::DisconnectRequest>,
+    ) -> Result<Response<pb::DisconnectResponse>, Status> {
+        let r = req.into_inner();
+        if !valid_user(&r.user) {
+            return Err(invalid("disconnect", "user must be 1-128 bytes without control characters"));
+        }
+        if r.reason.len() > 120 {
+            return Err(invalid("disconnect", "reason must be at most 120 bytes"));
+        }
+        let reason = if r.reason.is_empty() { "disconnected".to_owned() } else { r.reason };
+        let key = format!("u:{}", r.user);
+        let env =
+            self.envelope(envelope::Target::User(r.user), "system", reason.into_bytes(), envelope::Kind::Disconnect);
+        self.produce("disconnect", key, env).await?;
+        Ok(Response::new(pb::DisconnectResponse { closed: 0 }))
+    }
+
+    async fn is_online(&self, req: Request<pb::IsOnlineRequest>) -> Result<Response<pb::IsOnlineResponse>, Status> {
+        let users = req.into_inner().users;
+        if users.len() > PAGE_MAX {
+            return Err(invalid("is_online", format!("at most {PAGE_MAX} users per call")));
+        }
+        let located = self
+            .presence(|mut c| {
+                let users = users.clone();
+                async move { c.locate_users(ppb::LocateUsersRequest { users }).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        count("is_online", "ok");
+        let users = located
+            .users
+            .into_iter()
+            .map(|u| pb::UserOnline {
+                online: !u.connections.is_empty(),
+                connections: u.connections.len() as u32,
+                user: u.user,
+            })
+            .collect();
+        Ok(Response::new(pb::IsOnlineResponse { users }))
+    }
+
+    async fn channel_members(
+        &self,
+        req: Request<pb::ChannelMembersRequest>,
+    ) -> Result<Response<pb::ChannelMembersResponse>, Status> {
+        let r = req.into_inner();
+        if !valid_channel(&r.channel) {
+            return Err(invalid("channel_members", "channel must be 1-128 printable ASCII bytes without spaces"));
+        }
+        if r.limit as usize > PAGE_MAX {
+            return Err(invalid("channel_members", format!("limit must be at most {PAGE_MAX}")));
+        }
+        let page = self
+            .presence(|mut c| {
+                let req =
+                    ppb::ChannelMembersRequest { channel: r.channel.clone(), after: r.after.clone(), limit: r.limit };
+                async move { c.channel_members(req).await.map(|r| r.into_inner()) }
+            })
+            .await?;
+        count("channel_members", "ok");
+        Ok(Response::new(pb::ChannelMembersResponse {
+            users: page.users,
+            total: page.total,
+            next_after: page.next_after,
+        }))
+    }
+}

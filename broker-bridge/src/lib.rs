@@ -1,0 +1,20 @@
+//! broker-bridge: the only Kafka client in Switchboard.
+//!
+//! - [`ingest`] (publish): the Push API; ids, Kafka produce, ack after storage;
+//! - [`consume`] (consume): the consumer group loop, commits after acknowledgement;
+//! - [`route`] (route): the presence-fed routing cache;
+//! - [`deliver`] (deliver): one gRPC stream per gateway, acks, redelivery;
+//! - [`offsets`]: the pure commit-point tracker; [`kafka`]: client settings, topics.
+
+pub mod config;
+pub mod consume;
+pub mod deliver;
+pub mod ingest;
+pub mod kafka;
+pub mod metrics;
+pub mod offsets;
+pub mod route;
+
+mod run;
+
+pub use run::{RunError, run};

@@ -1,0 +1,42 @@
+//! Every metric broker-bridge exports. Listed in docs/metrics.md.
+
+use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+
+pub const PRODUCED: &str = "switchboard_bridge_produced_total";
+pub const PRODUCE_ERRORS: &str = "switchboard_bridge_produce_errors_total";
+pub const PRODUCE_DURATION: &str = "switchboard_bridge_produce_duration_seconds";
+pub const CONSUMED: &str = "switchboard_bridge_consumed_total";
+pub const CONSUMER_LAG: &str = "switchboard_bridge_consumer_lag_messages";
+pub const IN_FLIGHT: &str = "switchboard_bridge_in_flight_messages";
+pub const FANOUT_WIDTH: &str = "switchboard_bridge_fanout_width_nodes";
+pub const DELIVERED: &str = "switchboard_bridge_delivered_total";
+pub const REDELIVERIES: &str = "switchboard_bridge_redeliveries_total";
+pub const GIVEN_UP: &str = "switchboard_bridge_deliveries_given_up_total";
+pub const GATEWAY_LINKS: &str = "switchboard_bridge_gateway_links";
+pub const COMMITS: &str = "switchboard_bridge_commits_total";
+pub const BAD_RECORDS: &str = "switchboard_bridge_bad_records_total";
+pub const PUSH_REQUESTS: &str = "switchboard_bridge_push_requests_total";
+pub const ROUTE_NODES: &str = "switchboard_bridge_route_nodes";
+
+pub const BUCKETS: &[(&str, &[f64])] = &[
+    ("_duration_seconds", &[0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+    ("_width_nodes", &[0.0, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 50.0, 100.0]),
+];
+
+pub fn describe() {
+    describe_counter!(PRODUCED, "Messages Kafka acknowledged, by target kind.");
+    describe_counter!(PRODUCE_ERRORS, "Messages Kafka did not store (the caller got UNAVAILABLE).");
+    describe_histogram!(PRODUCE_DURATION, Unit::Seconds, "Time from accepting a message to Kafka's acknowledgement.");
+    describe_counter!(CONSUMED, "Records consumed from the messages topic.");
+    describe_gauge!(CONSUMER_LAG, "High watermark minus the next offset to consume, summed over assigned partitions.");
+    describe_gauge!(IN_FLIGHT, "Consumed messages not yet acknowledged by every target gateway.");
+    describe_histogram!(FANOUT_WIDTH, "Target gateways per consumed message.");
+    describe_counter!(DELIVERED, "Deliveries acknowledged by gateways.");
+    describe_counter!(REDELIVERIES, "Deliveries sent again after a gateway stream broke.");
+    describe_counter!(GIVEN_UP, "Deliveries abandoned because the gateway left or stayed unreachable.");
+    describe_gauge!(GATEWAY_LINKS, "Open delivery streams to gateways.");
+    describe_counter!(COMMITS, "Offset commits, by outcome.");
+    describe_counter!(BAD_RECORDS, "Records that are not a valid envelope (skipped).");
+    describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
+    describe_gauge!(ROUTE_NODES, "Gateway nodes known to the routing cache.");
+}

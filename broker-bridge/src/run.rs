@@ -1,0 +1,147 @@
+//! Wiring and lifetime of broker-bridge.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use metrics_exporter_prometheus::PrometheusHandle;
+use parking_lot::Mutex;
+use proto::presence::v1::presence_client::PresenceClient;
+use proto::push::v1::push_server::PushServer;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::producer::FutureProducer;
+use tokio::net::TcpListener;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Cli;
+use crate::consume::{self, Ctx};
+use crate::deliver::{Completer, Links};
+use crate::ingest::{Ids, PushIngest};
+use crate::offsets::Tracker;
+use crate::route::{self, Routes};
+use crate::{kafka, metrics as m};
+
+/// Why the bridge could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("kafka configuration: {0}")]
+    Config(String),
+    #[error("kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("presence address: {0}")]
+    Presence(tonic::transport::Error),
+    #[error("grpc server: {0}")]
+    Serve(tonic::transport::Error),
+}
+
+fn default_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "bridge".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// Runs the bridge until `shutdown`.
+pub async fn run(
+    cli: Cli,
+    listener: TcpListener,
+    admin: TcpListener,
+    metrics: Option<PrometheusHandle>,
+    shutdown: CancellationToken,
+) -> Result<(), RunError> {
+    m::describe();
+    let readiness = kit::admin::Readiness::default();
+    let stop_admin = CancellationToken::new();
+    let admin_task = tokio::spawn(kit::admin::serve(
+        admin,
+        kit::admin::Admin { metrics, readiness: readiness.clone() },
+        stop_admin.clone(),
+    ));
+
+    if cli.create_topics {
+        kafka::ensure_topic(&cli).await.map_err(RunError::Config)?;
+    }
+    let producer: FutureProducer = kafka::producer_config(&cli).map_err(RunError::Config)?.create()?;
+    let tracker = Arc::new(Mutex::new(Tracker::default()));
+    let ctx = Ctx { tracker: tracker.clone(), topic: cli.topic.clone() };
+    let consumer: Arc<StreamConsumer<Ctx>> =
+        Arc::new(kafka::consumer_config(&cli).map_err(RunError::Config)?.create_with_context(ctx)?);
+    consumer.subscribe(&[&cli.topic])?;
+
+    let stop = CancellationToken::new();
+    let routes = Arc::new(Routes::default());
+    let (changes_tx, mut changes_rx) = tokio::sync::mpsc::unbounded_channel();
+    let watch = tokio::spawn(route::watch(cli.presence_addrs.clone(), routes.clone(), changes_tx, stop.clone()));
+    let completer = Completer { tracker: tracker.clone(), progress: Arc::new(Notify::new()) };
+    let links = Arc::new(Links::new(completer.clone(), cli.delivery_timeout, stop.clone()));
+    let node_changes = {
+        let links = links.clone();
+        tokio::spawn(async move {
+            while let Some(ch) = changes_rx.recv().await {
+                links.node_change(&ch);
+            }
+        })
+    };
+    let consume_stop = CancellationToken::new();
+    let consumer_task =
+        tokio::spawn(consume::run(consumer.clone(), routes, links, completer, cli.max_in_flight, consume_stop.clone()));
+    let commit_task = tokio::spawn(consume::commit_loop(consumer.clone(), tracker, cli.topic.clone(), stop.clone()));
+    let lag_task = tokio::spawn(consume::lag_loop(consumer.clone(), cli.topic.clone(), stop.clone()));
+
+    let mut presence = Vec::new();
+    for addr in &cli.presence_addrs {
+        let ep = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(RunError::Presence)?;
+        presence.push(PresenceClient::new(ep.connect_timeout(Duration::from_secs(2)).connect_lazy()));
+    }
+    let ingest = PushIngest {
+        producer: producer.clone(),
+        topic: cli.topic.clone(),
+        ids: Arc::new(Ids::new(&cli.bridge_id.clone().unwrap_or_else(default_id))),
+        produce_timeout: cli.produce_timeout,
+        max_message_bytes: cli.max_message_bytes,
+        presence,
+    };
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<PushServer<PushIngest>>().await;
+    // Invariant: the descriptor sets are generated at build time and valid.
+    let r1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("valid descriptor sets");
+    let r1a = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .expect("valid descriptor sets");
+    readiness.set(true);
+    tracing::info!(topic = %cli.topic, group = %cli.group, "broker-bridge ready");
+    let serve_stop = shutdown.clone();
+    let served = tonic::transport::Server::builder()
+        .timeout(cli.produce_timeout + Duration::from_secs(5))
+        .add_service(health_service)
+        .add_service(r1)
+        .add_service(r1a)
+        .add_service(PushServer::new(ingest))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
+            serve_stop.cancelled().await;
+            readiness.set(false);
+        })
+        .await;
+
+    // Shutdown: stop consuming, let deliveries finish briefly, commit what is complete.
+    consume_stop.cancel();
+    let _ = consumer_task.await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.cancel();
+    let _ = commit_task.await;
+    let _ = tokio::join!(watch, lag_task);
+    node_changes.abort();
+    consumer.unsubscribe();
+    stop_admin.cancel();
+    let _ = admin_task.await;
+    served.map_err(RunError::Serve)
+}

@@ -1,0 +1,189 @@
+//! Delivery (cluster mode): the gRPC service broker-bridge streams messages
+//! into. Each item is handed to local sessions (dropping duplicates), then
+//! acknowledged, so the bridge can commit its Kafka offsets.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use proto::bridge::v1 as pb;
+use proto::bridge::v1::delivery_server::Delivery;
+use proto::bridge::v1::envelope::{Kind, Target};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::hub::Hub;
+use crate::metrics as m;
+use crate::{protocol, wire};
+
+/// One shard of the window: the ids, and their arrival order for eviction.
+type Window = (HashSet<Box<str>>, VecDeque<Box<str>>);
+
+/// Recently seen message ids (direct messages and broadcasts; channel messages
+/// are deduplicated by their sequence number), bounded.
+#[derive(Debug)]
+pub struct Dedupe {
+    shards: Vec<Mutex<Window>>,
+    per_shard: usize,
+}
+
+impl Dedupe {
+    pub fn new(capacity: usize) -> Self {
+        let n = 16;
+        Self { shards: (0..n).map(|_| Mutex::new(Default::default())).collect(), per_shard: (capacity / n).max(1) }
+    }
+
+    /// True the first time `id` is seen (within the window).
+    pub fn first(&self, id: &str) -> bool {
+        let h = id.bytes().fold(0usize, |a, b| a.wrapping_mul(31).wrapping_add(b as usize));
+        let mut shard = self.shards[h % self.shards.len()].lock();
+        let (set, order) = &mut *shard;
+        if set.contains(id) {
+            return false;
+        }
+        let id: Box<str> = id.into();
+        set.insert(id.clone());
+        order.push_back(id);
+        if order.len() > self.per_shard
+            && let Some(old) = order.pop_front()
+        {
+            set.remove(&old);
+        }
+        true
+    }
+}
+
+/// The Delivery service of one gateway.
+#[derive(Debug, Clone)]
+pub struct DeliveryService {
+    pub hub: Arc<Hub>,
+    pub dedupe: Arc<Dedupe>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl DeliveryService {
+    /// Hands one delivered message to local sessions.
+    pub fn apply(&self, item: &pb::Delivered) {
+        let Some(env) = &item.envelope else { return };
+        let Ok(data) = std::str::from_utf8(&env.payload) else {
+            tracing::warn!(id = %env.id, "delivered payload is not UTF-8; dropped");
+            return;
+        };
+        let fresh = match &env.target {
+            Some(Target::Channel(c)) => self.hub.publish_at(c, &env.id, &env.from, item.channel_seq, data).is_some(),
+            Some(Target::User(u)) if env.kind == Kind::Disconnect as i32 => {
+                let first = self.dedupe.first(&env.id);
+                if first {
+                    self.hub.disconnect_user(u, data);
+                }
+                first
+            }
+            Some(Target::User(u)) => {
+                let first = self.dedupe.first(&env.id);
+                if first {
+                    self.hub.send_to_user(u, &wire::text(&protocol::direct(&env.id, &env.from, u, data)));
+                }
+                first
+            }
+            Some(Target::Broadcast(_)) => {
+                let first = self.dedupe.first(&env.id);
+                if first {
+                    self.hub.broadcast(&wire::text(&protocol::broadcast(&env.id, &env.from, data)));
+                }
+                first
+            }
+            None => true,
+        };
+        if fresh {
+            let latency_ms = now_ms().saturating_sub(env.published_at_ms);
+            metrics::histogram!(m::END_TO_END).record(latency_ms as f64 / 1000.0);
+        } else {
+            metrics::counter!(m::DUPLICATES_DROPPED).increment(1);
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Delivery for DeliveryService {
+    type DeliverStream = ReceiverStream<Result<pb::DeliveryAck, Status>>;
+
+    async fn deliver(
+        &self,
+        req: Request<Streaming<pb::DeliveryBatch>>,
+    ) -> Result<Response<Self::DeliverStream>, Status> {
+        let mut inbound = req.into_inner();
+        let (tx, rx) = mpsc::channel(64);
+        let this = self.clone();
+        tokio::spawn(async move {
+            metrics::gauge!(m::DELIVERY_STREAMS).increment(1.0);
+            while let Ok(Some(batch)) = inbound.message().await {
+                let Some(last) = batch.items.last().map(|i| i.seq) else { continue };
+                metrics::counter!(m::DELIVERIES).increment(batch.items.len() as u64);
+                for item in &batch.items {
+                    this.apply(item);
+                }
+                if tx.send(Ok(pb::DeliveryAck { seq: last })).await.is_err() {
+                    break;
+                }
+            }
+            metrics::gauge!(m::DELIVERY_STREAMS).decrement(1.0);
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dedupe_window() {
+        let d = Dedupe::new(32);
+        assert!(d.first("a"));
+        assert!(!d.first("a"));
+        for i in 0..1000 {
+            d.first(&format!("x{i}"));
+        }
+        assert!(d.first("a"), "old ids leave the window");
+    }
+
+    #[test]
+    fn channel_redeliveries_are_dropped_by_sequence() {
+        let hub = Arc::new(Hub::new(vec![], 1000));
+        let (tx, mut rx) = mpsc::channel(16);
+        let h = crate::hub::SessionHandle {
+            id: 1,
+            user: "u".into(),
+            connected_at_ms: 0,
+            client_info: "".into(),
+            outbox: tx,
+            ctl: Arc::default(),
+        };
+        hub.register(h.clone());
+        hub.subscribe(&h, &Arc::from("c"));
+        let svc = DeliveryService { hub, dedupe: Arc::new(Dedupe::new(100)) };
+        let item = |seq: u64, id: &str| pb::Delivered {
+            seq: 0,
+            channel_seq: seq,
+            envelope: Some(pb::Envelope {
+                id: id.into(),
+                target: Some(Target::Channel("c".into())),
+                from: "p".into(),
+                payload: b"1".to_vec(),
+                published_at_ms: now_ms(),
+                kind: 0,
+            }),
+        };
+        for (seq, id) in [(5, "a"), (9, "b"), (5, "a"), (9, "b"), (7, "late"), (12, "c")] {
+            svc.apply(&item(seq, id));
+        }
+        let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+            .map(|f| serde_json::from_slice::<serde_json::Value>(&f[2..]).unwrap()["seq"].as_u64().unwrap())
+            .collect();
+        assert_eq!(got, vec![5, 9, 12]);
+    }
+}
