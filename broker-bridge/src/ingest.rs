@@ -14,6 +14,13 @@ use proto::presence::v1::presence_client::PresenceClient;
 use proto::push::v1 as pb;
 use proto::push::v1::push_server::Push;
 use rdkafka::producer::{FutureProducer, FutureRecord};
+
+/// Debug for the producer holder (librdkafka handles are opaque).
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").field("generation", &self.current.read().0).finish()
+    }
+}
 use serde_json::value::RawValue;
 use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
@@ -41,10 +48,62 @@ impl Ids {
     }
 }
 
+/// The producer, replaced when librdkafka reports a fatal idempotence error
+/// (e.g. the broker fenced our producer epoch after a timeout): such a producer
+/// refuses every later message until it is recreated.
+pub struct Producer {
+    current: parking_lot::RwLock<(u64, FutureProducer)>,
+    config: rdkafka::ClientConfig,
+}
+
+impl Producer {
+    pub fn new(config: rdkafka::ClientConfig) -> rdkafka::error::KafkaResult<Self> {
+        let p = config.create()?;
+        Ok(Self { current: parking_lot::RwLock::new((0, p)), config })
+    }
+
+    fn get(&self) -> (u64, FutureProducer) {
+        self.current.read().clone()
+    }
+
+    /// Recreates the producer unless another caller already did since `generation`.
+    fn recreate(&self, generation: u64) {
+        let mut cur = self.current.write();
+        if cur.0 != generation {
+            return;
+        }
+        match self.config.create() {
+            Ok(p) => {
+                tracing::warn!("kafka producer recreated after a fatal error");
+                metrics::counter!(m::PRODUCER_RESETS).increment(1);
+                *cur = (generation + 1, p);
+            }
+            Err(e) => tracing::error!(error = %e, "cannot recreate the kafka producer"),
+        }
+    }
+}
+
+/// Errors after which an idempotent producer cannot be used again.
+fn is_fatal(e: &rdkafka::error::KafkaError, producer: &FutureProducer) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    use rdkafka::producer::Producer as _;
+    producer.client().fatal_error().is_some()
+        || matches!(
+            e.rdkafka_error_code(),
+            Some(
+                C::ProducerFenced
+                    | C::InvalidProducerEpoch
+                    | C::OutOfOrderSequenceNumber
+                    | C::UnknownProducerId
+                    | C::Fatal
+            )
+        )
+}
+
 /// The Push service over Kafka.
 #[derive(Clone)]
 pub struct PushIngest {
-    pub producer: FutureProducer,
+    pub producer: Arc<Producer>,
     pub topic: String,
     pub ids: Arc<Ids>,
     pub produce_timeout: Duration,
@@ -103,12 +162,18 @@ impl PushIngest {
         let payload = env.encode_to_vec();
         let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
         let started = Instant::now();
+        let (generation, producer) = self.producer.get();
         // librdkafka bounds the wait with message.timeout.ms; the outer timeout is a safety net.
         let sent = tokio::time::timeout(
             self.produce_timeout + Duration::from_secs(1),
-            self.producer.send(record, self.produce_timeout),
+            producer.send(record, self.produce_timeout),
         )
         .await;
+        if let Ok(Err((e, _))) = &sent
+            && is_fatal(e, &producer)
+        {
+            self.producer.recreate(generation);
+        }
         match sent {
             Ok(Ok(delivery)) => {
                 metrics::histogram!(m::PRODUCE_DURATION).record(started.elapsed().as_secs_f64());

@@ -5,6 +5,7 @@ use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
 pub const PRODUCED: &str = "switchboard_bridge_produced_total";
 pub const PRODUCE_ERRORS: &str = "switchboard_bridge_produce_errors_total";
 pub const PRODUCE_DURATION: &str = "switchboard_bridge_produce_duration_seconds";
+pub const PRODUCER_RESETS: &str = "switchboard_bridge_producer_resets_total";
 pub const CONSUMED: &str = "switchboard_bridge_consumed_total";
 pub const CONSUMER_LAG: &str = "switchboard_bridge_consumer_lag_messages";
 pub const IN_FLIGHT: &str = "switchboard_bridge_in_flight_messages";
@@ -27,6 +28,7 @@ pub fn describe() {
     describe_counter!(PRODUCED, "Messages Kafka acknowledged, by target kind.");
     describe_counter!(PRODUCE_ERRORS, "Messages Kafka did not store (the caller got UNAVAILABLE).");
     describe_histogram!(PRODUCE_DURATION, Unit::Seconds, "Time from accepting a message to Kafka's acknowledgement.");
+    describe_counter!(PRODUCER_RESETS, "Producers recreated after a fatal idempotence error (e.g. fenced epoch).");
     describe_counter!(CONSUMED, "Records consumed from the messages topic.");
     describe_gauge!(CONSUMER_LAG, "High watermark minus the next offset to consume, summed over assigned partitions.");
     describe_gauge!(IN_FLIGHT, "Consumed messages not yet acknowledged by every target gateway.");

@@ -8,7 +8,6 @@ use parking_lot::Mutex;
 use proto::presence::v1::presence_client::PresenceClient;
 use proto::push::v1::push_server::PushServer;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::producer::FutureProducer;
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -16,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Cli;
 use crate::consume::{self, Ctx};
 use crate::deliver::{Completer, Links};
-use crate::ingest::{Ids, PushIngest};
+use crate::ingest::{Ids, Producer, PushIngest};
 use crate::offsets::Tracker;
 use crate::route::{self, Routes};
 use crate::{kafka, metrics as m};
@@ -64,7 +63,7 @@ pub async fn run(
     if cli.create_topics {
         kafka::ensure_topic(&cli).await.map_err(RunError::Config)?;
     }
-    let producer: FutureProducer = kafka::producer_config(&cli).map_err(RunError::Config)?.create()?;
+    let producer = Arc::new(Producer::new(kafka::producer_config(&cli).map_err(RunError::Config)?)?);
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     let ctx = Ctx { tracker: tracker.clone(), topic: cli.topic.clone() };
     let consumer: Arc<StreamConsumer<Ctx>> =
@@ -97,7 +96,7 @@ pub async fn run(
         presence.push(PresenceClient::new(ep.connect_timeout(Duration::from_secs(2)).connect_lazy()));
     }
     let ingest = PushIngest {
-        producer: producer.clone(),
+        producer,
         topic: cli.topic.clone(),
         ids: Arc::new(Ids::new(&cli.bridge_id.clone().unwrap_or_else(default_id))),
         produce_timeout: cli.produce_timeout,

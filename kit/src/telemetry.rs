@@ -5,15 +5,16 @@ use tracing_subscriber::{EnvFilter, fmt, prelude::*};
 
 use crate::args::LogFormat;
 
-/// Installs the global tracing subscriber. Fails if the filter does not parse.
+/// Installs the global tracing subscriber, writing to stderr (stdout carries the
+/// one machine-readable `LISTENING` line). Fails if the filter does not parse.
 pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(filter)?;
     let registry = tracing_subscriber::registry().with(filter);
     match format {
-        LogFormat::Text => registry.with(fmt::layer().with_target(false)).try_init()?,
-        LogFormat::Json => {
-            registry.with(fmt::layer().json().flatten_event(true).with_current_span(false)).try_init()?
-        }
+        LogFormat::Text => registry.with(fmt::layer().with_writer(std::io::stderr).with_target(false)).try_init()?,
+        LogFormat::Json => registry
+            .with(fmt::layer().with_writer(std::io::stderr).json().flatten_event(true).with_current_span(false))
+            .try_init()?,
     }
     Ok(())
 }

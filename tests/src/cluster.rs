@@ -27,6 +27,18 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// Where a child's stderr goes: `$SWITCHBOARD_TEST_LOGDIR/<name>.log` when set, else inherited.
+fn log_file(name: &str) -> Stdio {
+    match std::env::var("SWITCHBOARD_TEST_LOGDIR") {
+        Ok(dir) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(format!("{dir}/{name}.log"))
+            .map_or_else(|_| Stdio::inherit(), Stdio::from),
+        Err(_) => Stdio::inherit(),
+    }
+}
+
 /// A free loopback port (bound, then released).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -48,7 +60,7 @@ impl Proc {
             .args(args)
             .env("SWITCHBOARD_LOG", std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(log_file(name))
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {bin}: {e}"));
         let mut line = String::new();
@@ -111,6 +123,9 @@ impl Drop for Proc {
 pub struct ClusterBuilder {
     presence: usize,
     gateways: usize,
+    kafka: bool,
+    bridges: usize,
+    bridge_args: Vec<String>,
     lease: String,
     large_room: usize,
     gateway_args: Vec<String>,
@@ -120,13 +135,26 @@ pub struct ClusterBuilder {
 pub struct Cluster {
     pub presence: Vec<Proc>,
     pub presence_ports: Vec<u16>,
+    pub bridges: Vec<Proc>,
     pub gateways: Vec<Proc>,
+    pub broker: Option<crate::kafka::Broker>,
+    /// Topic and consumer group of this cluster (unique per cluster: tansu cannot delete topics).
+    pub topic: String,
     builder: ClusterBuilder,
 }
 
 impl Cluster {
     pub fn builder() -> ClusterBuilder {
-        ClusterBuilder { presence: 1, gateways: 2, lease: "1s".into(), large_room: 1000, gateway_args: Vec::new() }
+        ClusterBuilder {
+            presence: 1,
+            gateways: 2,
+            kafka: false,
+            bridges: 0,
+            bridge_args: Vec::new(),
+            lease: "1s".into(),
+            large_room: 1000,
+            gateway_args: Vec::new(),
+        }
     }
 
     /// Client address of gateway `i`.
@@ -163,6 +191,41 @@ impl Cluster {
         }
     }
 
+    /// gRPC URL of bridge `i`'s Push API.
+    pub fn bridge_url(&self, i: usize) -> String {
+        format!("http://{}", self.bridges[i].addr("grpc"))
+    }
+
+    /// Starts one more broker-bridge and returns its index.
+    pub fn start_bridge(&mut self) -> usize {
+        let i = self.bridges.len();
+        let broker = self.broker.as_ref().expect("bridges need .kafka()");
+        let urls: Vec<String> = (0..self.presence_ports.len()).map(|p| self.presence_url(p)).collect();
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--admin-addr".into(),
+            "127.0.0.1:0".into(),
+            "--bridge-id".into(),
+            format!("br{i}"),
+            "--brokers".into(),
+            broker.bootstrap(),
+            "--topic".into(),
+            self.topic.clone(),
+            "--group".into(),
+            format!("{}.group", self.topic),
+            "--partitions".into(),
+            "4".into(),
+            "--presence-addrs".into(),
+            urls.join(","),
+            "--kafka-option".into(),
+            "fetch.wait.max.ms=10".into(),
+        ];
+        args.extend(self.builder.bridge_args.iter().cloned());
+        self.bridges.push(Proc::spawn(&format!("br{i}"), "broker-bridge", &args));
+        i
+    }
+
     /// Starts one more gateway and returns its index.
     pub fn start_gateway(&mut self) -> usize {
         let i = self.gateways.len();
@@ -186,6 +249,11 @@ impl Cluster {
             args.push("--presence-addrs".into());
             args.push(urls.join(","));
         }
+        if !self.bridges.is_empty() {
+            let bridges: Vec<String> = (0..self.bridges.len()).map(|b| self.bridge_url(b)).collect();
+            args.push("--bridge-addrs".into());
+            args.push(bridges.join(","));
+        }
         args.extend(self.builder.gateway_args.iter().cloned());
         self.gateways.push(Proc::spawn(&format!("gw{i}"), "gateway", &args));
         i
@@ -206,6 +274,20 @@ impl ClusterBuilder {
         self.lease = lease.to_owned();
         self
     }
+    /// Start a Kafka-protocol broker (tansu) behind a cuttable proxy.
+    pub fn kafka(mut self) -> Self {
+        self.kafka = true;
+        self
+    }
+    pub fn bridges(mut self, n: usize) -> Self {
+        self.bridges = n;
+        self
+    }
+    /// Extra flags for every bridge.
+    pub fn bridge_args(mut self, args: &[&str]) -> Self {
+        self.bridge_args = args.iter().map(|s| (*s).to_owned()).collect();
+        self
+    }
     pub fn large_room(mut self, n: usize) -> Self {
         self.large_room = n;
         self
@@ -216,12 +298,31 @@ impl ClusterBuilder {
         self
     }
 
-    pub fn start(self) -> Cluster {
+    pub async fn start(self) -> Cluster {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let presence_ports = (0..self.presence).map(|_| free_port()).collect();
-        let gateways = self.gateways;
-        let mut c = Cluster { presence: Vec::new(), presence_ports, gateways: Vec::new(), builder: self };
+        let (gateways, bridges) = (self.gateways, self.bridges);
+        let broker = if self.kafka { Some(crate::kafka::Broker::start().await) } else { None };
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+        let topic = format!(
+            "sb.test.{}.{}.{nanos}",
+            std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let mut c = Cluster {
+            presence: Vec::new(),
+            presence_ports,
+            bridges: Vec::new(),
+            gateways: Vec::new(),
+            broker,
+            topic,
+            builder: self,
+        };
         for i in 0..c.presence_ports.len() {
             c.start_presence(i);
+        }
+        for _ in 0..bridges {
+            c.start_bridge();
         }
         for _ in 0..gateways {
             c.start_gateway();

@@ -29,8 +29,13 @@ pub fn token(claims: Value) -> String {
 
 /// Next text frame as JSON (skips pings); panics after [`WAIT`].
 pub async fn recv_json(ws: &mut Ws) -> Value {
+    recv_json_within(ws, WAIT).await
+}
+
+/// Next text frame as JSON (skips pings); panics after `limit` of silence.
+pub async fn recv_json_within(ws: &mut Ws, limit: Duration) -> Value {
     loop {
-        match tokio::time::timeout(WAIT, ws.next()).await.expect("timed out waiting for a frame") {
+        match tokio::time::timeout(limit, ws.next()).await.expect("timed out waiting for a frame") {
             Some(Ok(Message::Text(t))) => {
                 return serde_json::from_str(&t).expect("server sent JSON");
             }

@@ -37,7 +37,7 @@ async fn channel_nodes(p: &mut PresenceClient<Channel>, channel: &str) -> Vec<St
 
 #[tokio::test]
 async fn locate_finds_users_on_the_right_nodes() {
-    let c = Cluster::builder().presence(1).gateways(2).start();
+    let c = Cluster::builder().presence(1).gateways(2).start().await;
     let mut p = client(&c, 0).await;
     let (mut a0, _) = connect(c.gateway(0), "alice").await;
     let (_a1, _) = connect(c.gateway(1), "alice").await;
@@ -56,7 +56,7 @@ async fn locate_finds_users_on_the_right_nodes() {
 
 #[tokio::test]
 async fn presence_restart_is_rebuilt_from_the_gateways_and_no_session_drops() {
-    let mut c = Cluster::builder().presence(1).gateways(2).start();
+    let mut c = Cluster::builder().presence(1).gateways(2).start().await;
     let (mut a, _) = connect(c.gateway(0), "alice").await;
     let (mut b, _) = connect(c.gateway(1), "bob").await;
     call(&mut b, json!({"op":"subscribe","channel":"room:r"})).await;
@@ -78,7 +78,7 @@ async fn presence_restart_is_rebuilt_from_the_gateways_and_no_session_drops() {
 
 #[tokio::test]
 async fn a_killed_gateway_vanishes_within_the_lease_and_watch_reports_it() {
-    let mut c = Cluster::builder().presence(1).gateways(2).lease("1s").start();
+    let mut c = Cluster::builder().presence(1).gateways(2).lease("1s").start().await;
     let mut p = client(&c, 0).await;
     let (_a, _) = connect(c.gateway(0), "alice").await;
     let (mut v, _) = connect(c.gateway(1), "victim").await;
@@ -108,7 +108,7 @@ async fn a_killed_gateway_vanishes_within_the_lease_and_watch_reports_it() {
 
 #[tokio::test]
 async fn clients_on_different_gateways_see_join_and_leave_once() {
-    let c = Cluster::builder().presence(1).gateways(2).start();
+    let c = Cluster::builder().presence(1).gateways(2).start().await;
     let (mut alice, _) = connect(c.gateway(0), "alice").await;
     call(&mut alice, json!({"op":"subscribe","channel":"room:lobby"})).await;
     assert_eq!(recv_type(&mut alice, "join").await["user"], "alice");
@@ -148,7 +148,7 @@ async fn clients_on_different_gateways_see_join_and_leave_once() {
 
 #[tokio::test]
 async fn large_rooms_send_counts() {
-    let c = Cluster::builder().presence(1).gateways(2).large_room(2).start();
+    let c = Cluster::builder().presence(1).gateways(2).large_room(2).start().await;
     let (mut watcher, _) = connect(c.gateway(0), "watcher").await;
     call(&mut watcher, json!({"op":"subscribe","channel":"room:big"})).await;
     let mut others = Vec::new();
@@ -169,7 +169,7 @@ async fn large_rooms_send_counts() {
 
 #[tokio::test]
 async fn two_replicas_each_answer_and_a_gateway_started_before_presence_catches_up() {
-    let mut c = Cluster::builder().presence(2).gateways(0).start();
+    let mut c = Cluster::builder().presence(2).gateways(0).start().await;
     // A gateway that cannot reach replica 1 yet still serves and feeds replica 0.
     c.presence[1].kill();
     c.start_gateway();

@@ -1,0 +1,363 @@
+//! End to end through Kafka: tansu, presence, broker-bridges and three gateways
+//! as real processes, driven by WebSocket clients and a gRPC "internal service".
+
+use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use proto::push::v1 as pb;
+use proto::push::v1::push_client::PushClient;
+use serde_json::{Value, json};
+use switchboard_tests::cluster::Cluster;
+use switchboard_tests::ws::*;
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+const LONG: Duration = Duration::from_secs(60);
+/// Test publishers go faster than the default per-session publish rate.
+const FAST: &[&str] = &["--publish-rate", "100000", "--publish-burst", "100000"];
+
+async fn push_client(url: String) -> PushClient<Channel> {
+    PushClient::new(tonic::transport::Endpoint::from_shared(url).unwrap().connect_lazy())
+}
+
+async fn subscribed(addr: SocketAddr, user: &str, channel: &str) -> Ws {
+    let (mut ws, _) = connect(addr, user).await;
+    let ack = call(&mut ws, json!({"op":"subscribe","channel":channel})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    ws
+}
+
+/// Publishes probes until every subscriber has seen the same latest probe: from
+/// then on, routing includes every subscriber's gateway.
+async fn settle(publisher: &mut Ws, subs: &mut [&mut Ws], channel: &str) {
+    let deadline = tokio::time::Instant::now() + LONG;
+    for k in 0u64.. {
+        assert!(tokio::time::Instant::now() < deadline, "subscribers never all received a probe");
+        let ack = call(publisher, json!({"op":"publish","channel":channel,"data":{"probe":k}})).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        let mut all = true;
+        for ws in subs.iter_mut() {
+            let got = tokio::time::timeout(Duration::from_millis(500), async {
+                loop {
+                    let m = recv_type(ws, "message").await;
+                    if m["data"]["probe"] == k {
+                        return;
+                    }
+                }
+            })
+            .await;
+            all &= got.is_ok();
+        }
+        if all {
+            return;
+        }
+    }
+}
+
+fn order(msgs: &[Value]) -> Vec<(String, u64)> {
+    msgs.iter().map(|m| (m["id"].as_str().unwrap().to_owned(), m["seq"].as_u64().unwrap())).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_gateways_one_channel_same_order_for_everyone() {
+    let c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(1).gateways(3).start().await;
+    let mut subs = Vec::new();
+    for g in 0..3 {
+        for k in 0..2 {
+            subs.push(subscribed(c.gateway(g), &format!("s{g}{k}"), "room:e2e").await);
+        }
+    }
+    let mut pubs = Vec::new();
+    for g in 0..3 {
+        pubs.push(connect(c.gateway(g), &format!("p{g}")).await.0);
+    }
+    {
+        let mut refs: Vec<&mut Ws> = subs.iter_mut().collect();
+        settle(&mut pubs[0], &mut refs, "room:e2e").await;
+    }
+    const EACH: usize = 40;
+    let acked: Vec<Vec<(String, u64)>> = join_all(pubs.iter_mut().enumerate().map(|(p, ws)| async move {
+        let mut acks = Vec::new();
+        for n in 0..EACH {
+            let a = call(ws, json!({"op":"publish","channel":"room:e2e","data":{"p":p,"n":n}})).await;
+            assert_eq!(a["type"], "ack", "{a}");
+            acks.push((a["id"].as_str().unwrap().to_owned(), a["seq"].as_u64().unwrap()));
+        }
+        acks
+    }))
+    .await;
+    let received: Vec<Vec<Value>> = join_all(subs.iter_mut().map(|ws| async move {
+        let mut got = Vec::new();
+        while got.len() < 3 * EACH {
+            let m = tokio::time::timeout(LONG, recv_type(ws, "message")).await.expect("messages missing");
+            if m["data"]["probe"].is_null() {
+                got.push(m);
+            }
+        }
+        got
+    }))
+    .await;
+    let reference = order(&received[0]);
+    for (i, got) in received.iter().enumerate() {
+        assert_eq!(order(got), reference, "subscriber {i} saw another order");
+        for p in 0..3 {
+            let ns: Vec<u64> =
+                got.iter().filter(|m| m["data"]["p"] == json!(p)).map(|m| m["data"]["n"].as_u64().unwrap()).collect();
+            assert_eq!(ns, (0..EACH as u64).collect::<Vec<_>>(), "publisher {p}'s order");
+        }
+    }
+    assert!(reference.windows(2).all(|w| w[0].1 < w[1].1), "seq strictly increasing");
+    let acked: HashSet<(String, u64)> = acked.into_iter().flatten().collect();
+    assert_eq!(acked, reference.into_iter().collect::<HashSet<_>>(), "acks carry the delivered id and seq");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_messages_and_pushes_reach_the_right_sockets() {
+    let c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(1).gateways(3).start().await;
+    let (mut bob0, _) = connect(c.gateway(0), "bob").await;
+    let (mut bob2, _) = connect(c.gateway(2), "bob").await;
+    let (mut carol, _) = connect(c.gateway(1), "carol").await;
+    let (mut alice, _) = connect(c.gateway(1), "alice").await;
+    // Until presence and the bridge know where bob is, a send may reach fewer tabs:
+    // send until both tabs have a message, then check one more send exactly.
+    let deadline = tokio::time::Instant::now() + LONG;
+    let mut reached: HashSet<usize> = HashSet::new();
+    while reached.len() < 2 {
+        assert!(tokio::time::Instant::now() < deadline, "bob's tabs never both reached");
+        let ack = call(&mut alice, json!({"op":"send","user":"bob","data":{"warm":true}})).await;
+        assert_eq!(ack["type"], "ack", "{ack}");
+        for (i, ws) in [&mut bob0, &mut bob2].into_iter().enumerate() {
+            if tokio::time::timeout(Duration::from_millis(300), recv_type(ws, "direct")).await.is_ok() {
+                reached.insert(i);
+            }
+        }
+    }
+    let ack = call(&mut alice, json!({"op":"send","user":"bob","data":{"t":"psst"}})).await;
+    for ws in [&mut bob0, &mut bob2] {
+        let m = loop {
+            let m = recv_type(ws, "direct").await;
+            if m["data"]["t"] == "psst" {
+                break m;
+            }
+        };
+        assert_eq!(
+            (m["from"].as_str(), m["to"].as_str(), m["id"].as_str()),
+            (Some("alice"), Some("bob"), ack["id"].as_str())
+        );
+    }
+
+    // An internal service pushes through the bridge's Push API.
+    let mut push = push_client(c.bridge_url(0)).await;
+    let mut sub = subscribed(c.gateway(2), "dana", "alerts").await;
+    let deadline = tokio::time::Instant::now() + LONG;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "push never reached the subscriber");
+        let r = push
+            .publish(pb::PublishRequest {
+                channel: "alerts".into(),
+                data_json: r#"{"level":1}"#.into(),
+                from: "ops".into(),
+            })
+            .await
+            .expect("push publish")
+            .into_inner();
+        assert!(r.seq > 0);
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), recv_type(&mut sub, "message")).await {
+            assert_eq!((m["from"].as_str(), m["id"].as_str()), (Some("ops"), Some(r.id.as_str())));
+            break;
+        }
+    }
+    let r = push
+        .send_to_user(pb::SendToUserRequest { user: "carol".into(), data_json: "\"hi\"".into(), from: "svc".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    let m = recv_type(&mut carol, "direct").await;
+    assert_eq!((m["id"].as_str(), m["data"].as_str()), (Some(r.id.as_str()), Some("hi")));
+    let online =
+        push.is_online(pb::IsOnlineRequest { users: vec!["bob".into(), "nobody".into()] }).await.unwrap().into_inner();
+    assert_eq!((online.users[0].connections, online.users[1].online), (2, false));
+    push.disconnect(pb::DisconnectRequest { user: "carol".into(), reason: "bye".into() }).await.unwrap();
+    let close = expect_close(&mut carol).await;
+    assert_eq!(u16::from(close.code), 4004);
+    let bad =
+        push.publish(pb::PublishRequest { channel: String::new(), data_json: "1".into(), from: String::new() }).await;
+    assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
+}
+
+/// Every message a subscriber received, by id; panics on a duplicate or on seq going backwards.
+async fn collect_until(ws: &mut Ws, want: &HashSet<String>, stop: Arc<Mutex<bool>>) -> HashSet<String> {
+    let mut seen = HashSet::new();
+    let mut last_seq = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        if want.is_subset(&seen) && *stop.lock().await {
+            return seen;
+        }
+        let m = match tokio::time::timeout_at(deadline, recv_json_within(ws, Duration::from_secs(60))).await {
+            Ok(m) if m["type"] == "message" => m,
+            Ok(_) => continue,
+            Err(_) => {
+                let missing = want.difference(&seen).count();
+                panic!("{missing} acknowledged messages never arrived");
+            }
+        };
+        let id = m["id"].as_str().unwrap().to_owned();
+        let seq = m["seq"].as_u64().unwrap();
+        assert!(seq > last_seq, "seq went from {last_seq} to {seq}");
+        last_seq = seq;
+        assert!(seen.insert(id.clone()), "duplicate delivery of {id}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_a_bridge_mid_stream_and_lose_nothing_acknowledged() {
+    let mut c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(2).gateways(3).start().await;
+    let mut subs = Vec::new();
+    for g in 0..3 {
+        subs.push(subscribed(c.gateway(g), &format!("s{g}"), "ticker").await);
+    }
+    {
+        let (mut p, _) = connect(c.gateway(0), "warm").await;
+        let mut refs: Vec<&mut Ws> = subs.iter_mut().collect();
+        settle(&mut p, &mut refs, "ticker").await;
+    }
+    // Drain the probes that are still queued: from now on only "n" messages count.
+    const TOTAL: usize = 10_000;
+    let acked = Arc::new(Mutex::new(HashSet::new()));
+    let clients = [push_client(c.bridge_url(0)).await, push_client(c.bridge_url(1)).await];
+    let publishers = (0..8).map(|w| {
+        let acked = acked.clone();
+        let clients = clients.clone();
+        tokio::spawn(async move {
+            for n in (w..TOTAL).step_by(8) {
+                let mut cl = clients[n % 2].clone();
+                let req = pb::PublishRequest {
+                    channel: "ticker".into(),
+                    data_json: format!("{{\"n\":{n}}}"),
+                    from: "load".into(),
+                };
+                if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), cl.publish(req)).await {
+                    acked.lock().await.insert(r.into_inner().id);
+                }
+            }
+        })
+    });
+    let publishers: Vec<_> = publishers.collect();
+    // Kill bridge 0 once a third of the load is acknowledged.
+    let deadline = tokio::time::Instant::now() + LONG;
+    while acked.lock().await.len() < TOTAL / 3 {
+        assert!(tokio::time::Instant::now() < deadline, "load never reached a third");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.bridges[0].kill();
+    for p in publishers {
+        p.await.unwrap();
+    }
+    let want = acked.lock().await.clone();
+    assert!(want.len() >= TOTAL / 2, "only {} of {TOTAL} publishes acknowledged", want.len());
+    let done = Arc::new(Mutex::new(true));
+    let seen = join_all(subs.iter_mut().map(|ws| collect_until(ws, &want, done.clone()))).await;
+    for s in &seen {
+        assert!(want.is_subset(s));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_of_a_killed_gateway_reconnect_elsewhere_and_get_later_messages() {
+    let mut c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(1).gateways(3).start().await;
+    let addrs: Vec<SocketAddr> = (0..3).map(|g| c.gateway(g)).collect();
+    let mut victim = subscribed(addrs[1], "victim", "news").await;
+    let (mut publisher, _) = connect(addrs[0], "pub").await;
+    settle(&mut publisher, &mut [&mut victim], "news").await;
+    c.gateways[1].kill();
+    // The client notices (the socket ends) and reconnects with backoff to another gateway.
+    let ended = tokio::time::timeout(WAIT, async {
+        use futures_util::StreamExt;
+        while let Some(Ok(_)) = victim.next().await {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the client never noticed its gateway died");
+    let mut delay = Duration::from_millis(100);
+    let mut attempt = 0;
+    let mut again = loop {
+        let target = addrs[(2 + attempt) % 3];
+        attempt += 1;
+        let t = token(json!({"sub":"victim","exp":now()+600}));
+        match tokio_tungstenite::connect_async(format!("ws://{target}/ws?token={t}")).await {
+            Ok((mut ws, _)) => {
+                recv_json(&mut ws).await;
+                break ws;
+            }
+            Err(_) => {
+                assert!(attempt < 20, "never reconnected");
+                tokio::time::sleep(delay.mul_f64(rand_factor(attempt))).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+        }
+    };
+    assert_eq!(call(&mut again, json!({"op":"subscribe","channel":"news"})).await["type"], "ack");
+    settle(&mut publisher, &mut [&mut again], "news").await;
+    let ack = call(&mut publisher, json!({"op":"publish","channel":"news","data":{"after":"failover"}})).await;
+    let m = loop {
+        let m = recv_type(&mut again, "message").await;
+        if m["data"]["after"] == "failover" {
+            break m;
+        }
+    };
+    assert_eq!(m["id"], ack["id"]);
+}
+
+fn rand_factor(attempt: usize) -> f64 {
+    // Deterministic jitter in [0.5, 1.5) for the test client.
+    0.5 + ((attempt * 7919) % 1000) as f64 / 1000.0
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_unreachable_gives_retryable_errors_then_recovers_without_loss() {
+    let c = Cluster::builder()
+        .gateway_args(FAST)
+        .presence(1)
+        .kafka()
+        .bridges(1)
+        .bridge_args(&["--produce-timeout", "2s"])
+        .gateways(1)
+        .start()
+        .await;
+    let mut sub = subscribed(c.gateway(0), "sub", "feed").await;
+    let (mut publisher, _) = connect(c.gateway(0), "pub").await;
+    settle(&mut publisher, &mut [&mut sub], "feed").await;
+    let mut acked: HashMap<String, u64> = HashMap::new();
+    for n in 0..20 {
+        let a = call(&mut publisher, json!({"op":"publish","channel":"feed","data":{"n":n}})).await;
+        assert_eq!(a["type"], "ack", "{a}");
+        acked.insert(a["id"].as_str().unwrap().into(), n);
+    }
+    let broker = c.broker.as_ref().unwrap();
+    broker.proxy.cut();
+    let started = tokio::time::Instant::now();
+    let e = call(&mut publisher, json!({"op":"publish","channel":"feed","data":{"during":"cut"}})).await;
+    assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("unavailable")), "{e}");
+    assert!(e["retry_after_ms"].as_u64().is_some());
+    assert!(started.elapsed() < Duration::from_secs(10), "error took {:?}", started.elapsed());
+    broker.proxy.restore();
+    // Publishes succeed again once the path is back.
+    let deadline = tokio::time::Instant::now() + LONG;
+    let mut n = 100;
+    loop {
+        assert!(tokio::time::Instant::now() < deadline, "publishes never recovered");
+        let a = call(&mut publisher, json!({"op":"publish","channel":"feed","data":{"n":n}})).await;
+        if a["type"] == "ack" {
+            acked.insert(a["id"].as_str().unwrap().into(), n);
+            if acked.len() >= 25 {
+                break;
+            }
+        }
+        n += 1;
+    }
+    let want: HashSet<String> = acked.keys().cloned().collect();
+    collect_until(&mut sub, &want, Arc::new(Mutex::new(true))).await;
+}
