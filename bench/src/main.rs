@@ -36,6 +36,22 @@ enum Scenario {
         #[arg(long, default_value = "200")]
         concurrency: usize,
     },
+    /// Cluster: tansu + presence + 1 bridge + 3 gateways; publish-to-socket latency at
+    /// set rates, then the publish rate one bridge sustains.
+    Cluster {
+        /// Subscribers per gateway (all on one channel).
+        #[arg(long, default_value = "10")]
+        subscribers_per_gateway: usize,
+        /// Publish rates to measure latency at (messages/s), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "1000,10000")]
+        rates: Vec<u64>,
+        /// Seconds per rate.
+        #[arg(long, default_value = "10")]
+        seconds: u64,
+        /// Concurrent publishes in flight for the throughput run.
+        #[arg(long, default_value = "512")]
+        concurrency: usize,
+    },
     /// presence: RSS per tracked connection, then LocateUsers queries per second.
     Presence {
         /// Tracked connections in total (spread over `nodes` fake gateways).
@@ -186,6 +202,7 @@ async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::R
     Ok(())
 }
 
+mod cluster_bench;
 mod presence_bench;
 
 fn main() -> anyhow::Result<()> {
@@ -194,6 +211,9 @@ fn main() -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Idle { connections, gateway_bin, concurrency } => {
             rt.block_on(idle(connections, gateway_bin, concurrency))
+        }
+        Scenario::Cluster { subscribers_per_gateway, rates, seconds, concurrency } => {
+            rt.block_on(cluster_bench::run(subscribers_per_gateway, rates, seconds, concurrency))
         }
         Scenario::Presence { connections, nodes, presence_bin, concurrency, batch, seconds } => {
             rt.block_on(presence_bench::run(connections, nodes, presence_bin, concurrency, batch, seconds))

@@ -46,8 +46,9 @@ pub struct Cli {
     /// Longest wait for Kafka to store a message before the caller gets UNAVAILABLE.
     #[arg(long, env = "SWITCHBOARD_BRIDGE_PRODUCE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     pub produce_timeout: Duration,
-    /// A gateway that acknowledges nothing for this long is given up on for the pending messages.
-    #[arg(long, env = "SWITCHBOARD_BRIDGE_DELIVERY_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    /// A gateway that acknowledges nothing for this long is given up on for the pending messages
+    /// (a dead gateway is normally given up on sooner, when presence reports it down).
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_DELIVERY_TIMEOUT", value_parser = parse_duration, default_value = "30s")]
     pub delivery_timeout: Duration,
     /// Consumed messages not yet acknowledged by every target gateway, at most.
     #[arg(long, env = "SWITCHBOARD_BRIDGE_MAX_IN_FLIGHT", default_value = "20000")]

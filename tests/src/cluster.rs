@@ -151,7 +151,7 @@ impl Cluster {
             kafka: false,
             bridges: 0,
             bridge_args: Vec::new(),
-            lease: "1s".into(),
+            lease: "10s".into(),
             large_room: 1000,
             gateway_args: Vec::new(),
         }
@@ -269,7 +269,8 @@ impl ClusterBuilder {
         self.gateways = n;
         self
     }
-    /// Presence lease (default 1s in tests).
+    /// Presence lease (default 10s, as in production; a short lease under CPU load
+    /// expires live gateways).
     pub fn lease(mut self, lease: &str) -> Self {
         self.lease = lease.to_owned();
         self
