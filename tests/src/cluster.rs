@@ -15,9 +15,12 @@ pub fn binary(name: &str) -> PathBuf {
     if let Ok(p) = std::env::var(format!("SWITCHBOARD_{}_BIN", name.to_uppercase().replace('-', "_"))) {
         return PathBuf::from(p);
     }
-    // target/<profile>/deps/<test-exe> → target/<profile>/<name>
+    // target/<profile>/deps/<test-exe> or target/<profile>/<bench> → target/<profile>/<name>
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let mut dir = exe.parent().expect("exe dir");
+    if dir.ends_with("deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let path = dir.join(name);
     assert!(
         path.exists(),
