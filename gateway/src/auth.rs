@@ -36,6 +36,20 @@ pub enum AuthError {
 }
 
 impl AuthError {
+    /// Every reason, for registering metrics.
+    pub const ALL: [AuthError; 10] = [
+        Self::Missing,
+        Self::TooLarge,
+        Self::Malformed,
+        Self::Algorithm,
+        Self::Signature,
+        Self::Expired,
+        Self::NotYetValid,
+        Self::Issuer,
+        Self::Audience,
+        Self::Subject,
+    ];
+
     /// Closed label for metrics.
     pub fn label(self) -> &'static str {
         match self {

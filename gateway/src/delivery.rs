@@ -74,7 +74,12 @@ impl DeliveryService {
             return;
         };
         let fresh = match &env.target {
-            Some(Target::Channel(c)) => self.hub.publish_at(c, &env.id, &env.from, item.channel_seq, data).is_some(),
+            Some(Target::Channel(c)) => {
+                let start = std::time::Instant::now();
+                let fresh = self.hub.publish_at(c, &env.id, &env.from, item.channel_seq, data).is_some();
+                metrics::histogram!(m::FANOUT_DURATION).record(start.elapsed().as_secs_f64());
+                fresh
+            }
             Some(Target::User(u)) if env.kind == Kind::Disconnect as i32 => {
                 let first = self.dedupe.first(&env.id);
                 if first {

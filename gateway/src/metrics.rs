@@ -30,8 +30,31 @@ pub const PRESENCE_FALLBACKS: &str = "switchboard_gateway_presence_fallbacks_tot
 pub const BUCKETS: &[(&str, &[f64])] =
     &[("_duration_seconds", &[0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0])];
 
-/// Registers help text and units for every metric.
+/// Registers every series that alerts and dashboards use at zero, so that they are
+/// exported before the first event (an absent series is not a zero to PromQL).
+fn register_zeroes() {
+    for c in [CONNECTIONS_OPENED, QUEUE_FULL, ACCEPT_ERRORS, DUPLICATES_DROPPED, DELIVERIES, PRESENCE_RECONNECTS] {
+        metrics::counter!(c).increment(0);
+    }
+    for g in [CONNECTIONS_ACTIVE, SUBSCRIPTIONS_ACTIVE] {
+        metrics::gauge!(g).increment(0.0);
+    }
+    for r in crate::policy::CloseReason::ALL {
+        metrics::counter!(CONNECTIONS_CLOSED, "reason" => r.label()).increment(0);
+    }
+    for r in ["bad_request", "origin", "full", "draining"]
+        .into_iter()
+        .chain(crate::auth::AuthError::ALL.iter().map(|e| e.label()))
+    {
+        metrics::counter!(HANDSHAKE_REJECTED, "reason" => r).increment(0);
+    }
+    let _ = metrics::histogram!(FANOUT_DURATION);
+    let _ = metrics::histogram!(END_TO_END);
+}
+
+/// Registers help text and units for every metric, and the zero series.
 pub fn describe() {
+    register_zeroes();
     describe_gauge!(CONNECTIONS_ACTIVE, "WebSocket sessions open now.");
     describe_gauge!(CONNECTIONS_LIMIT, "Maximum concurrent sessions (connection cap).");
     describe_counter!(CONNECTIONS_OPENED, "WebSocket sessions opened.");

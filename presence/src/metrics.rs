@@ -14,6 +14,10 @@ pub const QUERIES: &str = "switchboard_presence_queries_total";
 pub const LEASES_EXPIRED: &str = "switchboard_presence_leases_expired_total";
 
 pub fn describe() {
+    // Zero series, so alerts see 0 rather than nothing before the first event.
+    for c in [SYNC_STREAMS, DELTAS, LEASES_EXPIRED] {
+        metrics::counter!(c).increment(0);
+    }
     describe_gauge!(NODES, "Gateway nodes holding a lease.");
     describe_gauge!(CONNECTIONS, "Client connections tracked.");
     describe_gauge!(USERS, "Distinct users with at least one connection.");
