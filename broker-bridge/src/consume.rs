@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::deliver::{Completer, Item, Links};
 use crate::metrics as m;
-use crate::offsets::Tracker;
+use crate::offsets::{Continuity, Gaps, Tracker};
 use crate::route::Routes;
 
 /// Consumer context: on a revoke, commit what is complete and forget the
@@ -39,6 +39,7 @@ impl ConsumerContext for Ctx {
         if let Rebalance::Revoke(tpl) = rebalance {
             let parts = self.partitions(tpl);
             let points = self.tracker.lock().points_of(&parts);
+            tracing::info!(?points, "committing before revoke");
             if let Some(tpl) = to_tpl(&self.topic, &points)
                 && let Err(e) = consumer.commit(&tpl, CommitMode::Sync)
             {
@@ -70,14 +71,17 @@ fn to_tpl(topic: &str, points: &[(i32, i64)]) -> Option<TopicPartitionList> {
 }
 
 /// The consume loop; returns when `stop` is cancelled.
+#[allow(clippy::too_many_arguments)]
 pub async fn run(
     consumer: Arc<StreamConsumer<Ctx>>,
+    topic: String,
     routes: Arc<Routes>,
     links: Arc<Links>,
     completer: Completer,
     max_in_flight: usize,
     stop: CancellationToken,
 ) {
+    let mut gaps = Gaps::default();
     loop {
         // Bounded memory: wait while too many records await acknowledgement.
         while completer.tracker.lock().in_flight() >= max_in_flight {
@@ -100,6 +104,27 @@ pub async fn run(
             }
         };
         metrics::counter!(m::CONSUMED).increment(1);
+        let generation = completer.tracker.lock().generation(partition).unwrap_or(0);
+        match gaps.check(partition, generation, offset, std::time::Instant::now()) {
+            Continuity::Accept => {}
+            Continuity::Skip => continue,
+            Continuity::Refetch(from) => {
+                tracing::warn!(partition, offset, from, "records missing before this offset; fetching again");
+                metrics::counter!(m::OFFSET_GAPS, "outcome" => "refetched").increment(1);
+                if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(1)) {
+                    tracing::warn!(partition, error = %e, "seek for a re-fetch failed");
+                }
+                continue;
+            }
+            Continuity::AcceptGap => {
+                tracing::error!(
+                    partition,
+                    offset,
+                    "records missing before this offset after re-fetches; skipping them"
+                );
+                metrics::counter!(m::OFFSET_GAPS, "outcome" => "accepted").increment(1);
+            }
+        }
         let env = match decoded {
             Some(Ok(env)) => env,
             _ => {
@@ -138,6 +163,9 @@ pub async fn commit_loop(
             _ = every.tick() => false,
         };
         let points = tracker.lock().commit_points();
+        if !points.is_empty() {
+            tracing::debug!(?points, "committing");
+        }
         if let Some(tpl) = to_tpl(&topic, &points) {
             let mode = if last { CommitMode::Sync } else { CommitMode::Async };
             match consumer.commit(&tpl, mode) {

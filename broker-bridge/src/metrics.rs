@@ -15,6 +15,7 @@ pub const REDELIVERIES: &str = "switchboard_bridge_redeliveries_total";
 pub const GIVEN_UP: &str = "switchboard_bridge_deliveries_given_up_total";
 pub const GATEWAY_LINKS: &str = "switchboard_bridge_gateway_links";
 pub const COMMITS: &str = "switchboard_bridge_commits_total";
+pub const OFFSET_GAPS: &str = "switchboard_bridge_offset_gaps_total";
 pub const BAD_RECORDS: &str = "switchboard_bridge_bad_records_total";
 pub const PUSH_REQUESTS: &str = "switchboard_bridge_push_requests_total";
 pub const ROUTE_NODES: &str = "switchboard_bridge_route_nodes";
@@ -46,6 +47,10 @@ pub fn describe() {
     describe_counter!(GIVEN_UP, "Deliveries abandoned because the gateway left or stayed unreachable.");
     describe_gauge!(GATEWAY_LINKS, "Open delivery streams to gateways.");
     describe_counter!(COMMITS, "Offset commits, by outcome.");
+    describe_counter!(
+        OFFSET_GAPS,
+        "Holes in a partition's consumed offsets, by outcome (refetched, accepted after retries)."
+    );
     describe_counter!(BAD_RECORDS, "Records that are not a valid envelope (skipped).");
     describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
     describe_gauge!(ROUTE_NODES, "Gateway nodes known to the routing cache.");

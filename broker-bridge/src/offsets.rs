@@ -115,9 +115,106 @@ impl Tracker {
     }
 }
 
+/// What to do with a consumed record, given the partition's previous offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Continuity {
+    /// The next offset (or the first of an assignment): process it.
+    Accept,
+    /// Already processed in this assignment (a re-fetch overlap): drop it.
+    Skip,
+    /// Records are missing before it: drop it and fetch again from this offset.
+    Refetch(i64),
+    /// Still missing after several re-fetches: accept the gap.
+    AcceptGap,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Seen {
+    generation: u64,
+    offset: i64,
+    refetch: Option<(std::time::Instant, u32)>,
+}
+
+/// Checks that a partition is consumed without holes. Our topic has no
+/// transactions and no compaction, so within one assignment offsets are
+/// contiguous; a hole means the fetch skipped records (seen with tansu under
+/// concurrent producers), and skipping them would lose acknowledged messages.
+#[derive(Debug, Default)]
+pub struct Gaps {
+    seen: HashMap<i32, Seen>,
+}
+
+/// Re-fetches of one hole before it is accepted.
+const REFETCHES: u32 = 5;
+/// Time for a re-fetch to take effect before records after the hole count again.
+const REFETCH_WAIT: std::time::Duration = std::time::Duration::from_millis(500);
+
+impl Gaps {
+    pub fn check(&mut self, partition: i32, generation: u64, offset: i64, now: std::time::Instant) -> Continuity {
+        let Some(s) = self.seen.get_mut(&partition).filter(|s| s.generation == generation) else {
+            self.seen.insert(partition, Seen { generation, offset, refetch: None });
+            return Continuity::Accept;
+        };
+        if offset <= s.offset {
+            return Continuity::Skip;
+        }
+        if offset == s.offset + 1 {
+            s.offset = offset;
+            s.refetch = None;
+            return Continuity::Accept;
+        }
+        match s.refetch {
+            Some((at, _)) if now.duration_since(at) < REFETCH_WAIT => Continuity::Skip,
+            Some((_, n)) if n >= REFETCHES => {
+                s.offset = offset;
+                s.refetch = None;
+                Continuity::AcceptGap
+            }
+            r => {
+                s.refetch = Some((now, r.map_or(1, |(_, n)| n + 1)));
+                Continuity::Refetch(s.offset + 1)
+            }
+        }
+    }
+}
+
+impl Tracker {
+    /// Assignment generation of a partition, if tracked.
+    pub fn generation(&self, partition: i32) -> Option<u64> {
+        self.partitions.get(&partition).map(|p| p.generation)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn holes_are_refetched_then_accepted() {
+        let t0 = std::time::Instant::now();
+        let ms = std::time::Duration::from_millis;
+        let mut g = Gaps::default();
+        assert_eq!(g.check(0, 1, 10, t0), Continuity::Accept);
+        assert_eq!(g.check(0, 1, 11, t0), Continuity::Accept);
+        assert_eq!(g.check(0, 1, 14, t0), Continuity::Refetch(12));
+        assert_eq!(g.check(0, 1, 15, t0 + ms(10)), Continuity::Skip, "stale records while the re-fetch runs");
+        assert_eq!(g.check(0, 1, 11, t0 + ms(20)), Continuity::Skip, "overlap already processed");
+        assert_eq!(g.check(0, 1, 12, t0 + ms(30)), Continuity::Accept, "the re-fetch brought the hole");
+        // A hole that never fills is accepted after a few tries.
+        let mut t = t0;
+        let mut outcome = Continuity::Accept;
+        for _ in 0..10 {
+            t += ms(600);
+            outcome = g.check(0, 1, 20, t);
+            if outcome == Continuity::AcceptGap {
+                break;
+            }
+            assert_eq!(outcome, Continuity::Refetch(13));
+        }
+        assert_eq!(outcome, Continuity::AcceptGap);
+        // A new assignment starts over wherever it starts.
+        assert_eq!(g.check(0, 2, 5, t), Continuity::Accept);
+    }
 
     #[test]
     fn commit_point_waits_for_the_oldest_unfinished_record() {

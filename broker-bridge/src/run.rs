@@ -85,8 +85,15 @@ pub async fn run(
         })
     };
     let consume_stop = CancellationToken::new();
-    let consumer_task =
-        tokio::spawn(consume::run(consumer.clone(), routes, links, completer, cli.max_in_flight, consume_stop.clone()));
+    let consumer_task = tokio::spawn(consume::run(
+        consumer.clone(),
+        cli.topic.clone(),
+        routes,
+        links,
+        completer,
+        cli.max_in_flight,
+        consume_stop.clone(),
+    ));
     let commit_task = tokio::spawn(consume::commit_loop(consumer.clone(), tracker, cli.topic.clone(), stop.clone()));
     let lag_task = tokio::spawn(consume::lag_loop(consumer.clone(), cli.topic.clone(), stop.clone()));
 

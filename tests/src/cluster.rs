@@ -36,7 +36,7 @@ fn log_file(name: &str) -> Stdio {
         Ok(dir) => std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(format!("{dir}/{name}.log"))
+            .open(format!("{dir}/{}-{name}.log", std::process::id()))
             .map_or_else(|_| Stdio::inherit(), Stdio::from),
         Err(_) => Stdio::inherit(),
     }
