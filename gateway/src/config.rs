@@ -84,7 +84,8 @@ pub struct Cli {
     /// (standalone mode; with `--presence-addrs` the presence service decides).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_LARGE_ROOM", default_value = "1000")]
     pub large_room: usize,
-    /// Presence replicas (`http://host:port`, comma-separated). Empty: standalone, in-process presence.
+    /// Presence replicas (`http://host:port`, comma-separated; `dns+http://name:port` for every
+    /// address `name` resolves to, re-resolved every 10 s). Empty: standalone, in-process presence.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_PRESENCE_ADDRS", value_delimiter = ',')]
     pub presence_addrs: Vec<String>,
     /// broker-bridge Push API addresses (`http://host:port`, comma-separated). Empty: standalone,

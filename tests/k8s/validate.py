@@ -80,7 +80,10 @@ def main():
                     errors.append(f"{where}: {e.message}")
                 except Exception as e:  # unknown kind/version
                     errors.append(f"{where}: {e}")
-            policy(doc, errors)
+            try:
+                policy(doc, errors)
+            except (KeyError, TypeError) as e:
+                errors.append(f"{where}: malformed ({e!r} missing or wrong)")
             if len(errors) == before:
                 passed += 1
     for e in errors:

@@ -231,6 +231,11 @@ impl Cluster {
 
     /// Starts one more gateway and returns its index.
     pub fn start_gateway(&mut self) -> usize {
+        self.start_gateway_with(&[])
+    }
+
+    /// Starts one more gateway with extra flags (later flags win) and returns its index.
+    pub fn start_gateway_with(&mut self, extra: &[String]) -> usize {
         let i = self.gateways.len();
         let urls: Vec<String> = (0..self.presence_ports.len()).map(|p| self.presence_url(p)).collect();
         let mut args: Vec<String> = [
@@ -258,6 +263,7 @@ impl Cluster {
             args.push(bridges.join(","));
         }
         args.extend(self.builder.gateway_args.iter().cloned());
+        args.extend(extra.iter().cloned());
         self.gateways.push(Proc::spawn(&format!("gw{i}"), "gateway", &args));
         i
     }

@@ -185,3 +185,14 @@ async fn two_replicas_each_answer_and_a_gateway_started_before_presence_catches_
         eventually!(locate(p, "bob").await == ["gw0"], "a replica missed bob");
     }
 }
+
+#[tokio::test]
+async fn gateways_discover_replicas_through_dns() {
+    // `dns+http://localhost:PORT`: one link per address the name resolves to.
+    let mut c = Cluster::builder().presence(1).gateways(0).start().await;
+    let spec = format!("dns+http://localhost:{}", c.presence_ports[0]);
+    c.start_gateway_with(&["--presence-addrs".into(), spec]);
+    let (_a, _) = connect(c.gateway(0), "alice").await;
+    let mut p = client(&c, 0).await;
+    eventually!(locate(&mut p, "alice").await == ["gw0"], "gateway did not feed the discovered replica");
+}

@@ -46,14 +46,89 @@ struct Link {
     addr: String,
     deltas: mpsc::Sender<pb::Delta>,
     resync: Arc<AtomicBool>,
+    cancel: CancellationToken,
+    client: PresenceClient<Channel>,
+}
+
+/// The replicas known now: fixed ones, plus those a `dns+` address resolves to.
+#[derive(Debug)]
+struct Replicas {
+    hub: Arc<Hub>,
+    cfg: RemoteConfig,
+    stop: CancellationToken,
+    links: parking_lot::RwLock<Vec<Link>>,
+}
+
+impl Replicas {
+    /// Starts streaming to one more replica (its link begins with a snapshot).
+    fn add(&self, addr: &str) -> Result<(), tonic::transport::Error> {
+        let client = PresenceClient::new(endpoint(addr)?.connect_lazy());
+        let (tx, rx) = mpsc::channel(DELTA_QUEUE);
+        let resync = Arc::new(AtomicBool::new(false));
+        let cancel = self.stop.child_token();
+        tokio::spawn(link_task(
+            addr.to_owned(),
+            self.hub.clone(),
+            self.cfg.clone(),
+            rx,
+            resync.clone(),
+            cancel.clone(),
+        ));
+        self.links.write().push(Link { addr: addr.to_owned(), deltas: tx, resync, cancel, client });
+        tracing::info!(presence = %addr, "presence replica added");
+        Ok(())
+    }
+
+    fn remove(&self, addr: &str) {
+        self.links.write().retain(|l| {
+            let keep = l.addr != addr;
+            if !keep {
+                l.cancel.cancel();
+                tracing::info!(presence = %addr, "presence replica removed");
+            }
+            keep
+        });
+    }
+
+    fn clients(&self) -> Vec<PresenceClient<Channel>> {
+        self.links.read().iter().map(|l| l.client.clone()).collect()
+    }
+}
+
+/// Follows `dns+http://name:port`: one replica per address the name resolves to
+/// (a headless Service), re-resolved every 10 s.
+async fn discover(spec: String, replicas: Arc<Replicas>) {
+    let Some((scheme, rest)) = spec.split_once("://") else { return };
+    let hostport = rest.trim_end_matches('/').to_owned();
+    let mut current: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
+    loop {
+        match tokio::net::lookup_host(hostport.as_str()).await {
+            Ok(found) => {
+                let now: std::collections::BTreeSet<String> = found.map(|a| format!("{scheme}://{a}")).collect();
+                for gone in current.difference(&now) {
+                    replicas.remove(gone);
+                }
+                for new in now.difference(&current) {
+                    if let Err(e) = replicas.add(new) {
+                        tracing::warn!(presence = %new, error = %e, "bad presence address");
+                    }
+                }
+                current = now;
+            }
+            Err(e) => tracing::warn!(name = %hostport, error = %e, "cannot resolve presence replicas"),
+        }
+        tokio::select! {
+            () = replicas.stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(10)) => {}
+        }
+    }
 }
 
 /// Presence held by remote replicas.
 #[derive(Debug)]
 pub struct RemotePresence {
     hub: Arc<Hub>,
-    links: Vec<Link>,
-    clients: Vec<PresenceClient<Channel>>,
+    replicas: Arc<Replicas>,
     next: AtomicU64,
 }
 
@@ -94,28 +169,33 @@ impl Backoff {
 
 impl RemotePresence {
     /// Starts a Sync link per replica and the Watch task; they run until `stop`.
+    /// An address `dns+http://name:port` stands for every address `name` resolves to.
     pub fn start(
         hub: Arc<Hub>,
         cfg: RemoteConfig,
         stop: CancellationToken,
     ) -> Result<Arc<Self>, tonic::transport::Error> {
-        let mut links = Vec::new();
-        let mut clients = Vec::new();
+        let replicas = Arc::new(Replicas {
+            hub: hub.clone(),
+            cfg: cfg.clone(),
+            stop: stop.clone(),
+            links: parking_lot::RwLock::new(Vec::new()),
+        });
         for addr in &cfg.addrs {
-            let channel = endpoint(addr)?.connect_lazy();
-            clients.push(PresenceClient::new(channel));
-            let (tx, rx) = mpsc::channel(DELTA_QUEUE);
-            let resync = Arc::new(AtomicBool::new(false));
-            tokio::spawn(link_task(addr.clone(), hub.clone(), cfg.clone(), rx, resync.clone(), stop.clone()));
-            links.push(Link { addr: addr.clone(), deltas: tx, resync });
+            match addr.strip_prefix("dns+") {
+                Some(spec) => {
+                    tokio::spawn(discover(spec.to_owned(), replicas.clone()));
+                }
+                None => replicas.add(addr)?,
+            }
         }
-        tokio::spawn(watch_task(clients.clone(), hub.clone(), stop));
-        Ok(Arc::new(Self { hub, links, clients, next: AtomicU64::new(0) }))
+        tokio::spawn(watch_task(replicas.clone(), hub.clone(), stop));
+        Ok(Arc::new(Self { hub, replicas, next: AtomicU64::new(0) }))
     }
 
     fn push(&self, change: pb::delta::Change) {
         let delta = pb::Delta { change: Some(change) };
-        for link in &self.links {
+        for link in self.replicas.links.read().iter() {
             if link.resync.load(Ordering::Relaxed) {
                 continue;
             }
@@ -128,9 +208,10 @@ impl RemotePresence {
 
     /// Clients in failover order, starting from a rotating replica.
     fn rotation(&self) -> impl Iterator<Item = PresenceClient<Channel>> + '_ {
-        let n = self.clients.len();
+        let clients = self.replicas.clients();
+        let n = clients.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
-        (0..n).map(move |i| self.clients[(start + i) % n].clone())
+        (0..n).map(move |i| clients[(start + i) % n].clone())
     }
 }
 
@@ -319,11 +400,18 @@ async fn link_session(
 
 /// Follows one replica's Watch stream (failing over between replicas) and
 /// delivers joins, leaves and counts to local subscribers.
-async fn watch_task(clients: Vec<PresenceClient<Channel>>, hub: Arc<Hub>, stop: CancellationToken) {
+async fn watch_task(replicas: Arc<Replicas>, hub: Arc<Hub>, stop: CancellationToken) {
     use pb::watch_event::Event;
     let mut backoff = Backoff::new();
     let mut i = 0usize;
     loop {
+        let clients = replicas.clients();
+        if clients.is_empty() {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(backoff.next()) => continue,
+            }
+        }
         let mut client = clients[i % clients.len()].clone();
         i += 1;
         let opened = tokio::select! {
