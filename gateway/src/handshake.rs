@@ -193,6 +193,9 @@ fn upgrade(
     if !header_has_token(&req, header::UPGRADE, "websocket") || !header_has_token(&req, header::CONNECTION, "upgrade") {
         return Err(HandshakeError::BadRequest("not a websocket upgrade"));
     }
+    if req.version() < http::Version::HTTP_11 {
+        return Err(HandshakeError::BadRequest("a WebSocket upgrade needs HTTP/1.1"));
+    }
     if req.headers().get(header::SEC_WEBSOCKET_VERSION).map(HeaderValue::as_bytes) != Some(b"13") {
         return Err(HandshakeError::BadRequest("Sec-WebSocket-Version must be 13"));
     }
