@@ -12,6 +12,7 @@ use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
+#[allow(unused_imports)]
 pub use switchboard_tests::eventually;
 pub use switchboard_tests::ws::*;
 
