@@ -53,6 +53,10 @@ pub struct Cli {
     /// Maximum concurrent WebSocket sessions. Default: derived from the open-files limit.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_CONNECTIONS")]
     pub max_connections: Option<NonZeroU32>,
+    /// Sessions one client address may hold (0: no per-address cap; behind a proxy or NAT
+    /// many clients share an address, so set it with care).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_CONNECTIONS_PER_IP", default_value = "0")]
+    pub max_connections_per_ip: u32,
     /// Time allowed for a client to send its HTTP upgrade request.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_HANDSHAKE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub handshake_timeout: Duration,

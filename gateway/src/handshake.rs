@@ -17,7 +17,7 @@ use tokio::net::TcpStream;
 use crate::auth::{AuthError, Identity, valid_anonymous_name};
 use crate::demo;
 use crate::metrics as m;
-use crate::server::{Server, SessionSlot};
+use crate::server::{NoSlot, Server, SessionSlot};
 use crate::session::{self, Mode};
 
 /// Subprotocol a browser offers alongside `bearer.<jwt>`.
@@ -36,6 +36,8 @@ pub enum HandshakeError {
     Origin,
     #[error("connection limit reached")]
     Full,
+    #[error("too many connections from this address")]
+    PerIp,
     #[error("server is draining")]
     Draining,
 }
@@ -47,6 +49,7 @@ impl HandshakeError {
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Origin => StatusCode::FORBIDDEN,
             Self::Full | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PerIp => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -56,6 +59,7 @@ impl HandshakeError {
             Self::Unauthorized(e) => e.label(),
             Self::Origin => "origin",
             Self::Full => "full",
+            Self::PerIp => "per_ip",
             Self::Draining => "draining",
         }
     }
@@ -63,7 +67,7 @@ impl HandshakeError {
     fn into_response(self) -> Response<Full<Bytes>> {
         metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => self.label()).increment(1);
         let mut resp = text(self.status(), format!("{self}\n"));
-        if matches!(self, Self::Full | Self::Draining) {
+        if matches!(self, Self::Full | Self::Draining | Self::PerIp) {
             let secs = rand::random_range(1..=5u32);
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -79,11 +83,13 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 /// Serves one HTTP request on the client port.
-pub async fn handle(server: Arc<Server>, req: Request<Incoming>) -> Response<Full<Bytes>> {
+pub async fn handle(server: Arc<Server>, req: Request<Incoming>, peer: std::net::IpAddr) -> Response<Full<Bytes>> {
     match (req.method(), req.uri().path()) {
-        (&Method::GET, "/ws") => upgrade(server, req, Mode::Protocol).unwrap_or_else(HandshakeError::into_response),
+        (&Method::GET, "/ws") => {
+            upgrade(server, req, peer, Mode::Protocol).unwrap_or_else(HandshakeError::into_response)
+        }
         (&Method::GET, "/echo") if server.echo_route => {
-            upgrade(server, req, Mode::Echo).unwrap_or_else(HandshakeError::into_response)
+            upgrade(server, req, peer, Mode::Echo).unwrap_or_else(HandshakeError::into_response)
         }
         (&Method::GET, path) => demo::asset(path).map_or_else(
             || text(StatusCode::NOT_FOUND, "not found\n"),
@@ -184,12 +190,16 @@ fn authenticate(server: &Server, req: &Request<Incoming>, token: Option<String>)
 fn upgrade(
     server: Arc<Server>,
     mut req: Request<Incoming>,
+    peer: std::net::IpAddr,
     mode: Mode,
 ) -> Result<Response<Full<Bytes>>, HandshakeError> {
     if server.draining.is_cancelled() {
         return Err(HandshakeError::Draining);
     }
-    let slot = server.try_reserve_session().ok_or(HandshakeError::Full)?;
+    let slot = server.try_reserve_session(peer).map_err(|e| match e {
+        NoSlot::Full => HandshakeError::Full,
+        NoSlot::PerIp => HandshakeError::PerIp,
+    })?;
     if !header_has_token(&req, header::UPGRADE, "websocket") || !header_has_token(&req, header::CONNECTION, "upgrade") {
         return Err(HandshakeError::BadRequest("not a websocket upgrade"));
     }

@@ -42,7 +42,7 @@ fn register_zeroes() {
     for r in crate::policy::CloseReason::ALL {
         metrics::counter!(CONNECTIONS_CLOSED, "reason" => r.label()).increment(0);
     }
-    for r in ["bad_request", "origin", "full", "draining"]
+    for r in ["bad_request", "origin", "full", "per_ip", "draining"]
         .into_iter()
         .chain(crate::auth::AuthError::ALL.iter().map(|e| e.label()))
     {

@@ -50,6 +50,7 @@ pub struct Settings {
     pub handshake_timeout: Duration,
     pub max_sessions: usize,
     pub max_pending: usize,
+    pub max_per_ip: u32,
     pub presence_channels: Vec<String>,
     pub large_room: usize,
     pub presence_addrs: Vec<String>,
@@ -130,6 +131,7 @@ impl Settings {
             handshake_timeout: cli.handshake_timeout,
             max_sessions,
             max_pending,
+            max_per_ip: cli.max_connections_per_ip,
             presence_channels: cli.presence_channels.iter().filter(|p| !p.is_empty()).cloned().collect(),
             large_room: cli.large_room,
             presence_addrs: cli.presence_addrs.iter().filter(|a| !a.is_empty()).cloned().collect(),
@@ -241,7 +243,7 @@ pub async fn run(
         presence: presence.clone(),
         config: settings.session.clone(),
     });
-    let server = Arc::new(Server::new(
+    let mut server = Server::new(
         node,
         settings.verifier.clone(),
         settings.anonymous,
@@ -250,7 +252,9 @@ pub async fn run(
         settings.handshake_timeout,
         settings.max_sessions,
         settings.max_pending,
-    ));
+    );
+    server.max_per_ip = settings.max_per_ip;
+    let server = Arc::new(server);
 
     let readiness = kit::admin::Readiness::default();
     let stop_admin = CancellationToken::new();

@@ -44,6 +44,9 @@ pub struct Server {
     pub max_sessions: usize,
     pub max_pending: usize,
     pub sessions: AtomicUsize,
+    /// Sessions per client address, when `max_per_ip` is set (0: no per-address cap).
+    pub max_per_ip: u32,
+    per_ip: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
     pub pending: AtomicUsize,
     socket_freed: Notify,
     pub next_conn_id: AtomicU64,
@@ -54,14 +57,32 @@ pub struct Server {
     pub tracker: TaskTracker,
 }
 
-/// A reserved session slot, released on drop.
+/// A reserved session slot (global and per client address), released on drop.
 #[derive(Debug)]
-pub struct SessionSlot(Arc<Server>);
+pub struct SessionSlot(Arc<Server>, Option<std::net::IpAddr>);
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
         self.0.sessions.fetch_sub(1, Ordering::AcqRel);
+        if let Some(ip) = self.1 {
+            let mut per_ip = self.0.per_ip.lock();
+            if let Some(n) = per_ip.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    per_ip.remove(&ip);
+                }
+            }
+        }
     }
+}
+
+/// Why no session slot was given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoSlot {
+    /// The node's connection cap.
+    Full,
+    /// The per-address cap.
+    PerIp,
 }
 
 struct SocketSlot(Arc<Server>);
@@ -103,6 +124,8 @@ impl Server {
             max_sessions,
             max_pending,
             sessions: AtomicUsize::new(0),
+            max_per_ip: 0,
+            per_ip: parking_lot::Mutex::new(std::collections::HashMap::new()),
             pending: AtomicUsize::new(0),
             socket_freed: Notify::new(),
             next_conn_id: AtomicU64::new(1),
@@ -113,10 +136,25 @@ impl Server {
     }
 
     /// Reserves a session slot if the cap allows.
-    pub fn try_reserve_session(self: &Arc<Self>) -> Option<SessionSlot> {
+    pub fn try_reserve_session(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<SessionSlot, NoSlot> {
         let prev = self.sessions.fetch_add(1, Ordering::AcqRel);
-        let slot = SessionSlot(self.clone());
-        (prev < self.max_sessions).then_some(slot)
+        let slot = SessionSlot(self.clone(), None);
+        if prev >= self.max_sessions {
+            return Err(NoSlot::Full);
+        }
+        if self.max_per_ip == 0 {
+            return Ok(slot);
+        }
+        let mut per_ip = self.per_ip.lock();
+        let n = per_ip.entry(ip).or_insert(0);
+        if *n >= self.max_per_ip {
+            return Err(NoSlot::PerIp);
+        }
+        *n += 1;
+        drop(per_ip);
+        let mut slot = slot;
+        slot.1 = Some(ip);
+        Ok(slot)
     }
 
     /// Accepts clients until `draining` is cancelled.
@@ -131,7 +169,7 @@ impl Server {
                     () = tokio::time::sleep(Duration::from_millis(100)) => {}
                 }
             }
-            let (stream, _peer) = tokio::select! {
+            let (stream, peer) = tokio::select! {
                 () = self.draining.cancelled() => return,
                 r = listener.accept() => match r {
                     Ok(a) => a,
@@ -152,7 +190,7 @@ impl Server {
                 let svc_server = server.clone();
                 let service = service_fn(move |req| {
                     let s = svc_server.clone();
-                    async move { Ok::<_, Infallible>(handshake::handle(s, req).await) }
+                    async move { Ok::<_, Infallible>(handshake::handle(s, req, peer.ip()).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())

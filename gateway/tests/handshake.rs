@@ -220,3 +220,16 @@ async fn not_an_upgrade_gets_400_and_unknown_paths_404() {
     assert_eq!(gw.admin_get("/healthz").await.0, 200);
     assert_eq!(gw.admin_get("/readyz").await.0, 200);
 }
+
+#[tokio::test]
+async fn per_address_cap_answers_429() {
+    let gw = Gateway::start(&["--max-connections-per-ip", "2"]).await;
+    let (_a, _) = gw.ws("a").await;
+    let (b, _) = gw.ws("b").await;
+    let t = token(json!({"sub": "c", "exp": now() + 60}));
+    let (status, body, retry) = refused(gw.url(&format!("?token={t}")).into_client_request().unwrap()).await;
+    assert_eq!((status, body.trim()), (429, "too many connections from this address"));
+    assert!(retry.is_some());
+    drop(b);
+    eventually!(tokio_tungstenite::connect_async(gw.url(&format!("?token={t}"))).await.is_ok(), "slot never freed");
+}
