@@ -8,6 +8,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kit::grpc::Bearer;
 use parking_lot::Mutex;
 use proto::bridge::v1 as pb;
 use proto::bridge::v1::delivery_client::DeliveryClient;
@@ -73,11 +74,12 @@ pub struct Links {
     completer: Completer,
     timeout: Duration,
     stop: CancellationToken,
+    bearer: Bearer,
 }
 
 impl Links {
-    pub fn new(completer: Completer, timeout: Duration, stop: CancellationToken) -> Self {
-        Self { links: Mutex::new(HashMap::new()), completer, timeout, stop }
+    pub fn new(completer: Completer, timeout: Duration, stop: CancellationToken, bearer: Bearer) -> Self {
+        Self { links: Mutex::new(HashMap::new()), completer, timeout, stop, bearer }
     }
 
     /// Queues `item` for `node` (opening its stream if needed); waits while its queue is full.
@@ -100,6 +102,7 @@ impl Links {
                         self.completer.clone(),
                         cancel.clone(),
                         self.timeout,
+                        self.bearer.clone(),
                     ));
                     LinkHandle { addr: addr.to_owned(), tx, cancel }
                 })
@@ -142,6 +145,7 @@ async fn link_task(
     done: Completer,
     cancel: CancellationToken,
     timeout: Duration,
+    bearer: Bearer,
 ) {
     metrics::gauge!(m::GATEWAY_LINKS).increment(1.0);
     let mut pending: VecDeque<(u64, Item)> = VecDeque::new();
@@ -151,7 +155,8 @@ async fn link_task(
     let mut delay = Duration::from_millis(50);
     loop {
         let ended =
-            stream(&addr, &mut rx, &mut pending, &mut next_seq, &mut stalled_since, &done, &cancel, timeout).await;
+            stream(&addr, &mut rx, &mut pending, &mut next_seq, &mut stalled_since, &done, &cancel, timeout, &bearer)
+                .await;
         if matches!(ended, Ended::Cancelled) {
             break;
         }
@@ -210,6 +215,7 @@ async fn stream(
     done: &Completer,
     cancel: &CancellationToken,
     timeout: Duration,
+    bearer: &Bearer,
 ) -> Ended {
     let Ok(ep) = Endpoint::from_shared(addr.to_owned()) else { return Ended::Broken };
     let ep = ep.connect_timeout(Duration::from_secs(1)).http2_keep_alive_interval(Duration::from_secs(5));
@@ -217,7 +223,7 @@ async fn stream(
         () = cancel.cancelled() => return Ended::Cancelled,
         c = ep.connect() => match c { Ok(c) => c, Err(_) => return Ended::Broken },
     };
-    let mut client = DeliveryClient::new(channel).max_encoding_message_size(64 << 20);
+    let mut client = DeliveryClient::new(bearer.channel(channel)).max_encoding_message_size(64 << 20);
     let (out, out_rx) = mpsc::channel::<pb::DeliveryBatch>(64);
     let mut acks = match client.deliver(ReceiverStream::new(out_rx)).await {
         Ok(r) => r.into_inner(),

@@ -21,8 +21,8 @@ impl std::fmt::Debug for Producer {
         f.debug_struct("Producer").field("generation", &self.current.read().0).finish()
     }
 }
+use kit::grpc::Authed;
 use serde_json::value::RawValue;
-use tonic::transport::Channel;
 use tonic::{Request, Response, Status};
 
 use crate::metrics as m;
@@ -108,7 +108,7 @@ pub struct PushIngest {
     pub ids: Arc<Ids>,
     pub produce_timeout: Duration,
     pub max_message_bytes: usize,
-    pub presence: Vec<PresenceClient<Channel>>,
+    pub presence: Vec<PresenceClient<Authed>>,
 }
 
 impl std::fmt::Debug for PushIngest {
@@ -208,7 +208,7 @@ impl PushIngest {
 
     async fn presence<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
-        F: Fn(PresenceClient<Channel>) -> Fut,
+        F: Fn(PresenceClient<Authed>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         let mut last = Status::unavailable("no presence replica configured");

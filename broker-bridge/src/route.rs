@@ -5,13 +5,14 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use kit::grpc::{Authed, Bearer};
 use parking_lot::RwLock;
 use proto::bridge::v1::Envelope;
 use proto::bridge::v1::envelope::Target;
 use proto::presence::v1 as pb;
 use proto::presence::v1::presence_client::PresenceClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use crate::metrics as m;
 
@@ -113,14 +114,15 @@ fn intern(s: &State, node: &str) -> Arc<str> {
     s.nodes.get_key_value(node).map_or_else(|| Arc::from(node), |(k, _)| k.clone())
 }
 
-fn client(addr: &str) -> Result<PresenceClient<Channel>, tonic::transport::Error> {
+fn client(addr: &str, bearer: &Bearer) -> Result<PresenceClient<Authed>, tonic::transport::Error> {
     let ep = Endpoint::from_shared(addr.to_owned())?.connect_timeout(Duration::from_secs(2));
-    Ok(PresenceClient::new(ep.connect_lazy()).max_decoding_message_size(256 << 20))
+    Ok(PresenceClient::new(bearer.channel(ep.connect_lazy())).max_decoding_message_size(256 << 20))
 }
 
 /// Keeps `routes` fresh from presence until `stop`; node changes go to `changes`.
 pub async fn watch(
     addrs: Vec<String>,
+    bearer: Bearer,
     routes: Arc<Routes>,
     changes: tokio::sync::mpsc::UnboundedSender<NodeChange>,
     stop: CancellationToken,
@@ -130,7 +132,7 @@ pub async fn watch(
     loop {
         let addr = &addrs[i % addrs.len()];
         i += 1;
-        if let Ok(mut c) = client(addr) {
+        if let Ok(mut c) = client(addr, &bearer) {
             let opened = tokio::select! {
                 () = stop.cancelled() => return,
                 r = c.watch(pb::WatchRequest { initial_state: true, users: true }) => r,

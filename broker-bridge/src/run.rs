@@ -73,9 +73,17 @@ pub async fn run(
     let stop = CancellationToken::new();
     let routes = Arc::new(Routes::default());
     let (changes_tx, mut changes_rx) = tokio::sync::mpsc::unbounded_channel();
-    let watch = tokio::spawn(route::watch(cli.presence_addrs.clone(), routes.clone(), changes_tx, stop.clone()));
+    let bearer =
+        kit::grpc::Bearer::new(cli.common.internal_token.as_deref()).map_err(|e| RunError::Config(e.to_string()))?;
+    let watch = tokio::spawn(route::watch(
+        cli.presence_addrs.clone(),
+        bearer.clone(),
+        routes.clone(),
+        changes_tx,
+        stop.clone(),
+    ));
     let completer = Completer { tracker: tracker.clone(), progress: Arc::new(Notify::new()) };
-    let links = Arc::new(Links::new(completer.clone(), cli.delivery_timeout, stop.clone()));
+    let links = Arc::new(Links::new(completer.clone(), cli.delivery_timeout, stop.clone(), bearer.clone()));
     let node_changes = {
         let links = links.clone();
         tokio::spawn(async move {
@@ -100,7 +108,7 @@ pub async fn run(
     let mut presence = Vec::new();
     for addr in &cli.presence_addrs {
         let ep = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(RunError::Presence)?;
-        presence.push(PresenceClient::new(ep.connect_timeout(Duration::from_secs(2)).connect_lazy()));
+        presence.push(PresenceClient::new(bearer.channel(ep.connect_timeout(Duration::from_secs(2)).connect_lazy())));
     }
     let ingest = PushIngest {
         producer,
@@ -131,7 +139,10 @@ pub async fn run(
         .add_service(health_service)
         .add_service(r1)
         .add_service(r1a)
-        .add_service(PushServer::new(ingest))
+        .add_service(PushServer::with_interceptor(
+            ingest,
+            kit::grpc::RequireBearer::new(cli.common.internal_token.as_deref()),
+        ))
         .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async move {
             serve_stop.cancelled().await;
             readiness.set(false);

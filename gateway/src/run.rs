@@ -19,6 +19,7 @@ use crate::presence::{LocalPresence, PresenceBackend, RemoteConfig, RemotePresen
 use crate::push::PushService;
 use crate::server::{Drain, Server, caps_from_nofile};
 use crate::session::{Node, SessionConfig};
+use tonic::service::interceptor::InterceptedService;
 
 /// Configuration that cannot be used; the binary exits with code 64.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,8 @@ pub enum SettingsError {
     Heartbeat,
     #[error("--bridge-addrs needs --presence-addrs: the bridges route messages by presence")]
     BridgeWithoutPresence,
+    #[error("--internal-token must be printable ASCII")]
+    Token,
 }
 
 /// Everything `run` needs, checked.
@@ -55,6 +58,9 @@ pub struct Settings {
     pub large_room: usize,
     pub presence_addrs: Vec<String>,
     pub delivery_addr: String,
+    /// Credential of the internal gRPC APIs (sent and required).
+    pub bearer: kit::grpc::Bearer,
+    pub internal_token: Option<String>,
     pub bridge_addrs: Vec<String>,
     pub drain: Drain,
     pub nofile: u64,
@@ -137,6 +143,8 @@ impl Settings {
             presence_addrs: cli.presence_addrs.iter().filter(|a| !a.is_empty()).cloned().collect(),
             delivery_addr: cli.delivery_addr.clone(),
             bridge_addrs,
+            bearer: kit::grpc::Bearer::new(cli.common.internal_token.as_deref()).map_err(|_| SettingsError::Token)?,
+            internal_token: cli.common.internal_token.clone(),
             drain: Drain { window: cli.drain_window, grace: cli.drain_grace },
             nofile,
         })
@@ -208,7 +216,7 @@ pub async fn run(
         Arc::new(LocalBus::new(hub.clone()))
     } else {
         // The bridge answers within its produce timeout (5 s by default); allow margin.
-        Arc::new(RemoteBus::new(&settings.bridge_addrs, Duration::from_secs(8))?)
+        Arc::new(RemoteBus::new(&settings.bridge_addrs, Duration::from_secs(8), &settings.bearer)?)
     };
     let stop_presence = CancellationToken::new();
     let presence: Arc<dyn PresenceBackend> = if remote {
@@ -219,6 +227,7 @@ pub async fn run(
             node_id: settings.session.node_id.to_string(),
             delivery_addr: delivery_addr.clone(),
             boot_epoch,
+            bearer: settings.bearer.clone(),
         };
         RemotePresence::start(hub.clone(), cfg, stop_presence.clone())?
     } else {
@@ -267,6 +276,7 @@ pub async fn run(
     let push = PushService { hub, bus, presence, max_message_bytes: settings.session.max_message_bytes };
     let delivery = (!settings.bridge_addrs.is_empty())
         .then(|| DeliveryService { hub: server.node.hub.clone(), dedupe: Arc::new(Dedupe::new(200_000)) });
+    let require = kit::grpc::RequireBearer::new(settings.internal_token.as_deref());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<proto::push::v1::push_server::PushServer<PushService>>().await;
     let reflection_v1 = tonic_reflection::server::Builder::configure()
@@ -279,19 +289,21 @@ pub async fn run(
         .build_v1alpha();
     let stop_grpc = CancellationToken::new();
     let grpc_stop = stop_grpc.clone();
-    let grpc =
-        tonic::transport::Server::builder()
-            .timeout(Duration::from_secs(10))
-            .add_service(health_service)
-            .add_service(reflection_v1.expect("registered descriptor sets are valid"))
-            .add_service(reflection_v1alpha.expect("registered descriptor sets are valid"))
-            .add_service(proto::push::v1::push_server::PushServer::new(push))
-            .add_optional_service(delivery.map(|d| {
-                proto::bridge::v1::delivery_server::DeliveryServer::new(d).max_decoding_message_size(64 << 20)
-            }))
-            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), async move {
-                grpc_stop.cancelled().await
-            });
+    let grpc = tonic::transport::Server::builder()
+        .timeout(Duration::from_secs(10))
+        .add_service(health_service)
+        .add_service(reflection_v1.expect("registered descriptor sets are valid"))
+        .add_service(reflection_v1alpha.expect("registered descriptor sets are valid"))
+        .add_service(proto::push::v1::push_server::PushServer::with_interceptor(push, require.clone()))
+        .add_optional_service(delivery.map(|d| {
+            InterceptedService::new(
+                proto::bridge::v1::delivery_server::DeliveryServer::new(d).max_decoding_message_size(64 << 20),
+                require.clone(),
+            )
+        }))
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listeners.grpc), async move {
+            grpc_stop.cancelled().await
+        });
     let grpc = tokio::spawn(grpc);
 
     let accept = tokio::spawn(server.clone().accept_loop(listeners.client));

@@ -21,6 +21,11 @@ pub struct CommonArgs {
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     #[arg(long, env = "SWITCHBOARD_LOG", default_value = "info")]
     pub log_filter: String,
+    /// Credential of the internal gRPC APIs (Push, Delivery, presence): required from callers
+    /// as `authorization: Bearer <token>` and sent to the other services. Empty: no credential
+    /// (rely on network policies).
+    #[arg(long, env = "SWITCHBOARD_INTERNAL_TOKEN", hide_env_values = true)]
+    pub internal_token: Option<String>,
     /// Address of the admin endpoints (/metrics, /healthz, /readyz).
     #[arg(long, env = "SWITCHBOARD_ADMIN_ADDR", default_value = "127.0.0.1:9091")]
     pub admin_addr: SocketAddr,

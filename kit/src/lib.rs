@@ -4,9 +4,11 @@
 //! - [`telemetry`]: tracing subscriber (text or JSON) and the Prometheus recorder.
 //! - [`admin`]: the admin HTTP endpoints `/metrics`, `/healthz`, `/readyz`.
 //! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token.
+//! - [`grpc`]: the shared-token credential of the internal gRPC APIs.
 
 pub mod admin;
 pub mod args;
+pub mod grpc;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -62,8 +62,10 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .expect("valid descriptor sets");
-    let service =
-        Guarded::new(PresenceServer::new(PresenceService { shared: shared.clone() }), cli.max_concurrent, cli.timeout);
+    let service = tonic::service::interceptor::InterceptedService::new(
+        Guarded::new(PresenceServer::new(PresenceService { shared: shared.clone() }), cli.max_concurrent, cli.timeout),
+        kit::grpc::RequireBearer::new(cli.common.internal_token.as_deref()),
+    );
     readiness.set(true);
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), lease = ?cli.lease, "presence ready");
     let stop = shutdown.clone();

@@ -46,7 +46,7 @@ def policy(doc, errors):
         if "memory" not in res.get("requests", {}) or "memory" not in res.get("limits", {}):
             errors.append(f"{name}/{c['name']}: memory request and limit required")
         for env in c.get("env", []):
-            if any(k in env["name"] for k in ("SECRET", "PASSWORD", "KEY")) and "value" in env:
+            if any(k in env["name"] for k in ("SECRET", "PASSWORD", "KEY", "TOKEN")) and "value" in env:
                 errors.append(f"{name}/{c['name']}: {env['name']} must come from a Secret")
 
 

@@ -132,6 +132,7 @@ pub struct ClusterBuilder {
     lease: String,
     large_room: usize,
     gateway_args: Vec<String>,
+    internal_token: Option<String>,
 }
 
 /// Presence replicas and gateways wired together.
@@ -157,6 +158,7 @@ impl Cluster {
             lease: "10s".into(),
             large_room: 1000,
             gateway_args: Vec::new(),
+            internal_token: None,
         }
     }
 
@@ -170,8 +172,14 @@ impl Cluster {
         format!("http://127.0.0.1:{}", self.presence_ports[i])
     }
 
+    /// `--internal-token` for every service, when the cluster has one.
+    fn token_args(&self) -> Vec<String> {
+        self.builder.internal_token.iter().flat_map(|t| ["--internal-token".to_owned(), t.clone()]).collect()
+    }
+
     fn presence_args(&self, port: u16) -> Vec<String> {
-        vec![
+        let tokens = self.token_args();
+        let mut args = vec![
             "--listen".into(),
             format!("127.0.0.1:{port}"),
             "--admin-addr".into(),
@@ -180,7 +188,9 @@ impl Cluster {
             self.builder.lease.clone(),
             "--large-room".into(),
             self.builder.large_room.to_string(),
-        ]
+        ];
+        args.extend(tokens);
+        args
     }
 
     /// Starts (again) presence replica `i` on its port.
@@ -225,6 +235,7 @@ impl Cluster {
             "fetch.wait.max.ms=10".into(),
         ];
         args.extend(self.builder.bridge_args.iter().cloned());
+        args.extend(self.token_args());
         self.bridges.push(Proc::spawn(&format!("br{i}"), "broker-bridge", &args));
         i
     }
@@ -263,6 +274,7 @@ impl Cluster {
             args.push(bridges.join(","));
         }
         args.extend(self.builder.gateway_args.iter().cloned());
+        args.extend(self.token_args());
         args.extend(extra.iter().cloned());
         self.gateways.push(Proc::spawn(&format!("gw{i}"), "gateway", &args));
         i
@@ -282,6 +294,11 @@ impl ClusterBuilder {
     /// expires live gateways).
     pub fn lease(mut self, lease: &str) -> Self {
         self.lease = lease.to_owned();
+        self
+    }
+    /// The internal gRPC credential every service requires and sends.
+    pub fn internal_token(mut self, token: &str) -> Self {
+        self.internal_token = Some(token.to_owned());
         self
     }
     /// Start a Kafka-protocol broker (tansu) behind a cuttable proxy.

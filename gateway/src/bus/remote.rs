@@ -5,23 +5,24 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use kit::grpc::{Authed, Bearer};
 use proto::push::v1 as pb;
 use proto::push::v1::push_client::PushClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use super::{Accepted, Bus, BusError, BusFuture};
 
 /// Push API clients of every configured bridge.
 #[derive(Debug)]
 pub struct RemoteBus {
-    clients: Vec<PushClient<Channel>>,
+    clients: Vec<PushClient<Authed>>,
     next: AtomicU64,
     timeout: Duration,
 }
 
 impl RemoteBus {
     /// `timeout` bounds one call (the bridge's produce timeout plus margin).
-    pub fn new(addrs: &[String], timeout: Duration) -> Result<Self, tonic::transport::Error> {
+    pub fn new(addrs: &[String], timeout: Duration, bearer: &Bearer) -> Result<Self, tonic::transport::Error> {
         let clients = addrs
             .iter()
             .map(|a| {
@@ -29,7 +30,7 @@ impl RemoteBus {
                     .connect_timeout(Duration::from_secs(1))
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5));
-                Ok(PushClient::new(ep.connect_lazy()))
+                Ok(PushClient::new(bearer.channel(ep.connect_lazy())))
             })
             .collect::<Result<Vec<_>, tonic::transport::Error>>()?;
         Ok(Self { clients, next: AtomicU64::new(0), timeout })
@@ -40,7 +41,7 @@ impl RemoteBus {
     /// message another bridge may have stored would duplicate it).
     async fn call<T, F, Fut>(&self, f: F) -> Result<T, BusError>
     where
-        F: Fn(PushClient<Channel>) -> Fut,
+        F: Fn(PushClient<Authed>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let n = self.clients.len();

@@ -10,12 +10,13 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
+use kit::grpc::{Authed, Bearer};
 use proto::presence::v1 as pb;
 use proto::presence::v1::presence_client::PresenceClient;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
 use super::local::page;
 use super::{Members, PresenceBackend, QueryFuture};
@@ -39,6 +40,8 @@ pub struct RemoteConfig {
     pub node_id: String,
     pub delivery_addr: String,
     pub boot_epoch: u64,
+    /// Credential sent to presence.
+    pub bearer: Bearer,
 }
 
 #[derive(Debug)]
@@ -47,7 +50,7 @@ struct Link {
     deltas: mpsc::Sender<pb::Delta>,
     resync: Arc<AtomicBool>,
     cancel: CancellationToken,
-    client: PresenceClient<Channel>,
+    client: PresenceClient<Authed>,
 }
 
 /// The replicas known now: fixed ones, plus those a `dns+` address resolves to.
@@ -62,7 +65,7 @@ struct Replicas {
 impl Replicas {
     /// Starts streaming to one more replica (its link begins with a snapshot).
     fn add(&self, addr: &str) -> Result<(), tonic::transport::Error> {
-        let client = PresenceClient::new(endpoint(addr)?.connect_lazy());
+        let client = PresenceClient::new(self.cfg.bearer.channel(endpoint(addr)?.connect_lazy()));
         let (tx, rx) = mpsc::channel(DELTA_QUEUE);
         let resync = Arc::new(AtomicBool::new(false));
         let cancel = self.stop.child_token();
@@ -90,7 +93,7 @@ impl Replicas {
         });
     }
 
-    fn clients(&self) -> Vec<PresenceClient<Channel>> {
+    fn clients(&self) -> Vec<PresenceClient<Authed>> {
         self.links.read().iter().map(|l| l.client.clone()).collect()
     }
 }
@@ -207,7 +210,7 @@ impl RemotePresence {
     }
 
     /// Clients in failover order, starting from a rotating replica.
-    fn rotation(&self) -> impl Iterator<Item = PresenceClient<Channel>> + '_ {
+    fn rotation(&self) -> impl Iterator<Item = PresenceClient<Authed>> + '_ {
         let clients = self.replicas.clients();
         let n = clients.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
@@ -325,7 +328,7 @@ async fn link_session(
     use pb::gateway_message::Msg;
     metrics::gauge!(m::PRESENCE_LINKS_UP).increment(1.0);
     let channel = endpoint(addr)?.connect().await?;
-    let mut client = PresenceClient::new(channel);
+    let mut client = PresenceClient::new(cfg.bearer.channel(channel));
     let (out, out_rx) = mpsc::channel::<pb::GatewayMessage>(8);
     let send = |msg: Msg| {
         let out = out.clone();
