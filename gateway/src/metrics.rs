@@ -15,6 +15,7 @@ pub const QUEUE_FULL: &str = "switchboard_gateway_queue_full_total";
 pub const SUBSCRIPTIONS_ACTIVE: &str = "switchboard_gateway_subscriptions_active";
 pub const ACCEPT_ERRORS: &str = "switchboard_gateway_accept_errors_total";
 pub const PUSH_REQUESTS: &str = "switchboard_gateway_push_requests_total";
+pub const STALLS: &str = "switchboard_gateway_stalls_total";
 pub const END_TO_END: &str = "switchboard_gateway_end_to_end_latency_seconds";
 pub const DUPLICATES_DROPPED: &str = "switchboard_gateway_duplicates_dropped_total";
 pub const DELIVERIES: &str = "switchboard_gateway_deliveries_total";
@@ -72,6 +73,10 @@ pub fn describe() {
         END_TO_END,
         Unit::Seconds,
         "Cluster mode: from the bridge accepting a message to its frame queued on local sockets."
+    );
+    describe_counter!(
+        STALLS,
+        "Cluster mode: times this gateway found itself frozen for over 5 s and asked its clients to reconnect."
     );
     describe_counter!(DUPLICATES_DROPPED, "Cluster mode: redelivered messages dropped (already delivered here).");
     describe_counter!(DELIVERIES, "Cluster mode: messages received from broker-bridge.");

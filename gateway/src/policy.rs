@@ -34,11 +34,14 @@ pub enum CloseReason {
     Kicked,
     /// The peer vanished without a close frame (reset, EOF).
     Gone,
+    /// This gateway was stalled long enough for the cluster to drop it (cluster mode):
+    /// messages may have been missed; reconnect and re-fetch.
+    Stalled,
 }
 
 impl CloseReason {
     /// All reasons, for describing metrics.
-    pub const ALL: [CloseReason; 13] = [
+    pub const ALL: [CloseReason; 14] = [
         Self::Normal,
         Self::Drain,
         Self::Protocol,
@@ -52,13 +55,14 @@ impl CloseReason {
         Self::Flood,
         Self::Kicked,
         Self::Gone,
+        Self::Stalled,
     ];
 
     /// The WebSocket close code sent for this reason (docs/protocol.md).
     pub fn code(self) -> u16 {
         match self {
             Self::Normal | Self::Gone => 1000,
-            Self::Drain => 1001,
+            Self::Drain | Self::Stalled => 1001,
             Self::Protocol => 1002,
             Self::Binary => 1003,
             Self::InvalidUtf8 => 1007,
@@ -88,6 +92,7 @@ impl CloseReason {
             Self::Flood => "flood",
             Self::Kicked => "kicked",
             Self::Gone => "gone",
+            Self::Stalled => "stalled",
         }
     }
 

@@ -307,6 +307,9 @@ pub async fn run(
     let grpc = tokio::spawn(grpc);
 
     let accept = tokio::spawn(server.clone().accept_loop(listeners.client));
+    if !settings.bridge_addrs.is_empty() {
+        tokio::spawn(stall_watchdog(server.clone(), stop_presence.clone()));
+    }
     readiness.set(true);
     tracing::info!(
         node = %settings.session.node_id,
@@ -332,5 +335,33 @@ pub async fn run(
     match grpc_result {
         Ok(r) => r.map_err(RunError::from),
         Err(_) => Ok(()),
+    }
+}
+
+/// Cluster mode: a gateway that was frozen (SIGSTOP, a VM pause, swap storms) longer than
+/// [`STALL`] may have been dropped by presence and given up on by the bridges, so its
+/// clients may have missed messages. It tells them: every session is closed with 1001
+/// `resync retry_ms=…` so that clients reconnect and re-fetch (docs/design.md).
+async fn stall_watchdog(server: Arc<Server>, stop: CancellationToken) {
+    const TICK: Duration = Duration::from_millis(500);
+    const STALL: Duration = Duration::from_secs(5);
+    let mut last = tokio::time::Instant::now();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(TICK) => {}
+        }
+        let now = tokio::time::Instant::now();
+        let gap = now.duration_since(last);
+        last = now;
+        if gap > STALL {
+            let sessions = server.node.hub.sessions();
+            tracing::warn!(gap = ?gap, sessions = sessions.len(), "gateway was stalled; asking clients to reconnect");
+            metrics::counter!(crate::metrics::STALLS).increment(1);
+            for s in sessions {
+                let reason = format!("resync retry_ms={}", rand::random_range(250..2000u32));
+                s.ctl.close(crate::policy::CloseReason::Stalled, Some(&reason));
+            }
+        }
     }
 }

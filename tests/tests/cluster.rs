@@ -423,3 +423,41 @@ async fn broker_unreachable_gives_retryable_errors_then_recovers_without_loss() 
     let want: HashSet<String> = acked.keys().cloned().collect();
     collect_until(&mut sub, &want, Arc::new(Mutex::new(true))).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_gateway_tells_its_clients_to_reconnect_and_they_catch_up_elsewhere() {
+    let c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(1).gateways(2).start().await;
+    let mut victim = subscribed(c.gateway(1), "victim", "news").await;
+    let (mut publisher, _) = connect(c.gateway(0), "pub").await;
+    settle(&mut publisher, &mut [&mut victim], "news").await;
+
+    // Freeze gateway 1 past the presence lease (10 s), publishing meanwhile.
+    c.gateways[1].signal("-STOP");
+    let frozen_until = tokio::time::Instant::now() + Duration::from_secs(13);
+    while tokio::time::Instant::now() < frozen_until {
+        let a = call(&mut publisher, json!({"op":"publish","channel":"news","data":{"while":"frozen"}})).await;
+        assert_eq!(a["type"], "ack", "{a}");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    c.gateways[1].signal("-CONT");
+
+    // The client is told to reconnect (it may first get what was queued before the freeze).
+    let close = tokio::time::timeout(Duration::from_secs(20), async {
+        use futures_util::StreamExt;
+        loop {
+            match victim.next().await {
+                Some(Ok(tokio_tungstenite::tungstenite::Message::Close(Some(f)))) => return f,
+                Some(Ok(_)) => continue,
+                other => panic!("the session ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("no close after the gateway resumed");
+    assert_eq!(u16::from(close.code), 1001);
+    assert!(close.reason.starts_with("resync retry_ms="), "{}", close.reason);
+
+    // It reconnects elsewhere and gets later messages.
+    let mut again = subscribed(c.gateway(0), "victim", "news").await;
+    settle(&mut publisher, &mut [&mut again], "news").await;
+}
