@@ -53,5 +53,7 @@ echo "==> cargo fmt --check"
 cargo fmt --all --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+echo "==> cargo build --workspace --bins (the cross-process tests start these binaries)"
+cargo build --workspace --bins
 echo "==> cargo nextest run"
 cargo nextest run --workspace --profile ci
