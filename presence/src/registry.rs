@@ -200,8 +200,13 @@ impl Registry {
             Some(n) => {
                 n.stream = stream;
                 n.lease_until = lease_until;
-                n.epoch = epoch;
-                n.delivery_addr = delivery_addr.into();
+                // A restarted process (new epoch) or a moved one: routing must learn the
+                // new delivery address, so it is announced again.
+                if n.epoch != epoch || *n.delivery_addr != *delivery_addr {
+                    n.epoch = epoch;
+                    n.delivery_addr = delivery_addr.into();
+                    events.push(Event::NodeUp { node: node.into(), delivery_addr: n.delivery_addr.clone(), epoch });
+                }
             }
             None => {
                 let id: Arc<str> = node.into();

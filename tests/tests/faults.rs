@@ -74,7 +74,11 @@ impl Book {
 async fn publish_probe(c: &Cluster, k: u64) -> Option<String> {
     for b in 0..c.bridges.len() {
         let mut p = PushClient::new(tonic::transport::Endpoint::from_shared(c.bridge_url(b)).unwrap().connect_lazy());
-        let req = pb::PublishRequest { channel: CHANNEL.into(), data_json: format!("{{\"probe\":{k}}}"), from: "probe".into() };
+        let req = pb::PublishRequest {
+            channel: CHANNEL.into(),
+            data_json: format!("{{\"probe\":{k}}}"),
+            from: "probe".into(),
+        };
         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(8), p.publish(req)).await {
             return Some(r.into_inner().id);
         }
@@ -83,10 +87,17 @@ async fn publish_probe(c: &Cluster, k: u64) -> Option<String> {
 }
 
 /// Waits until a probe published now reaches every subscriber; returns how long it took.
-async fn recovered(c: &Cluster, subs: &mut [(&mut Book, &mut mpsc::UnboundedReceiver<Option<Value>>)], k: &mut u64) -> Duration {
+async fn recovered(
+    c: &Cluster,
+    subs: &mut [(&mut Book, &mut mpsc::UnboundedReceiver<Option<Value>>)],
+    k: &mut u64,
+) -> Duration {
     let started = tokio::time::Instant::now();
     loop {
-        assert!(started.elapsed() < RECOVERY, "no recovery within {RECOVERY:?}");
+        if started.elapsed() >= RECOVERY {
+            let got: Vec<usize> = subs.iter().map(|(b, _)| b.ids.len()).collect();
+            panic!("no recovery within {RECOVERY:?} (probe {k}; messages per subscriber {got:?})");
+        }
         *k += 1;
         if let Some(id) = publish_probe(c, *k).await {
             let until = tokio::time::Instant::now() + Duration::from_secs(2);
@@ -136,7 +147,11 @@ async fn fault_sequence_under_load_loses_nothing_acknowledged() {
             while !stop.load(Ordering::Relaxed) {
                 let url = { urls.lock().await[(n % 2) as usize].clone() };
                 let mut p = PushClient::new(tonic::transport::Endpoint::from_shared(url).unwrap().connect_lazy());
-                let req = pb::PublishRequest { channel: CHANNEL.into(), data_json: format!("{{\"n\":{n}}}"), from: "load".into() };
+                let req = pb::PublishRequest {
+                    channel: CHANNEL.into(),
+                    data_json: format!("{{\"n\":{n}}}"),
+                    from: "load".into(),
+                };
                 if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(8), p.publish(req)).await {
                     acked.lock().await.push(r.into_inner().id);
                 }
@@ -148,23 +163,27 @@ async fn fault_sequence_under_load_loses_nothing_acknowledged() {
     let mut times = Vec::new();
     let mut subs = [(&mut b0, &mut rx0), (&mut b2, &mut rx2)];
 
+    eprintln!("fault 1: presence");
     // 1. presence kill -9 and restart.
     c.presence[0].kill();
     tokio::time::sleep(Duration::from_secs(1)).await;
     c.start_presence(0);
     times.push(("presence restart", recovered(&c, &mut subs, &mut k).await));
 
+    eprintln!("fault 2: bridge");
     // 2. a bridge kill -9 and restart (new port: the load follows it).
     c.bridges[0].restart();
     bridge_urls.lock().await[0] = c.bridge_url(0);
     times.push(("bridge kill -9 + restart", recovered(&c, &mut subs, &mut k).await));
 
+    eprintln!("fault 3: broker cut");
     // 3. the broker path cut for 3 s.
     c.broker.as_ref().unwrap().proxy.cut();
     tokio::time::sleep(Duration::from_secs(3)).await;
     c.broker.as_ref().unwrap().proxy.restore();
     times.push(("broker cut 3 s", recovered(&c, &mut subs, &mut k).await));
 
+    eprintln!("fault 4: gateway");
     // 4. gateway 1 kill -9 and restart; its subscriber comes back on it.
     let mut rx1 = subscribe(c.gateway(1), "s1").await;
     let mut b1 = Book::default();

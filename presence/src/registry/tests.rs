@@ -195,3 +195,14 @@ fn user_online_and_offline_per_node() {
     let ev = r.deltas("gw1", s, vec![DeltaIn::Disconnect(2)], t).unwrap();
     assert_eq!(offline(&ev), 1);
 }
+
+#[test]
+fn a_restarted_node_is_announced_with_its_new_address() {
+    let t = Instant::now();
+    let mut r = reg();
+    r.hello("gw1", "http://a:1", 1, t).unwrap();
+    let (_, ev) = r.hello("gw1", "http://a:1", 1, t).unwrap();
+    assert!(ev.is_empty(), "a reconnection of the same process announces nothing");
+    let (_, ev) = r.hello("gw1", "http://a:2", 2, t).unwrap();
+    assert_eq!(ev, vec![Event::NodeUp { node: "gw1".into(), delivery_addr: "http://a:2".into(), epoch: 2 }]);
+}
