@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use serde_json::json;
 use switchboard_tests::cluster::{Cluster, free_port};
-use switchboard_tests::eventually;
 use switchboard_tests::ws::*;
 
 fn root() -> PathBuf {
@@ -198,13 +197,16 @@ async fn a_real_prometheus_scrapes_the_gateway_connection_count() {
     }
     let query = "/api/v1/query?query=switchboard_gateway_connections_active";
     let addr: std::net::SocketAddr = ([127, 0, 0, 1], port).into();
-    eventually!(
-        {
-            let (status, body) = http_get_or_empty(addr, query).await;
-            status == 200 && body.contains("\"value\":[") && body.contains("\"3\"]")
-        },
-        "Prometheus never reported 3 connections"
-    );
+    // Prometheus takes a few seconds to start on a busy machine: allow a minute.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (status, body) = http_get_or_empty(addr, query).await;
+        if status == 200 && body.contains("\"value\":[") && body.contains("\"3\"]") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "Prometheus never reported 3 connections: {status} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 async fn http_get_or_empty(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
