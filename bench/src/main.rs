@@ -52,6 +52,19 @@ enum Scenario {
         #[arg(long, default_value = "512")]
         concurrency: usize,
     },
+    /// A bounded soak: steady load with connection churn; RSS slope, open files, tasks.
+    Soak {
+        #[arg(long, default_value = "30")]
+        minutes: u64,
+        #[arg(long, default_value = "200")]
+        subscribers: usize,
+        /// Publishes per second.
+        #[arg(long, default_value = "200")]
+        rate: u64,
+        /// Reconnections per second (churn).
+        #[arg(long, default_value = "5")]
+        churn_per_s: usize,
+    },
     /// presence: RSS per tracked connection, then LocateUsers queries per second.
     Presence {
         /// Tracked connections in total (spread over `nodes` fake gateways).
@@ -204,6 +217,7 @@ async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::R
 
 mod cluster_bench;
 mod presence_bench;
+mod soak;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
@@ -211,6 +225,9 @@ fn main() -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Idle { connections, gateway_bin, concurrency } => {
             rt.block_on(idle(connections, gateway_bin, concurrency))
+        }
+        Scenario::Soak { minutes, subscribers, rate, churn_per_s } => {
+            rt.block_on(soak::run(minutes, subscribers, rate, churn_per_s))
         }
         Scenario::Cluster { subscribers_per_gateway, rates, seconds, concurrency } => {
             rt.block_on(cluster_bench::run(subscribers_per_gateway, rates, seconds, concurrency))

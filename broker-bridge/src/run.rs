@@ -52,6 +52,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     m::describe();
+    let sampler = kit::telemetry::spawn_runtime_sampler("switchboard_bridge");
     let readiness = kit::admin::Readiness::default();
     let stop_admin = CancellationToken::new();
     let admin_task = tokio::spawn(kit::admin::serve(
@@ -157,6 +158,7 @@ pub async fn run(
     let _ = commit_task.await;
     let _ = tokio::join!(watch, lag_task);
     node_changes.abort();
+    sampler.abort();
     consumer.unsubscribe();
     stop_admin.cancel();
     let _ = admin_task.await;

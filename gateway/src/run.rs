@@ -200,6 +200,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), RunError> {
     crate::metrics::describe();
+    let sampler = kit::telemetry::spawn_runtime_sampler("switchboard_gateway");
     let grpc_addr = listeners.grpc.local_addr().map_err(|_| RunError::DeliveryAddr(([0, 0, 0, 0], 0).into()))?;
     let delivery_addr = match settings.delivery_addr.as_str() {
         "" if grpc_addr.ip().is_unspecified() && !settings.bridge_addrs.is_empty() => {
@@ -331,6 +332,7 @@ pub async fn run(
     stop_admin.cancel();
     let grpc_result = grpc.await;
     let _ = admin.await;
+    sampler.abort();
     tracing::info!("gateway stopped");
     match grpc_result {
         Ok(r) => r.map_err(RunError::from),

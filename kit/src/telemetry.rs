@@ -37,3 +37,18 @@ pub fn init_metrics(buckets: &[(&str, &[f64])]) -> anyhow::Result<PrometheusHand
 pub fn local_recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
     PrometheusBuilder::new().build_recorder()
 }
+
+/// Publishes `<prefix>_runtime_alive_tasks` (tokio tasks alive in this process)
+/// every 5 s, so that a task leak shows up as growth on a dashboard or in a soak.
+pub fn spawn_runtime_sampler(prefix: &str) -> tokio::task::JoinHandle<()> {
+    let name = format!("{prefix}_runtime_alive_tasks");
+    metrics::describe_gauge!(name.clone(), "Tokio tasks alive in this process (a steady climb is a leak).");
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
+        loop {
+            every.tick().await;
+            let n = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+            metrics::gauge!(name.clone()).set(n as f64);
+        }
+    })
+}

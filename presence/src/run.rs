@@ -21,6 +21,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), tonic::transport::Error> {
     crate::metrics::describe();
+    let sampler = kit::telemetry::spawn_runtime_sampler("switchboard_presence");
     let registry = Registry::new(cli.lease, cli.presence_channels.clone(), cli.large_room);
     let shared: Arc<Shared> = Shared::new(registry);
 
@@ -81,6 +82,7 @@ pub async fn run(
         })
         .await;
     ticker.abort();
+    sampler.abort();
     stop_admin.cancel();
     let _ = admin_task.await;
     result
