@@ -58,23 +58,7 @@ pub struct Cli {
     pub max_message_bytes: usize,
 }
 
-/// Parses `250ms`, `10s`, `2m`, `1h` or a bare number of seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, unit) = match s.find(|c: char| !c.is_ascii_digit() && c != '.') {
-        Some(i) => s.split_at(i),
-        None => (s, "s"),
-    };
-    let n: f64 = num.parse().map_err(|_| format!("invalid duration `{s}`"))?;
-    let secs = match unit {
-        "ms" => n / 1000.0,
-        "s" => n,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        _ => return Err(format!("invalid duration unit in `{s}` (use ms, s, m or h)")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration `{s}`: {e}"))
-}
+pub use kit::args::parse_duration;
 
 #[cfg(test)]
 mod tests {
@@ -87,11 +71,5 @@ mod tests {
                 assert!(arg.get_env().is_some(), "flag {id} has no environment variable");
             }
         }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(super::parse_duration("1h"), Ok(std::time::Duration::from_secs(3600)));
-        assert!(super::parse_duration("1d").is_err());
     }
 }
