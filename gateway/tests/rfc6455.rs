@@ -9,23 +9,6 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-/// Upgrades a raw TCP stream by hand.
-async fn raw(gw: &Gateway) -> TcpStream {
-    let t = token(json!({"sub":"raw","exp":now()+60}));
-    let mut s = TcpStream::connect(gw.client).await.unwrap();
-    let req = format!(
-        "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(s.read_u8().await.unwrap());
-    }
-    assert!(head.starts_with(b"HTTP/1.1 101"));
-    s
-}
-
 /// A masked client frame (mask key 0: payload bytes unchanged).
 fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = vec![first];
@@ -45,32 +28,10 @@ fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Reads server frames until a close frame; returns its code.
-async fn close_code(s: &mut TcpStream) -> u16 {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let mut h = [0u8; 2];
-            s.read_exact(&mut h).await.expect("a close frame before EOF");
-            let len = match h[1] & 0x7f {
-                126 => s.read_u16().await.unwrap() as usize,
-                127 => s.read_u64().await.unwrap() as usize,
-                n => n as usize,
-            };
-            let mut p = vec![0u8; len];
-            s.read_exact(&mut p).await.unwrap();
-            if h[0] & 0x0f == 0x8 {
-                return u16::from_be_bytes([p[0], p[1]]);
-            }
-        }
-    })
-    .await
-    .expect("no close frame")
-}
-
 async fn expect(gw: &Gateway, bytes: Vec<u8>, code: u16, what: &str) {
-    let mut s = raw(gw).await;
+    let mut s = raw_session(gw).await;
     s.write_all(&bytes).await.unwrap();
-    assert_eq!(close_code(&mut s).await, code, "{what}");
+    assert_eq!(raw_close_code(&mut s).await, code, "{what}");
 }
 
 #[tokio::test]
@@ -104,20 +65,20 @@ async fn each_violation_gets_its_close_code_and_others_are_untouched() {
     }
 
     // A frame that declares 2^63 bytes: refused from its header, nothing allocated.
-    let mut s = raw(&gw).await;
+    let mut s = raw_session(&gw).await;
     let mut huge = vec![0x81, 0x80 | 127];
     huge.extend_from_slice(&(1u64 << 63).to_be_bytes());
     huge.extend_from_slice(&[0, 0, 0, 0]);
     s.write_all(&huge).await.unwrap();
-    assert_eq!(close_code(&mut s).await, 1009, "64-bit length with the top bit set");
+    assert_eq!(raw_close_code(&mut s).await, 1009, "64-bit length with the top bit set");
 
     // 100 MiB declared, only the header sent: refused at once (no waiting for the payload).
-    let mut s = raw(&gw).await;
+    let mut s = raw_session(&gw).await;
     let mut big = vec![0x81, 0x80 | 127];
     big.extend_from_slice(&(100u64 << 20).to_be_bytes());
     big.extend_from_slice(&[0, 0, 0, 0]);
     s.write_all(&big).await.unwrap();
-    assert_eq!(close_code(&mut s).await, 1009, "declared size over the limit");
+    assert_eq!(raw_close_code(&mut s).await, 1009, "declared size over the limit");
 
     // Fragments each under the limit whose sum is over it.
     let mut many = frame(0x01, &[b' '; 600]);
@@ -134,9 +95,9 @@ async fn each_violation_gets_its_close_code_and_others_are_untouched() {
 async fn slow_frames_do_not_hold_the_session_forever() {
     // A client that starts a frame and stops sending: the heartbeat (no traffic) closes it.
     let gw = Gateway::start(&[]).await; // 300 ms + 300 ms heartbeat in tests
-    let mut s = raw(&gw).await;
+    let mut s = raw_session(&gw).await;
     s.write_all(&[0x81, 0x80 | 100, 0, 0, 0, 0, b'{']).await.unwrap();
-    assert_eq!(close_code(&mut s).await, 4000);
+    assert_eq!(raw_close_code(&mut s).await, 4000);
 }
 
 #[tokio::test]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::Frame;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
@@ -63,49 +63,6 @@ async fn invalid_utf8_closes_1007() {
         .await
         .unwrap();
     assert_eq!(close_code(&mut ws).await, 1007);
-}
-
-/// Upgrades a raw TCP stream by hand, for frames no client library will send.
-async fn raw_session(gw: &Gateway) -> tokio::net::TcpStream {
-    let t = token(json!({"sub":"raw","exp":now()+60}));
-    let mut s = tokio::net::TcpStream::connect(gw.client).await.unwrap();
-    let req = format!(
-        "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        let mut b = [0u8; 1];
-        s.read_exact(&mut b).await.unwrap();
-        head.push(b[0]);
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455 sample accept key: {head}");
-    s
-}
-
-/// Reads server frames until a close frame; returns its code.
-async fn raw_close_code(s: &mut tokio::net::TcpStream) -> u16 {
-    tokio::time::timeout(WAIT, async {
-        loop {
-            let mut h = [0u8; 2];
-            s.read_exact(&mut h).await.expect("close frame before EOF");
-            let len = match h[1] & 0x7f {
-                126 => s.read_u16().await.unwrap() as usize,
-                127 => s.read_u64().await.unwrap() as usize,
-                n => n as usize,
-            };
-            let mut payload = vec![0u8; len];
-            s.read_exact(&mut payload).await.unwrap();
-            if h[0] & 0x0f == 0x8 {
-                return u16::from_be_bytes([payload[0], payload[1]]);
-            }
-        }
-    })
-    .await
-    .expect("no close frame")
 }
 
 #[tokio::test]

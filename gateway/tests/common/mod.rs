@@ -105,3 +105,46 @@ impl Drop for Gateway {
         self.shutdown.cancel();
     }
 }
+
+/// Upgrades a raw TCP stream by hand, for frames no WebSocket library will send.
+pub async fn raw_session(gw: &Gateway) -> tokio::net::TcpStream {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let t = token(json!({"sub":"raw","exp":now()+60}));
+    let mut s = tokio::net::TcpStream::connect(gw.client).await.unwrap();
+    let req = format!(
+        "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        head.push(s.read_u8().await.unwrap());
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455 sample accept key: {head}");
+    s
+}
+
+/// Reads server frames from a raw stream until a close frame; returns its code.
+pub async fn raw_close_code(s: &mut tokio::net::TcpStream) -> u16 {
+    use tokio::io::AsyncReadExt;
+    tokio::time::timeout(WAIT, async {
+        loop {
+            let mut h = [0u8; 2];
+            s.read_exact(&mut h).await.expect("a close frame before EOF");
+            let len = match h[1] & 0x7f {
+                126 => s.read_u16().await.unwrap() as usize,
+                127 => s.read_u64().await.unwrap() as usize,
+                n => n as usize,
+            };
+            let mut p = vec![0u8; len];
+            s.read_exact(&mut p).await.unwrap();
+            if h[0] & 0x0f == 0x8 {
+                return u16::from_be_bytes([p[0], p[1]]);
+            }
+        }
+    })
+    .await
+    .expect("no close frame")
+}
