@@ -280,21 +280,14 @@ pub async fn run(
     let require = kit::grpc::RequireBearer::new(settings.internal_token.as_deref());
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<proto::push::v1::push_server::PushServer<PushService>>().await;
-    let reflection_v1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1();
-    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha();
+    let (reflection_v1, reflection_v1alpha) = proto::reflection();
     let stop_grpc = CancellationToken::new();
     let grpc_stop = stop_grpc.clone();
     let grpc = tonic::transport::Server::builder()
         .timeout(Duration::from_secs(10))
         .add_service(health_service)
-        .add_service(reflection_v1.expect("registered descriptor sets are valid"))
-        .add_service(reflection_v1alpha.expect("registered descriptor sets are valid"))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(proto::push::v1::push_server::PushServer::with_interceptor(push, require.clone()))
         .add_optional_service(delivery.map(|d| {
             InterceptedService::new(

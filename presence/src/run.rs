@@ -52,17 +52,7 @@ pub async fn run(
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PresenceServer<PresenceService>>().await;
-    // Invariant: the descriptor sets are generated at build time and valid.
-    let r1 = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .expect("valid descriptor sets");
-    let r1a = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1alpha()
-        .expect("valid descriptor sets");
+    let (r1, r1a) = proto::reflection();
     let service = tonic::service::interceptor::InterceptedService::new(
         Guarded::new(PresenceServer::new(PresenceService { shared: shared.clone() }), cli.max_concurrent, cli.timeout),
         kit::grpc::RequireBearer::new(cli.common.internal_token.as_deref()),

@@ -31,3 +31,18 @@ pub mod bridge {
 
 /// Encoded `FileDescriptorSet` of every proto here, for gRPC reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("switchboard_descriptor");
+
+/// gRPC reflection over every Switchboard service and health, in both protocol
+/// versions (grpcurl here speaks only v1alpha).
+pub fn reflection() -> (
+    tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<impl tonic_reflection::server::v1alpha::ServerReflection>,
+) {
+    let builder = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    // Invariant: both descriptor sets are generated at build time and valid.
+    (builder().build_v1().expect("valid descriptor sets"), builder().build_v1alpha().expect("valid descriptor sets"))
+}
