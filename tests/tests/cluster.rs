@@ -227,7 +227,16 @@ async fn collect_until(ws: &mut Ws, want: &HashSet<String>, stop: Arc<Mutex<bool
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_a_bridge_mid_stream_and_lose_nothing_acknowledged() {
-    let mut c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(2).gateways(3).start().await;
+    // The subscribers read only once the load is over: their send queues must hold all of
+    // it (this test is about bridge failover, not slow consumers).
+    let mut c = Cluster::builder()
+        .gateway_args(&["--publish-rate", "100000", "--publish-burst", "100000", "--send-queue", "65536"])
+        .presence(1)
+        .kafka()
+        .bridges(2)
+        .gateways(3)
+        .start()
+        .await;
     let mut subs = Vec::new();
     for g in 0..3 {
         subs.push(subscribed(c.gateway(g), &format!("s{g}"), "ticker").await);
