@@ -64,6 +64,9 @@ enum Scenario {
         /// Reconnections per second (churn).
         #[arg(long, default_value = "5")]
         churn_per_s: usize,
+        /// Extra broker-bridge flag (repeatable), e.g. `--bridge-arg=--kafka-option=debug=fetch`.
+        #[arg(long = "bridge-arg", allow_hyphen_values = true)]
+        bridge_args: Vec<String>,
     },
     /// presence: RSS per tracked connection, then LocateUsers queries per second.
     Presence {
@@ -226,8 +229,8 @@ fn main() -> anyhow::Result<()> {
         Scenario::Idle { connections, gateway_bin, concurrency } => {
             rt.block_on(idle(connections, gateway_bin, concurrency))
         }
-        Scenario::Soak { minutes, subscribers, rate, churn_per_s } => {
-            rt.block_on(soak::run(minutes, subscribers, rate, churn_per_s))
+        Scenario::Soak { minutes, subscribers, rate, churn_per_s, bridge_args } => {
+            rt.block_on(soak::run(minutes, subscribers, rate, churn_per_s, &bridge_args))
         }
         Scenario::Cluster { subscribers_per_gateway, rates, seconds, concurrency } => {
             rt.block_on(cluster_bench::run(subscribers_per_gateway, rates, seconds, concurrency))

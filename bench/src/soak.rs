@@ -46,8 +46,16 @@ fn slope(points: &[(f64, f64)]) -> f64 {
     num / den
 }
 
-pub(crate) async fn run(minutes: u64, subscribers: usize, rate: u64, churn_per_s: usize) -> anyhow::Result<()> {
+pub(crate) async fn run(
+    minutes: u64,
+    subscribers: usize,
+    rate: u64,
+    churn_per_s: usize,
+    bridge_args: &[String],
+) -> anyhow::Result<()> {
+    let bridge_args: Vec<&str> = bridge_args.iter().map(String::as_str).collect();
     let mut c = Cluster::builder()
+        .bridge_args(&bridge_args)
         .gateway_args(&["--publish-rate", "100000", "--publish-burst", "100000"])
         .presence(1)
         .kafka()

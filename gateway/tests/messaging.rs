@@ -157,6 +157,89 @@ async fn subscription_limit() {
     assert_eq!(call(&mut ws, json!({"op":"subscribe","channel":"c3"})).await["type"], "ack");
 }
 
+/// Sends `count` subscribe commands without waiting for replies while reading
+/// the replies as they come; returns (acks, `too_many_subscriptions` errors)
+/// and the session back.
+async fn pipelined_subscribes(ws: Ws, count: usize) -> (usize, usize, Ws) {
+    use futures_util::{SinkExt, StreamExt};
+    let (mut tx, mut rx) = ws.split();
+    let sender = tokio::spawn(async move {
+        for i in 0..count {
+            let cmd = json!({"op":"subscribe","channel":format!("ch{i}"),"ref":i}).to_string();
+            tx.feed(tokio_tungstenite::tungstenite::Message::text(cmd)).await.expect("send");
+        }
+        tx.flush().await.expect("flush");
+        tx
+    });
+    let (mut acks, mut refused) = (0, 0);
+    while acks + refused < count {
+        let msg = tokio::time::timeout(WAIT, rx.next()).await.expect("replies keep coming").expect("open").expect("ok");
+        if !msg.is_text() {
+            continue; // heartbeat pings
+        }
+        let v: Value = serde_json::from_str(msg.to_text().expect("text")).expect("json");
+        if v.get("ref").is_none() {
+            continue; // an event (the subscriber's own join)
+        }
+        match (v["type"].as_str(), v["code"].as_str()) {
+            (Some("ack"), _) => acks += 1,
+            (Some("error"), Some("too_many_subscriptions")) => refused += 1,
+            _ => panic!("unexpected reply {v}"),
+        }
+    }
+    let tx = sender.await.expect("sender");
+    (acks, refused, tx.reunite(rx).expect("same session"))
+}
+
+/// 100k subscribes pipelined by a client that reads as it goes: with the limit
+/// raised to 100k every channel is held (the client is paced by its reading,
+/// not closed as a slow consumer for its own replies), a publish reaches the
+/// last channel, and closing the session releases all of them.
+#[tokio::test]
+async fn subscribing_to_100k_channels_holds_them_and_releases_them() {
+    const N: usize = 100_000;
+    let gw = Gateway::start(&["--max-subscriptions", "100000", "--send-queue", "64"]).await;
+    let (ws, _) = gw.ws("many").await;
+    let (acks, refused, mut ws) = pipelined_subscribes(ws, N).await;
+    assert_eq!((acks, refused), (N, 0));
+    let page = gw.admin_get("/metrics").await.1;
+    assert_eq!(metric(&page, "switchboard_gateway_subscriptions_active", ""), N as f64);
+    assert_eq!(metric(&page, "switchboard_gateway_queue_full_total", ""), 0.0);
+
+    let (mut publisher, _) = gw.ws("pub").await;
+    assert_eq!(
+        call(&mut publisher, json!({"op":"publish","channel":format!("ch{}", N - 1),"data":"last"})).await["type"],
+        "ack"
+    );
+    let m = recv_type(&mut ws, "message").await;
+    assert_eq!((m["channel"].as_str(), m["data"].as_str()), (Some("ch99999"), Some("last")));
+
+    drop(ws);
+    eventually!(
+        metric(&gw.admin_get("/metrics").await.1, "switchboard_gateway_subscriptions_active", "") == 0.0,
+        "closing the session releases its 100k subscriptions"
+    );
+    // The hub no longer knows the channels: a publish there reaches nobody.
+    let a = call(&mut publisher, json!({"op":"publish","channel":"ch5","data":1})).await;
+    assert_eq!(a["type"], "ack");
+}
+
+/// A flood of subscribes past the default limit (128) is refused one by one;
+/// the session keeps working and nothing else is held.
+#[tokio::test]
+async fn a_flood_of_subscribes_past_the_limit_is_refused_one_by_one() {
+    const N: usize = 100_000;
+    let gw = Gateway::start(&[]).await;
+    let (ws, welcome) = gw.ws("greedy").await;
+    let limit = welcome["limits"]["max_subscriptions"].as_u64().unwrap() as usize;
+    assert_eq!(limit, 128);
+    let (acks, refused, mut ws) = pipelined_subscribes(ws, N).await;
+    assert_eq!((acks, refused), (limit, N - limit));
+    let page = gw.admin_get("/metrics").await.1;
+    assert_eq!(metric(&page, "switchboard_gateway_subscriptions_active", ""), limit as f64);
+    assert_eq!(call(&mut ws, json!({"op":"ping"})).await["type"], "pong");
+}
+
 #[tokio::test]
 async fn publish_rate_limit_then_flood_close() {
     let gw = Gateway::start(&["--publish-rate", "1", "--publish-burst", "3"]).await;

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, WebSocketError};
@@ -142,6 +143,9 @@ pub(super) async fn run(
                         handle.deliver(&wire::text(text.as_bytes()));
                     }
                     Mode::Protocol => {
+                        if !room_for_reply(handle).await {
+                            continue;
+                        }
                         if let Err(reason) = command(node, identity, handle, state, text).await {
                             ctl.close(reason, None);
                             return;
@@ -158,6 +162,22 @@ pub(super) async fn run(
                     return;
                 }
             },
+        }
+    }
+}
+
+/// Waits for room in the session's send queue before a command runs, so that a
+/// client pipelining commands is paced by its own reading rather than closed as
+/// a slow consumer for the replies it asked for (broadcast traffic it does not
+/// read still overflows the queue: that is the 4002 close). False when the
+/// session is closing meanwhile.
+async fn room_for_reply(handle: &SessionHandle) -> bool {
+    loop {
+        match tokio::time::timeout(Duration::from_millis(100), handle.outbox.reserve()).await {
+            Ok(Ok(_permit)) => return true,
+            Ok(Err(_)) => return false,
+            Err(_) if handle.ctl.requested().is_some() => return false,
+            Err(_) => {}
         }
     }
 }
