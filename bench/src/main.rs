@@ -67,6 +67,45 @@ enum Scenario {
         /// Extra broker-bridge flag (repeatable), e.g. `--bridge-arg=--kafka-option=debug=fetch`.
         #[arg(long = "bridge-arg", allow_hyphen_values = true)]
         bridge_args: Vec<String>,
+        /// Kafka for the run: `tansu` (the test broker) or `mock` (librdkafka's mock
+        /// cluster in a child process; bounded retention, 5 MB per partition).
+        #[arg(long, default_value = "mock")]
+        kafka: String,
+    },
+    /// Switchboard and its peers (Node `ws`, bare fastwebsockets, tokio-tungstenite) side
+    /// by side: idle memory and connects/s, fanout deliveries per CPU-second, latency at a
+    /// set rate. Run it pinned to the other core: `taskset -c 1 bench compare`.
+    Compare {
+        /// Servers to run (switchboard, fastwebsockets, tungstenite, node-ws), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "switchboard,fastwebsockets,tungstenite,node-ws")]
+        servers: Vec<String>,
+        #[arg(long, default_value = "3")]
+        runs: usize,
+        /// The core every server is pinned to (taskset list).
+        #[arg(long, default_value = "0")]
+        core: String,
+        #[arg(long, default_value = "19000")]
+        idle_connections: usize,
+        /// Subscriber counts for the fanout and latency scenarios.
+        #[arg(long, value_delimiter = ',', default_value = "10000,1000")]
+        subscribers: Vec<usize>,
+        /// Deliveries per second of the latency scenarios (publish rate × subscribers).
+        #[arg(long, default_value = "50000")]
+        latency_rate: u64,
+        /// Seconds of publishing per fanout/latency run.
+        #[arg(long, default_value = "5")]
+        seconds: f64,
+        /// Source addresses connections are spread over, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4")]
+        sources: Vec<std::net::IpAddr>,
+    },
+    /// Hosts librdkafka's mock cluster (1 broker) with one topic; prints
+    /// `LISTENING <bootstrap>` and serves until killed. Used by `soak --kafka mock`.
+    MockKafka {
+        #[arg(long)]
+        topic: String,
+        #[arg(long, default_value = "4")]
+        partitions: i32,
     },
     /// presence: RSS per tracked connection, then LocateUsers queries per second.
     Presence {
@@ -219,18 +258,42 @@ async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::R
 }
 
 mod cluster_bench;
+mod compare;
+mod load;
 mod presence_bench;
 mod soak;
+mod wsclient;
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    // Load runs hold up to ~19.9k sockets: raise the soft open-files limit to the hard one.
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.scenario {
         Scenario::Idle { connections, gateway_bin, concurrency } => {
             rt.block_on(idle(connections, gateway_bin, concurrency))
         }
-        Scenario::Soak { minutes, subscribers, rate, churn_per_s, bridge_args } => {
-            rt.block_on(soak::run(minutes, subscribers, rate, churn_per_s, &bridge_args))
+        Scenario::Soak { minutes, subscribers, rate, churn_per_s, bridge_args, kafka } => {
+            rt.block_on(soak::run(minutes, subscribers, rate, churn_per_s, &bridge_args, &kafka))
+        }
+        Scenario::Compare { servers, runs, core, idle_connections, subscribers, latency_rate, seconds, sources } => rt
+            .block_on(compare::run(compare::Options {
+                servers,
+                runs,
+                core,
+                idle_connections,
+                fanout_subscribers: subscribers,
+                latency_deliveries_per_s: latency_rate,
+                seconds,
+                sources,
+            })),
+        Scenario::MockKafka { topic, partitions } => {
+            let mock = rdkafka::mocking::MockCluster::new(1)?;
+            mock.create_topic(&topic, partitions, 1)?;
+            println!("LISTENING {}", mock.bootstrap_servers());
+            loop {
+                std::thread::park();
+            }
         }
         Scenario::Cluster { subscribers_per_gateway, rates, seconds, concurrency } => {
             rt.block_on(cluster_bench::run(subscribers_per_gateway, rates, seconds, concurrency))

@@ -13,6 +13,29 @@ use proto::push::v1::push_client::PushClient;
 use switchboard_tests::cluster::Cluster;
 use switchboard_tests::ws;
 
+/// A child process killed when dropped.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Starts `bench mock-kafka` with `topic`; returns it and its bootstrap servers.
+fn mock_kafka(topic: &str) -> anyhow::Result<(Killed, String)> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(std::env::current_exe()?)
+        .args(["mock-kafka", "--topic", topic])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().ok_or_else(|| anyhow::anyhow!("stdout"))?).read_line(&mut line)?;
+    let bootstrap = line.trim().strip_prefix("LISTENING ").ok_or_else(|| anyhow::anyhow!("mock-kafka: {line}"))?;
+    Ok((Killed(child), bootstrap.to_owned()))
+}
+
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     at_s: f64,
@@ -52,13 +75,28 @@ pub(crate) async fn run(
     rate: u64,
     churn_per_s: usize,
     bridge_args: &[String],
+    kafka: &str,
 ) -> anyhow::Result<()> {
-    let bridge_args: Vec<&str> = bridge_args.iter().map(String::as_str).collect();
-    let mut c = Cluster::builder()
+    let mock_topic = format!("soak.{}", std::process::id());
+    let mut bridge_args: Vec<&str> = bridge_args.iter().map(String::as_str).collect();
+    let mut builder = Cluster::builder();
+    // The mock broker lives in a child process (killed on drop) so that its CPU and
+    // memory are not counted as the load tool's.
+    let mut _mock = None;
+    match kafka {
+        "tansu" => builder = builder.kafka(),
+        "mock" => {
+            let (child, bootstrap) = mock_kafka(&mock_topic)?;
+            _mock = Some(child);
+            builder = builder.external_kafka(&bootstrap);
+            bridge_args.extend(["--create-topics", "false", "--topic", &mock_topic]);
+        }
+        other => anyhow::bail!("--kafka must be tansu or mock, not `{other}`"),
+    }
+    let mut c = builder
         .bridge_args(&bridge_args)
         .gateway_args(&["--publish-rate", "100000", "--publish-burst", "100000"])
         .presence(1)
-        .kafka()
         .bridges(1)
         .gateways(2)
         .start()

@@ -135,6 +135,8 @@ pub struct ClusterBuilder {
     presence: usize,
     gateways: usize,
     kafka: bool,
+    /// A broker started elsewhere (e.g. `bench mock-kafka`), used instead of tansu.
+    external_kafka: Option<String>,
     bridges: usize,
     bridge_args: Vec<String>,
     lease: String,
@@ -161,6 +163,7 @@ impl Cluster {
             presence: 1,
             gateways: 2,
             kafka: false,
+            external_kafka: None,
             bridges: 0,
             bridge_args: Vec::new(),
             lease: "10s".into(),
@@ -220,7 +223,11 @@ impl Cluster {
     /// Starts one more broker-bridge and returns its index.
     pub fn start_bridge(&mut self) -> usize {
         let i = self.bridges.len();
-        let broker = self.broker.as_ref().expect("bridges need .kafka()");
+        let bootstrap = match (&self.builder.external_kafka, &self.broker) {
+            (Some(b), _) => b.clone(),
+            (None, Some(broker)) => broker.bootstrap(),
+            (None, None) => panic!("bridges need .kafka() or .external_kafka()"),
+        };
         let urls: Vec<String> = (0..self.presence_ports.len()).map(|p| self.presence_url(p)).collect();
         let mut args: Vec<String> = vec![
             "--listen".into(),
@@ -230,7 +237,7 @@ impl Cluster {
             "--bridge-id".into(),
             format!("br{i}"),
             "--brokers".into(),
-            broker.bootstrap(),
+            bootstrap,
             "--topic".into(),
             self.topic.clone(),
             "--group".into(),
@@ -312,6 +319,11 @@ impl ClusterBuilder {
     /// Start a Kafka-protocol broker (tansu) behind a cuttable proxy.
     pub fn kafka(mut self) -> Self {
         self.kafka = true;
+        self
+    }
+    /// Use a broker already running at `bootstrap` instead of starting tansu.
+    pub fn external_kafka(mut self, bootstrap: &str) -> Self {
+        self.external_kafka = Some(bootstrap.to_owned());
         self
     }
     pub fn bridges(mut self, n: usize) -> Self {

@@ -1,0 +1,165 @@
+//! `bench compare`: Switchboard and its peers side by side in one run, each
+//! server pinned to one core (the load tool should be pinned to the other:
+//! `taskset -c 1 bench compare`), every scenario on a fresh server process,
+//! medians of `runs`, and ratios against each peer.
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{IpAddr, SocketAddr};
+use std::process::{Child, Command, Stdio};
+
+use anyhow::{Context, bail};
+
+use crate::load::{self, Kind, Target};
+
+/// A server under test, killed on drop.
+struct Server {
+    child: Child,
+    addr: SocketAddr,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub(crate) const SERVERS: &[&str] = &["switchboard", "fastwebsockets", "tungstenite", "node-ws"];
+
+fn spawn(name: &str, core: &str) -> anyhow::Result<(Server, Kind)> {
+    let mut cmd = Command::new("taskset");
+    cmd.args(["-c", core]);
+    let kind = match name {
+        "switchboard" => {
+            cmd.args(["target/release/gateway", "--listen", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+                .args(["--admin-addr", "127.0.0.1:0", "--jwt-hs256-secret", crate::SECRET])
+                .args(["--publish-rate", "1000000", "--publish-burst", "1000000"])
+                .env("SWITCHBOARD_LOG", "warn");
+            Kind::Switchboard
+        }
+        "fastwebsockets" | "tungstenite" => {
+            cmd.args(["target/release/peer", name, "0"]);
+            Kind::Plain
+        }
+        "node-ws" => {
+            cmd.args(["node", "bench/peers/ws-broadcast.mjs", "0"]);
+            Kind::Plain
+        }
+        other => bail!("unknown server `{other}` (known: {})", SERVERS.join(", ")),
+    };
+    let mut child = cmd.stdout(Stdio::piped()).spawn().with_context(|| format!("cannot start {name}"))?;
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
+    // `LISTENING <port>` (peers) or `LISTENING client=<addr> ...` (gateway).
+    let addr = line
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("client=").and_then(|a| a.parse().ok()))
+        .or_else(|| line.split_whitespace().nth(1)?.parse::<u16>().ok().map(|p| SocketAddr::from(([127, 0, 0, 1], p))))
+        .with_context(|| format!("{name} printed `{}`", line.trim()))?;
+    Ok((Server { child, addr }, kind))
+}
+
+/// One measured figure of one scenario.
+type Figures = BTreeMap<&'static str, f64>;
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Options {
+    pub(crate) servers: Vec<String>,
+    pub(crate) runs: usize,
+    pub(crate) core: String,
+    pub(crate) idle_connections: usize,
+    pub(crate) fanout_subscribers: Vec<usize>,
+    pub(crate) latency_deliveries_per_s: u64,
+    pub(crate) seconds: f64,
+    pub(crate) sources: Vec<IpAddr>,
+}
+
+async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
+    let (server, kind) = spawn(s, &o.core)?;
+    let pid = server.child.id();
+    let t = Target { kind, addr: server.addr, sources: o.sources.clone() };
+    let mut f = Figures::new();
+    if name == "idle" {
+        let r = load::idle(&t, pid, o.idle_connections, 512).await?;
+        f.insert("bytes_per_conn", r.bytes_per_conn);
+        f.insert("connects_per_s", r.connects_per_s);
+        f.insert("connects_per_cpu_s", o.idle_connections as f64 / r.server_cpu_s);
+        f.insert("failed", r.failed as f64);
+    } else if let Some(n) = name.strip_prefix("fanout-") {
+        let n: usize = n.parse()?;
+        let r = load::fanout(&t, pid, n, 0, o.seconds, 64, 40_000).await?;
+        f.insert("deliveries_per_s", r.deliveries_per_s);
+        f.insert("deliveries_per_cpu_s", r.deliveries_per_cpu_s);
+        f.insert("p99_ms", r.p99_ms);
+        f.insert("lost", r.lost as f64);
+        f.insert("duplicated", r.duplicated as f64);
+    } else if let Some(n) = name.strip_prefix("latency-") {
+        let n: usize = n.parse()?;
+        let rate = (o.latency_deliveries_per_s / n as u64).max(1);
+        let r = load::fanout(&t, pid, n, rate, o.seconds, 64, 0).await?;
+        f.insert("deliveries_per_s", r.deliveries_per_s);
+        f.insert("p50_ms", r.p50_ms);
+        f.insert("p99_ms", r.p99_ms);
+        f.insert("max_ms", r.max_ms);
+        f.insert("lost", r.lost as f64);
+    }
+    Ok(f)
+}
+
+pub(crate) async fn run(o: Options) -> anyhow::Result<()> {
+    let mut scenarios = vec!["idle".to_owned()];
+    scenarios.extend(o.fanout_subscribers.iter().map(|n| format!("fanout-{n}")));
+    scenarios.extend(o.fanout_subscribers.iter().map(|n| format!("latency-{n}")));
+    // scenario → server → figure → values over runs
+    let mut all: BTreeMap<String, BTreeMap<String, BTreeMap<&'static str, Vec<f64>>>> = BTreeMap::new();
+    for run in 1..=o.runs {
+        for sc in &scenarios {
+            for s in &o.servers {
+                let f = scenario(sc, s, &o).await.with_context(|| format!("{sc} on {s}, run {run}"))?;
+                eprintln!("run {run} {sc:<14} {s:<15} {}", serde_json::to_string(&f)?);
+                let slot = all.entry(sc.clone()).or_default().entry(s.clone()).or_default();
+                for (k, v) in f {
+                    slot.entry(k).or_default().push(v);
+                }
+            }
+        }
+    }
+    let mut json = serde_json::Map::new();
+    println!("\nmedians of {} runs, each server pinned to core {}", o.runs, o.core);
+    for (sc, servers) in &all {
+        println!("\n{sc}");
+        let figures: Vec<&str> = servers.values().next().map(|m| m.keys().copied().collect()).unwrap_or_default();
+        println!("  {:<15}{}", "server", figures.iter().map(|f| format!("{f:>22}")).collect::<String>());
+        let mut medians: BTreeMap<&str, BTreeMap<&str, f64>> = BTreeMap::new();
+        for (s, m) in servers {
+            let row: BTreeMap<&str, f64> = m.iter().map(|(k, v)| (*k, median(v.clone()))).collect();
+            println!("  {s:<15}{}", row.values().map(|v| format!("{v:>22.2}")).collect::<String>());
+            medians.insert(s, row);
+        }
+        if let Some(sb) = medians.get("switchboard") {
+            for (s, row) in &medians {
+                if *s == "switchboard" {
+                    continue;
+                }
+                let ratios: String = figures
+                    .iter()
+                    .map(|f| format!("{:>22.2}", sb.get(f).copied().unwrap_or(f64::NAN) / row[f]))
+                    .collect();
+                println!("  {:<15}{ratios}", format!("sb / {s}"));
+            }
+        }
+        json.insert(sc.clone(), serde_json::to_value(&medians)?);
+    }
+    println!("{}", serde_json::json!({"scenario":"compare","runs":o.runs,"medians":json}));
+    Ok(())
+}
