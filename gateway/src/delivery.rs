@@ -159,7 +159,7 @@ mod tests {
     #[test]
     fn channel_redeliveries_are_dropped_by_sequence() {
         let hub = Arc::new(Hub::new(vec![], 1000));
-        let (tx, mut rx) = mpsc::channel(16);
+        let (tx, mut rx) = crate::outbox::outbox(16);
         let h = crate::hub::SessionHandle {
             id: 1,
             user: "u".into(),
@@ -186,7 +186,7 @@ mod tests {
         for (seq, id) in [(5, "a"), (9, "b"), (5, "a"), (9, "b"), (7, "late"), (12, "c")] {
             svc.apply(&item(seq, id));
         }
-        let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv().ok())
+        let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
             .map(|f| serde_json::from_slice::<serde_json::Value>(&f[2..]).unwrap()["seq"].as_u64().unwrap())
             .collect();
         assert_eq!(got, vec![5, 9, 12]);

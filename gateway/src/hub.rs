@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::Notify;
+
+use crate::outbox::{Outbox, SendError};
 
 use crate::metrics as m;
 use crate::policy::CloseReason;
@@ -67,7 +69,7 @@ pub struct SessionHandle {
     pub connected_at_ms: u64,
     /// The client's User-Agent (truncated), shared with presence.
     pub client_info: Arc<str>,
-    pub outbox: mpsc::Sender<Bytes>,
+    pub outbox: Outbox,
     pub ctl: Arc<SessionCtl>,
 }
 
@@ -77,14 +79,14 @@ impl SessionHandle {
     pub fn deliver(&self, frame: &Bytes) -> bool {
         match self.outbox.try_send(frame.clone()) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(SendError::Full) => {
                 if self.ctl.requested().is_none() {
                     metrics::counter!(m::QUEUE_FULL).increment(1);
                 }
                 self.ctl.close(CloseReason::SlowConsumer, None);
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(SendError::Closed) => false,
         }
     }
 }
@@ -401,9 +403,10 @@ impl Hub {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::OutboxRx;
 
-    fn session(hub: &Hub, id: u64, user: &str, cap: usize) -> (SessionHandle, mpsc::Receiver<Bytes>) {
-        let (tx, rx) = mpsc::channel(cap);
+    fn session(hub: &Hub, id: u64, user: &str, cap: usize) -> (SessionHandle, OutboxRx) {
+        let (tx, rx) = crate::outbox::outbox(cap);
         let h = SessionHandle {
             id,
             user: user.into(),
@@ -453,7 +456,7 @@ mod tests {
         }
         assert_eq!(slow.ctl.requested().map(|r| r.0), Some(CloseReason::SlowConsumer));
         assert!(fast.ctl.requested().is_none());
-        assert_eq!((0..3).filter(|_| rf.try_recv().is_ok()).count(), 3);
+        assert_eq!((0..3).filter(|_| rf.try_recv().is_some()).count(), 3);
     }
 
     #[test]
@@ -469,10 +472,10 @@ mod tests {
         hub.subscribe(&tab2, &ch);
         let j = text_of(&rw.try_recv().unwrap());
         assert_eq!((j["type"].as_str(), j["user"].as_str()), (Some("join"), Some("u")));
-        assert!(rw.try_recv().is_err(), "second tab must not join again");
+        assert!(rw.try_recv().is_none(), "second tab must not join again");
         assert_eq!(hub.channel_users("room:1").len(), 2);
         hub.unregister(2, &tab1.user, [ch.clone()]);
-        assert!(rw.try_recv().is_err());
+        assert!(rw.try_recv().is_none());
         hub.unregister(3, &tab2.user, [ch.clone()]);
         assert_eq!(text_of(&rw.try_recv().unwrap())["type"], "leave");
         assert_eq!(hub.channel_users("room:1").iter().map(|u| &**u).collect::<Vec<_>>(), vec!["w"]);
@@ -491,7 +494,7 @@ mod tests {
         }
         // u0 saw joins of u0, u1 (2 members max), then nothing per member.
         let kinds: Vec<String> =
-            std::iter::from_fn(|| rxs[0].try_recv().ok()).map(|f| text_of(&f)["type"].to_string()).collect();
+            std::iter::from_fn(|| rxs[0].try_recv()).map(|f| text_of(&f)["type"].to_string()).collect();
         assert_eq!(kinds, vec!["\"join\"", "\"join\""]);
         hub.flush_counts();
         let c = text_of(&rxs[0].try_recv().unwrap());
@@ -511,7 +514,7 @@ mod tests {
         let (_o, mut ro) = session(&hub, 3, "o", 4);
         let frame = Bytes::from_static(b"\x81\x02{}");
         assert_eq!(hub.send_to_user("u", &frame), 2);
-        assert!(r1.try_recv().is_ok() && r2.try_recv().is_ok() && ro.try_recv().is_err());
+        assert!(r1.try_recv().is_some() && r2.try_recv().is_some() && ro.try_recv().is_none());
         assert_eq!(hub.broadcast(&frame), 3);
         assert_eq!(hub.disconnect_user("u", "bye"), 2);
         assert_eq!(t1.ctl.requested().map(|r| r.0), Some(CloseReason::Kicked));

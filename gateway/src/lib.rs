@@ -9,7 +9,7 @@
 //! - [`session`] (ingress/egress): framing rules, commands, limits ([`policy`]), heartbeats;
 //! - [`bus`] (publish): the seam where messages leave the session ([`bus::LocalBus`] here);
 //! - [`delivery`] (deliver, cluster mode): messages streamed in by broker-bridge;
-//! - [`hub`] (fanout): sharded channels and users, encode once, bounded queues;
+//! - [`hub`] (fanout): sharded channels and users, encode once, bounded queues ([`outbox`]);
 //! - [`wire`] and [`protocol`]: server frames and the JSON client protocol;
 //! - [`presence`]: the presence seam (local hub, or remote replicas over gRPC);
 //! - [`push`]: the gRPC Push API; [`demo`]: the embedded chat page.
@@ -22,6 +22,7 @@ pub mod demo;
 pub mod handshake;
 pub mod hub;
 pub mod metrics;
+pub mod outbox;
 pub mod policy;
 pub mod presence;
 pub mod protocol;

@@ -8,12 +8,12 @@ use std::time::Duration;
 use bytes::{Buf, Bytes};
 use tokio::io::AsyncWriteExt;
 use tokio::net::tcp::OwnedWriteHalf;
-use tokio::sync::mpsc;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
 use super::SessionConfig;
 use crate::hub::SessionCtl;
+use crate::outbox::OutboxRx;
 use crate::policy::{CloseReason, Heartbeat, HeartbeatAction};
 use crate::wire;
 
@@ -70,7 +70,7 @@ async fn write_or_close(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>, ctl: &Ses
 pub(super) async fn run(
     cfg: &SessionConfig,
     ctl: &SessionCtl,
-    mut rx: mpsc::Receiver<Bytes>,
+    mut rx: OutboxRx,
     mut w: OwnedWriteHalf,
     last_seen: &AtomicU64,
     started: Instant,
@@ -80,7 +80,6 @@ pub(super) async fn run(
     let mut heartbeat = Heartbeat::new(cfg.heartbeat_interval, cfg.heartbeat_timeout, started);
     let mut wake = started + cfg.heartbeat_interval;
     let mut batch: Vec<Bytes> = Vec::new();
-    let far = started + Duration::from_secs(86400 * 365);
     let clean = loop {
         tokio::select! {
             biased;
@@ -89,15 +88,11 @@ pub(super) async fn run(
                 ctl.close(CloseReason::Drain, Some(&super::drain_reason()));
                 break true;
             }
-            () = sleep_until(expires.unwrap_or(far)) => {
-                ctl.close(CloseReason::TokenExpired, Some("token expired"));
-                break true;
-            }
             n = rx.recv_many(&mut batch, BATCH) => {
                 if n == 0 {
                     break true;
                 }
-                match write_or_close(&mut w, &mut batch, ctl).await {
+                match Box::pin(write_or_close(&mut w, &mut batch, ctl)).await {
                     Wrote::Done => {}
                     Wrote::Failed => {
                         ctl.close(CloseReason::Gone, None);
@@ -106,8 +101,13 @@ pub(super) async fn run(
                     Wrote::Closing(finished) => break finished,
                 }
             }
-            () = sleep_until(wake) => {
+            // One timer for both deadlines (each timer is ~100 bytes per session).
+            () = sleep_until(expires.map_or(wake, |e| e.min(wake))) => {
                 let now = Instant::now();
+                if expires.is_some_and(|e| now >= e) {
+                    ctl.close(CloseReason::TokenExpired, Some("token expired"));
+                    break true;
+                }
                 heartbeat.seen(started + Duration::from_millis(last_seen.load(Ordering::Relaxed)));
                 match heartbeat.poll(now) {
                     HeartbeatAction::Wait(at) => wake = at,
@@ -118,7 +118,7 @@ pub(super) async fn run(
                     HeartbeatAction::Ping => {
                         batch.clear();
                         batch.push(wire::ping(b""));
-                        match write_or_close(&mut w, &mut batch, ctl).await {
+                        match Box::pin(write_or_close(&mut w, &mut batch, ctl)).await {
                             Wrote::Done => {}
                             Wrote::Failed => {
                                 ctl.close(CloseReason::Gone, None);
@@ -134,18 +134,26 @@ pub(super) async fn run(
             }
         }
     };
+    // Boxed: the close path's timers and writes would otherwise be part of every idle session.
+    Box::pin(finish(cfg, ctl, rx, w, batch, clean)).await;
+}
+
+/// Writes what is still queued (unless the session is a slow consumer) and the close frame.
+async fn finish(
+    cfg: &SessionConfig,
+    ctl: &SessionCtl,
+    mut rx: OutboxRx,
+    mut w: OwnedWriteHalf,
+    mut batch: Vec<Bytes>,
+    clean: bool,
+) {
     let (reason, text) = ctl.requested().unwrap_or((CloseReason::Gone, None));
     if clean && reason != CloseReason::Gone {
         // What is already queued still goes out before the close frame (a drain
         // loses nothing), except for a slow consumer, whose queue is the problem.
         if reason != CloseReason::SlowConsumer {
             batch.clear();
-            while batch.len() < cfg.send_queue {
-                match rx.try_recv() {
-                    Ok(frame) => batch.push(frame),
-                    Err(_) => break,
-                }
-            }
+            rx.take(&mut batch, cfg.send_queue);
             let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all(&mut w, &mut batch)).await;
         }
         let text = text.as_deref().unwrap_or(reason.label());

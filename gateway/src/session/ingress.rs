@@ -1,17 +1,15 @@
 //! Ingress: read frames, enforce framing rules and limits, run commands.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, WebSocketError};
-use tokio::io::AsyncReadExt;
 use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
 
+use super::frames::{BINARY, CLOSE, PING, PONG, ReadError, Reader, TEXT};
 use super::{Mode, Node};
 use crate::auth::Identity;
 use crate::bus::BusError;
@@ -33,24 +31,6 @@ pub(super) struct State {
     pub(super) fragments: Option<(bool, Vec<u8>)>,
 }
 
-fn error_reason(e: &WebSocketError) -> CloseReason {
-    match e {
-        WebSocketError::FrameTooLarge => CloseReason::TooBig,
-        WebSocketError::InvalidUTF8 => CloseReason::InvalidUtf8,
-        WebSocketError::UnexpectedEOF | WebSocketError::IoError(_) | WebSocketError::ConnectionClosed => {
-            CloseReason::Gone
-        }
-        _ => CloseReason::Protocol,
-    }
-}
-
-/// Whether the frame came masked, as RFC 6455 requires of clients.
-fn is_masked(frame: &mut Frame<'_>) -> bool {
-    let mut head = [0u8; 16];
-    frame.fmt_head(&mut head);
-    head[1] & 0x80 != 0
-}
-
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     node: &Node,
@@ -64,64 +44,60 @@ pub(super) async fn run(
     mode: Mode,
 ) {
     let cfg = &node.config;
-    let stream = std::io::Cursor::new(leftover).chain(read);
-    let (mut ws, _) = fastwebsockets::after_handshake_split(stream, tokio::io::sink(), fastwebsockets::Role::Server);
-    ws.set_auto_close(false);
-    ws.set_auto_pong(false);
-    // fastwebsockets unmasks (it must, to check UTF-8) but keeps the mask key,
-    // so `is_masked` can still refuse unmasked client frames.
-    // fastwebsockets refuses frames of `>= max`, we allow exactly `max`.
-    ws.set_max_message_size(cfg.max_message_bytes + 1);
-    let mut never_send = |_: Frame<'_>| std::future::ready(Ok::<(), Infallible>(()));
+    let mut reader = Reader::new(read, &leftover);
+    drop(leftover);
     let ctl = &handle.ctl;
     loop {
-        let mut frame = match ws.read_frame(&mut never_send).await {
+        // A continuation may only bring the message up to the limit.
+        let limit = cfg.max_message_bytes - state.fragments.as_ref().map_or(0, |(_, b)| b.len());
+        let frame = match reader.next(limit).await {
             Ok(f) => f,
-            Err(e) => {
-                ctl.close(error_reason(&e), None);
+            Err(ReadError::Protocol(why)) => {
+                ctl.close(CloseReason::Protocol, Some(why));
+                return;
+            }
+            Err(ReadError::TooBig) => {
+                ctl.close(CloseReason::TooBig, None);
+                return;
+            }
+            Err(ReadError::Gone) => {
+                ctl.close(CloseReason::Gone, None);
                 return;
             }
         };
         last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         if ctl.requested().is_some() {
             // Closing: discard everything until the peer's close or EOF.
-            if frame.opcode == OpCode::Close {
+            if frame.opcode == CLOSE {
                 return;
             }
             continue;
         }
-        if !is_masked(&mut frame) {
-            ctl.close(CloseReason::Protocol, Some("unmasked client frame"));
-            return;
-        }
         let message = match frame.opcode {
-            OpCode::Close => {
+            CLOSE => {
                 ctl.close(close_answer(&frame.payload), None);
                 return;
             }
-            OpCode::Ping => {
+            PING => {
                 handle.deliver(&wire::pong(&frame.payload));
                 continue;
             }
-            OpCode::Pong => continue,
-            OpCode::Text | OpCode::Binary if state.fragments.is_some() => {
+            PONG => continue,
+            TEXT | BINARY if state.fragments.is_some() => {
                 ctl.close(CloseReason::Protocol, Some("new message inside a fragmented one"));
                 return;
             }
-            OpCode::Text | OpCode::Binary if !frame.fin => {
-                state.fragments = Some((frame.opcode == OpCode::Text, frame.payload.to_vec()));
+            TEXT | BINARY if !frame.fin => {
+                state.fragments = Some((frame.opcode == TEXT, frame.payload));
                 continue;
             }
-            OpCode::Text | OpCode::Binary => (frame.opcode == OpCode::Text, Bytes::from(frame.payload.to_vec())),
-            OpCode::Continuation => {
+            TEXT | BINARY => (frame.opcode == TEXT, Bytes::from(frame.payload)),
+            _ => {
+                // CONTINUATION (the reader refuses every other opcode).
                 let Some((_, buf)) = state.fragments.as_mut() else {
                     ctl.close(CloseReason::Protocol, Some("continuation without a message"));
                     return;
                 };
-                if buf.len() + frame.payload.len() > cfg.max_message_bytes {
-                    ctl.close(CloseReason::TooBig, None);
-                    return;
-                }
                 buf.extend_from_slice(&frame.payload);
                 if !frame.fin {
                     continue;
@@ -146,7 +122,8 @@ pub(super) async fn run(
                         if !room_for_reply(handle).await {
                             continue;
                         }
-                        if let Err(reason) = command(node, identity, handle, state, text).await {
+                        // Boxed: a command's state exists only while it runs, not in every idle session.
+                        if let Err(reason) = Box::pin(command(node, identity, handle, state, text)).await {
                             ctl.close(reason, None);
                             return;
                         }
@@ -173,9 +150,8 @@ pub(super) async fn run(
 /// session is closing meanwhile.
 async fn room_for_reply(handle: &SessionHandle) -> bool {
     loop {
-        match tokio::time::timeout(Duration::from_millis(100), handle.outbox.reserve()).await {
-            Ok(Ok(_permit)) => return true,
-            Ok(Err(_)) => return false,
+        match tokio::time::timeout(Duration::from_millis(100), handle.outbox.room()).await {
+            Ok(room) => return room,
             Err(_) if handle.ctl.requested().is_some() => return false,
             Err(_) => {}
         }

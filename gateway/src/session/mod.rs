@@ -6,6 +6,7 @@
 //! when the whole connection is being thrown away.
 
 mod egress;
+mod frames;
 mod ingress;
 
 use std::collections::HashSet;
@@ -15,7 +16,6 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -75,7 +75,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let cfg = &node.config;
-    let (tx, rx) = mpsc::channel(cfg.send_queue);
+    let (tx, rx) = crate::outbox::outbox(cfg.send_queue);
     let ctl = Arc::new(SessionCtl::default());
     let connected_at_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -124,7 +124,8 @@ pub async fn run(
                 writer.await;
             }
             () = &mut writer => {
-                let _ = tokio::time::timeout(CLOSE_LINGER, reader).await;
+                // Boxed: the linger timer would otherwise sit in every idle session.
+                let _ = Box::pin(tokio::time::timeout(CLOSE_LINGER, reader)).await;
             }
         }
     }
