@@ -461,3 +461,95 @@ mod tests {
         }
     }
 }
+
+/// What happened to one held session.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct Held {
+    /// Closed by the server (or the connection failed) before the end.
+    pub(crate) dropped: bool,
+    pub(crate) pings: u64,
+}
+
+/// Keeps a session open, answering heartbeat pings, until `stop` (or until the server drops it).
+async fn hold(mut c: Conn, stop: Arc<AtomicBool>, wake: Arc<tokio::sync::Notify>) -> Held {
+    let mut held = Held::default();
+    loop {
+        let mut pings = Vec::new();
+        let mut closed = false;
+        let parsed = wsclient::parse(&mut c.buf, |op, p| match op {
+            PING => pings.push(p.to_vec()),
+            CLOSE => closed = true,
+            _ => {}
+        });
+        if parsed.is_err() || closed {
+            held.dropped = true;
+            return held;
+        }
+        for p in pings {
+            held.pings += 1;
+            if c.stream.write_all(&wsclient::frame(0xA, &p)).await.is_err() {
+                held.dropped = true;
+                return held;
+            }
+        }
+        if c.buf.is_empty() {
+            c.buf = Vec::new(); // idle: no buffer
+        }
+        let woken = wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        if stop.load(Ordering::Relaxed) {
+            return held;
+        }
+        c.buf.reserve(256);
+        tokio::select! {
+            r = c.stream.read_buf(&mut c.buf) => if !matches!(r, Ok(n) if n > 0) {
+                held.dropped = !stop.load(Ordering::Relaxed);
+                return held;
+            },
+            () = woken => return held,
+        }
+    }
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct HoldResult {
+    pub(crate) connections: usize,
+    pub(crate) failed: usize,
+    pub(crate) connect_s: f64,
+    pub(crate) held_to_the_end: usize,
+    pub(crate) dropped: usize,
+    pub(crate) pings_answered: u64,
+}
+
+/// A worker of `bench capacity`: opens `count` Switchboard sessions (one subscription
+/// each), prints `READY`, holds them for `seconds`, then prints a JSON result.
+pub(crate) async fn hold_many(t: &Target, count: usize, seconds: u64, prefix: &str) -> anyhow::Result<HoldResult> {
+    let session_tokens = tokens(count, prefix)?;
+    let started = Instant::now();
+    let (conns, _, failed) = open_many(t, count, 256, &session_tokens, Some("cap")).await;
+    drop(session_tokens);
+    let connect_s = started.elapsed().as_secs_f64();
+    println!("READY {} {failed}", conns.len());
+    let stop = Arc::new(AtomicBool::new(false));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let opened = conns.len();
+    let tasks: Vec<_> = conns.into_iter().map(|c| tokio::spawn(hold(c, stop.clone(), wake.clone()))).collect();
+    tokio::time::sleep(Duration::from_secs(seconds)).await;
+    stop.store(true, Ordering::Relaxed);
+    wake.notify_waiters();
+    let (mut dropped, mut pings) = (0, 0);
+    for t in tasks {
+        let h = t.await?;
+        dropped += usize::from(h.dropped);
+        pings += h.pings;
+    }
+    Ok(HoldResult {
+        connections: count,
+        failed,
+        connect_s,
+        held_to_the_end: opened - dropped,
+        dropped,
+        pings_answered: pings,
+    })
+}

@@ -99,6 +99,44 @@ enum Scenario {
         #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4")]
         sources: Vec<std::net::IpAddr>,
     },
+    /// Many concurrent sessions on this machine: several gateways share one port
+    /// (SO_REUSEPORT), several worker processes hold the sessions from several source
+    /// addresses, answering heartbeats; none may be dropped.
+    Capacity {
+        #[arg(long, default_value = "100000")]
+        connections: usize,
+        /// Gateway processes sharing the port (each holds at most ~19.3k sessions here).
+        #[arg(long, default_value = "6")]
+        gateways: usize,
+        /// Client worker processes (each holds at most 19k sockets here).
+        #[arg(long, default_value = "6")]
+        workers: usize,
+        /// How long the sessions are held.
+        #[arg(long, default_value = "5")]
+        minutes: f64,
+        #[arg(long, default_value = "25s")]
+        heartbeat_interval: String,
+        #[arg(
+            long,
+            value_delimiter = ',',
+            default_value = "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8"
+        )]
+        sources: Vec<std::net::IpAddr>,
+    },
+    /// A worker of `capacity` (prints READY, then a JSON result).
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        addr: SocketAddr,
+        #[arg(long)]
+        connections: usize,
+        #[arg(long)]
+        seconds: u64,
+        #[arg(long)]
+        prefix: String,
+        #[arg(long, value_delimiter = ',')]
+        sources: Vec<std::net::IpAddr>,
+    },
     /// Hosts librdkafka's mock cluster (1 broker) with one topic; prints
     /// `LISTENING <bootstrap>` and serves until killed. Used by `soak --kafka mock`.
     MockKafka {
@@ -167,7 +205,7 @@ pub(crate) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
 }
 
-async fn metric(admin: SocketAddr, name: &str) -> anyhow::Result<f64> {
+pub(crate) async fn metric(admin: SocketAddr, name: &str) -> anyhow::Result<f64> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(admin).await?;
     s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").await?;
@@ -257,6 +295,7 @@ async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::R
     Ok(())
 }
 
+mod capacity;
 mod cluster_bench;
 mod compare;
 mod load;
@@ -287,6 +326,22 @@ fn main() -> anyhow::Result<()> {
                 seconds,
                 sources,
             })),
+        Scenario::Capacity { connections, gateways, workers, minutes, heartbeat_interval, sources } => {
+            rt.block_on(capacity::run(capacity::Options {
+                connections,
+                gateways,
+                workers,
+                minutes,
+                sources,
+                heartbeat_interval,
+            }))
+        }
+        Scenario::Hold { addr, connections, seconds, prefix, sources } => rt.block_on(async {
+            let t = load::Target { kind: load::Kind::Switchboard, addr, sources };
+            let r = load::hold_many(&t, connections, seconds, &prefix).await?;
+            println!("{}", serde_json::to_string(&r)?);
+            Ok(())
+        }),
         Scenario::MockKafka { topic, partitions } => {
             let mock = rdkafka::mocking::MockCluster::new(1)?;
             mock.create_topic(&topic, partitions, 1)?;
