@@ -27,8 +27,12 @@ impl Drop for Server {
 
 pub(crate) const SERVERS: &[&str] = &["switchboard", "fastwebsockets", "tungstenite", "node-ws"];
 
-fn spawn(name: &str, core: &str) -> anyhow::Result<(Server, Kind)> {
-    let mut cmd = Command::new("taskset");
+fn spawn(name: &str, core: &str, realtime: bool) -> anyhow::Result<(Server, Kind)> {
+    // chrt and taskset exec the server, so the child's pid is the server's.
+    let mut cmd = if realtime { Command::new("chrt") } else { Command::new("taskset") };
+    if realtime {
+        cmd.args(["-r", "1", "taskset"]);
+    }
     cmd.args(["-c", core]);
     let kind = match name {
         "switchboard" => {
@@ -77,6 +81,7 @@ pub(crate) struct Options {
     pub(crate) servers: Vec<String>,
     pub(crate) runs: usize,
     pub(crate) core: String,
+    pub(crate) realtime: bool,
     pub(crate) idle_connections: usize,
     pub(crate) fanout_subscribers: Vec<usize>,
     pub(crate) latency_deliveries_per_s: u64,
@@ -85,7 +90,7 @@ pub(crate) struct Options {
 }
 
 async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
-    let (server, kind) = spawn(s, &o.core)?;
+    let (server, kind) = spawn(s, &o.core, o.realtime)?;
     let pid = server.child.id();
     let t = Target { kind, addr: server.addr, sources: o.sources.clone() };
     let mut f = Figures::new();

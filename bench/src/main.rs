@@ -84,6 +84,9 @@ enum Scenario {
         /// The core every server is pinned to (taskset list).
         #[arg(long, default_value = "0")]
         core: String,
+        /// Run servers at real-time priority (`chrt -r 1`): steadier figures on a shared machine.
+        #[arg(long)]
+        realtime: bool,
         #[arg(long, default_value = "19000")]
         idle_connections: usize,
         /// Subscriber counts for the fanout and latency scenarios.
@@ -315,17 +318,27 @@ fn main() -> anyhow::Result<()> {
         Scenario::Soak { minutes, subscribers, rate, churn_per_s, bridge_args, kafka } => {
             rt.block_on(soak::run(minutes, subscribers, rate, churn_per_s, &bridge_args, &kafka))
         }
-        Scenario::Compare { servers, runs, core, idle_connections, subscribers, latency_rate, seconds, sources } => rt
-            .block_on(compare::run(compare::Options {
-                servers,
-                runs,
-                core,
-                idle_connections,
-                fanout_subscribers: subscribers,
-                latency_deliveries_per_s: latency_rate,
-                seconds,
-                sources,
-            })),
+        Scenario::Compare {
+            servers,
+            runs,
+            core,
+            realtime,
+            idle_connections,
+            subscribers,
+            latency_rate,
+            seconds,
+            sources,
+        } => rt.block_on(compare::run(compare::Options {
+            servers,
+            runs,
+            core,
+            realtime,
+            idle_connections,
+            fanout_subscribers: subscribers,
+            latency_deliveries_per_s: latency_rate,
+            seconds,
+            sources,
+        })),
         Scenario::Capacity { connections, gateways, workers, minutes, heartbeat_interval, sources } => {
             rt.block_on(capacity::run(capacity::Options {
                 connections,
