@@ -105,6 +105,8 @@ async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
         let r = load::fanout(&t, pid, n, 0, o.seconds, 64, 40_000).await?;
         f.insert("deliveries_per_s", r.deliveries_per_s);
         f.insert("deliveries_per_cpu_s", r.deliveries_per_cpu_s);
+        f.insert("server_cpu_util", r.server_cpu_util);
+        f.insert("client_cpu_util", r.client_cpu_util);
         f.insert("p99_ms", r.p99_ms);
         f.insert("lost", r.lost as f64);
         f.insert("duplicated", r.duplicated as f64);

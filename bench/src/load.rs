@@ -235,6 +235,9 @@ pub(crate) struct FanoutResult {
     pub(crate) server_cpu_s: f64,
     /// Deliveries per second of server CPU: deliveries/s on one saturated core.
     pub(crate) deliveries_per_cpu_s: f64,
+    /// Share of one core the server used (1.0: saturated), and the load tool.
+    pub(crate) server_cpu_util: f64,
+    pub(crate) client_cpu_util: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub(crate) max_ms: f64,
@@ -390,6 +393,7 @@ pub(crate) async fn fanout(
         .collect();
     let window = (window_deliveries / subscribers as u64).max(2);
     let cpu0 = cpu_seconds(pid);
+    let own0 = cpu_seconds(std::process::id());
     let started = Instant::now();
     let published =
         publisher(pub_conn, t.kind, rate, window, subscribers as u64, total.clone(), payload, seconds).await?;
@@ -409,6 +413,8 @@ pub(crate) async fn fanout(
     }
     let elapsed = started.elapsed().as_secs_f64().min(last_change.duration_since(started).as_secs_f64().max(1e-3));
     let server_cpu_s = cpu_seconds(pid) - cpu0;
+    let client_cpu_s = cpu_seconds(std::process::id()) - own0;
+    let wall = started.elapsed().as_secs_f64();
     stop.store(true, Ordering::Relaxed);
     wake.notify_waiters();
     let (mut lost, mut duplicated, mut received) = (0, 0, 0);
@@ -427,6 +433,8 @@ pub(crate) async fn fanout(
         deliveries_per_s: deliveries as f64 / elapsed,
         server_cpu_s,
         deliveries_per_cpu_s: deliveries as f64 / server_cpu_s,
+        server_cpu_util: server_cpu_s / wall,
+        client_cpu_util: client_cpu_s / wall,
         p50_ms: hist.quantile(0.5) as f64 / 1000.0,
         p99_ms: hist.quantile(0.99) as f64 / 1000.0,
         max_ms: hist.max() as f64 / 1000.0,

@@ -23,11 +23,17 @@ pub(crate) async fn connect(
     bearer: Option<&str>,
 ) -> anyhow::Result<(TcpStream, Vec<u8>)> {
     let socket = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
+    // Load runs open and close tens of thousands of connections: ports still in
+    // TIME_WAIT may be bound again, and closing resets the connection (linger 0) so
+    // that no TIME_WAIT is left behind: otherwise the kernel's search for a free
+    // port to bind becomes the bottleneck of the next run.
+    socket.set_reuseaddr(true)?;
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0))?;
     }
     let mut s = socket.connect(server).await?;
     s.set_nodelay(true)?;
+    s.set_zero_linger()?;
     let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let req = format!(
         "GET {path} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\

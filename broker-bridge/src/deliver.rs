@@ -16,7 +16,6 @@ use tokio::sync::{Notify, mpsc};
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::metrics as m;
 use crate::offsets::{RecordRef, Tracker};
@@ -217,7 +216,7 @@ async fn stream(
     timeout: Duration,
     bearer: &Bearer,
 ) -> Ended {
-    let Ok(ep) = Endpoint::from_shared(addr.to_owned()) else { return Ended::Broken };
+    let Ok(ep) = bearer.endpoint(addr) else { return Ended::Broken };
     let ep = ep.connect_timeout(Duration::from_secs(1)).http2_keep_alive_interval(Duration::from_secs(5));
     let channel = tokio::select! {
         () = cancel.cancelled() => return Ended::Cancelled,

@@ -12,7 +12,6 @@ use proto::bridge::v1::envelope::Target;
 use proto::presence::v1 as pb;
 use proto::presence::v1::presence_client::PresenceClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Endpoint;
 
 use crate::metrics as m;
 
@@ -115,7 +114,7 @@ fn intern(s: &State, node: &str) -> Arc<str> {
 }
 
 fn client(addr: &str, bearer: &Bearer) -> Result<PresenceClient<Authed>, tonic::transport::Error> {
-    let ep = Endpoint::from_shared(addr.to_owned())?.connect_timeout(Duration::from_secs(2));
+    let ep = bearer.endpoint(addr)?.connect_timeout(Duration::from_secs(2));
     Ok(PresenceClient::new(bearer.channel(ep.connect_lazy())).max_decoding_message_size(256 << 20))
 }
 

@@ -74,8 +74,15 @@ pub async fn run(
     let stop = CancellationToken::new();
     let routes = Arc::new(Routes::default());
     let (changes_tx, mut changes_rx) = tokio::sync::mpsc::unbounded_channel();
-    let bearer =
-        kit::grpc::Bearer::new(cli.common.internal_token.as_deref()).map_err(|e| RunError::Config(e.to_string()))?;
+    let tls = kit::grpc::InternalTls::load(
+        cli.common.internal_tls_cert.as_deref(),
+        cli.common.internal_tls_key.as_deref(),
+        cli.common.internal_tls_ca.as_deref(),
+    )
+    .map_err(RunError::Config)?;
+    let bearer = kit::grpc::Bearer::new(cli.common.internal_token.as_deref())
+        .map_err(|e| RunError::Config(e.to_string()))?
+        .with_tls(tls.as_ref());
     let watch = tokio::spawn(route::watch(
         cli.presence_addrs.clone(),
         bearer.clone(),
@@ -108,7 +115,7 @@ pub async fn run(
 
     let mut presence = Vec::new();
     for addr in &cli.presence_addrs {
-        let ep = tonic::transport::Endpoint::from_shared(addr.clone()).map_err(RunError::Presence)?;
+        let ep = bearer.endpoint(addr).map_err(RunError::Presence)?;
         presence.push(PresenceClient::new(bearer.channel(ep.connect_timeout(Duration::from_secs(2)).connect_lazy())));
     }
     let ingest = PushIngest {
@@ -125,7 +132,11 @@ pub async fn run(
     readiness.set(true);
     tracing::info!(topic = %cli.topic, group = %cli.group, "broker-bridge ready");
     let serve_stop = shutdown.clone();
-    let served = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls.server).map_err(RunError::Serve)?;
+    }
+    let served = server
         .timeout(cli.produce_timeout + Duration::from_secs(5))
         .add_service(health_service)
         .add_service(r1)

@@ -39,7 +39,8 @@ impl SessionCtl {
             if let Some(t) = text {
                 *self.reason.lock() = Some(t.into());
             }
-            self.notify.notify_one();
+            // Every waiter (the egress loop and a write in progress both wait).
+            self.notify.notify_waiters();
         }
     }
 

@@ -8,7 +8,10 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+use std::task::{Context, Poll};
+
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
@@ -23,8 +26,8 @@ struct Queue {
 struct Shared {
     queue: Mutex<Queue>,
     cap: usize,
-    /// Wakes the receiver (a stored permit covers a send before it waits).
-    ready: Notify,
+    /// The receiver's waker (an atomic swap, no list of waiters: one receiver).
+    ready: AtomicWaker,
     /// Wakes senders waiting for room.
     room: Notify,
 }
@@ -53,7 +56,7 @@ pub fn outbox(cap: usize) -> (Outbox, OutboxRx) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue::default()),
         cap: cap.max(1),
-        ready: Notify::new(),
+        ready: AtomicWaker::new(),
         room: Notify::new(),
     });
     (Outbox { shared: shared.clone() }, OutboxRx { shared })
@@ -74,7 +77,7 @@ impl Outbox {
             q.items.len() == 1
         };
         if was_empty {
-            self.shared.ready.notify_one();
+            self.shared.ready.wake();
         }
         Ok(())
     }
@@ -112,12 +115,19 @@ impl OutboxRx {
     /// Moves up to `limit` frames into `out`, waiting while the queue is empty.
     /// Cancel-safe: frames are only taken when this returns.
     pub async fn recv_many(&mut self, out: &mut Vec<Bytes>, limit: usize) -> usize {
-        loop {
-            let n = self.take(out, limit);
-            if n > 0 {
-                return n;
-            }
-            self.shared.ready.notified().await;
+        std::future::poll_fn(|cx| self.poll_recv_many(cx, out, limit)).await
+    }
+
+    fn poll_recv_many(&mut self, cx: &mut Context<'_>, out: &mut Vec<Bytes>, limit: usize) -> Poll<usize> {
+        let n = self.take(out, limit);
+        if n > 0 {
+            return Poll::Ready(n);
+        }
+        self.shared.ready.register(cx.waker());
+        // A send between the first look and the registration must not be missed.
+        match self.take(out, limit) {
+            0 => Poll::Pending,
+            n => Poll::Ready(n),
         }
     }
 

@@ -40,6 +40,8 @@ pub enum SettingsError {
     BridgeWithoutPresence,
     #[error("--internal-token must be printable ASCII")]
     Token,
+    #[error("{0}")]
+    Tls(String),
 }
 
 /// Everything `run` needs, checked.
@@ -61,6 +63,8 @@ pub struct Settings {
     /// Credential of the internal gRPC APIs (sent and required).
     pub bearer: kit::grpc::Bearer,
     pub internal_token: Option<String>,
+    /// Mutual TLS of the internal gRPC APIs (Push, Delivery; presence and bridge calls).
+    pub tls: Option<kit::grpc::InternalTls>,
     pub bridge_addrs: Vec<String>,
     pub drain: Drain,
     pub nofile: u64,
@@ -108,6 +112,12 @@ impl Settings {
             return Err(SettingsError::BridgeWithoutPresence);
         }
         // Raise the soft limit to the hard one; the caps derive from what we got.
+        let tls = kit::grpc::InternalTls::load(
+            cli.common.internal_tls_cert.as_deref(),
+            cli.common.internal_tls_key.as_deref(),
+            cli.common.internal_tls_ca.as_deref(),
+        )
+        .map_err(SettingsError::Tls)?;
         let nofile = rlimit::increase_nofile_limit(u64::MAX)
             .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
             .unwrap_or(1024);
@@ -143,8 +153,11 @@ impl Settings {
             presence_addrs: cli.presence_addrs.iter().filter(|a| !a.is_empty()).cloned().collect(),
             delivery_addr: cli.delivery_addr.clone(),
             bridge_addrs,
-            bearer: kit::grpc::Bearer::new(cli.common.internal_token.as_deref()).map_err(|_| SettingsError::Token)?,
+            bearer: kit::grpc::Bearer::new(cli.common.internal_token.as_deref())
+                .map_err(|_| SettingsError::Token)?
+                .with_tls(tls.as_ref()),
             internal_token: cli.common.internal_token.clone(),
+            tls,
             drain: Drain { window: cli.drain_window, grace: cli.drain_grace },
             nofile,
         })
@@ -206,7 +219,7 @@ pub async fn run(
         "" if grpc_addr.ip().is_unspecified() && !settings.bridge_addrs.is_empty() => {
             return Err(RunError::DeliveryAddr(grpc_addr));
         }
-        "" => format!("http://{grpc_addr}"),
+        "" => format!("{}://{grpc_addr}", kit::grpc::InternalTls::scheme(settings.tls.as_ref())),
         a => a.to_owned(),
     };
     let remote = !settings.presence_addrs.is_empty();
@@ -283,7 +296,11 @@ pub async fn run(
     let (reflection_v1, reflection_v1alpha) = proto::reflection();
     let stop_grpc = CancellationToken::new();
     let grpc_stop = stop_grpc.clone();
-    let grpc = tonic::transport::Server::builder()
+    let mut grpc_server = tonic::transport::Server::builder();
+    if let Some(tls) = &settings.tls {
+        grpc_server = grpc_server.tls_config(tls.server.clone())?;
+    }
+    let grpc = grpc_server
         .timeout(Duration::from_secs(10))
         .add_service(health_service)
         .add_service(reflection_v1)

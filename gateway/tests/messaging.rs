@@ -198,7 +198,19 @@ async fn pipelined_subscribes(ws: Ws, count: usize) -> (usize, usize, Ws) {
 #[tokio::test]
 async fn subscribing_to_100k_channels_holds_them_and_releases_them() {
     const N: usize = 100_000;
-    let gw = Gateway::start(&["--max-subscriptions", "100000", "--send-queue", "64"]).await;
+    // Heartbeats slower than the harness default (300 ms): between steps this test does not
+    // read the subscriber's socket (so it would not answer pings) for longer than that.
+    let gw = Gateway::start(&[
+        "--max-subscriptions",
+        "100000",
+        "--send-queue",
+        "64",
+        "--heartbeat-interval",
+        "10s",
+        "--heartbeat-timeout",
+        "10s",
+    ])
+    .await;
     let (ws, _) = gw.ws("many").await;
     let (acks, refused, mut ws) = pipelined_subscribes(ws, N).await;
     assert_eq!((acks, refused), (N, 0));
@@ -229,7 +241,7 @@ async fn subscribing_to_100k_channels_holds_them_and_releases_them() {
 #[tokio::test]
 async fn a_flood_of_subscribes_past_the_limit_is_refused_one_by_one() {
     const N: usize = 100_000;
-    let gw = Gateway::start(&[]).await;
+    let gw = Gateway::start(&["--heartbeat-interval", "10s", "--heartbeat-timeout", "10s"]).await;
     let (ws, welcome) = gw.ws("greedy").await;
     let limit = welcome["limits"]["max_subscriptions"].as_u64().unwrap() as usize;
     assert_eq!(limit, 128);

@@ -27,6 +27,18 @@ pub struct CommonArgs {
     /// (rely on network policies).
     #[arg(long, env = "SWITCHBOARD_INTERNAL_TOKEN", hide_env_values = true)]
     pub internal_token: Option<String>,
+    /// Mutual TLS on the internal gRPC APIs: this service's certificate (PEM), presented as
+    /// server and as client. With `--internal-tls-key` and `--internal-tls-ca`; all three or none.
+    /// Peers' addresses are then `https://` and must match their certificates.
+    #[arg(long, env = "SWITCHBOARD_INTERNAL_TLS_CERT")]
+    pub internal_tls_cert: Option<std::path::PathBuf>,
+    /// Private key (PEM) of `--internal-tls-cert`.
+    #[arg(long, env = "SWITCHBOARD_INTERNAL_TLS_KEY")]
+    pub internal_tls_key: Option<std::path::PathBuf>,
+    /// CA (PEM) that signs every internal service's certificate: callers without a
+    /// certificate from it are refused, and servers must present one.
+    #[arg(long, env = "SWITCHBOARD_INTERNAL_TLS_CA")]
+    pub internal_tls_ca: Option<std::path::PathBuf>,
     /// Address of the admin endpoints (/metrics, /healthz, /readyz).
     #[arg(long, env = "SWITCHBOARD_ADMIN_ADDR", default_value = "127.0.0.1:9091")]
     pub admin_addr: SocketAddr,

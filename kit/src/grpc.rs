@@ -1,12 +1,14 @@
-//! The credential of the internal gRPC APIs: a shared bearer token, checked by
-//! servers (health stays open for probes) and added by clients.
+//! The credentials of the internal gRPC APIs: a shared bearer token, checked by
+//! servers (health stays open for probes) and added by clients, and/or mutual
+//! TLS (every service presents a certificate from one CA, as server and client).
 
+use std::path::Path;
 use std::sync::Arc;
 
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity, ServerTlsConfig};
 use tonic::{Request, Status};
 
 /// A channel whose calls carry the token.
@@ -28,15 +30,43 @@ fn usable(token: Option<&str>) -> Option<&str> {
     token.filter(|t| !t.is_empty())
 }
 
-/// Client side: adds `authorization: Bearer <token>` to every call (nothing without a token).
+/// Client side: adds `authorization: Bearer <token>` to every call (nothing without a
+/// token), and makes endpoints that present this service's certificate when mutual TLS is on.
 #[derive(Debug, Clone, Default)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
+pub struct Bearer {
+    token: Option<MetadataValue<Ascii>>,
+    tls: Option<ClientTlsConfig>,
+}
 
 impl Bearer {
     pub fn new(token: Option<&str>) -> Result<Self, InvalidToken> {
-        match usable(token) {
-            None => Ok(Self(None)),
-            Some(t) => format!("Bearer {t}").parse().map(|v| Self(Some(v))).map_err(|_| InvalidToken),
+        let token = match usable(token) {
+            None => None,
+            Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| InvalidToken)?),
+        };
+        Ok(Self { token, tls: None })
+    }
+
+    /// The same credential, also presenting a client certificate (mutual TLS).
+    #[must_use]
+    pub fn with_tls(mut self, tls: Option<&InternalTls>) -> Self {
+        self.tls = tls.map(|t| t.client.clone());
+        self
+    }
+
+    /// An endpoint for `addr` (`https://` with mutual TLS on).
+    pub fn endpoint(&self, addr: &str) -> Result<Endpoint, tonic::transport::Error> {
+        self.endpoint_named(addr, None)
+    }
+
+    /// An endpoint for `addr` whose certificate must name `server_name` rather than the
+    /// address's host (an address found through DNS, certified for the DNS name).
+    pub fn endpoint_named(&self, addr: &str, server_name: Option<&str>) -> Result<Endpoint, tonic::transport::Error> {
+        let ep = Endpoint::from_shared(addr.to_owned())?;
+        match (&self.tls, server_name) {
+            (Some(tls), Some(name)) => ep.tls_config(tls.clone().domain_name(name)),
+            (Some(tls), None) => ep.tls_config(tls.clone()),
+            (None, _) => Ok(ep),
         }
     }
 
@@ -48,10 +78,40 @@ impl Bearer {
 
 impl Interceptor for Bearer {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
-        if let Some(v) = &self.0 {
+        if let Some(v) = &self.token {
             req.metadata_mut().insert("authorization", v.clone());
         }
         Ok(req)
+    }
+}
+
+/// Mutual TLS settings of a service, loaded from the `--internal-tls-*` files.
+#[derive(Debug, Clone)]
+pub struct InternalTls {
+    pub server: ServerTlsConfig,
+    pub client: ClientTlsConfig,
+}
+
+impl InternalTls {
+    /// Loads the three PEM files; `Ok(None)` when none is given, an error when only some are.
+    pub fn load(cert: Option<&Path>, key: Option<&Path>, ca: Option<&Path>) -> Result<Option<Self>, String> {
+        let (cert, key, ca) = match (cert, key, ca) {
+            (None, None, None) => return Ok(None),
+            (Some(c), Some(k), Some(a)) => (c, k, a),
+            _ => return Err("--internal-tls-cert, --internal-tls-key and --internal-tls-ca go together".into()),
+        };
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()));
+        let identity = Identity::from_pem(read(cert)?, read(key)?);
+        let ca = Certificate::from_pem(read(ca)?);
+        Ok(Some(Self {
+            server: ServerTlsConfig::new().identity(identity.clone()).client_ca_root(ca.clone()),
+            client: ClientTlsConfig::new().identity(identity).ca_certificate(ca),
+        }))
+    }
+
+    /// The scheme of this service's own gRPC address as announced to peers.
+    pub fn scheme(tls: Option<&Self>) -> &'static str {
+        if tls.is_some() { "https" } else { "http" }
     }
 }
 
@@ -101,5 +161,15 @@ mod tests {
             Bearer::new(Some("")).unwrap().call(Request::new(())).unwrap().metadata().get("authorization").is_none()
         );
         assert_eq!(Bearer::new(Some("bad\nvalue")).err(), Some(InvalidToken));
+    }
+
+    #[test]
+    fn tls_files_go_together() {
+        assert!(InternalTls::load(None, None, None).unwrap().is_none());
+        let err = InternalTls::load(Some(Path::new("c.pem")), None, None).unwrap_err();
+        assert!(err.contains("go together"), "{err}");
+        let err = InternalTls::load(Some(Path::new("/nonexistent/c")), Some(Path::new("k")), Some(Path::new("a")))
+            .unwrap_err();
+        assert!(err.contains("cannot read /nonexistent/c"), "{err}");
     }
 }

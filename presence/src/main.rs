@@ -13,6 +13,17 @@ fn main() {
         eprintln!("presence: --lease and --max-concurrent must be above zero");
         std::process::exit(kit::EXIT_CONFIG);
     }
+    let tls = match kit::grpc::InternalTls::load(
+        cli.common.internal_tls_cert.as_deref(),
+        cli.common.internal_tls_key.as_deref(),
+        cli.common.internal_tls_ca.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("presence: {e}");
+            std::process::exit(kit::EXIT_CONFIG);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {
@@ -42,7 +53,7 @@ fn main() {
             println!("LISTENING grpc={g} admin={a}");
         }
         let shutdown = kit::shutdown::on_signals();
-        match presence::run(cli, listener, admin, metrics, shutdown).await {
+        match presence::run(cli, tls, listener, admin, metrics, shutdown).await {
             Ok(()) => 0,
             Err(e) => {
                 tracing::error!(error = %e, "presence failed");

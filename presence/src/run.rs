@@ -12,9 +12,11 @@ use crate::guard::Guarded;
 use crate::registry::Registry;
 use crate::service::{PresenceService, Shared, tick_interval};
 
-/// Serves presence on `listener` until `shutdown`; admin endpoints on `admin`.
+/// Serves presence on `listener` (with mutual TLS when `tls` is set) until `shutdown`;
+/// admin endpoints on `admin`.
 pub async fn run(
     cli: Cli,
+    tls: Option<kit::grpc::InternalTls>,
     listener: TcpListener,
     admin: TcpListener,
     metrics: Option<PrometheusHandle>,
@@ -60,7 +62,11 @@ pub async fn run(
     readiness.set(true);
     tracing::info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), lease = ?cli.lease, "presence ready");
     let stop = shutdown.clone();
-    let result = tonic::transport::Server::builder()
+    let mut server = tonic::transport::Server::builder();
+    if let Some(tls) = tls {
+        server = server.tls_config(tls.server)?;
+    }
+    let result = server
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
         .add_service(health_service)
         .add_service(r1)

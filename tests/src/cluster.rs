@@ -143,6 +143,7 @@ pub struct ClusterBuilder {
     large_room: usize,
     gateway_args: Vec<String>,
     internal_token: Option<String>,
+    tls: Option<std::sync::Arc<crate::tls::Pki>>,
 }
 
 /// Presence replicas and gateways wired together.
@@ -170,6 +171,7 @@ impl Cluster {
             large_room: 1000,
             gateway_args: Vec::new(),
             internal_token: None,
+            tls: None,
         }
     }
 
@@ -180,12 +182,20 @@ impl Cluster {
 
     /// gRPC URL of presence replica `i`.
     pub fn presence_url(&self, i: usize) -> String {
-        format!("http://127.0.0.1:{}", self.presence_ports[i])
+        format!("{}://127.0.0.1:{}", self.scheme(), self.presence_ports[i])
     }
 
-    /// `--internal-token` for every service, when the cluster has one.
+    /// `https` when the cluster runs mutual TLS.
+    fn scheme(&self) -> &'static str {
+        if self.builder.tls.is_some() { "https" } else { "http" }
+    }
+
+    /// `--internal-token` and `--internal-tls-*` for every service, when the cluster has them.
     fn token_args(&self) -> Vec<String> {
-        self.builder.internal_token.iter().flat_map(|t| ["--internal-token".to_owned(), t.clone()]).collect()
+        let mut args: Vec<String> =
+            self.builder.internal_token.iter().flat_map(|t| ["--internal-token".to_owned(), t.clone()]).collect();
+        args.extend(self.builder.tls.iter().flat_map(|pki| pki.args()));
+        args
     }
 
     fn presence_args(&self, port: u16) -> Vec<String> {
@@ -217,7 +227,7 @@ impl Cluster {
 
     /// gRPC URL of bridge `i`'s Push API.
     pub fn bridge_url(&self, i: usize) -> String {
-        format!("http://{}", self.bridges[i].addr("grpc"))
+        format!("{}://{}", self.scheme(), self.bridges[i].addr("grpc"))
     }
 
     /// Starts one more broker-bridge and returns its index.
@@ -314,6 +324,11 @@ impl ClusterBuilder {
     /// The internal gRPC credential every service requires and sends.
     pub fn internal_token(mut self, token: &str) -> Self {
         self.internal_token = Some(token.to_owned());
+        self
+    }
+    /// Mutual TLS on every internal gRPC API, with certificates from `pki`.
+    pub fn internal_tls(mut self, pki: std::sync::Arc<crate::tls::Pki>) -> Self {
+        self.tls = Some(pki);
         self
     }
     /// Start a Kafka-protocol broker (tansu) behind a cuttable proxy.

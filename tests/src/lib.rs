@@ -4,11 +4,13 @@
 //!   implementation, not our framing code), tokens, HTTP and metrics helpers;
 //! - [`cluster`]: the real binaries as child processes on free loopback ports,
 //!   torn down on drop: `Cluster::builder().presence(1).kafka().bridges(2).gateways(3).start().await`;
-//! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path.
+//! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path;
+//! - [`tls`]: a throw-away PKI for mutual-TLS tests.
 #![allow(missing_debug_implementations)]
 
 pub mod cluster;
 pub mod kafka;
+pub mod tls;
 pub mod ws;
 
 /// Polls `cond` every 20 ms until it holds, or panics with the message after [`ws::WAIT`].

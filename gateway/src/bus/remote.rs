@@ -8,7 +8,6 @@ use std::time::Duration;
 use kit::grpc::{Authed, Bearer};
 use proto::push::v1 as pb;
 use proto::push::v1::push_client::PushClient;
-use tonic::transport::Endpoint;
 
 use super::{Accepted, Bus, BusError, BusFuture};
 
@@ -26,7 +25,8 @@ impl RemoteBus {
         let clients = addrs
             .iter()
             .map(|a| {
-                let ep = Endpoint::from_shared(a.clone())?
+                let ep = bearer
+                    .endpoint(a)?
                     .connect_timeout(Duration::from_secs(1))
                     .http2_keep_alive_interval(Duration::from_secs(5))
                     .keep_alive_timeout(Duration::from_secs(5));

@@ -64,13 +64,16 @@ struct Replicas {
 
 impl Replicas {
     /// Starts streaming to one more replica (its link begins with a snapshot).
-    fn add(&self, addr: &str) -> Result<(), tonic::transport::Error> {
-        let client = PresenceClient::new(self.cfg.bearer.channel(endpoint(addr)?.connect_lazy()));
+    /// `server_name`: the name the replica's certificate carries, when not the address's host.
+    fn add(&self, addr: &str, server_name: Option<&str>) -> Result<(), tonic::transport::Error> {
+        let client =
+            PresenceClient::new(self.cfg.bearer.channel(endpoint(&self.cfg, addr, server_name)?.connect_lazy()));
         let (tx, rx) = mpsc::channel(DELTA_QUEUE);
         let resync = Arc::new(AtomicBool::new(false));
         let cancel = self.stop.child_token();
         tokio::spawn(link_task(
             addr.to_owned(),
+            server_name.map(str::to_owned),
             self.hub.clone(),
             self.cfg.clone(),
             rx,
@@ -98,11 +101,13 @@ impl Replicas {
     }
 }
 
-/// Follows `dns+http://name:port`: one replica per address the name resolves to
-/// (a headless Service), re-resolved every 10 s.
+/// Follows `dns+http://name:port` (or `dns+https://`): one replica per address the name
+/// resolves to (a headless Service), re-resolved every 10 s.
 async fn discover(spec: String, replicas: Arc<Replicas>) {
     let Some((scheme, rest)) = spec.split_once("://") else { return };
     let hostport = rest.trim_end_matches('/').to_owned();
+    // With TLS, replicas are certified for the DNS name, not for their addresses.
+    let server_name = (scheme == "https").then(|| hostport.rsplit_once(':').map_or(hostport.as_str(), |(h, _)| h));
     let mut current: std::collections::BTreeSet<String> = std::collections::BTreeSet::new();
     loop {
         match tokio::net::lookup_host(hostport.as_str()).await {
@@ -112,7 +117,7 @@ async fn discover(spec: String, replicas: Arc<Replicas>) {
                     replicas.remove(gone);
                 }
                 for new in now.difference(&current) {
-                    if let Err(e) = replicas.add(new) {
+                    if let Err(e) = replicas.add(new, server_name) {
                         tracing::warn!(presence = %new, error = %e, "bad presence address");
                     }
                 }
@@ -135,8 +140,10 @@ pub struct RemotePresence {
     next: AtomicU64,
 }
 
-fn endpoint(addr: &str) -> Result<Endpoint, tonic::transport::Error> {
-    Ok(Endpoint::from_shared(addr.to_owned())?
+fn endpoint(cfg: &RemoteConfig, addr: &str, server_name: Option<&str>) -> Result<Endpoint, tonic::transport::Error> {
+    Ok(cfg
+        .bearer
+        .endpoint_named(addr, server_name)?
         .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(5)))
@@ -189,7 +196,7 @@ impl RemotePresence {
                 Some(spec) => {
                     tokio::spawn(discover(spec.to_owned(), replicas.clone()));
                 }
-                None => replicas.add(addr)?,
+                None => replicas.add(addr, None)?,
             }
         }
         tokio::spawn(watch_task(replicas.clone(), hub.clone(), stop));
@@ -287,6 +294,7 @@ enum LinkError {
 
 async fn link_task(
     addr: String,
+    server_name: Option<String>,
     hub: Arc<Hub>,
     cfg: RemoteConfig,
     mut deltas: mpsc::Receiver<pb::Delta>,
@@ -296,7 +304,17 @@ async fn link_task(
     let mut backoff = Backoff::new();
     let mut seq = 0u64;
     loop {
-        let result = link_session(&addr, &hub, &cfg, &mut deltas, &resync, &stop, &mut seq, &mut backoff).await;
+        let result = link_session(
+            (&addr, server_name.as_deref()),
+            &hub,
+            &cfg,
+            &mut deltas,
+            &resync,
+            &stop,
+            &mut seq,
+            &mut backoff,
+        )
+        .await;
         metrics::gauge!(m::PRESENCE_LINKS_UP).decrement(1.0);
         match result {
             Ok(()) => return,
@@ -316,7 +334,7 @@ async fn link_task(
 
 #[allow(clippy::too_many_arguments)]
 async fn link_session(
-    addr: &str,
+    (addr, server_name): (&str, Option<&str>),
     hub: &Hub,
     cfg: &RemoteConfig,
     deltas: &mut mpsc::Receiver<pb::Delta>,
@@ -327,7 +345,7 @@ async fn link_session(
 ) -> Result<(), LinkError> {
     use pb::gateway_message::Msg;
     metrics::gauge!(m::PRESENCE_LINKS_UP).increment(1.0);
-    let channel = endpoint(addr)?.connect().await?;
+    let channel = endpoint(cfg, addr, server_name)?.connect().await?;
     let mut client = PresenceClient::new(cfg.bearer.channel(channel));
     let (out, out_rx) = mpsc::channel::<pb::GatewayMessage>(8);
     let send = |msg: Msg| {

@@ -80,11 +80,15 @@ pub(super) async fn run(
     let mut heartbeat = Heartbeat::new(cfg.heartbeat_interval, cfg.heartbeat_timeout, started);
     let mut wake = started + cfg.heartbeat_interval;
     let mut batch: Vec<Bytes> = Vec::new();
+    // Made once, not per wake: each would register and unregister a waiter every time.
+    let closing = ctl.wait();
+    let draining = stop.cancelled();
+    tokio::pin!(closing, draining);
     let clean = loop {
         tokio::select! {
             biased;
-            () = ctl.wait() => break true,
-            () = stop.cancelled() => {
+            () = &mut closing => break true,
+            () = &mut draining => {
                 ctl.close(CloseReason::Drain, Some(&super::drain_reason()));
                 break true;
             }
