@@ -531,26 +531,56 @@ pub(crate) struct HoldResult {
 }
 
 /// A worker of `bench capacity`: opens `count` Switchboard sessions (one subscription
-/// each), prints `READY`, holds them for `seconds`, then prints a JSON result.
+/// each, 256 handshakes at a time), each answering heartbeats from the moment it is open;
+/// prints `READY <opened> <failed>` once all were tried, holds them for `seconds`, then
+/// returns the accounting.
 pub(crate) async fn hold_many(t: &Target, count: usize, seconds: u64, prefix: &str) -> anyhow::Result<HoldResult> {
     let session_tokens = tokens(count, prefix)?;
     let started = Instant::now();
-    let (conns, _, failed) = open_many(t, count, 256, &session_tokens, Some("cap")).await;
-    drop(session_tokens);
-    let connect_s = started.elapsed().as_secs_f64();
-    println!("READY {} {failed}", conns.len());
+    let permits = Arc::new(Semaphore::new(256));
     let stop = Arc::new(AtomicBool::new(false));
     let wake = Arc::new(tokio::sync::Notify::new());
-    let opened = conns.len();
-    let tasks: Vec<_> = conns.into_iter().map(|c| tokio::spawn(hold(c, stop.clone(), wake.clone()))).collect();
+    let (tried_tx, mut tried_rx) = tokio::sync::mpsc::unbounded_channel::<bool>();
+    let mut tasks = Vec::with_capacity(count);
+    for (i, token) in session_tokens.into_iter().enumerate() {
+        let (t, permits, stop, wake, tried) =
+            (t.clone(), permits.clone(), stop.clone(), wake.clone(), tried_tx.clone());
+        tasks.push(tokio::spawn(async move {
+            let permit = permits.acquire_owned().await;
+            let opened = tokio::time::timeout(Duration::from_secs(30), open(&t, i, Some(&token), Some("cap"))).await;
+            drop((permit, token));
+            match opened {
+                Ok(Ok(c)) => {
+                    let _ = tried.send(true);
+                    Some(hold(c, stop, wake).await)
+                }
+                _ => {
+                    let _ = tried.send(false);
+                    None
+                }
+            }
+        }));
+    }
+    drop(tried_tx);
+    let (mut opened, mut failed) = (0, 0);
+    // Each task keeps its sender while it holds its session: count the answers.
+    for _ in 0..count {
+        match tried_rx.recv().await {
+            Some(true) => opened += 1,
+            Some(false) | None => failed += 1,
+        }
+    }
+    let connect_s = started.elapsed().as_secs_f64();
+    println!("READY {opened} {failed}");
     tokio::time::sleep(Duration::from_secs(seconds)).await;
     stop.store(true, Ordering::Relaxed);
     wake.notify_waiters();
     let (mut dropped, mut pings) = (0, 0);
     for t in tasks {
-        let h = t.await?;
-        dropped += usize::from(h.dropped);
-        pings += h.pings;
+        if let Some(h) = t.await? {
+            dropped += usize::from(h.dropped);
+            pings += h.pings;
+        }
     }
     Ok(HoldResult {
         connections: count,
