@@ -84,6 +84,7 @@ pub(crate) struct Options {
     pub(crate) realtime: bool,
     pub(crate) idle_connections: usize,
     pub(crate) fanout_subscribers: Vec<usize>,
+    pub(crate) direct_users: Vec<usize>,
     pub(crate) latency_deliveries_per_s: u64,
     pub(crate) seconds: f64,
     pub(crate) sources: Vec<IpAddr>,
@@ -102,7 +103,7 @@ async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
         f.insert("failed", r.failed as f64);
     } else if let Some(n) = name.strip_prefix("fanout-") {
         let n: usize = n.parse()?;
-        let r = load::fanout(&t, pid, n, 0, o.seconds, 64, 40_000).await?;
+        let r = load::fanout(&t, pid, false, n, 0, o.seconds, 64, 40_000).await?;
         f.insert("deliveries_per_s", r.deliveries_per_s);
         f.insert("deliveries_per_cpu_s", r.deliveries_per_cpu_s);
         f.insert("server_cpu_util", r.server_cpu_util);
@@ -110,10 +111,26 @@ async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
         f.insert("p99_ms", r.p99_ms);
         f.insert("lost", r.lost as f64);
         f.insert("duplicated", r.duplicated as f64);
+    } else if let Some(n) = name.strip_prefix("direct-") {
+        // Direct messages to users, round robin, as fast as they are delivered; then at a set rate.
+        let n: usize = n.parse()?;
+        let r = load::fanout(&t, pid, true, n, 0, o.seconds, 64, 4_000).await?;
+        f.insert("deliveries_per_s", r.deliveries_per_s);
+        f.insert("deliveries_per_cpu_s", r.deliveries_per_cpu_s);
+        f.insert("server_cpu_util", r.server_cpu_util);
+        f.insert("p99_ms", r.p99_ms);
+        f.insert("lost", r.lost as f64);
+        f.insert("duplicated", r.duplicated as f64);
+        drop(server);
+        let (server, _) = spawn(s, &o.core, o.realtime)?;
+        let t = Target { kind, addr: server.addr, sources: o.sources.clone() };
+        let r = load::fanout(&t, server.child.id(), true, n, 10_000, o.seconds, 64, 0).await?;
+        f.insert("p99_ms_at_10k_per_s", r.p99_ms);
+        f.insert("lost_at_10k_per_s", r.lost as f64);
     } else if let Some(n) = name.strip_prefix("latency-") {
         let n: usize = n.parse()?;
         let rate = (o.latency_deliveries_per_s / n as u64).max(1);
-        let r = load::fanout(&t, pid, n, rate, o.seconds, 64, 0).await?;
+        let r = load::fanout(&t, pid, false, n, rate, o.seconds, 64, 0).await?;
         f.insert("deliveries_per_s", r.deliveries_per_s);
         f.insert("p50_ms", r.p50_ms);
         f.insert("p99_ms", r.p99_ms);
@@ -127,11 +144,16 @@ pub(crate) async fn run(o: Options) -> anyhow::Result<()> {
     let mut scenarios = vec!["idle".to_owned()];
     scenarios.extend(o.fanout_subscribers.iter().map(|n| format!("fanout-{n}")));
     scenarios.extend(o.fanout_subscribers.iter().map(|n| format!("latency-{n}")));
+    // Direct messages exist only in Switchboard (the peers have no addressing).
+    scenarios.extend(o.direct_users.iter().map(|n| format!("direct-{n}")));
     // scenario → server → figure → values over runs
     let mut all: BTreeMap<String, BTreeMap<String, BTreeMap<&'static str, Vec<f64>>>> = BTreeMap::new();
     for run in 1..=o.runs {
         for sc in &scenarios {
             for s in &o.servers {
+                if sc.starts_with("direct-") && s != "switchboard" {
+                    continue;
+                }
                 let f = scenario(sc, s, &o).await.with_context(|| format!("{sc} on {s}, run {run}"))?;
                 eprintln!("run {run} {sc:<14} {s:<15} {}", serde_json::to_string(&f)?);
                 let slot = all.entry(sc.clone()).or_default().entry(s.clone()).or_default();

@@ -311,6 +311,7 @@ async fn subscriber(
 async fn publisher(
     mut c: Conn,
     kind: Kind,
+    direct: bool,
     rate: u64,
     window: u64,
     subscribers: u64,
@@ -328,7 +329,8 @@ async fn publisher(
     while Instant::now() < end {
         tick.tick().await;
         let due = if rate == 0 {
-            let done = total.load(Ordering::Relaxed) / subscribers.max(1);
+            // Messages fully delivered so far (a direct message has one recipient).
+            let done = total.load(Ordering::Relaxed) / if direct { 1 } else { subscribers.max(1) };
             (done + window).saturating_sub(sent)
         } else {
             ((started.elapsed().as_secs_f64() * rate as f64) as u64).saturating_sub(sent)
@@ -337,6 +339,9 @@ async fn publisher(
         for _ in 0..due {
             let body = wsclient::stamped(sent, payload);
             let msg = match kind {
+                Kind::Switchboard if direct => {
+                    format!(r#"{{"op":"send","user":"fan{}","data":"{body}"}}"#, sent % subscribers.max(1))
+                }
                 Kind::Switchboard => format!(r#"{{"op":"publish","channel":"bench","data":"{body}"}}"#),
                 Kind::Plain => body,
             };
@@ -358,11 +363,14 @@ async fn publisher(
     Ok(sent)
 }
 
-/// Pub/sub fanout: `subscribers` sessions on one channel, one publisher.
+/// Pub/sub fanout: `subscribers` sessions on one channel, one publisher. With `direct`
+/// (Switchboard only), each message is instead sent to one user (`fan<seq mod subscribers>`,
+/// each subscriber session being one user), round robin.
 #[allow(clippy::too_many_arguments)]
 pub(crate) async fn fanout(
     t: &Target,
     pid: u32,
+    direct: bool,
     subscribers: usize,
     rate: u64,
     seconds: f64,
@@ -391,14 +399,15 @@ pub(crate) async fn fanout(
         .into_iter()
         .map(|c| tokio::spawn(subscriber(c, hist.clone(), total.clone(), stop.clone(), wake.clone())))
         .collect();
-    let window = (window_deliveries / subscribers as u64).max(2);
+    let window = if direct { window_deliveries.max(2) } else { (window_deliveries / subscribers as u64).max(2) };
     let cpu0 = cpu_seconds(pid);
     let own0 = cpu_seconds(std::process::id());
     let started = Instant::now();
     let published =
-        publisher(pub_conn, t.kind, rate, window, subscribers as u64, total.clone(), payload, seconds).await?;
+        publisher(pub_conn, t.kind, direct, rate, window, subscribers as u64, total.clone(), payload, seconds).await?;
     // Wait for the last deliveries (bounded), then stop the subscribers.
-    let expected = published * subscribers as u64;
+    let n = subscribers as u64;
+    let expected = if direct { published } else { published * n };
     let drain_until = Instant::now() + Duration::from_secs(10);
     let mut last_total = total.load(Ordering::Relaxed);
     let mut last_change = Instant::now();
@@ -418,9 +427,11 @@ pub(crate) async fn fanout(
     stop.store(true, Ordering::Relaxed);
     wake.notify_waiters();
     let (mut lost, mut duplicated, mut received) = (0, 0, 0);
-    for s in subs {
+    for (k, s) in subs.into_iter().enumerate() {
         let s = s.await?;
-        lost += published.saturating_sub(s.received);
+        // What this subscriber should have had: every message, or (direct) its share.
+        let due = if direct { published / n + u64::from((k as u64) < published % n) } else { published };
+        lost += due.saturating_sub(s.received);
         duplicated += s.duplicated;
         received += s.received;
     }

@@ -92,6 +92,9 @@ enum Scenario {
         /// Subscriber counts for the fanout and latency scenarios.
         #[arg(long, value_delimiter = ',', default_value = "10000,1000")]
         subscribers: Vec<usize>,
+        /// Users for the direct-message scenario (Switchboard only), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "10000")]
+        direct_users: Vec<usize>,
         /// Deliveries per second of the latency scenarios (publish rate × subscribers).
         #[arg(long, default_value = "50000")]
         latency_rate: u64,
@@ -325,6 +328,7 @@ fn main() -> anyhow::Result<()> {
             realtime,
             idle_connections,
             subscribers,
+            direct_users,
             latency_rate,
             seconds,
             sources,
@@ -335,6 +339,7 @@ fn main() -> anyhow::Result<()> {
             realtime,
             idle_connections,
             fanout_subscribers: subscribers,
+            direct_users,
             latency_deliveries_per_s: latency_rate,
             seconds,
             sources,
