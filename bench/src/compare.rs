@@ -136,6 +136,8 @@ async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
         f.insert("p99_ms", r.p99_ms);
         f.insert("max_ms", r.max_ms);
         f.insert("lost", r.lost as f64);
+        f.insert("server_cpu_util", r.server_cpu_util);
+        f.insert("client_cpu_util", r.client_cpu_util);
     }
     Ok(f)
 }
