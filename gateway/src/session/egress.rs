@@ -46,6 +46,44 @@ async fn write_all(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Re
     Ok(())
 }
 
+/// Writes what the socket takes right now, without waiting: one `writev` of up to
+/// `BATCH` frames at a time, slices on the stack. Drops what was written; true when
+/// everything went out. The common case (the socket has room) then needs no write
+/// future at all.
+fn try_write_now(w: &OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<bool> {
+    let mut start = 0;
+    while start < bufs.len() {
+        let mut slices = [IoSlice::new(&[]); BATCH];
+        let mut k = 0;
+        for (slot, b) in slices.iter_mut().zip(&bufs[start..]) {
+            *slot = IoSlice::new(b);
+            k += 1;
+        }
+        let mut n = match w.try_write_vectored(&slices[..k]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+            Err(e) => return Err(e),
+        };
+        while n > 0 {
+            let b = &mut bufs[start];
+            let take = n.min(b.len());
+            b.advance(take);
+            n -= take;
+            if b.is_empty() {
+                start += 1;
+            }
+        }
+    }
+    if start == bufs.len() {
+        // Release the batch's capacity: an idle session keeps no buffer.
+        *bufs = Vec::new();
+        return Ok(true);
+    }
+    bufs.drain(..start);
+    Ok(false)
+}
+
 /// Outcome of a write raced against a close request.
 enum Wrote {
     Done,
@@ -83,7 +121,10 @@ pub(super) async fn run(
     // Made once, not per wake: each would register and unregister a waiter every time.
     let closing = ctl.wait();
     let draining = stop.cancelled();
-    tokio::pin!(closing, draining);
+    // One timer for both deadlines, re-armed only when the deadline moves.
+    let deadline = |wake: Instant| expires.map_or(wake, |e| e.min(wake));
+    let timer = sleep_until(deadline(wake));
+    tokio::pin!(closing, draining, timer);
     let clean = loop {
         tokio::select! {
             biased;
@@ -96,6 +137,15 @@ pub(super) async fn run(
                 if n == 0 {
                     break true;
                 }
+                match try_write_now(&w, &mut batch) {
+                    Ok(true) => continue,
+                    Ok(false) => {}
+                    Err(_) => {
+                        ctl.close(CloseReason::Gone, None);
+                        break false;
+                    }
+                }
+                // The socket is full: wait for it (or for a close request).
                 match Box::pin(write_or_close(&mut w, &mut batch, ctl)).await {
                     Wrote::Done => {}
                     Wrote::Failed => {
@@ -105,8 +155,7 @@ pub(super) async fn run(
                     Wrote::Closing(finished) => break finished,
                 }
             }
-            // One timer for both deadlines (each timer is ~100 bytes per session).
-            () = sleep_until(expires.map_or(wake, |e| e.min(wake))) => {
+            () = &mut timer => {
                 let now = Instant::now();
                 if expires.is_some_and(|e| now >= e) {
                     ctl.close(CloseReason::TokenExpired, Some("token expired"));
@@ -135,6 +184,7 @@ pub(super) async fn run(
                         }
                     }
                 }
+                timer.as_mut().reset(deadline(wake));
             }
         }
     };
