@@ -23,23 +23,30 @@ const BATCH: usize = 64;
 /// time allowed to write the close frame.
 const CLOSE_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// Drops `n` written bytes from the frames from `start` on; returns the first frame not
+/// fully written.
+fn consume(bufs: &mut [Bytes], mut start: usize, mut n: usize) -> usize {
+    while n > 0 {
+        let b = &mut bufs[start];
+        let take = n.min(b.len());
+        b.advance(take);
+        n -= take;
+        if b.is_empty() {
+            start += 1;
+        }
+    }
+    start
+}
+
 async fn write_all(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
     let mut start = 0;
     while start < bufs.len() {
         let slices: Vec<IoSlice<'_>> = bufs[start..].iter().take(BATCH).map(|b| IoSlice::new(b)).collect();
-        let mut n = w.write_vectored(&slices).await?;
+        let n = w.write_vectored(&slices).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        while n > 0 {
-            let b = &mut bufs[start];
-            let take = n.min(b.len());
-            b.advance(take);
-            n -= take;
-            if b.is_empty() {
-                start += 1;
-            }
-        }
+        start = consume(bufs, start, n);
     }
     // Release the batch's capacity: an idle session keeps no buffer.
     *bufs = Vec::new();
@@ -59,21 +66,13 @@ fn try_write_now(w: &OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<b
             *slot = IoSlice::new(b);
             k += 1;
         }
-        let mut n = match w.try_write_vectored(&slices[..k]) {
+        let n = match w.try_write_vectored(&slices[..k]) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
             Err(e) => return Err(e),
         };
-        while n > 0 {
-            let b = &mut bufs[start];
-            let take = n.min(b.len());
-            b.advance(take);
-            n -= take;
-            if b.is_empty() {
-                start += 1;
-            }
-        }
+        start = consume(bufs, start, n);
     }
     if start == bufs.len() {
         // Release the batch's capacity: an idle session keeps no buffer.
