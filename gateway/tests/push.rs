@@ -133,6 +133,15 @@ async fn bad_arguments_are_invalid_argument_with_a_message() {
         push.send_to_user(pb::SendToUserRequest { user: String::new(), data_json: "1".into(), from: String::new() })
             .await
             .map(|_| ()),
+        // Users exist only through tokens, so an "unknown" user is a malformed id: too long,
+        // or with control characters. (A well-formed id nobody is connected as is accepted
+        // with `delivered: 0`, checked below.)
+        push.send_to_user(pb::SendToUserRequest { user: "u".repeat(129), data_json: "1".into(), from: String::new() })
+            .await
+            .map(|_| ()),
+        push.send_to_user(pb::SendToUserRequest { user: "bob\n".into(), data_json: "1".into(), from: String::new() })
+            .await
+            .map(|_| ()),
         push.channel_members(pb::ChannelMembersRequest { channel: "c".into(), after: String::new(), limit: 5000 })
             .await
             .map(|_| ()),
@@ -142,6 +151,12 @@ async fn bad_arguments_are_invalid_argument_with_a_message() {
         assert_eq!(status.code(), Code::InvalidArgument, "case {i}: {status:?}");
         assert!(!status.message().is_empty());
     }
+    let r = push
+        .send_to_user(pb::SendToUserRequest { user: "nobody".into(), data_json: "1".into(), from: String::new() })
+        .await
+        .expect("a well-formed user id is accepted")
+        .into_inner();
+    assert_eq!(r.delivered, 0);
 }
 
 #[tokio::test]
