@@ -105,6 +105,37 @@ async fn sigterm_drains_at_a_bounded_pace_and_exits() {
     assert!(signalled.elapsed() < Duration::from_secs(2 + 3 + 5));
 }
 
+/// Several gateway processes on one port (`--reuse-port`, the way past a per-process
+/// open-files limit): the kernel spreads sessions over them, and draining one leaves the
+/// port served by the others.
+#[tokio::test]
+async fn gateways_share_a_port_with_reuse_port_and_one_can_drain() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let listen = format!("127.0.0.1:{port}");
+    let args = ["--jwt-hs256-secret", SECRET, "--listen", &listen, "--reuse-port", "--drain-window", "1s"];
+    let mut a = Proc::start(&args);
+    let b = Proc::start(&args);
+    assert_eq!((a.client, b.client), (listen.parse().unwrap(), listen.parse().unwrap()));
+    let active = |admin: SocketAddr| async move {
+        metric(&http_get(admin, "/metrics").await.1, "switchboard_gateway_connections_active", "")
+    };
+    let mut clients = Vec::new();
+    for i in 0..64 {
+        clients.push(connect(a.client, &format!("u{i}")).await.0);
+    }
+    let (on_a, on_b) = (active(a.admin).await, active(b.admin).await);
+    assert_eq!(on_a + on_b, 64.0);
+    assert!(on_a > 0.0 && on_b > 0.0, "the kernel spread nothing: {on_a} / {on_b}");
+
+    // Drain one: it exits cleanly, the other keeps its sessions and takes the new ones.
+    a.signal("-TERM");
+    assert!(a.wait_exit(Duration::from_secs(15)).success());
+    for i in 0..16 {
+        clients.push(connect(b.client, &format!("late{i}")).await.0);
+    }
+    assert_eq!(active(b.admin).await, on_b + 16.0);
+}
+
 #[test]
 fn bad_config_exits_64_with_one_line() {
     let out = Command::new(env!("CARGO_BIN_EXE_gateway"))
