@@ -9,6 +9,7 @@ use proto::push::v1 as pb;
 use proto::push::v1::push_client::PushClient;
 use serde_json::json;
 use switchboard_tests::cluster::Cluster;
+use switchboard_tests::eventually;
 use switchboard_tests::ws::*;
 use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
@@ -68,7 +69,7 @@ async fn mutual_tls_on_every_internal_api() {
     use tonic_health::pb::HealthCheckRequest;
     use tonic_health::pb::health_client::HealthClient;
     let pki = std::sync::Arc::new(Pki::generate());
-    let c = Cluster::builder().internal_tls(pki.clone()).presence(1).kafka().bridges(1).gateways(2).start().await;
+    let mut c = Cluster::builder().internal_tls(pki.clone()).presence(1).kafka().bridges(1).gateways(2).start().await;
     let check = || HealthCheckRequest { service: String::new() };
     for url in [c.presence_url(0), c.bridge_url(0), format!("https://{}", c.gateways[0].addr("grpc"))] {
         assert!(url.starts_with("https://"), "{url}");
@@ -95,6 +96,34 @@ async fn mutual_tls_on_every_internal_api() {
             break;
         }
     }
+    // Replicas found through DNS are verified against the DNS name, not the address it
+    // resolved to: the endpoint the gateway builds for them checks the name it is given.
+    let tls = kit::grpc::InternalTls::load(
+        Some(&pki.path("node.pem")),
+        Some(&pki.path("node.key")),
+        Some(&pki.path("ca.pem")),
+    )
+    .unwrap();
+    let cred = kit::grpc::Bearer::new(None).unwrap().with_tls(tls.as_ref());
+    let health_via = |name: &'static str| {
+        let ep = cred.endpoint_named(&c.presence_url(0), Some(name)).unwrap();
+        async move { HealthClient::new(ep.connect_lazy()).check(check()).await }
+    };
+    assert!(health_via("localhost").await.is_ok(), "the certificate names localhost");
+    assert!(health_via("elsewhere.example").await.is_err(), "a name the certificate lacks must fail");
+    let spec = format!("dns+https://localhost:{}", c.presence_ports[0]);
+    let g = c.start_gateway_with(&["--presence-addrs".into(), spec]);
+    let (_carol, _) = connect(c.gateway(g), "carol").await;
+    let mut presence = PresenceClient::new(pki.channel(&c.presence_url(0), Some("node")));
+    let found = || {
+        let mut p = presence.clone();
+        async move {
+            let r = p.locate_users(ppb::LocateUsersRequest { users: vec!["carol".into()] }).await;
+            r.map(|r| r.into_inner().users[0].connections.len()).unwrap_or(0)
+        }
+    };
+    eventually!(found().await == 1, "the gateway did not feed the replica it found through dns+https");
+
     // And a push from an internal service holding a certificate.
     let mut push = PushClient::new(pki.channel(&c.bridge_url(0), Some("node")));
     let req = pb::PublishRequest { channel: "tls".into(), data_json: "\"pushed\"".into(), from: "ops".into() };
