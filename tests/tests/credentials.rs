@@ -114,7 +114,7 @@ async fn mutual_tls_on_every_internal_api() {
     let spec = format!("dns+https://localhost:{}", c.presence_ports[0]);
     let g = c.start_gateway_with(&["--presence-addrs".into(), spec]);
     let (_carol, _) = connect(c.gateway(g), "carol").await;
-    let mut presence = PresenceClient::new(pki.channel(&c.presence_url(0), Some("node")));
+    let presence = PresenceClient::new(pki.channel(&c.presence_url(0), Some("node")));
     let found = || {
         let mut p = presence.clone();
         async move {
