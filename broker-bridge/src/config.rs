@@ -43,6 +43,11 @@ pub struct Cli {
     /// Presence replicas (`http://host:port`, comma-separated), for routing.
     #[arg(long, env = "SWITCHBOARD_BRIDGE_PRESENCE_ADDRS", value_delimiter = ',', required = true)]
     pub presence_addrs: Vec<String>,
+    /// After reconnecting to presence, how long a gateway it does not list is still routed to.
+    /// Presence is soft state: a restarted replica starts empty and gateways re-feed it within
+    /// seconds; dropping them at once would route their subscribers' messages nowhere meanwhile.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_PRESENCE_GRACE", value_parser = parse_duration, default_value = "15s")]
+    pub presence_grace: Duration,
     /// Longest wait for Kafka to store a message before the caller gets UNAVAILABLE.
     #[arg(long, env = "SWITCHBOARD_BRIDGE_PRODUCE_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     pub produce_timeout: Duration,

@@ -119,8 +119,11 @@ fn client(addr: &str, bearer: &Bearer) -> Result<PresenceClient<Authed>, tonic::
 }
 
 /// Keeps `routes` fresh from presence until `stop`; node changes go to `changes`.
+/// After a reconnection, nodes presence does not list are dropped only if they are still
+/// missing `grace` later (a restarted presence starts empty until gateways re-feed it).
 pub async fn watch(
     addrs: Vec<String>,
+    grace: Duration,
     bearer: Bearer,
     routes: Arc<Routes>,
     changes: tokio::sync::mpsc::UnboundedSender<NodeChange>,
@@ -128,6 +131,7 @@ pub async fn watch(
 ) {
     let mut delay = Duration::from_millis(100);
     let mut i = 0usize;
+    let mut sweep: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         let addr = &addrs[i % addrs.len()];
         i += 1;
@@ -137,13 +141,27 @@ pub async fn watch(
                 r = c.watch(pb::WatchRequest { initial_state: true, users: true }) => r,
             };
             if let Ok(resp) = opened {
-                // Events may have been missed while disconnected: drop nodes that are gone.
-                if let Ok(list) = c.list_nodes(pb::ListNodesRequest {}).await {
-                    let alive: HashSet<String> = list.into_inner().nodes.into_iter().map(|n| n.node_id).collect();
-                    for ch in routes.retain_nodes(&alive) {
-                        let _ = changes.send(ch);
-                    }
+                // Events may have been missed while disconnected: drop nodes that are gone,
+                // but only once a restarted presence has had time to be re-fed. Until then a
+                // missing node keeps its routes (routing to a node that lost interest is
+                // harmless; not routing to one that has it loses messages).
+                if let Some(old) = sweep.take() {
+                    old.abort();
                 }
+                let (mut sc, s_routes, s_changes, s_stop) = (c.clone(), routes.clone(), changes.clone(), stop.clone());
+                sweep = Some(tokio::spawn(async move {
+                    tokio::select! {
+                        () = s_stop.cancelled() => return,
+                        () = tokio::time::sleep(grace) => {}
+                    }
+                    if let Ok(list) = sc.list_nodes(pb::ListNodesRequest {}).await {
+                        let alive: HashSet<String> = list.into_inner().nodes.into_iter().map(|n| n.node_id).collect();
+                        for ch in s_routes.retain_nodes(&alive) {
+                            tracing::info!(change = ?ch, "node gone from presence after the grace");
+                            let _ = s_changes.send(ch);
+                        }
+                    }
+                }));
                 tracing::info!(presence = %addr, "routing cache following presence");
                 let mut stream = resp.into_inner();
                 loop {

@@ -85,6 +85,7 @@ pub async fn run(
         .with_tls(tls.as_ref());
     let watch = tokio::spawn(route::watch(
         cli.presence_addrs.clone(),
+        cli.presence_grace,
         bearer.clone(),
         routes.clone(),
         changes_tx,
