@@ -100,20 +100,11 @@ impl Outbox {
             notified.await;
         }
     }
-
-    /// Frames queued now.
-    pub fn len(&self) -> usize {
-        self.shared.queue.lock().items.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 impl OutboxRx {
-    /// Moves up to `limit` frames into `out`, waiting while the queue is empty.
-    /// Cancel-safe: frames are only taken when this returns.
+    /// Moves up to `limit` frames into `out`, waiting while the queue is empty (so it
+    /// returns at least one). Cancel-safe: frames are only taken when this returns.
     pub async fn recv_many(&mut self, out: &mut Vec<Bytes>, limit: usize) -> usize {
         std::future::poll_fn(|cx| self.poll_recv_many(cx, out, limit)).await
     }
@@ -184,7 +175,7 @@ mod tests {
         let mut out = Vec::new();
         assert_eq!(rx.take(&mut out, 10), 2);
         assert_eq!(out, vec![b("a"), b("b")]);
-        assert!(tx.is_empty());
+        assert_eq!(rx.take(&mut out, 10), 0);
         drop(rx);
         assert_eq!(tx.try_send(b("d")), Err(SendError::Closed));
     }

@@ -38,11 +38,22 @@ fn consume(bufs: &mut [Bytes], mut start: usize, mut n: usize) -> usize {
     start
 }
 
+/// Up to `BATCH` frames as `writev` slices, without allocating.
+fn slices(bufs: &[Bytes]) -> ([IoSlice<'_>; BATCH], usize) {
+    let mut out = [IoSlice::new(&[]); BATCH];
+    let mut k = 0;
+    for (slot, b) in out.iter_mut().zip(bufs) {
+        *slot = IoSlice::new(b);
+        k += 1;
+    }
+    (out, k)
+}
+
 async fn write_all(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
     let mut start = 0;
     while start < bufs.len() {
-        let slices: Vec<IoSlice<'_>> = bufs[start..].iter().take(BATCH).map(|b| IoSlice::new(b)).collect();
-        let n = w.write_vectored(&slices).await?;
+        let (slices, k) = slices(&bufs[start..]);
+        let n = w.write_vectored(&slices[..k]).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -60,12 +71,7 @@ async fn write_all(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Re
 fn try_write_now(w: &OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<bool> {
     let mut start = 0;
     while start < bufs.len() {
-        let mut slices = [IoSlice::new(&[]); BATCH];
-        let mut k = 0;
-        for (slot, b) in slices.iter_mut().zip(&bufs[start..]) {
-            *slot = IoSlice::new(b);
-            k += 1;
-        }
+        let (slices, k) = slices(&bufs[start..]);
         let n = match w.try_write_vectored(&slices[..k]) {
             Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
             Ok(n) => n,
@@ -103,6 +109,27 @@ async fn write_or_close(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>, ctl: &Ses
     }
 }
 
+/// Writes `batch`: at once when the socket has room, else waiting for it (or for a close
+/// request). `None`: written, go on; `Some(clean)`: the session ends.
+async fn flush(w: &mut OwnedWriteHalf, batch: &mut Vec<Bytes>, ctl: &SessionCtl) -> Option<bool> {
+    match try_write_now(w, batch) {
+        Ok(true) => return None,
+        Ok(false) => {}
+        Err(_) => {
+            ctl.close(CloseReason::Gone, None);
+            return Some(false);
+        }
+    }
+    match Box::pin(write_or_close(w, batch, ctl)).await {
+        Wrote::Done => None,
+        Wrote::Failed => {
+            ctl.close(CloseReason::Gone, None);
+            Some(false)
+        }
+        Wrote::Closing(finished) => Some(finished),
+    }
+}
+
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     cfg: &SessionConfig,
@@ -132,26 +159,9 @@ pub(super) async fn run(
                 ctl.close(CloseReason::Drain, Some(&super::drain_reason()));
                 break true;
             }
-            n = rx.recv_many(&mut batch, BATCH) => {
-                if n == 0 {
-                    break true;
-                }
-                match try_write_now(&w, &mut batch) {
-                    Ok(true) => continue,
-                    Ok(false) => {}
-                    Err(_) => {
-                        ctl.close(CloseReason::Gone, None);
-                        break false;
-                    }
-                }
-                // The socket is full: wait for it (or for a close request).
-                match Box::pin(write_or_close(&mut w, &mut batch, ctl)).await {
-                    Wrote::Done => {}
-                    Wrote::Failed => {
-                        ctl.close(CloseReason::Gone, None);
-                        break false;
-                    }
-                    Wrote::Closing(finished) => break finished,
+            _ = rx.recv_many(&mut batch, BATCH) => {
+                if let Some(clean) = flush(&mut w, &mut batch, ctl).await {
+                    break clean;
                 }
             }
             () = &mut timer => {
@@ -170,13 +180,8 @@ pub(super) async fn run(
                     HeartbeatAction::Ping => {
                         batch.clear();
                         batch.push(wire::ping(b""));
-                        match Box::pin(write_or_close(&mut w, &mut batch, ctl)).await {
-                            Wrote::Done => {}
-                            Wrote::Failed => {
-                                ctl.close(CloseReason::Gone, None);
-                                break false;
-                            }
-                            Wrote::Closing(finished) => break finished,
+                        if let Some(clean) = flush(&mut w, &mut batch, ctl).await {
+                            break clean;
                         }
                         if let HeartbeatAction::Wait(at) = heartbeat.poll(Instant::now()) {
                             wake = at;

@@ -3,7 +3,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::net::tcp::OwnedReadHalf;
@@ -52,16 +51,13 @@ pub(super) async fn run(
         let limit = cfg.max_message_bytes - state.fragments.as_ref().map_or(0, |(_, b)| b.len());
         let frame = match reader.next(limit).await {
             Ok(f) => f,
-            Err(ReadError::Protocol(why)) => {
-                ctl.close(CloseReason::Protocol, Some(why));
-                return;
-            }
-            Err(ReadError::TooBig) => {
-                ctl.close(CloseReason::TooBig, None);
-                return;
-            }
-            Err(ReadError::Gone) => {
-                ctl.close(CloseReason::Gone, None);
+            Err(e) => {
+                let (reason, why) = match e {
+                    ReadError::Protocol(why) => (CloseReason::Protocol, Some(why)),
+                    ReadError::TooBig => (CloseReason::TooBig, None),
+                    ReadError::Gone => (CloseReason::Gone, None),
+                };
+                ctl.close(reason, why);
                 return;
             }
         };
@@ -149,12 +145,9 @@ pub(super) async fn run(
 /// read still overflows the queue: that is the 4002 close). False when the
 /// session is closing meanwhile.
 async fn room_for_reply(handle: &SessionHandle) -> bool {
-    loop {
-        match tokio::time::timeout(Duration::from_millis(100), handle.outbox.room()).await {
-            Ok(room) => return room,
-            Err(_) if handle.ctl.requested().is_some() => return false,
-            Err(_) => {}
-        }
+    tokio::select! {
+        room = handle.outbox.room() => room && handle.ctl.requested().is_none(),
+        () = handle.ctl.wait() => false,
     }
 }
 

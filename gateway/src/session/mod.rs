@@ -2,8 +2,8 @@
 //! egress loop (drains the bounded send queue, pings, closes), polled together
 //! by one task. The hub holds only the session's queue sender and control block.
 //!
-//! `read_frame` is not cancel-safe, so the ingress future is only ever dropped
-//! when the whole connection is being thrown away.
+//! The ingress future is only ever dropped when the whole connection is being
+//! thrown away (a frame half read would be lost).
 
 mod egress;
 mod frames;
