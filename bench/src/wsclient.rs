@@ -66,23 +66,7 @@ pub(crate) async fn connect(
 /// A masked client frame (mask key fixed: the server cannot tell, and the
 /// XOR costs the same).
 pub(crate) fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
-    const KEY: [u8; 4] = [0x37, 0xfa, 0x21, 0x3d];
-    let mut out = Vec::with_capacity(payload.len() + 14);
-    out.push(0x80 | opcode);
-    match payload.len() {
-        n if n < 126 => out.push(0x80 | n as u8),
-        n if n <= 0xffff => {
-            out.push(0x80 | 126);
-            out.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            out.push(0x80 | 127);
-            out.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    out.extend_from_slice(&KEY);
-    out.extend(payload.iter().enumerate().map(|(i, b)| b ^ KEY[i % 4]));
-    out
+    switchboard_tests::ws::masked_frame(0x80 | opcode, payload, [0x37, 0xfa, 0x21, 0x3d])
 }
 
 /// Splits complete server frames off the front of `buf`, calling `on_frame(opcode, payload)`

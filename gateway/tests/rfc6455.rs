@@ -11,21 +11,7 @@ use tokio::net::TcpStream;
 
 /// A masked client frame (mask key 0: payload bytes unchanged).
 fn frame(first: u8, payload: &[u8]) -> Vec<u8> {
-    let mut f = vec![first];
-    match payload.len() {
-        n if n < 126 => f.push(0x80 | n as u8),
-        n if n < 65536 => {
-            f.push(0x80 | 126);
-            f.extend_from_slice(&(n as u16).to_be_bytes());
-        }
-        n => {
-            f.push(0x80 | 127);
-            f.extend_from_slice(&(n as u64).to_be_bytes());
-        }
-    }
-    f.extend_from_slice(&[0, 0, 0, 0]);
-    f.extend_from_slice(payload);
-    f
+    masked_frame(first, payload, [0; 4])
 }
 
 async fn expect(gw: &Gateway, bytes: Vec<u8>, code: u16, what: &str) {

@@ -117,3 +117,25 @@ pub async fn connect(addr: SocketAddr, user: &str) -> (Ws, Value) {
     assert_eq!(welcome["type"], "welcome", "{welcome}");
     (ws, welcome)
 }
+
+/// A client frame exactly as written on the wire: `first` is the FIN/RSV/opcode byte, the
+/// payload is masked with `mask` (for raw-socket tests and the load tool, which send
+/// frames no WebSocket library would, or cheaper than one would).
+pub fn masked_frame(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(payload.len() + 14);
+    f.push(first);
+    match payload.len() {
+        n if n < 126 => f.push(0x80 | n as u8),
+        n if n < 65536 => {
+            f.push(0x80 | 126);
+            f.extend_from_slice(&(n as u16).to_be_bytes());
+        }
+        n => {
+            f.push(0x80 | 127);
+            f.extend_from_slice(&(n as u64).to_be_bytes());
+        }
+    }
+    f.extend_from_slice(&mask);
+    f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    f
+}

@@ -175,23 +175,7 @@ fn try_fill(read: &OwnedReadHalf, buf: &mut Vec<u8>) -> io::Result<usize> {
 mod tests {
     use super::*;
 
-    fn masked(first: u8, payload: &[u8], mask: [u8; 4]) -> Vec<u8> {
-        let mut f = vec![first];
-        match payload.len() {
-            n if n < 126 => f.push(0x80 | n as u8),
-            n if n < 65536 => {
-                f.push(0x80 | 126);
-                f.extend_from_slice(&(n as u16).to_be_bytes());
-            }
-            n => {
-                f.push(0x80 | 127);
-                f.extend_from_slice(&(n as u64).to_be_bytes());
-            }
-        }
-        f.extend_from_slice(&mask);
-        f.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
-        f
-    }
+    use switchboard_tests::ws::masked_frame as masked;
 
     fn all(buf: &[u8], limit: usize) -> Result<Vec<Frame>, ReadError> {
         let mut pos = 0;
