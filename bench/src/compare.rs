@@ -90,6 +90,18 @@ pub(crate) struct Options {
     pub(crate) sources: Vec<IpAddr>,
 }
 
+/// Figures of a saturated run and of a run at a set rate.
+const SATURATED: &[&str] =
+    &["deliveries_per_s", "deliveries_per_cpu_s", "server_cpu_util", "client_cpu_util", "p99_ms", "lost", "duplicated"];
+const AT_RATE: &[&str] =
+    &["deliveries_per_s", "p50_ms", "p99_ms", "max_ms", "lost", "server_cpu_util", "client_cpu_util"];
+
+/// The named numeric fields of a result.
+fn pick(r: &load::FanoutResult, keys: &[&'static str]) -> anyhow::Result<Figures> {
+    let v = serde_json::to_value(r)?;
+    keys.iter().map(|k| Ok((*k, v[*k].as_f64().with_context(|| format!("no figure `{k}`"))?))).collect()
+}
+
 async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
     let (server, kind) = spawn(s, &o.core, o.realtime)?;
     let pid = server.child.id();
@@ -102,25 +114,12 @@ async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
         f.insert("connects_per_cpu_s", o.idle_connections as f64 / r.server_cpu_s);
         f.insert("failed", r.failed as f64);
     } else if let Some(n) = name.strip_prefix("fanout-") {
-        let n: usize = n.parse()?;
-        let r = load::fanout(&t, pid, false, n, 0, o.seconds, 64, 40_000).await?;
-        f.insert("deliveries_per_s", r.deliveries_per_s);
-        f.insert("deliveries_per_cpu_s", r.deliveries_per_cpu_s);
-        f.insert("server_cpu_util", r.server_cpu_util);
-        f.insert("client_cpu_util", r.client_cpu_util);
-        f.insert("p99_ms", r.p99_ms);
-        f.insert("lost", r.lost as f64);
-        f.insert("duplicated", r.duplicated as f64);
+        let r = load::fanout(&t, pid, false, n.parse()?, 0, o.seconds, 64, 40_000).await?;
+        f = pick(&r, SATURATED)?;
     } else if let Some(n) = name.strip_prefix("direct-") {
         // Direct messages to users, round robin, as fast as they are delivered; then at a set rate.
         let n: usize = n.parse()?;
-        let r = load::fanout(&t, pid, true, n, 0, o.seconds, 64, 4_000).await?;
-        f.insert("deliveries_per_s", r.deliveries_per_s);
-        f.insert("deliveries_per_cpu_s", r.deliveries_per_cpu_s);
-        f.insert("server_cpu_util", r.server_cpu_util);
-        f.insert("p99_ms", r.p99_ms);
-        f.insert("lost", r.lost as f64);
-        f.insert("duplicated", r.duplicated as f64);
+        f = pick(&load::fanout(&t, pid, true, n, 0, o.seconds, 64, 4_000).await?, SATURATED)?;
         drop(server);
         let (server, _) = spawn(s, &o.core, o.realtime)?;
         let t = Target { kind, addr: server.addr, sources: o.sources.clone() };
@@ -130,14 +129,9 @@ async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
     } else if let Some(n) = name.strip_prefix("latency-") {
         let n: usize = n.parse()?;
         let rate = (o.latency_deliveries_per_s / n as u64).max(1);
-        let r = load::fanout(&t, pid, false, n, rate, o.seconds, 64, 0).await?;
-        f.insert("deliveries_per_s", r.deliveries_per_s);
-        f.insert("p50_ms", r.p50_ms);
-        f.insert("p99_ms", r.p99_ms);
-        f.insert("max_ms", r.max_ms);
-        f.insert("lost", r.lost as f64);
-        f.insert("server_cpu_util", r.server_cpu_util);
-        f.insert("client_cpu_util", r.client_cpu_util);
+        f = pick(&load::fanout(&t, pid, false, n, rate, o.seconds, 64, 0).await?, AT_RATE)?;
+    } else {
+        bail!("unknown scenario `{name}`");
     }
     Ok(f)
 }

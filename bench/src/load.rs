@@ -255,54 +255,27 @@ struct Seen {
 }
 
 async fn subscriber(
-    mut c: Conn,
+    c: Conn,
     hist: Arc<Histogram>,
     total: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     wake: Arc<tokio::sync::Notify>,
 ) -> Seen {
     let mut seen = Seen::default();
-    loop {
-        let mut pings = Vec::new();
-        let mut closed = false;
-        let parsed = wsclient::parse(&mut c.buf, |op, p| match op {
-            TEXT => {
-                if let Some((at, seq)) = wsclient::unstamp(p) {
-                    let micros = (wsclient::now_nanos().saturating_sub(at) / 1000) as u64;
-                    hist.record(micros);
-                    if seen.last.is_some_and(|l| seq <= l) {
-                        seen.duplicated += 1;
-                    } else {
-                        seen.received += 1;
-                        seen.last = Some(seq);
-                    }
-                    total.fetch_add(1, Ordering::Relaxed);
-                }
+    drive(c, &stop, &wake, 16 * 1024, |p| {
+        if let Some((at, seq)) = wsclient::unstamp(p) {
+            hist.record((wsclient::now_nanos().saturating_sub(at) / 1000) as u64);
+            if seen.last.is_some_and(|l| seq <= l) {
+                seen.duplicated += 1;
+            } else {
+                seen.received += 1;
+                seen.last = Some(seq);
             }
-            PING => pings.push(p.to_vec()),
-            CLOSE => closed = true,
-            _ => {}
-        });
-        if parsed.is_err() || closed {
-            return seen;
+            total.fetch_add(1, Ordering::Relaxed);
         }
-        for p in pings {
-            if c.stream.write_all(&wsclient::frame(0xA, &p)).await.is_err() {
-                return seen;
-            }
-        }
-        c.buf.reserve(16 * 1024);
-        let woken = wake.notified();
-        tokio::pin!(woken);
-        woken.as_mut().enable();
-        if stop.load(Ordering::Relaxed) {
-            return seen;
-        }
-        tokio::select! {
-            r = c.stream.read_buf(&mut c.buf) => if !matches!(r, Ok(n) if n > 0) { return seen },
-            () = woken => return seen,
-        }
-    }
+    })
+    .await;
+    seen
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -489,13 +462,21 @@ pub(crate) struct Held {
     pub(crate) pings: u64,
 }
 
-/// Keeps a session open, answering heartbeat pings, until `stop` (or until the server drops it).
-async fn hold(mut c: Conn, stop: Arc<AtomicBool>, wake: Arc<tokio::sync::Notify>) -> Held {
+/// Reads a session until `stop` (or until the server ends it): answers pings, hands every
+/// text frame to `on_text`, and keeps at most `keep` bytes of read buffer while waiting.
+async fn drive(
+    mut c: Conn,
+    stop: &AtomicBool,
+    wake: &tokio::sync::Notify,
+    keep: usize,
+    mut on_text: impl FnMut(&[u8]),
+) -> Held {
     let mut held = Held::default();
     loop {
         let mut pings = Vec::new();
         let mut closed = false;
         let parsed = wsclient::parse(&mut c.buf, |op, p| match op {
+            TEXT => on_text(p),
             PING => pings.push(p.to_vec()),
             CLOSE => closed = true,
             _ => {}
@@ -511,16 +492,16 @@ async fn hold(mut c: Conn, stop: Arc<AtomicBool>, wake: Arc<tokio::sync::Notify>
                 return held;
             }
         }
-        if c.buf.is_empty() {
-            c.buf = Vec::new(); // idle: no buffer
+        if c.buf.is_empty() && c.buf.capacity() > keep {
+            c.buf = Vec::new();
         }
+        c.buf.reserve(keep);
         let woken = wake.notified();
         tokio::pin!(woken);
         woken.as_mut().enable();
         if stop.load(Ordering::Relaxed) {
             return held;
         }
-        c.buf.reserve(256);
         tokio::select! {
             r = c.stream.read_buf(&mut c.buf) => if !matches!(r, Ok(n) if n > 0) {
                 held.dropped = !stop.load(Ordering::Relaxed);
@@ -563,7 +544,7 @@ pub(crate) async fn hold_many(t: &Target, count: usize, seconds: u64, prefix: &s
             match opened {
                 Ok(Ok(c)) => {
                     let _ = tried.send(true);
-                    Some(hold(c, stop, wake).await)
+                    Some(drive(c, &stop, &wake, 256, |_| {}).await)
                 }
                 _ => {
                     let _ = tried.send(false);
