@@ -84,21 +84,25 @@ impl Outbox {
 
     /// Waits until the queue has room (true) or the receiver is gone (false).
     pub async fn room(&self) -> bool {
+        // Usually there is room: answer without registering a waiter.
+        if let Some(answer) = self.has_room() {
+            return answer;
+        }
         loop {
             let notified = self.shared.room.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            {
-                let q = self.shared.queue.lock();
-                if q.closed {
-                    return false;
-                }
-                if q.items.len() < self.shared.cap {
-                    return true;
-                }
+            if let Some(answer) = self.has_room() {
+                return answer;
             }
             notified.await;
         }
+    }
+
+    /// `Some(true)`: room; `Some(false)`: the receiver is gone; `None`: full.
+    fn has_room(&self) -> Option<bool> {
+        let q = self.shared.queue.lock();
+        if q.closed { Some(false) } else { (q.items.len() < self.shared.cap).then_some(true) }
     }
 }
 

@@ -146,6 +146,7 @@ pub(super) async fn run(
 /// session is closing meanwhile.
 async fn room_for_reply(handle: &SessionHandle) -> bool {
     tokio::select! {
+        biased; // room first: when there is room, no close waiter is registered
         room = handle.outbox.room() => room && handle.ctl.requested().is_none(),
         () = handle.ctl.wait() => false,
     }
