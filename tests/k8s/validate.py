@@ -2,10 +2,11 @@
 """Offline validation of rendered manifests.
 
 Core kinds: kubernetes-validate (bundled schemas, Kubernetes 1.33, strict).
-Custom resources: JSON schemas from ../shared/crd-schemas (Strimzi, prometheus-operator).
+Custom resources: JSON schemas vendored in crd-schemas/ beside this script (Strimzi,
+prometheus-operator; source and licence in crd-schemas/README.md).
 Policy: every container non-root, read-only root filesystem, no capabilities, probes,
 memory requests and limits; no secret value inline.
-Usage: validate.py SCHEMA_DIR RENDERED.yaml...   Exit 0 when everything passes.
+Usage: validate.py RENDERED.yaml...   Exit 0 when everything passes.
 """
 import json
 import os
@@ -14,6 +15,8 @@ import sys
 import jsonschema
 import kubernetes_validate
 import yaml
+
+SCHEMA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "crd-schemas")
 
 CRDS = {
     ("kafka.strimzi.io", "Kafka"): "kafka.strimzi.io/kafka_v1beta2.json",
@@ -51,7 +54,9 @@ def policy(doc, errors):
 
 
 def main():
-    schema_dir, files = sys.argv[1], sys.argv[2:]
+    schema_dir, files = SCHEMA_DIR, sys.argv[1:]
+    if not files:
+        sys.exit("usage: validate.py RENDERED.yaml...")
     passed, errors = 0, []
     for path in files:
         with open(path) as f:
@@ -67,7 +72,7 @@ def main():
                 for e in jsonschema.Draft7Validator(schema).iter_errors(doc):
                     errors.append(f"{where}: {e.message} at {list(e.absolute_path)}")
             elif kind == "KafkaNodePool":
-                # No schema is available offline: check the fields Strimzi requires.
+                # No schema vendored (crd-schemas/README.md): check the fields Strimzi requires.
                 spec = doc.get("spec", {})
                 if not isinstance(spec.get("replicas"), int) or not spec.get("roles") or "storage" not in spec:
                     errors.append(f"{where}: replicas, roles and storage are required")
