@@ -33,7 +33,7 @@ fn encode(c: &mut Criterion) {
 fn sessions(hub: &Hub, n: u64, channel: &Arc<str>) -> Vec<OutboxRx> {
     (0..n)
         .map(|id| {
-            let (tx, rx) = outbox(1024);
+            let (tx, rx) = outbox(1024, std::time::Duration::from_secs(5));
             let h = SessionHandle {
                 id,
                 user: format!("u{id}").into(),

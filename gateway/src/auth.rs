@@ -29,15 +29,19 @@ pub enum AuthError {
     NotYetValid,
     #[error("wrong issuer")]
     Issuer,
+    #[error("missing issuer (iss claim required)")]
+    MissingIssuer,
     #[error("wrong audience")]
     Audience,
+    #[error("missing audience (aud claim required)")]
+    MissingAudience,
     #[error("invalid subject")]
     Subject,
 }
 
 impl AuthError {
     /// Every reason, for registering metrics.
-    pub const ALL: [AuthError; 10] = [
+    pub const ALL: [AuthError; 12] = [
         Self::Missing,
         Self::TooLarge,
         Self::Malformed,
@@ -46,7 +50,9 @@ impl AuthError {
         Self::Expired,
         Self::NotYetValid,
         Self::Issuer,
+        Self::MissingIssuer,
         Self::Audience,
+        Self::MissingAudience,
         Self::Subject,
     ];
 
@@ -61,7 +67,9 @@ impl AuthError {
             Self::Expired => "token_expired",
             Self::NotYetValid => "token_not_yet_valid",
             Self::Issuer => "wrong_issuer",
+            Self::MissingIssuer => "missing_issuer",
             Self::Audience => "wrong_audience",
+            Self::MissingAudience => "missing_audience",
             Self::Subject => "invalid_subject",
         }
     }
@@ -93,6 +101,11 @@ struct Claims {
     exp: u64,
     #[serde(default)]
     channels: Option<Vec<String>>,
+    /// Only whether they are present (jsonwebtoken checks their values).
+    #[serde(default)]
+    iss: Option<serde::de::IgnoredAny>,
+    #[serde(default)]
+    aud: Option<serde::de::IgnoredAny>,
 }
 
 /// Verifies client JWTs against the configured keys.
@@ -159,6 +172,7 @@ impl Verifier {
         validation.leeway = 5;
         validation.validate_nbf = true;
         validation.set_required_spec_claims(&["exp", "sub"]);
+        // jsonwebtoken checks `iss`/`aud` only when present; presence is checked below.
         match &self.issuer {
             Some(iss) => validation.set_issuer(&[iss]),
             None => validation.iss = None,
@@ -177,6 +191,13 @@ impl Verifier {
             _ => AuthError::Malformed,
         })?;
         let claims = data.claims;
+        // A configured issuer or audience must be present, not only right when present.
+        if self.issuer.is_some() && claims.iss.is_none() {
+            return Err(AuthError::MissingIssuer);
+        }
+        if self.audience.is_some() && claims.aud.is_none() {
+            return Err(AuthError::MissingAudience);
+        }
         if !valid_user_id(&claims.sub) {
             return Err(AuthError::Subject);
         }
@@ -263,6 +284,20 @@ mod tests {
         assert_eq!(v.verify(&with("iss", json!("other"))).unwrap_err(), AuthError::Issuer);
         assert_eq!(v.verify(&with("aud", json!("other"))).unwrap_err(), AuthError::Audience);
         assert_eq!(v.verify(&with("sub", json!(""))).unwrap_err(), AuthError::Subject);
+        let without = |keys: &[&str]| {
+            let mut c = base.clone();
+            for k in keys {
+                c.as_object_mut().unwrap().remove(*k);
+            }
+            hs(c)
+        };
+        assert_eq!(v.verify(&without(&["iss"])).unwrap_err(), AuthError::MissingIssuer);
+        assert_eq!(v.verify(&without(&["aud"])).unwrap_err(), AuthError::MissingAudience);
+        assert_eq!(v.verify(&without(&["iss", "aud"])).unwrap_err(), AuthError::MissingIssuer);
+        assert_eq!(v.verify(&with("aud", json!(null))).unwrap_err(), AuthError::MissingAudience);
+        // Without a configured issuer/audience, neither claim is needed.
+        let open = Verifier::new(None, None).with_hs256(b"k").unwrap();
+        assert!(open.verify(&without(&["iss", "aud"])).is_ok());
         assert_eq!(v.verify("garbage").unwrap_err(), AuthError::Malformed);
         assert_eq!(v.verify(&"a".repeat(MAX_TOKEN_BYTES + 1)).unwrap_err(), AuthError::TooLarge);
         let other_key =

@@ -40,10 +40,10 @@ pub struct Cli {
     /// PEM file with an Ed25519 (EdDSA) public key for client JWTs.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_EDDSA_PUBLIC_KEY")]
     pub jwt_eddsa_public_key: Option<PathBuf>,
-    /// Required `iss` claim.
+    /// Required `iss` claim: a token without it, or with another value, is refused (401).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_ISSUER")]
     pub jwt_issuer: Option<String>,
-    /// Required `aud` claim.
+    /// Required `aud` claim: a token without it, or without this value, is refused (401).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_JWT_AUDIENCE")]
     pub jwt_audience: Option<String>,
     /// Allowed `Origin` values, comma-separated; empty allows any origin.
@@ -57,6 +57,11 @@ pub struct Cli {
     /// many clients share an address, so set it with care).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_CONNECTIONS_PER_IP", default_value = "0")]
     pub max_connections_per_ip: u32,
+    /// Connections one address may hold open without having sent a complete request;
+    /// a new one beyond this closes that address's oldest. Raise it behind a proxy
+    /// that forwards request headers unbuffered.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_PENDING_PER_IP", default_value_t = crate::server::DEFAULT_PENDING_PER_IP)]
+    pub max_pending_per_ip: usize,
     /// Time allowed for a client to send its HTTP upgrade request.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_HANDSHAKE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub handshake_timeout: Duration,
@@ -78,9 +83,15 @@ pub struct Cli {
     /// Publish/send burst per session.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_PUBLISH_BURST", default_value = "100")]
     pub publish_burst: NonZeroU32,
-    /// Outbound frames queued per session before it counts as a slow consumer.
+    /// Outbound frames queued per session before its queue counts as congested:
+    /// catch-up deliveries wait there for the client to read; the queue takes up
+    /// to twice this from senders that cannot wait.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_SEND_QUEUE", default_value = "1024")]
     pub send_queue: NonZeroU32,
+    /// How long a session's send queue may stay congested before the session is
+    /// closed as a slow consumer (4002).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_SLOW_CONSUMER_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub slow_consumer_timeout: Duration,
     /// Channel patterns whose subscribers get join/leave events (comma-separated).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_PRESENCE_CHANNELS", value_delimiter = ',', default_value = "room:*")]
     pub presence_channels: Vec<String>,
@@ -126,6 +137,19 @@ mod tests {
                 continue;
             }
             assert!(arg.get_env().is_some(), "flag {id} has no environment variable");
+        }
+    }
+
+    #[test]
+    fn the_readme_names_every_env_var_that_is_not_switchboard_gateway() {
+        use clap::CommandFactory;
+        let readme = include_str!("../../README.md");
+        assert!(readme.contains("`SWITCHBOARD_GATEWAY_…`"));
+        for arg in Cli::command().get_arguments() {
+            let Some(env) = arg.get_env().and_then(|e| e.to_str()) else { continue };
+            if !env.starts_with("SWITCHBOARD_GATEWAY_") {
+                assert!(readme.contains(&format!("`{env}`")), "README.md does not name {env}");
+            }
         }
     }
 }

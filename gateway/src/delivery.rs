@@ -1,6 +1,15 @@
 //! Delivery (cluster mode): the gRPC service broker-bridge streams messages
 //! into. Each item is handed to local sessions (dropping duplicates), then
 //! acknowledged, so the bridge can commit its Kafka offsets.
+//!
+//! Paced: after each item, the stream waits for every session whose queue that
+//! item left congested to drain below its cap (`outbox.rs`), so a catch-up burst
+//! (a new bridge replaying a partition, a backlog after a fault) reaches clients
+//! as fast as each reads, never faster than the slowest one that is still
+//! reading; the wait travels back to the bridge as gRPC flow control. A session
+//! that has taken nothing for a second is not waited for, and one congested for
+//! `--slow-consumer-timeout` is closed 4002: a stalled client holds the stream
+//! for at most that second.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -13,8 +22,9 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::hub::Hub;
+use crate::hub::{Hub, SessionHandle};
 use crate::metrics as m;
+use crate::outbox::Settled;
 use crate::{protocol, wire};
 
 /// One shard of the window: the ids, and their arrival order for eviction.
@@ -66,8 +76,9 @@ fn now_ms() -> u64 {
 }
 
 impl DeliveryService {
-    /// Hands one delivered message to local sessions.
-    pub fn apply(&self, item: &pb::Delivered) {
+    /// Hands one delivered message to local sessions; the sessions left congested
+    /// are added to `congested`.
+    pub fn apply(&self, item: &pb::Delivered, congested: &mut Vec<SessionHandle>) {
         let Some(env) = &item.envelope else { return };
         let Ok(data) = std::str::from_utf8(&env.payload) else {
             tracing::warn!(id = %env.id, "delivered payload is not UTF-8; dropped");
@@ -76,7 +87,7 @@ impl DeliveryService {
         let fresh = match &env.target {
             Some(Target::Channel(c)) => {
                 let start = std::time::Instant::now();
-                let fresh = self.hub.publish_at(c, &env.id, &env.from, item.channel_seq, data).is_some();
+                let fresh = self.hub.publish_at(c, &env.id, &env.from, item.channel_seq, data, congested).is_some();
                 metrics::histogram!(m::FANOUT_DURATION).record(start.elapsed().as_secs_f64());
                 fresh
             }
@@ -90,14 +101,14 @@ impl DeliveryService {
             Some(Target::User(u)) => {
                 let first = self.dedupe.first(&env.id);
                 if first {
-                    self.hub.send_to_user(u, &wire::text(&protocol::direct(&env.id, &env.from, u, data)));
+                    self.hub.send_to_user(u, &wire::text(&protocol::direct(&env.id, &env.from, u, data)), congested);
                 }
                 first
             }
             Some(Target::Broadcast(_)) => {
                 let first = self.dedupe.first(&env.id);
                 if first {
-                    self.hub.broadcast(&wire::text(&protocol::broadcast(&env.id, &env.from, data)));
+                    self.hub.broadcast(&wire::text(&protocol::broadcast(&env.id, &env.from, data)), congested);
                 }
                 first
             }
@@ -110,6 +121,23 @@ impl DeliveryService {
             metrics::counter!(m::DUPLICATES_DROPPED).increment(1);
         }
     }
+}
+
+/// Waits for each congested session to drain below its cap (see the module docs).
+async fn pace(congested: &mut Vec<SessionHandle>) {
+    let start = std::time::Instant::now();
+    for h in congested.drain(..) {
+        match h.outbox.settle().await {
+            Settled::Clear => {}
+            Settled::Stalled => metrics::counter!(m::PACING, "outcome" => "stalled").increment(1),
+            Settled::Slow => {
+                metrics::counter!(m::PACING, "outcome" => "slow").increment(1);
+                h.slow();
+            }
+        }
+    }
+    metrics::counter!(m::PACING, "outcome" => "waited").increment(1);
+    metrics::histogram!(m::PACING_WAIT).record(start.elapsed().as_secs_f64());
 }
 
 #[tonic::async_trait]
@@ -125,11 +153,15 @@ impl Delivery for DeliveryService {
         let this = self.clone();
         tokio::spawn(async move {
             metrics::gauge!(m::DELIVERY_STREAMS).increment(1.0);
+            let mut congested = Vec::new();
             while let Ok(Some(batch)) = inbound.message().await {
                 let Some(last) = batch.items.last().map(|i| i.seq) else { continue };
                 metrics::counter!(m::DELIVERIES).increment(batch.items.len() as u64);
                 for item in &batch.items {
-                    this.apply(item);
+                    this.apply(item, &mut congested);
+                    if !congested.is_empty() {
+                        pace(&mut congested).await;
+                    }
                 }
                 if tx.send(Ok(pb::DeliveryAck { seq: last })).await.is_err() {
                     break;
@@ -159,7 +191,7 @@ mod tests {
     #[test]
     fn channel_redeliveries_are_dropped_by_sequence() {
         let hub = Arc::new(Hub::new(vec![], 1000));
-        let (tx, mut rx) = crate::outbox::outbox(16);
+        let (tx, mut rx) = crate::outbox::outbox(16, std::time::Duration::from_secs(5));
         let h = crate::hub::SessionHandle {
             id: 1,
             user: "u".into(),
@@ -184,7 +216,7 @@ mod tests {
             }),
         };
         for (seq, id) in [(5, "a"), (9, "b"), (5, "a"), (9, "b"), (7, "late"), (12, "c")] {
-            svc.apply(&item(seq, id));
+            svc.apply(&item(seq, id), &mut Vec::new());
         }
         let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
             .map(|f| serde_json::from_slice::<serde_json::Value>(&f[2..]).unwrap()["seq"].as_u64().unwrap())

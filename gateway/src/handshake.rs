@@ -104,6 +104,12 @@ pub async fn handle(server: Arc<Server>, req: Request<Incoming>, peer: std::net:
     }
 }
 
+/// RFC 6455 §4.2.1: the key is the base64 encoding of a 16-byte value (24 characters).
+fn valid_key(key: &[u8]) -> bool {
+    let mut out = [0u8; 18];
+    key.len() == 24 && matches!(base64::engine::general_purpose::STANDARD.decode_slice(key, &mut out), Ok(16))
+}
+
 fn header_has_token(req: &Request<Incoming>, name: header::HeaderName, token: &str) -> bool {
     req.headers()
         .get_all(name)
@@ -211,6 +217,9 @@ fn upgrade(
     }
     let key =
         req.headers().get(header::SEC_WEBSOCKET_KEY).ok_or(HandshakeError::BadRequest("missing Sec-WebSocket-Key"))?;
+    if !valid_key(key.as_bytes()) {
+        return Err(HandshakeError::BadRequest("Sec-WebSocket-Key must be the base64 encoding of 16 bytes"));
+    }
     let accept = {
         let mut sha = Sha1::new();
         sha.update(key.as_bytes());
@@ -301,4 +310,20 @@ async fn start_session(
     )
     .await;
     drop(slot);
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn websocket_keys() {
+        assert!(super::valid_key(b"dGhlIHNhbXBsZSBub25jZQ=="));
+        for bad in
+            [&b""[..], b"abc", b"!!!!!!!!!!!!!!!!!!!!!!==", b"AAAAAAAAAAAAAAAAAAAA", b"AAAAAAAAAAAAAAAAAAAAAAAAAAAA"]
+        {
+            assert!(!super::valid_key(bad), "{bad:?}");
+        }
+        // 15 bytes encode to 20 characters, 17 to 24 with one `=`: both refused.
+        assert!(!super::valid_key(b"AAAAAAAAAAAAAAAAAAAAAAA="));
+        assert!(!super::valid_key(&[b'A'; 16 * 1024]));
+    }
 }

@@ -5,17 +5,22 @@
 //! chosen by hash, so there is no global lock on the message path. A channel's
 //! sequence number is assigned and its frame queued to every subscriber while
 //! that channel's own lock is held: all subscribers see one order.
+//!
+//! Standalone sequence numbers come from one node-wide counter, so they exist for
+//! every publish (also to a channel nobody follows) and strictly increase within
+//! each channel for the life of the process, with no per-channel state to keep
+//! for channels without subscribers; they are not contiguous within a channel.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
-use crate::outbox::{Outbox, SendError};
+use crate::outbox::{Outbox, Queued, SendError};
 
 use crate::metrics as m;
 use crate::policy::CloseReason;
@@ -75,20 +80,42 @@ pub struct SessionHandle {
 }
 
 impl SessionHandle {
-    /// Queues a frame; a full queue closes the session as a slow consumer.
-    /// Returns whether the frame was queued.
+    /// Queues a frame; a slow consumer's queue refuses it and the session is
+    /// closed (4002). Returns whether the frame was queued.
     pub fn deliver(&self, frame: &Bytes) -> bool {
-        match self.outbox.try_send(frame.clone()) {
-            Ok(()) => true,
-            Err(SendError::Full) => {
-                if self.ctl.requested().is_none() {
-                    metrics::counter!(m::QUEUE_FULL).increment(1);
-                }
-                self.ctl.close(CloseReason::SlowConsumer, None);
-                false
+        self.offer(frame).is_some()
+    }
+
+    /// Queues a frame like [`Self::deliver`], and adds this session to `congested` when
+    /// its queue is now congested, for a sender that paces itself (see `outbox.rs`).
+    pub fn deliver_paced(&self, frame: &Bytes, congested: &mut Vec<SessionHandle>) -> bool {
+        match self.offer(frame) {
+            Some(Queued::Congested) => {
+                congested.push(self.clone());
+                true
             }
-            Err(SendError::Closed) => false,
+            Some(Queued::Clear) => true,
+            None => false,
         }
+    }
+
+    fn offer(&self, frame: &Bytes) -> Option<Queued> {
+        match self.outbox.try_send(frame.clone()) {
+            Ok(q) => Some(q),
+            Err(SendError::Full) => {
+                self.slow();
+                None
+            }
+            Err(SendError::Closed) => None,
+        }
+    }
+
+    /// Closes the session as a slow consumer (4002).
+    pub fn slow(&self) {
+        if self.ctl.requested().is_none() {
+            metrics::counter!(m::QUEUE_FULL).increment(1);
+        }
+        self.ctl.close(CloseReason::SlowConsumer, None);
     }
 }
 
@@ -125,6 +152,8 @@ pub struct Hub {
     large_room: usize,
     /// Large presence channels whose member count changed since the last flush.
     dirty_counts: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// The last sequence number given to a standalone publish (node-wide).
+    last_seq: AtomicU64,
 }
 
 /// One connection as presence sees it (for snapshots).
@@ -154,6 +183,7 @@ impl Hub {
             presence_patterns,
             large_room,
             dirty_counts: Mutex::new(std::collections::HashSet::new()),
+            last_seq: AtomicU64::new(0),
         }
     }
 
@@ -253,11 +283,12 @@ impl Hub {
     pub fn publish(&self, channel: &str, id: &str, from: &str, data: &str) -> Published {
         let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
         let Some(ch) = ch else {
-            return Published { seq: 0, delivered: 0 };
+            return Published { seq: self.last_seq.fetch_add(1, Ordering::Relaxed) + 1, delivered: 0 };
         };
         let mut st = ch.state.lock();
-        st.seq += 1;
-        let seq = st.seq;
+        // Taken under the channel's lock: the channel's order is its seq order.
+        let seq = self.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
+        st.seq = seq;
         let frame = wire::text(&protocol::message(channel, id, from, seq, data));
         let mut delivered = 0;
         for sub in st.subs.values() {
@@ -270,8 +301,17 @@ impl Hub {
 
     /// Delivers a channel message whose sequence number was assigned upstream
     /// (cluster mode: Kafka offset + 1). A sequence not above the channel's last
-    /// one is a duplicate or a late redelivery and is dropped: `None`.
-    pub fn publish_at(&self, channel: &str, id: &str, from: &str, seq: u64, data: &str) -> Option<u64> {
+    /// one is a duplicate or a late redelivery and is dropped: `None`. Sessions
+    /// whose queue is congested afterwards are added to `congested`.
+    pub fn publish_at(
+        &self,
+        channel: &str,
+        id: &str,
+        from: &str,
+        seq: u64,
+        data: &str,
+        congested: &mut Vec<SessionHandle>,
+    ) -> Option<u64> {
         let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
         let Some(ch) = ch else { return Some(0) };
         let mut st = ch.state.lock();
@@ -282,7 +322,7 @@ impl Hub {
         let frame = wire::text(&protocol::message(channel, id, from, seq, data));
         let mut delivered = 0;
         for sub in st.subs.values() {
-            delivered += u64::from(sub.deliver(&frame));
+            delivered += u64::from(sub.deliver_paced(&frame, congested));
         }
         drop(st);
         metrics::counter!(m::MESSAGES_OUT, "kind" => "message").increment(delivered);
@@ -347,20 +387,23 @@ impl Hub {
         by_id.into_values().collect()
     }
 
-    /// Queues a frame to every session of `user`; returns how many took it.
-    pub fn send_to_user(&self, user: &str, frame: &Bytes) -> u64 {
+    /// Queues a frame to every session of `user`; returns how many took it. Sessions
+    /// whose queue is congested afterwards are added to `congested`.
+    pub fn send_to_user(&self, user: &str, frame: &Bytes, congested: &mut Vec<SessionHandle>) -> u64 {
         let users = self.users[self.shard(user)].read();
-        let delivered = users.get(user).map_or(0, |list| list.iter().map(|h| u64::from(h.deliver(frame))).sum());
+        let delivered =
+            users.get(user).map_or(0, |list| list.iter().map(|h| u64::from(h.deliver_paced(frame, congested))).sum());
         drop(users);
         metrics::counter!(m::MESSAGES_OUT, "kind" => "direct").increment(delivered);
         delivered
     }
 
-    /// Queues a frame to every session.
-    pub fn broadcast(&self, frame: &Bytes) -> u64 {
+    /// Queues a frame to every session. Sessions whose queue is congested
+    /// afterwards are added to `congested`.
+    pub fn broadcast(&self, frame: &Bytes, congested: &mut Vec<SessionHandle>) -> u64 {
         let mut delivered = 0;
         for shard in self.sessions.iter() {
-            delivered += shard.read().values().map(|h| u64::from(h.deliver(frame))).sum::<u64>();
+            delivered += shard.read().values().map(|h| u64::from(h.deliver_paced(frame, congested))).sum::<u64>();
         }
         metrics::counter!(m::MESSAGES_OUT, "kind" => "broadcast").increment(delivered);
         delivered
@@ -407,7 +450,7 @@ mod tests {
     use crate::outbox::OutboxRx;
 
     fn session(hub: &Hub, id: u64, user: &str, cap: usize) -> (SessionHandle, OutboxRx) {
-        let (tx, rx) = crate::outbox::outbox(cap);
+        let (tx, rx) = crate::outbox::outbox(cap, std::time::Duration::from_secs(5));
         let h = SessionHandle {
             id,
             user: user.into(),
@@ -442,6 +485,25 @@ mod tests {
         }
         assert!(hub.unsubscribe(1, &a.user, "c"));
         assert_eq!(hub.publish("c", "m3", "a", "3").delivered, 1);
+    }
+
+    #[test]
+    fn every_publish_gets_a_seq_that_increases_per_channel() {
+        let hub = Hub::new(vec![], 1000);
+        // Nobody subscribed: still a position, never 0, and increasing.
+        let p1 = hub.publish("empty", "m1", "a", "1");
+        let p2 = hub.publish("empty", "m2", "a", "1");
+        assert_eq!(p1.delivered, 0);
+        assert!(p1.seq >= 1 && p2.seq > p1.seq, "{p1:?} {p2:?}");
+        // A channel that loses its last subscriber does not start again at 1.
+        let (a, _ra) = session(&hub, 1, "a", 16);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe(&a, &ch);
+        let before = hub.publish("c", "m3", "a", "1").seq;
+        hub.unsubscribe(1, &a.user, "c");
+        hub.subscribe(&a, &ch);
+        let after = hub.publish("c", "m4", "a", "1").seq;
+        assert!(after > before, "{before} then {after}");
     }
 
     #[test]
@@ -514,9 +576,9 @@ mod tests {
         let (t2, mut r2) = session(&hub, 2, "u", 4);
         let (_o, mut ro) = session(&hub, 3, "o", 4);
         let frame = Bytes::from_static(b"\x81\x02{}");
-        assert_eq!(hub.send_to_user("u", &frame), 2);
+        assert_eq!(hub.send_to_user("u", &frame, &mut Vec::new()), 2);
         assert!(r1.try_recv().is_some() && r2.try_recv().is_some() && ro.try_recv().is_none());
-        assert_eq!(hub.broadcast(&frame), 3);
+        assert_eq!(hub.broadcast(&frame, &mut Vec::new()), 3);
         assert_eq!(hub.disconnect_user("u", "bye"), 2);
         assert_eq!(t1.ctl.requested().map(|r| r.0), Some(CloseReason::Kicked));
         assert_eq!(t2.ctl.requested().unwrap().1.as_deref(), Some("bye"));

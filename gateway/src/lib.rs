@@ -23,6 +23,7 @@ pub mod handshake;
 pub mod hub;
 pub mod metrics;
 pub mod outbox;
+pub mod pending;
 pub mod policy;
 pub mod presence;
 pub mod protocol;

@@ -14,12 +14,15 @@ pub const FANOUT_DURATION: &str = "switchboard_gateway_fanout_duration_seconds";
 pub const QUEUE_FULL: &str = "switchboard_gateway_queue_full_total";
 pub const SUBSCRIPTIONS_ACTIVE: &str = "switchboard_gateway_subscriptions_active";
 pub const ACCEPT_ERRORS: &str = "switchboard_gateway_accept_errors_total";
+pub const HALF_OPEN_SHED: &str = "switchboard_gateway_half_open_shed_total";
 pub const PUSH_REQUESTS: &str = "switchboard_gateway_push_requests_total";
 pub const STALLS: &str = "switchboard_gateway_stalls_total";
 pub const END_TO_END: &str = "switchboard_gateway_end_to_end_latency_seconds";
 pub const DUPLICATES_DROPPED: &str = "switchboard_gateway_duplicates_dropped_total";
 pub const DELIVERIES: &str = "switchboard_gateway_deliveries_total";
 pub const DELIVERY_STREAMS: &str = "switchboard_gateway_delivery_streams";
+pub const PACING: &str = "switchboard_gateway_delivery_pacing_total";
+pub const PACING_WAIT: &str = "switchboard_gateway_delivery_pacing_wait_duration_seconds";
 pub const PRESENCE_LINKS_UP: &str = "switchboard_gateway_presence_links_up";
 pub const PRESENCE_RECONNECTS: &str = "switchboard_gateway_presence_reconnects_total";
 pub const PRESENCE_RESYNCS: &str = "switchboard_gateway_presence_resyncs_total";
@@ -49,6 +52,13 @@ fn register_zeroes() {
     {
         metrics::counter!(HANDSHAKE_REJECTED, "reason" => r).increment(0);
     }
+    for o in ["waited", "stalled", "slow"] {
+        metrics::counter!(PACING, "outcome" => o).increment(0);
+    }
+    let _ = metrics::histogram!(PACING_WAIT);
+    for r in ["node", "per_ip"] {
+        metrics::counter!(HALF_OPEN_SHED, "reason" => r).increment(0);
+    }
     let _ = metrics::histogram!(FANOUT_DURATION);
     let _ = metrics::histogram!(END_TO_END);
 }
@@ -68,6 +78,10 @@ pub fn describe() {
     describe_counter!(QUEUE_FULL, "Sessions whose send queue overflowed (slow consumers).");
     describe_gauge!(SUBSCRIPTIONS_ACTIVE, "Channel subscriptions held by sessions now.");
     describe_counter!(ACCEPT_ERRORS, "Errors accepting TCP connections (e.g. EMFILE).");
+    describe_counter!(
+        HALF_OPEN_SHED,
+        "Connections closed before sending a complete request to make room for a new one, by budget (node, per_ip)."
+    );
     describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
     describe_histogram!(
         END_TO_END,
@@ -80,6 +94,15 @@ pub fn describe() {
     );
     describe_counter!(DUPLICATES_DROPPED, "Cluster mode: redelivered messages dropped (already delivered here).");
     describe_counter!(DELIVERIES, "Cluster mode: messages received from broker-bridge.");
+    describe_counter!(
+        PACING,
+        "Cluster mode: delivery stream waits for congested sessions (waited), sessions not waited for because they took nothing for 1 s (stalled), and sessions closed 4002 after --slow-consumer-timeout of congestion (slow)."
+    );
+    describe_histogram!(
+        PACING_WAIT,
+        Unit::Seconds,
+        "Cluster mode: time a delivery stream waited for congested sessions to drain."
+    );
     describe_gauge!(DELIVERY_STREAMS, "Cluster mode: open delivery streams from broker-bridges.");
     describe_gauge!(PRESENCE_LINKS_UP, "Presence replicas this gateway is streaming to (connecting or connected).");
     describe_counter!(PRESENCE_RECONNECTS, "Presence links that broke and are being re-established.");

@@ -79,6 +79,19 @@ struct Raw<'a> {
     data: Option<&'a RawValue>,
 }
 
+/// Only the `ref` of a command, for answering one whose other fields are malformed.
+#[derive(Deserialize)]
+struct RefOnly<'a> {
+    #[serde(borrow, default, rename = "ref")]
+    reference: Option<&'a RawValue>,
+}
+
+/// A `ref` is a string or a number, at most 128 bytes.
+fn valid_ref(r: &&RawValue) -> bool {
+    let s = r.get();
+    (s.starts_with('"') || s.starts_with('-') || s.as_bytes()[0].is_ascii_digit()) && s.len() <= 130
+}
+
 /// Decodes one text frame (already checked to be UTF-8).
 pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
     let err = |reference, code, message| DecodeError { reference, code, message };
@@ -87,18 +100,16 @@ pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
     }
     let raw: Raw<'_> = serde_json::from_str(text).map_err(|e| {
         if e.is_data() {
-            err(None, ErrorCode::BadRequest, "a field has the wrong type")
+            // Valid JSON with a field of the wrong type: the `ref` is still readable.
+            let reference = serde_json::from_str::<RefOnly<'_>>(text).ok().and_then(|r| r.reference).filter(valid_ref);
+            err(reference, ErrorCode::BadRequest, "a field has the wrong type")
         } else {
             err(None, ErrorCode::BadJson, "invalid JSON")
         }
     })?;
     let reference = raw.reference;
-    if let Some(r) = reference {
-        let s = r.get();
-        let ok = (s.starts_with('"') || s.starts_with('-') || s.as_bytes()[0].is_ascii_digit()) && s.len() <= 130;
-        if !ok {
-            return Err(err(None, ErrorCode::BadRequest, "ref must be a string or number of at most 128 bytes"));
-        }
+    if reference.is_some_and(|r| !valid_ref(&r)) {
+        return Err(err(None, ErrorCode::BadRequest, "ref must be a string or number of at most 128 bytes"));
     }
     let command = match raw.op.as_deref() {
         Some("subscribe") => need_channel(raw.channel).map(|channel| Command::Subscribe { channel }),
@@ -322,6 +333,23 @@ mod tests {
         assert_eq!(code(r#"{"op":"ping","ref":{"a":1}}"#), ErrorCode::BadRequest);
         let e = decode(r#"{"op":"dance","ref":3}"#).unwrap_err();
         assert_eq!(e.reference.unwrap().get(), "3");
+    }
+
+    #[test]
+    fn a_field_of_the_wrong_type_keeps_the_ref() {
+        for s in [
+            r#"{"op":"subscribe","channel":5,"ref":"a"}"#,
+            r#"{"op":"publish","channel":["a"],"data":1,"ref":"a"}"#,
+            r#"{"op":"send","user":7,"data":1,"ref":"a"}"#,
+            r#"{"op":5,"ref":"a"}"#,
+            r#"{"ref":"a","op":"subscribe","channel":{"x":1}}"#,
+        ] {
+            let e = decode(s).unwrap_err();
+            assert_eq!(e.code, ErrorCode::BadRequest, "{s}");
+            assert_eq!(e.reference.map(|r| r.get()), Some("\"a\""), "{s}");
+        }
+        // An invalid ref is not echoed.
+        assert!(decode(r#"{"op":5,"ref":{"a":1}}"#).unwrap_err().reference.is_none());
     }
 
     #[test]

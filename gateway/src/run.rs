@@ -56,6 +56,7 @@ pub struct Settings {
     pub max_sessions: usize,
     pub max_pending: usize,
     pub max_per_ip: u32,
+    pub max_pending_per_ip: usize,
     pub presence_channels: Vec<String>,
     pub large_room: usize,
     pub presence_addrs: Vec<String>,
@@ -139,6 +140,7 @@ impl Settings {
                 publish_rate: cli.publish_rate.get(),
                 publish_burst: cli.publish_burst.get(),
                 send_queue: cli.send_queue.get() as usize,
+                slow_consumer_timeout: cli.slow_consumer_timeout,
             },
             verifier,
             anonymous: cli.anonymous,
@@ -148,6 +150,7 @@ impl Settings {
             max_sessions,
             max_pending,
             max_per_ip: cli.max_connections_per_ip,
+            max_pending_per_ip: cli.max_pending_per_ip.max(1),
             presence_channels: cli.presence_channels.iter().filter(|p| !p.is_empty()).cloned().collect(),
             large_room: cli.large_room,
             presence_addrs: cli.presence_addrs.iter().filter(|a| !a.is_empty()).cloned().collect(),
@@ -277,6 +280,7 @@ pub async fn run(
         settings.max_pending,
     );
     server.max_per_ip = settings.max_per_ip;
+    server.set_max_pending_per_ip(settings.max_pending_per_ip);
     let server = Arc::new(server);
 
     let readiness = kit::admin::Readiness::default();
@@ -332,6 +336,8 @@ pub async fn run(
     shutdown.cancelled().await;
     readiness.set(false);
     health.set_not_serving::<proto::push::v1::push_server::PushServer<PushService>>().await;
+    // The whole server too (service ""), which is what most health checkers ask.
+    health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
     server.draining.cancel();
     let _ = accept.await;
     server.drain(settings.drain).await;

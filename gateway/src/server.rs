@@ -16,6 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::auth::Verifier;
 use crate::handshake;
 use crate::metrics as m;
+use crate::pending::HalfOpen;
 use crate::policy::CloseReason;
 use crate::session::{self, Node};
 
@@ -48,6 +49,8 @@ pub struct Server {
     pub max_per_ip: u32,
     per_ip: parking_lot::Mutex<std::collections::HashMap<std::net::IpAddr, u32>>,
     pub pending: AtomicUsize,
+    /// Connections that have not sent a complete request yet (see `pending.rs`).
+    half_open: parking_lot::Mutex<HalfOpen>,
     socket_freed: Notify,
     pub next_conn_id: AtomicU64,
     /// Cancelled when the drain starts: no new sessions.
@@ -94,6 +97,18 @@ impl Drop for SocketSlot {
     }
 }
 
+/// Default for `--max-pending-per-ip`: half-open connections one address may hold.
+pub const DEFAULT_PENDING_PER_IP: usize = 64;
+
+/// Takes a connection out of the half-open set when dropped (its task ended).
+struct HalfOpenSlot(Arc<Server>, u64);
+
+impl Drop for HalfOpenSlot {
+    fn drop(&mut self) {
+        self.0.half_open.lock().done(self.1);
+    }
+}
+
 /// Drain pacing and its timings.
 #[derive(Debug, Clone, Copy)]
 pub struct Drain {
@@ -127,12 +142,18 @@ impl Server {
             max_per_ip: 0,
             per_ip: parking_lot::Mutex::new(std::collections::HashMap::new()),
             pending: AtomicUsize::new(0),
+            half_open: parking_lot::Mutex::new(HalfOpen::new(DEFAULT_PENDING_PER_IP)),
             socket_freed: Notify::new(),
             next_conn_id: AtomicU64::new(1),
             draining: CancellationToken::new(),
             stop_sessions: CancellationToken::new(),
             tracker: TaskTracker::new(),
         }
+    }
+
+    /// Half-open connections one address may hold before its oldest is shed.
+    pub fn set_max_pending_per_ip(&mut self, n: usize) {
+        self.half_open = parking_lot::Mutex::new(HalfOpen::new(n));
     }
 
     /// Reserves a session slot if the cap allows.
@@ -159,10 +180,17 @@ impl Server {
 
     /// Accepts clients until `draining` is cancelled.
     pub async fn accept_loop(self: Arc<Self>, listener: TcpListener) {
+        // A backlog that holds at least the budget of connections in HTTP (listen()
+        // again only changes the backlog; the kernel caps it at somaxconn).
+        let backlog = self.max_pending.max(1024).min(i32::MAX as usize) as i32;
+        if let Err(e) = socket2::SockRef::from(&listener).listen(backlog) {
+            tracing::warn!(error = %e, "cannot set the listen backlog");
+        }
         loop {
-            // With too many connections still in HTTP, stop accepting (the kernel
-            // backlog holds new clients) rather than run into EMFILE.
-            while self.pending.load(Ordering::Acquire) >= self.max_pending {
+            // With the budget of connections in HTTP used up and none of them
+            // half-open (none can be shed), stop accepting (the kernel backlog
+            // holds new clients) rather than run into EMFILE.
+            while self.pending.load(Ordering::Acquire) >= self.max_pending && self.half_open.lock().is_empty() {
                 tokio::select! {
                     () = self.draining.cancelled() => return,
                     () = self.socket_freed.notified() => {}
@@ -182,14 +210,23 @@ impl Server {
                     }
                 },
             };
-            self.pending.fetch_add(1, Ordering::AcqRel);
+            let node_full = self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending;
             let guard = SocketSlot(self.clone());
+            let shed_me = CancellationToken::new();
+            let (half_open_id, shed) = self.half_open.lock().admit(peer.ip(), shed_me.clone(), node_full);
+            if let Some(shed) = shed {
+                metrics::counter!(m::HALF_OPEN_SHED, "reason" => shed.label()).increment(1);
+            }
+            let half_open = HalfOpenSlot(self.clone(), half_open_id);
             let server = self.clone();
             self.tracker.spawn(async move {
                 let _guard = guard;
                 let svc_server = server.clone();
+                let half_open = Arc::new(half_open);
                 let service = service_fn(move |req| {
                     let s = svc_server.clone();
+                    // A complete request: no longer half-open (no longer sheddable).
+                    s.half_open.lock().done(half_open.1);
                     async move { Ok::<_, Infallible>(handshake::handle(s, req, peer.ip()).await) }
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
@@ -198,8 +235,11 @@ impl Server {
                     .max_buf_size(64 * 1024)
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades();
-                if let Err(e) = conn.await {
-                    tracing::debug!(error = %e, "http connection ended");
+                tokio::select! {
+                    r = conn => if let Err(e) = r {
+                        tracing::debug!(error = %e, "http connection ended");
+                    },
+                    () = shed_me.cancelled() => tracing::debug!("half-open connection shed"),
                 }
                 // Once upgraded, the socket counts against the session slot instead.
             });

@@ -33,8 +33,18 @@ async fn missing_and_bad_tokens_get_401_with_a_reason() {
         c[k] = v;
         token(c)
     };
+    let without = |keys: &[&str]| {
+        let mut c = good.clone();
+        for k in keys {
+            c.as_object_mut().unwrap().remove(*k);
+        }
+        token(c)
+    };
     let cases = [
         (None, "missing token"),
+        (Some(without(&["iss"])), "missing issuer (iss claim required)"),
+        (Some(without(&["aud"])), "missing audience (aud claim required)"),
+        (Some(without(&["iss", "aud"])), "missing issuer (iss claim required)"),
         (Some("not.a.jwt".to_owned()), "malformed token"),
         (Some(with("exp", json!(now() - 3600))), "token expired"),
         (Some(with("nbf", json!(now() + 3600))), "token not yet valid"),
@@ -232,4 +242,39 @@ async fn per_address_cap_answers_429() {
     assert!(retry.is_some());
     drop(b);
     eventually!(tokio_tungstenite::connect_async(gw.url(&format!("?token={t}"))).await.is_ok(), "slot never freed");
+}
+
+/// Sends an upgrade request with `key` (None: no key header) and returns the status line.
+async fn raw_upgrade_status(gw: &Gateway, key: Option<&str>) -> String {
+    let t = token(json!({"sub":"k","exp":now()+60}));
+    let mut s = tokio::net::TcpStream::connect(gw.client).await.unwrap();
+    let key = key.map(|k| format!("Sec-WebSocket-Key: {k}\r\n")).unwrap_or_default();
+    let req = format!(
+        "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         {key}Sec-WebSocket-Version: 13\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut head = Vec::new();
+    tokio::time::timeout(WAIT, async {
+        while !head.ends_with(b"\r\n") {
+            head.push(s.read_u8().await.unwrap());
+        }
+    })
+    .await
+    .expect("a status line");
+    String::from_utf8(head).unwrap().trim().to_owned()
+}
+
+#[tokio::test]
+async fn a_key_that_is_not_16_base64_bytes_gets_400() {
+    let gw = Gateway::start(&[]).await;
+    let huge = "A".repeat(16 * 1024);
+    for key in
+        [Some(""), Some("abc"), Some("!!!!!!!!!!!!!!!!!!!!!!=="), Some("AAAAAAAAAAAAAAAAAAAA"), Some(&huge), None]
+    {
+        let status = raw_upgrade_status(&gw, key).await;
+        assert!(status.starts_with("HTTP/1.1 400"), "key {:?}: {status}", key.map(|k| &k[..k.len().min(30)]));
+    }
+    // 15 bytes ("AAAAAAAAAAAAAAAAAAAA" above is 15 bytes); a correct key still upgrades.
+    assert!(raw_upgrade_status(&gw, Some("dGhlIHNhbXBsZSBub25jZQ==")).await.starts_with("HTTP/1.1 101"));
 }

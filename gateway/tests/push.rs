@@ -186,3 +186,29 @@ async fn health_and_reflection_are_served() {
     let names: Vec<_> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"switchboard.push.v1.Push"), "{names:?}");
 }
+
+#[tokio::test]
+async fn health_turns_not_serving_for_every_service_during_the_drain() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    let gw = Gateway::start(&["--drain-window", "3s"]).await;
+    // A session keeps the drain going for its window.
+    let (_ws, _) = gw.ws("stays").await;
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", gw.grpc)).unwrap().connect().await.unwrap();
+    let health = tonic_health::pb::health_client::HealthClient::new(channel);
+    let status = |service: &'static str| {
+        let mut h = health.clone();
+        async move {
+            h.check(tonic_health::pb::HealthCheckRequest { service: service.into() })
+                .await
+                .map(|r| r.into_inner().status())
+        }
+    };
+    assert_eq!(status("").await.unwrap(), ServingStatus::Serving);
+    gw.shutdown.cancel();
+    eventually!(
+        status("").await.is_ok_and(|s| s == ServingStatus::NotServing),
+        "health of service \"\" still serving during the drain"
+    );
+    assert_eq!(status("switchboard.push.v1.Push").await.unwrap(), ServingStatus::NotServing);
+}

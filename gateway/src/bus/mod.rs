@@ -101,13 +101,13 @@ impl LocalBus {
     fn send_now(&self, to: &str, from: &str, data: &str) -> Accepted {
         let id = self.ids.next_id();
         let frame = wire::text(&protocol::direct(&id, from, to, data));
-        Accepted { id, seq: None, delivered: self.hub.send_to_user(to, &frame) }
+        Accepted { id, seq: None, delivered: self.hub.send_to_user(to, &frame, &mut Vec::new()) }
     }
 
     fn broadcast_now(&self, from: &str, data: &str) -> Accepted {
         let id = self.ids.next_id();
         let frame = wire::text(&protocol::broadcast(&id, from, data));
-        Accepted { id, seq: None, delivered: self.hub.broadcast(&frame) }
+        Accepted { id, seq: None, delivered: self.hub.broadcast(&frame, &mut Vec::new()) }
     }
 }
 

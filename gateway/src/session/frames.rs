@@ -150,6 +150,30 @@ impl Reader {
         }
     }
 
+    /// Reads and drops whatever the peer still sends, until EOF, an error or `limit`
+    /// elapses: after our close frame, so that the socket is not closed with unread
+    /// input (which the kernel answers with a reset, and the peer's kernel then
+    /// discards what it had not yet read, our close frame included).
+    pub(super) async fn discard(&mut self, limit: std::time::Duration) {
+        self.buf = Vec::new();
+        self.pos = 0;
+        let drain = async {
+            let mut chunk = [0u8; CHUNK];
+            loop {
+                if self.read.readable().await.is_err() {
+                    return;
+                }
+                match self.read.try_read(&mut chunk) {
+                    Ok(0) => return,
+                    Ok(_) => {}
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(_) => return,
+                }
+            }
+        };
+        let _ = tokio::time::timeout(limit, drain).await;
+    }
+
     async fn fill(&mut self) -> Result<(), ReadError> {
         loop {
             self.read.readable().await.map_err(|_| ReadError::Gone)?;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
-use tokio::net::tcp::OwnedReadHalf;
 use tokio::time::Instant;
 
 use super::frames::{BINARY, CLOSE, PING, PONG, ReadError, Reader, TEXT};
@@ -30,21 +29,22 @@ pub(super) struct State {
     pub(super) fragments: Option<(bool, Vec<u8>)>,
 }
 
+/// Reads and runs commands until the session ends. True when the peer is done
+/// sending (its close frame or EOF was read); false when this side ended the
+/// session while the peer may still be sending (the caller drains what arrives,
+/// so that unread input does not turn the close into a TCP reset).
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     node: &Node,
     identity: &Identity,
     handle: &SessionHandle,
     state: &mut State,
-    read: OwnedReadHalf,
-    leftover: Bytes,
+    reader: &mut Reader,
     last_seen: &AtomicU64,
     started: Instant,
     mode: Mode,
-) {
+) -> bool {
     let cfg = &node.config;
-    let mut reader = Reader::new(read, &leftover);
-    drop(leftover);
     let ctl = &handle.ctl;
     loop {
         // A continuation may only bring the message up to the limit.
@@ -55,33 +55,38 @@ pub(super) async fn run(
                 let (reason, why) = match e {
                     ReadError::Protocol(why) => (CloseReason::Protocol, Some(why)),
                     ReadError::TooBig => (CloseReason::TooBig, None),
-                    ReadError::Gone => (CloseReason::Gone, None),
+                    ReadError::Gone => {
+                        ctl.close(CloseReason::Gone, None);
+                        return true;
+                    }
                 };
                 ctl.close(reason, why);
-                return;
+                return false;
             }
         };
         last_seen.store(started.elapsed().as_millis() as u64, Ordering::Relaxed);
         if ctl.requested().is_some() {
             // Closing: discard everything until the peer's close or EOF.
             if frame.opcode == CLOSE {
-                return;
+                return true;
             }
             continue;
         }
         let message = match frame.opcode {
             CLOSE => {
                 ctl.close(close_answer(&frame.payload), None);
-                return;
+                return true;
             }
             PING => {
-                handle.deliver(&wire::pong(&frame.payload));
+                // Only the latest unanswered ping gets its pong (RFC 6455 §5.5.3):
+                // a ping flood costs one queued pong, never the queue.
+                handle.outbox.set_pong(wire::pong(&frame.payload));
                 continue;
             }
             PONG => continue,
             TEXT | BINARY if state.fragments.is_some() => {
                 ctl.close(CloseReason::Protocol, Some("new message inside a fragmented one"));
-                return;
+                return false;
             }
             TEXT | BINARY if !frame.fin => {
                 state.fragments = Some((frame.opcode == TEXT, frame.payload));
@@ -92,14 +97,14 @@ pub(super) async fn run(
                 // CONTINUATION (the reader refuses every other opcode).
                 let Some((_, buf)) = state.fragments.as_mut() else {
                     ctl.close(CloseReason::Protocol, Some("continuation without a message"));
-                    return;
+                    return false;
                 };
                 buf.extend_from_slice(&frame.payload);
                 if !frame.fin {
                     continue;
                 }
                 let Some((text, buf)) = state.fragments.take() else {
-                    return;
+                    return false;
                 };
                 (text, Bytes::from(buf))
             }
@@ -108,7 +113,7 @@ pub(super) async fn run(
             (true, bytes) => {
                 let Ok(text) = std::str::from_utf8(&bytes) else {
                     ctl.close(CloseReason::InvalidUtf8, None);
-                    return;
+                    return false;
                 };
                 match mode {
                     Mode::Echo => {
@@ -121,7 +126,7 @@ pub(super) async fn run(
                         // Boxed: a command's state exists only while it runs, not in every idle session.
                         if let Err(reason) = Box::pin(command(node, identity, handle, state, text)).await {
                             ctl.close(reason, None);
-                            return;
+                            return false;
                         }
                     }
                 }
@@ -132,7 +137,7 @@ pub(super) async fn run(
                 }
                 Mode::Protocol => {
                     ctl.close(CloseReason::Binary, Some("binary frames are not supported"));
-                    return;
+                    return false;
                 }
             },
         }

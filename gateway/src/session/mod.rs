@@ -38,6 +38,8 @@ pub struct SessionConfig {
     pub publish_rate: u32,
     pub publish_burst: u32,
     pub send_queue: usize,
+    /// How long a send queue may stay congested before the session is a slow consumer.
+    pub slow_consumer_timeout: Duration,
 }
 
 /// What a session needs from the node.
@@ -75,7 +77,7 @@ pub async fn run(
     stop: CancellationToken,
 ) {
     let cfg = &node.config;
-    let (tx, rx) = crate::outbox::outbox(cfg.send_queue);
+    let (tx, rx) = crate::outbox::outbox(cfg.send_queue, cfg.slow_consumer_timeout);
     let ctl = Arc::new(SessionCtl::default());
     let connected_at_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
@@ -115,19 +117,27 @@ pub async fn run(
         bucket: TokenBucket::new(cfg.publish_rate, cfg.publish_burst, started),
         fragments: None,
     };
-    {
-        let reader = ingress::run(&node, &identity, &handle, &mut state, read, leftover, &last_seen, started, mode);
+    let mut frames = frames::Reader::new(read, &leftover);
+    drop(leftover);
+    let peer_done = {
+        let reader = ingress::run(&node, &identity, &handle, &mut state, &mut frames, &last_seen, started, mode);
         let writer = egress::run(cfg, &ctl, rx, write, &last_seen, started, expires, &stop);
         tokio::pin!(reader, writer);
         tokio::select! {
-            () = &mut reader => {
+            peer_done = &mut reader => {
                 writer.await;
+                peer_done
             }
             () = &mut writer => {
                 // Boxed: the linger timer would otherwise sit in every idle session.
-                let _ = Box::pin(tokio::time::timeout(CLOSE_LINGER, reader)).await;
+                Box::pin(tokio::time::timeout(CLOSE_LINGER, reader)).await.unwrap_or(true)
             }
         }
+    };
+    if !peer_done {
+        // Our close frame is written and our side shut down; read what the peer still
+        // sends until it closes (or the linger ends), so the close is not a reset.
+        Box::pin(frames.discard(CLOSE_LINGER)).await;
     }
 
     let reason = ctl.requested().map_or(CloseReason::Gone, |(r, _)| r);
