@@ -278,3 +278,65 @@ async fn a_key_that_is_not_16_base64_bytes_gets_400() {
     // 15 bytes ("AAAAAAAAAAAAAAAAAAAA" above is 15 bytes); a correct key still upgrades.
     assert!(raw_upgrade_status(&gw, Some("dGhlIHNhbXBsZSBub25jZQ==")).await.starts_with("HTTP/1.1 101"));
 }
+
+/// Opens `n` connections from 127.0.0.1 that send part of an upgrade request and stop.
+async fn half_open(gw: &Gateway, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut held = Vec::with_capacity(n);
+    for chunk in 0..n.div_ceil(100) {
+        let batch = (chunk * 100..n.min(chunk * 100 + 100)).map(|_| async {
+            let mut s = tokio::net::TcpStream::connect(gw.client).await.expect("connect");
+            s.write_all(b"GET /ws HTTP/1.1\r\nHost: x\r\n").await.expect("write");
+            s
+        });
+        held.extend(futures_util::future::join_all(batch).await);
+    }
+    held
+}
+
+/// A well-behaved client from 127.0.0.2: the time to its 101, and the session.
+async fn client_from_another_address(gw: &Gateway, user: &str) -> (Duration, Ws) {
+    let start = std::time::Instant::now();
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.2:0".parse().unwrap()).expect("bind 127.0.0.2");
+    let stream = socket.connect(gw.client).await.expect("connect from 127.0.0.2");
+    let t = token(json!({"sub": user, "exp": now() + 60}));
+    let (ws, _) = tokio_tungstenite::client_async(
+        format!("ws://{}/ws?token={t}", gw.client),
+        tokio_tungstenite::MaybeTlsStream::Plain(stream),
+    )
+    .await
+    .expect("upgrade");
+    (start.elapsed(), ws)
+}
+
+async fn pub_sub_works(gw: &Gateway) {
+    let (took, mut sub) = client_from_another_address(gw, "sub").await;
+    assert!(took < Duration::from_secs(1), "101 after {took:?}");
+    assert_eq!(recv_json(&mut sub).await["type"], "welcome");
+    call(&mut sub, json!({"op":"subscribe","channel":"c"})).await;
+    let (_, mut publ) = client_from_another_address(gw, "pub").await;
+    let ack = call(&mut publ, json!({"op":"publish","channel":"c","data":"hi"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let m = recv_type(&mut sub, "message").await;
+    assert_eq!((m["data"].as_str(), &m["seq"]), (Some("hi"), &ack["seq"]));
+}
+
+#[tokio::test]
+async fn two_thousand_half_open_connections_from_one_address_lock_nobody_out() {
+    let gw = Gateway::start(&[]).await;
+    let _held = half_open(&gw, 2000).await;
+    pub_sub_works(&gw).await;
+    let page = gw.admin_get("/metrics").await.1;
+    let shed = metric(&page, "switchboard_gateway_half_open_shed_total", "reason=\"per_ip\"");
+    assert!(shed >= 2000.0 - 64.0, "shed {shed}");
+}
+
+#[tokio::test]
+async fn a_full_half_open_budget_sheds_the_oldest_instead_of_refusing() {
+    // No per-address limit to speak of: the node's budget (512 here) is what fills up.
+    let gw = Gateway::start(&["--max-pending-per-ip", "100000"]).await;
+    let _held = half_open(&gw, 2000).await;
+    pub_sub_works(&gw).await;
+    let page = gw.admin_get("/metrics").await.1;
+    assert!(metric(&page, "switchboard_gateway_half_open_shed_total", "reason=\"node\"") > 0.0);
+}
