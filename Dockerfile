@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image, three binaries: gateway, presence, broker-bridge (pick with `command`).
 # Build: docker build -t switchboard/switchboard:0.1.0 .
+# Binaries come from the `dist` profile (Cargo.toml): release code, stripped, no debug info.
 FROM rust:1.95-bookworm AS build
 WORKDIR /src
 # librdkafka (bundled by rdkafka) builds with make, a C compiler and zlib.
@@ -9,9 +10,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends make pkg-config
 COPY . .
 RUN --mount=type=cache,target=/usr/local/cargo/registry \
     --mount=type=cache,target=/src/target \
-    cargo build --release --locked -p gateway -p presence -p broker-bridge \
+    cargo build --profile dist --locked -p gateway -p presence -p broker-bridge \
     && mkdir -p /out \
-    && cp target/release/gateway target/release/presence target/release/broker-bridge /out/
+    && cp target/dist/gateway target/dist/presence target/dist/broker-bridge /out/
 
 FROM debian:bookworm-slim AS runtime
 RUN apt-get update && apt-get install -y --no-install-recommends ca-certificates zlib1g \

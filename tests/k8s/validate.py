@@ -5,7 +5,10 @@ Core kinds: kubernetes-validate (bundled schemas, Kubernetes 1.33, strict).
 Custom resources: JSON schemas vendored in crd-schemas/ beside this script (Strimzi,
 prometheus-operator; source and licence in crd-schemas/README.md).
 Policy: every container non-root, read-only root filesystem, no capabilities, probes,
-memory requests and limits; no secret value inline.
+memory requests and limits; no secret value inline. Across the documents of one file (one
+rendered overlay): a workload an HPA scales sets no spec.replicas (the HPA owns the count),
+and every PodDisruptionBudget selects a workload and allows at least one voluntary
+disruption at that workload's replicas (the HPA's minReplicas when an HPA owns it).
 Usage: validate.py RENDERED.yaml...   Exit 0 when everything passes.
 """
 import json
@@ -53,6 +56,78 @@ def policy(doc, errors):
                 errors.append(f"{name}/{c['name']}: {env['name']} must come from a Secret")
 
 
+WORKLOADS = ("Deployment", "StatefulSet", "ReplicaSet")
+
+
+def selects(selector, labels):
+    """Whether a LabelSelector matches a label set."""
+    for k, v in selector.get("matchLabels", {}).items():
+        if labels.get(k) != v:
+            return False
+    for e in selector.get("matchExpressions", []):
+        key, op, values = e["key"], e["operator"], e.get("values", [])
+        if op == "In" and labels.get(key) not in values:
+            return False
+        if op == "NotIn" and labels.get(key) in values:
+            return False
+        if op == "Exists" and key not in labels:
+            return False
+        if op == "DoesNotExist" and key in labels:
+            return False
+    return True
+
+
+def scaled(value, replicas):
+    """An int-or-percent PDB field as a pod count (Kubernetes rounds percentages up)."""
+    if isinstance(value, str) and value.endswith("%"):
+        return -(-int(value[:-1]) * replicas // 100)
+    return int(value)
+
+
+def disruptions_allowed(pdb_spec, replicas):
+    """Evictions a budget allows when all `replicas` pods are healthy."""
+    if "maxUnavailable" in pdb_spec:
+        return min(scaled(pdb_spec["maxUnavailable"], replicas), replicas)
+    return max(replicas - scaled(pdb_spec.get("minAvailable", 1), replicas), 0)
+
+
+def fleet(docs, where, errors):
+    """Checks that span documents: HPA ownership of replicas, and disruption budgets."""
+    workloads = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in WORKLOADS}
+    hpa_min = {}
+    for d in docs:
+        if d["kind"] != "HorizontalPodAutoscaler":
+            continue
+        ref = d["spec"]["scaleTargetRef"]
+        target = (ref["kind"], ref["name"])
+        if target not in workloads:
+            errors.append(f"{where}: HorizontalPodAutoscaler/{d['metadata']['name']} targets missing {target}")
+            continue
+        hpa_min[target] = d["spec"].get("minReplicas", 1)
+        if "replicas" in workloads[target]["spec"]:
+            errors.append(
+                f"{where}: {target[0]}/{target[1]} sets spec.replicas but HorizontalPodAutoscaler/"
+                f"{d['metadata']['name']} owns its count (every apply would reset the fleet)"
+            )
+    for d in docs:
+        if d["kind"] != "PodDisruptionBudget":
+            continue
+        name = d["metadata"]["name"]
+        matched = [
+            k for k, w in workloads.items()
+            if selects(d["spec"].get("selector", {}), w["spec"]["template"]["metadata"].get("labels", {}))
+        ]
+        if not matched:
+            errors.append(f"{where}: PodDisruptionBudget/{name} selects no workload")
+        for k in matched:
+            replicas = hpa_min.get(k, workloads[k]["spec"].get("replicas", 1))
+            if disruptions_allowed(d["spec"], replicas) < 1:
+                errors.append(
+                    f"{where}: PodDisruptionBudget/{name} allows no voluntary disruption of "
+                    f"{k[0]}/{k[1]} at {replicas} replica(s): `kubectl drain` would block forever"
+                )
+
+
 def main():
     schema_dir, files = SCHEMA_DIR, sys.argv[1:]
     if not files:
@@ -91,6 +166,10 @@ def main():
                 errors.append(f"{where}: malformed ({e!r} missing or wrong)")
             if len(errors) == before:
                 passed += 1
+        try:
+            fleet(docs, os.path.basename(path), errors)
+        except (KeyError, TypeError) as e:
+            errors.append(f"{os.path.basename(path)}: malformed ({e!r} missing or wrong)")
     for e in errors:
         print("FAIL", e)
     print(f"manifests: {passed} passed, {len(errors)} failed")

@@ -64,6 +64,64 @@ fn every_overlay_renders_and_validates_offline() {
     assert!(text.contains(" 0 failed"), "{text}");
 }
 
+/// The fleet checks of validate.py fail on the two faults issue 11 found: a Deployment
+/// that sets `replicas` while an HPA owns its count, and a budget that blocks every
+/// eviction at the replicas its workload runs (minAvailable 1 of 1).
+#[test]
+fn validation_rejects_replicas_under_an_hpa_and_budgets_that_block_drains() {
+    let dir = tmp_dir("k8s-fleet");
+    let deployment = |name: &str, replicas: Option<u32>| {
+        let replicas = replicas.map(|n| format!("  replicas: {n}\n")).unwrap_or_default();
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}}}\nspec:\n{replicas}  \
+             selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    \
+             spec: {{containers: [{{name: c, image: i}}]}}\n"
+        )
+    };
+    let hpa = |name: &str, min: u32| {
+        format!(
+            "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {{name: {name}}}\nspec:\n  \
+             scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: {name}}}\n  minReplicas: {min}\n  maxReplicas: 9\n"
+        )
+    };
+    let pdb = |name: &str, budget: &str| {
+        format!(
+            "apiVersion: policy/v1\nkind: PodDisruptionBudget\nmetadata: {{name: {name}}}\nspec:\n  {budget}\n  \
+             selector: {{matchLabels: {{app: {name}}}}}\n"
+        )
+    };
+    let docs = [
+        deployment("owned", Some(2)),
+        hpa("owned", 2),
+        deployment("single", Some(1)),
+        pdb("single", "minAvailable: 1"),
+        // HPA-owned at minReplicas 1: minAvailable 1 blocks, maxUnavailable 1 does not.
+        deployment("scaled", None),
+        hpa("scaled", 1),
+        pdb("scaled", "minAvailable: 1"),
+        deployment("fine", Some(3)),
+        pdb("fine", "minAvailable: 2"),
+        deployment("percent", Some(1)),
+        pdb("percent", "maxUnavailable: 10%"),
+        pdb("orphan", "maxUnavailable: 1"),
+    ];
+    let file = dir.join("fleet.yaml");
+    std::fs::write(&file, docs.join("---\n")).unwrap();
+    let out = Command::new("python3").arg(root().join("tests/k8s/validate.py")).arg(&file).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{text}");
+    let fleet: Vec<&str> =
+        text.lines().filter(|l| l.contains("spec.replicas") || l.contains("PodDisruptionBudget/")).collect();
+    assert!(text.contains("Deployment/owned sets spec.replicas"), "{text}");
+    assert!(!text.contains("Deployment/scaled sets spec.replicas"), "{text}");
+    assert!(text.contains("PodDisruptionBudget/single allows no voluntary disruption"), "{text}");
+    assert!(text.contains("PodDisruptionBudget/scaled allows no voluntary disruption"), "{text}");
+    assert!(text.contains("PodDisruptionBudget/orphan selects no workload"), "{text}");
+    assert!(!text.contains("PodDisruptionBudget/fine"), "{text}");
+    assert!(!text.contains("PodDisruptionBudget/percent"), "10% of 1 rounds up to 1: {text}");
+    assert_eq!(fleet.len(), 4, "{fleet:#?}");
+}
+
 /// The PrometheusRule's groups as a plain rules file.
 fn rules_file(dir: &Path) -> PathBuf {
     let out = run_ok(

@@ -1,5 +1,6 @@
 //! The repository stands alone: nothing in it refers to a path outside it, so a
-//! fresh clone builds and tests with what it holds.
+//! fresh clone builds and tests with what it holds; and what it ships (the image) is
+//! built the way Cargo.toml says.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -111,4 +112,48 @@ fn the_scanner_finds_what_it_looks_for() {
     assert!(outside_refs("gateway/src/metrics.rs", &format!("include_str!(\"{up}{up}docs/metrics.md\")")).is_empty());
     assert!(outside_refs("gateway/Cargo.toml", &format!("path = \"{up}tests\"")).is_empty());
     assert!(outside_refs("a/b/c.txt", &format!("x/{up}{up}{up}{up}y")).is_empty(), "mid-path `..` is not a climb");
+}
+
+/// `key = value` lines of the `[section]` of a TOML file (flat sections only).
+fn toml_section(text: &str, section: &str) -> Vec<(String, String)> {
+    let header = format!("[{section}]");
+    text.lines()
+        .skip_while(|l| l.trim() != header)
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .filter_map(|l| l.split('#').next()?.split_once('='))
+        .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+        .collect()
+}
+
+/// The image ships stripped binaries. A static check (no container engine on the test
+/// machines): the Dockerfile builds with the `dist` profile and copies that profile's
+/// output, and the profile strips symbols and generates no debug info.
+#[test]
+fn the_image_ships_binaries_of_the_stripped_dist_profile() {
+    let cargo = std::fs::read_to_string(root().join("Cargo.toml")).unwrap();
+    let dist = toml_section(&cargo, "profile.dist");
+    let get = |k: &str| dist.iter().find(|(key, _)| key == k).map(|(_, v)| v.as_str());
+    assert_eq!(get("inherits"), Some("\"release\""), "[profile.dist] must inherit release: {dist:?}");
+    assert_eq!(get("strip"), Some("\"symbols\""), "[profile.dist] must strip symbols: {dist:?}");
+    assert!(matches!(get("debug"), Some("0" | "false" | "\"none\"")), "[profile.dist] must set debug = 0: {dist:?}");
+
+    let docker = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    let builds: Vec<&str> = docker.lines().filter(|l| l.contains("cargo build")).collect();
+    assert!(!builds.is_empty(), "the Dockerfile builds nothing with cargo");
+    for b in &builds {
+        assert!(b.contains("--profile dist") && !b.contains("--release"), "not the dist profile: {b}");
+    }
+    for bin in ["gateway", "presence", "broker-bridge"] {
+        assert!(docker.contains(&format!("target/dist/{bin}")), "the image does not take {bin} from target/dist");
+    }
+    assert!(!docker.contains("target/release/"), "the image copies an unstripped release binary");
+}
+
+#[test]
+fn toml_sections_are_read_as_written() {
+    let text = "[a]\nx = 1 # one\n[profile.dist]\ninherits = \"release\"\nstrip = \"symbols\"\n\n[b]\ny = 2\n";
+    let s = toml_section(text, "profile.dist");
+    assert_eq!(s, vec![("inherits".into(), "\"release\"".into()), ("strip".into(), "\"symbols\"".into())]);
+    assert!(toml_section(text, "profile.missing").is_empty());
 }
