@@ -88,6 +88,7 @@ pub(crate) async fn run(per_gw: usize, rates: Vec<u64>, seconds: u64, concurrenc
             channel: channel.into(),
             data_json: format!("{{\"n\":{n},\"t\":{}}}", now_us()),
             from: "bench".into(),
+            ..Default::default()
         })
         .await?;
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -138,6 +139,7 @@ pub(crate) async fn run(per_gw: usize, rates: Vec<u64>, seconds: u64, concurrenc
                         channel: "bench".into(),
                         data_json: format!("{{\"n\":{n},\"t\":{}}}", now_us()),
                         from: "bench".into(),
+                        ..Default::default()
                     };
                     if p.publish(req).await.is_ok() {
                         acked.fetch_add(1, Ordering::Relaxed);

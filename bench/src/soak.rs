@@ -147,6 +147,7 @@ pub(crate) async fn run(
                         channel: format!("soak{}", n % 20),
                         data_json: format!("{{\"n\":{n}}}"),
                         from: "soak".into(),
+                        ..Default::default()
                     };
                     tokio::spawn(async move { p.publish(req).await });
                     n += 1;

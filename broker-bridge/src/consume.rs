@@ -45,7 +45,10 @@ impl ConsumerContext for Ctx {
             {
                 tracing::warn!(error = %e, "commit on revoke failed; records will be redelivered");
             }
-            self.tracker.lock().revoke(&parts);
+            let mut tracker = self.tracker.lock();
+            tracker.revoke(&parts);
+            metrics::gauge!(m::ASSIGNED_PARTITIONS).set(tracker.assigned() as f64);
+            drop(tracker);
             tracing::info!(partitions = ?parts, "partitions revoked");
         }
     }
@@ -53,7 +56,10 @@ impl ConsumerContext for Ctx {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts = self.partitions(tpl);
-            self.tracker.lock().assign(&parts);
+            let mut tracker = self.tracker.lock();
+            tracker.assign(&parts);
+            metrics::gauge!(m::ASSIGNED_PARTITIONS).set(tracker.assigned() as f64);
+            drop(tracker);
             tracing::info!(partitions = ?parts, "partitions assigned");
         }
     }

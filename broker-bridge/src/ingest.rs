@@ -2,6 +2,11 @@
 //! goes to Kafka keyed by its target, and is acknowledged only once Kafka has
 //! stored it; otherwise the caller gets UNAVAILABLE (retryable) within the
 //! produce timeout.
+//!
+//! Idempotency keys: a publish or send with a key gets an id derived from
+//! (method, from, key), so that a retry stored again by another bridge carries
+//! the same id and gateways drop it by id; on this bridge, a retry within the
+//! window is answered from the first call (or waits for it) and stored once.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -22,6 +27,7 @@ impl std::fmt::Debug for Producer {
     }
 }
 use kit::grpc::Authed;
+use kit::idempotency::Idempotency;
 use serde_json::value::RawValue;
 use tonic::{Request, Response, Status};
 
@@ -109,6 +115,24 @@ pub struct PushIngest {
     pub produce_timeout: Duration,
     pub max_message_bytes: usize,
     pub presence: Vec<PresenceClient<Authed>>,
+    /// Answers by idempotency scope: (id, offset).
+    pub idempotency: Arc<Idempotency<(String, i64)>>,
+}
+
+/// How long, and for how many keys, this bridge remembers an idempotency key.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
+pub const IDEMPOTENCY_KEYS: usize = 100_000;
+
+/// The message id for an idempotency scope: the same on every bridge.
+fn keyed_id(scope: &str) -> String {
+    use sha1::{Digest, Sha1};
+    let digest = Sha1::digest(scope.as_bytes());
+    let mut id = String::with_capacity(2 + 32);
+    id.push_str("k-");
+    for b in &digest[..16] {
+        id.push_str(&format!("{b:02x}"));
+    }
+    id
 }
 
 impl std::fmt::Debug for PushIngest {
@@ -184,13 +208,17 @@ impl PushIngest {
             Ok(Err((e, _))) => {
                 metrics::counter!(m::PRODUCE_ERRORS).increment(1);
                 count(method, "unavailable");
-                tracing::warn!(error = %e, "kafka did not store a message");
-                Err(Status::unavailable(format!("kafka did not store the message ({e}); nothing was published, retry")))
+                tracing::warn!(error = %e, "kafka did not acknowledge a message");
+                Err(Status::unavailable(format!(
+                    "kafka did not acknowledge the message ({e}); it may have been stored: retry with the same idempotency_key"
+                )))
             }
             Err(_) => {
                 metrics::counter!(m::PRODUCE_ERRORS).increment(1);
                 count(method, "unavailable");
-                Err(Status::unavailable("kafka did not answer in time; nothing was published, retry"))
+                Err(Status::unavailable(
+                    "kafka did not answer in time; the message may have been stored: retry with the same idempotency_key",
+                ))
             }
         }
     }
@@ -203,7 +231,34 @@ impl PushIngest {
             payload,
             published_at_ms: now_ms(),
             kind: kind as i32,
+            idempotent: false,
         }
+    }
+
+    /// Stores `env` once per idempotency key (`key` empty: no key); returns
+    /// (id, offset, duplicate).
+    async fn produce_once(
+        &self,
+        method: &'static str,
+        kafka_key: String,
+        mut env: Envelope,
+        key: &str,
+    ) -> Result<(String, i64, bool), Status> {
+        if key.is_empty() {
+            let (id, offset) = self.produce(method, kafka_key, env).await?;
+            return Ok((id, offset, false));
+        }
+        if !kit::idempotency::valid_key(key) {
+            return Err(invalid(method, "idempotency_key must be 1-128 printable ASCII bytes"));
+        }
+        let scope = format!("{method}\0{}\0{key}", env.from);
+        env.id = keyed_id(&scope);
+        env.idempotent = true;
+        let ((id, offset), duplicate) = self.idempotency.run(&scope, || self.produce(method, kafka_key, env)).await?;
+        if duplicate {
+            count(method, "duplicate");
+        }
+        Ok((id, offset, duplicate))
     }
 
     async fn presence<T, F, Fut>(&self, f: F) -> Result<T, Status>
@@ -239,9 +294,9 @@ impl Push for PushIngest {
         let key = format!("u:{}", r.user);
         let env =
             self.envelope(envelope::Target::User(r.user), &r.from, r.data_json.into_bytes(), envelope::Kind::Message);
-        let (id, _) = self.produce("send_to_user", key, env).await?;
-        // Connections reached are not known when Kafka acknowledges: 0 means "stored".
-        Ok(Response::new(pb::SendResponse { id, delivered: 0 }))
+        let (id, _, duplicate) = self.produce_once("send_to_user", key, env, &r.idempotency_key).await?;
+        // Connections reached are not known when Kafka acknowledges: no `delivered`.
+        Ok(Response::new(pb::SendResponse { id, delivered: None, duplicate }))
     }
 
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
@@ -257,8 +312,8 @@ impl Push for PushIngest {
             r.data_json.into_bytes(),
             envelope::Kind::Message,
         );
-        let (id, offset) = self.produce("publish", key, env).await?;
-        Ok(Response::new(pb::PublishResponse { id, seq: offset as u64 + 1, delivered: 0 }))
+        let (id, offset, duplicate) = self.produce_once("publish", key, env, &r.idempotency_key).await?;
+        Ok(Response::new(pb::PublishResponse { id, seq: offset as u64 + 1, delivered: None, duplicate }))
     }
 
     async fn broadcast(&self, req: Request<pb::BroadcastRequest>) -> Result<Response<pb::SendResponse>, Status> {
@@ -271,7 +326,7 @@ impl Push for PushIngest {
             envelope::Kind::Message,
         );
         let (id, _) = self.produce("broadcast", "b".into(), env).await?;
-        Ok(Response::new(pb::SendResponse { id, delivered: 0 }))
+        Ok(Response::new(pb::SendResponse { id, delivered: None, duplicate: false }))
     }
 
     async fn disconnect(
@@ -290,7 +345,7 @@ impl Push for PushIngest {
         let env =
             self.envelope(envelope::Target::User(r.user), "system", reason.into_bytes(), envelope::Kind::Disconnect);
         self.produce("disconnect", key, env).await?;
-        Ok(Response::new(pb::DisconnectResponse { closed: 0 }))
+        Ok(Response::new(pb::DisconnectResponse { closed: None }))
     }
 
     async fn is_online(&self, req: Request<pb::IsOnlineRequest>) -> Result<Response<pb::IsOnlineResponse>, Status> {

@@ -19,6 +19,7 @@ pub const OFFSET_GAPS: &str = "switchboard_bridge_offset_gaps_total";
 pub const BAD_RECORDS: &str = "switchboard_bridge_bad_records_total";
 pub const PUSH_REQUESTS: &str = "switchboard_bridge_push_requests_total";
 pub const ROUTE_NODES: &str = "switchboard_bridge_route_nodes";
+pub const ASSIGNED_PARTITIONS: &str = "switchboard_bridge_assigned_partitions";
 
 pub const BUCKETS: &[(&str, &[f64])] = &[
     ("_duration_seconds", &[0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
@@ -26,6 +27,7 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
 ];
 
 pub fn describe() {
+    register_zeroes();
     // Zero series, so alerts see 0 rather than nothing before the first event.
     for c in [PRODUCE_ERRORS, PRODUCER_RESETS, CONSUMED, DELIVERED, REDELIVERIES, GIVEN_UP, BAD_RECORDS] {
         metrics::counter!(c).increment(0);
@@ -39,6 +41,8 @@ pub fn describe() {
     describe_histogram!(PRODUCE_DURATION, Unit::Seconds, "Time from accepting a message to Kafka's acknowledgement.");
     describe_counter!(PRODUCER_RESETS, "Producers recreated after a fatal idempotence error (e.g. fenced epoch).");
     describe_counter!(CONSUMED, "Records consumed from the messages topic.");
+    describe_gauge!(ASSIGNED_PARTITIONS, "Partitions of the messages topic assigned to this bridge's consumer now.");
+    metrics::gauge!(ASSIGNED_PARTITIONS).set(0.0);
     describe_gauge!(CONSUMER_LAG, "High watermark minus the next offset to consume, summed over assigned partitions.");
     describe_gauge!(IN_FLIGHT, "Consumed messages not yet acknowledged by every target gateway.");
     describe_histogram!(FANOUT_WIDTH, "Target gateways per consumed message.");
@@ -54,4 +58,60 @@ pub fn describe() {
     describe_counter!(BAD_RECORDS, "Records that are not a valid envelope (skipped).");
     describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
     describe_gauge!(ROUTE_NODES, "Gateway nodes known to the routing cache.");
+}
+
+/// Label values, registered at zero at start (docs/metrics.md lists the same).
+pub const PRODUCE_TARGETS: &[&str] = &["channel", "user", "broadcast"];
+pub const COMMIT_OUTCOMES: &[&str] = &["ok", "error"];
+pub const GAP_OUTCOMES: &[&str] = &["refetched", "accepted"];
+pub const PUSH_METHODS: &[&str] =
+    &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members"];
+pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument", "unavailable"];
+
+/// The series that would otherwise appear only at their first event (labelled counters,
+/// the routing gauge, the fanout histogram), at zero from start, so that `rate()` and
+/// `absent()` see them.
+fn register_zeroes() {
+    for target in PRODUCE_TARGETS {
+        metrics::counter!(PRODUCED, "target" => *target).increment(0);
+    }
+    for outcome in COMMIT_OUTCOMES {
+        metrics::counter!(COMMITS, "outcome" => *outcome).increment(0);
+    }
+    for outcome in GAP_OUTCOMES {
+        metrics::counter!(OFFSET_GAPS, "outcome" => *outcome).increment(0);
+    }
+    for method in PUSH_METHODS {
+        for outcome in PUSH_OUTCOMES {
+            metrics::counter!(PUSH_REQUESTS, "method" => *method, "outcome" => *outcome).increment(0);
+        }
+    }
+    metrics::gauge!(ROUTE_NODES).increment(0.0);
+    let _ = metrics::histogram!(FANOUT_WIDTH);
+}
+
+#[cfg(test)]
+mod tests {
+    /// Every metric is in docs/metrics.md and exported from start, before its first event.
+    #[test]
+    fn every_metric_is_documented_and_exported_from_start() {
+        let doc = include_str!("../../docs/metrics.md");
+        let names: Vec<&str> = include_str!("metrics.rs")
+            .lines()
+            .filter_map(|l| l.trim().strip_prefix("pub const ")?.split('"').nth(1))
+            .filter(|n| n.starts_with("switchboard_"))
+            .collect();
+        assert!(names.len() >= 10, "{names:?}");
+        let rec = kit::telemetry::local_recorder(super::BUCKETS).unwrap();
+        metrics::with_local_recorder(&rec, super::describe);
+        let page = rec.handle().render();
+        for n in names {
+            assert!(doc.contains(&format!("`{n}`")), "{n} missing from docs/metrics.md");
+            let exported = page.lines().any(|l| {
+                l.strip_prefix(n).is_some_and(|rest| rest.starts_with([' ', '{']) || rest.starts_with("_bucket{"))
+            });
+            assert!(exported, "{n} is not exported at start:\n{page}");
+        }
+        assert!(!page.contains("quantile="), "a histogram is exported as a summary:\n{page}");
+    }
 }

@@ -33,6 +33,11 @@ pub struct Tracker {
 
 impl Tracker {
     /// Partitions were assigned to us: (re)start tracking them.
+    /// Number of partitions assigned to us now.
+    pub fn assigned(&self) -> usize {
+        self.partitions.len()
+    }
+
     pub fn assign(&mut self, partitions: &[i32]) {
         for p in partitions {
             self.next_generation += 1;

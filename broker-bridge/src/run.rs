@@ -126,6 +126,10 @@ pub async fn run(
         produce_timeout: cli.produce_timeout,
         max_message_bytes: cli.max_message_bytes,
         presence,
+        idempotency: Arc::new(kit::idempotency::Idempotency::new(
+            crate::ingest::IDEMPOTENCY_WINDOW,
+            crate::ingest::IDEMPOTENCY_KEYS,
+        )),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PushServer<PushIngest>>().await;

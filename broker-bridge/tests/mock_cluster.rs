@@ -43,12 +43,20 @@ fn ingest(bootstrap: &str, timeout: &str) -> PushIngest {
         produce_timeout: cli.produce_timeout,
         max_message_bytes: 65536,
         presence: Vec::new(),
+        idempotency: Arc::new(kit::idempotency::Idempotency::new(
+            broker_bridge::ingest::IDEMPOTENCY_WINDOW,
+            broker_bridge::ingest::IDEMPOTENCY_KEYS,
+        )),
     }
 }
 
 async fn publish(ing: &PushIngest, n: usize) -> Result<(String, u64), tonic::Status> {
-    let req =
-        pb::PublishRequest { channel: format!("ch{}", n % 8), data_json: format!("{{\"n\":{n}}}"), from: "t".into() };
+    let req = pb::PublishRequest {
+        channel: format!("ch{}", n % 8),
+        data_json: format!("{{\"n\":{n}}}"),
+        from: "t".into(),
+        ..Default::default()
+    };
     ing.publish(tonic::Request::new(req)).await.map(|r| {
         let r = r.into_inner();
         (r.id, r.seq)

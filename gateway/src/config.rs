@@ -57,6 +57,13 @@ pub struct Cli {
     /// many clients share an address, so set it with care).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_CONNECTIONS_PER_IP", default_value = "0")]
     pub max_connections_per_ip: u32,
+    /// Memory budget per session, in bytes, for the session cap derived from the
+    /// cgroup memory limit (the lower of that and the open-files cap applies).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_MEMORY_PER_SESSION", default_value_t = crate::limits::DEFAULT_PER_SESSION)]
+    pub memory_per_session: u64,
+    /// Where the cgroup file system is mounted (the memory limit is read there).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_CGROUP_ROOT", default_value = "/sys/fs/cgroup")]
+    pub cgroup_root: PathBuf,
     /// Connections one address may hold open without having sent a complete request;
     /// a new one beyond this closes that address's oldest. Raise it behind a proxy
     /// that forwards request headers unbuffered.

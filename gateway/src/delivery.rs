@@ -30,8 +30,9 @@ use crate::{protocol, wire};
 /// One shard of the window: the ids, and their arrival order for eviction.
 type Window = (HashSet<Box<str>>, VecDeque<Box<str>>);
 
-/// Recently seen message ids (direct messages and broadcasts; channel messages
-/// are deduplicated by their sequence number), bounded.
+/// Recently seen message ids (direct messages, broadcasts, and channel messages
+/// published with an idempotency key; other channel messages are deduplicated
+/// by their sequence number), bounded.
 #[derive(Debug)]
 pub struct Dedupe {
     shards: Vec<Mutex<Window>>,
@@ -85,6 +86,9 @@ impl DeliveryService {
             return;
         };
         let fresh = match &env.target {
+            // Stored twice under one idempotency key (a retry on another bridge): the
+            // copies share the id derived from the key; the first one shown wins.
+            Some(Target::Channel(_)) if env.idempotent && !self.dedupe.first(&env.id) => false,
             Some(Target::Channel(c)) => {
                 let start = std::time::Instant::now();
                 let fresh = self.hub.publish_at(c, &env.id, &env.from, item.channel_seq, data, congested).is_some();
@@ -213,14 +217,16 @@ mod tests {
                 payload: b"1".to_vec(),
                 published_at_ms: now_ms(),
                 kind: 0,
+                idempotent: id.starts_with("k-"),
             }),
         };
-        for (seq, id) in [(5, "a"), (9, "b"), (5, "a"), (9, "b"), (7, "late"), (12, "c")] {
+        // "k-x" at 14 and again at 15: one idempotent publish stored twice (two bridges).
+        for (seq, id) in [(5, "a"), (9, "b"), (5, "a"), (9, "b"), (7, "late"), (12, "c"), (14, "k-x"), (15, "k-x")] {
             svc.apply(&item(seq, id), &mut Vec::new());
         }
         let got: Vec<u64> = std::iter::from_fn(|| rx.try_recv())
             .map(|f| serde_json::from_slice::<serde_json::Value>(&f[2..]).unwrap()["seq"].as_u64().unwrap())
             .collect();
-        assert_eq!(got, vec![5, 9, 12]);
+        assert_eq!(got, vec![5, 9, 12, 14]);
     }
 }

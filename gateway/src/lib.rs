@@ -21,6 +21,7 @@ pub mod delivery;
 pub mod demo;
 pub mod handshake;
 pub mod hub;
+pub mod limits;
 pub mod metrics;
 pub mod outbox;
 pub mod pending;

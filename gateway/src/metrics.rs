@@ -30,18 +30,73 @@ pub const PRESENCE_SENT_SEQ: &str = "switchboard_gateway_presence_sent_seq";
 pub const PRESENCE_ACKED_SEQ: &str = "switchboard_gateway_presence_acked_seq";
 pub const PRESENCE_FALLBACKS: &str = "switchboard_gateway_presence_fallbacks_total";
 
-/// Histogram buckets, by metric-name suffix.
-pub const BUCKETS: &[(&str, &[f64])] =
-    &[("_duration_seconds", &[0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0])];
+/// Histogram buckets, by metric-name suffix (any other histogram gets kit's defaults).
+pub const BUCKETS: &[(&str, &[f64])] = &[
+    ("_duration_seconds", &[0.000_01, 0.000_05, 0.000_1, 0.000_5, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0]),
+    // Spans the bridge, Kafka and this gateway: milliseconds to seconds. 0.5 s is the
+    // objective of SwitchboardEndToEndLatencyHigh, so it must be a bound.
+    ("_end_to_end_latency_seconds", &[0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]),
+];
+
+/// Label values, registered at zero at start (docs/metrics.md lists the same).
+pub const OPS: &[&str] = &["subscribe", "unsubscribe", "publish", "send", "presence", "ping", "invalid"];
+pub const FRAME_KINDS: &[&str] = &["message", "direct", "broadcast"];
+/// The protocol's error codes (`protocol::ErrorCode::as_str`).
+pub const ERROR_CODES: &[&str] = &[
+    "bad_json",
+    "unknown_op",
+    "bad_request",
+    "bad_channel",
+    "forbidden",
+    "too_many_subscriptions",
+    "rate_limited",
+    "unavailable",
+];
+pub const PUSH_METHODS: &[&str] =
+    &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members"];
+pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument"];
 
 /// Registers every series that alerts and dashboards use at zero, so that they are
 /// exported before the first event (an absent series is not a zero to PromQL).
 fn register_zeroes() {
-    for c in [CONNECTIONS_OPENED, QUEUE_FULL, ACCEPT_ERRORS, DUPLICATES_DROPPED, DELIVERIES, PRESENCE_RECONNECTS] {
+    for c in [
+        CONNECTIONS_OPENED,
+        QUEUE_FULL,
+        ACCEPT_ERRORS,
+        DUPLICATES_DROPPED,
+        DELIVERIES,
+        PRESENCE_RECONNECTS,
+        PRESENCE_RESYNCS,
+        PRESENCE_FALLBACKS,
+        STALLS,
+    ] {
         metrics::counter!(c).increment(0);
     }
-    for g in [CONNECTIONS_ACTIVE, SUBSCRIPTIONS_ACTIVE] {
+    // `increment(0.0)` leaves a value already set (the connection cap) as it is.
+    for g in [
+        CONNECTIONS_ACTIVE,
+        CONNECTIONS_LIMIT,
+        SUBSCRIPTIONS_ACTIVE,
+        DELIVERY_STREAMS,
+        PRESENCE_LINKS_UP,
+        PRESENCE_SENT_SEQ,
+        PRESENCE_ACKED_SEQ,
+    ] {
         metrics::gauge!(g).increment(0.0);
+    }
+    for op in OPS {
+        metrics::counter!(MESSAGES_IN, "op" => *op).increment(0);
+    }
+    for kind in FRAME_KINDS {
+        metrics::counter!(MESSAGES_OUT, "kind" => *kind).increment(0);
+    }
+    for code in ERROR_CODES {
+        metrics::counter!(COMMAND_ERRORS, "code" => *code).increment(0);
+    }
+    for method in PUSH_METHODS {
+        for outcome in PUSH_OUTCOMES {
+            metrics::counter!(PUSH_REQUESTS, "method" => *method, "outcome" => *outcome).increment(0);
+        }
     }
     for r in crate::policy::CloseReason::ALL {
         metrics::counter!(CONNECTIONS_CLOSED, "reason" => r.label()).increment(0);
@@ -114,8 +169,10 @@ pub fn describe() {
 
 #[cfg(test)]
 mod tests {
+    /// Every metric is in docs/metrics.md and exported from start, before its first event
+    /// (a series that appears late breaks `rate()` over the gap and `absent()` alerts).
     #[test]
-    fn every_metric_is_documented() {
+    fn every_metric_is_documented_and_exported_from_start() {
         let doc = include_str!("../../docs/metrics.md");
         let src = include_str!("metrics.rs");
         let names: Vec<&str> = src
@@ -124,8 +181,36 @@ mod tests {
             .filter(|n| n.starts_with("switchboard_"))
             .collect();
         assert!(names.len() >= 10, "{names:?}");
+        let rec = kit::telemetry::local_recorder(super::BUCKETS).unwrap();
+        metrics::with_local_recorder(&rec, super::describe);
+        let page = rec.handle().render();
         for n in names {
             assert!(doc.contains(&format!("`{n}`")), "{n} missing from docs/metrics.md");
+            let exported = page.lines().any(|l| {
+                l.strip_prefix(n).is_some_and(|rest| rest.starts_with([' ', '{']) || rest.starts_with("_bucket{"))
+            });
+            assert!(exported, "{n} is not exported at start:\n{page}");
         }
+        assert!(!page.contains("quantile="), "a histogram is exported as a summary:\n{page}");
+    }
+
+    /// ERROR_CODES (registered at zero, documented) is the protocol's list.
+    #[test]
+    fn error_codes_are_the_protocols() {
+        let src = include_str!("protocol.rs");
+        let start = src.find("impl ErrorCode {").expect("impl ErrorCode in protocol.rs");
+        let block = &src[start..start + src[start..].find("\n}\n").expect("end of impl")];
+        let codes: Vec<&str> = block.split("=> \"").skip(1).filter_map(|r| r.split('"').next()).collect();
+        assert_eq!(codes, super::ERROR_CODES, "update ERROR_CODES and docs/metrics.md");
+    }
+
+    /// The end-to-end latency is a histogram with its alert's objective (0.5 s) as a bound.
+    #[test]
+    fn end_to_end_latency_is_a_histogram() {
+        let rec = kit::telemetry::local_recorder(super::BUCKETS).unwrap();
+        metrics::with_local_recorder(&rec, || metrics::histogram!(super::END_TO_END).record(0.3));
+        let page = rec.handle().render();
+        assert!(page.contains(&format!("{}_bucket{{le=\"0.5\"}} 1", super::END_TO_END)), "{page}");
+        assert!(page.contains(&format!("{}_bucket{{le=\"0.25\"}} 0", super::END_TO_END)), "{page}");
     }
 }

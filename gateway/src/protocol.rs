@@ -23,8 +23,8 @@ pub struct Request<'a> {
 pub enum Command<'a> {
     Subscribe { channel: Cow<'a, str> },
     Unsubscribe { channel: Cow<'a, str> },
-    Publish { channel: Cow<'a, str>, data: &'a RawValue },
-    Send { user: Cow<'a, str>, data: &'a RawValue },
+    Publish { channel: Cow<'a, str>, data: &'a RawValue, key: Option<Cow<'a, str>> },
+    Send { user: Cow<'a, str>, data: &'a RawValue, key: Option<Cow<'a, str>> },
     Presence { channel: Cow<'a, str> },
     Ping,
 }
@@ -77,6 +77,8 @@ struct Raw<'a> {
     user: Option<Cow<'a, str>>,
     #[serde(borrow, default)]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    idempotency_key: Option<Cow<'a, str>>,
 }
 
 /// Only the `ref` of a command, for answering one whose other fields are malformed.
@@ -111,16 +113,20 @@ pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
     if reference.is_some_and(|r| !valid_ref(&r)) {
         return Err(err(None, ErrorCode::BadRequest, "ref must be a string or number of at most 128 bytes"));
     }
+    if raw.idempotency_key.as_deref().is_some_and(|k| !kit::idempotency::valid_key(k)) {
+        return Err(err(reference, ErrorCode::BadRequest, "idempotency_key must be 1-128 printable ASCII bytes"));
+    }
+    let key = raw.idempotency_key;
     let command = match raw.op.as_deref() {
         Some("subscribe") => need_channel(raw.channel).map(|channel| Command::Subscribe { channel }),
         Some("unsubscribe") => need_channel(raw.channel).map(|channel| Command::Unsubscribe { channel }),
         Some("presence") => need_channel(raw.channel).map(|channel| Command::Presence { channel }),
         Some("publish") => need_channel(raw.channel).and_then(|channel| match raw.data {
-            Some(data) => Ok(Command::Publish { channel, data }),
+            Some(data) => Ok(Command::Publish { channel, data, key }),
             None => Err((ErrorCode::BadRequest, "missing field `data`")),
         }),
         Some("send") => match (raw.user, raw.data) {
-            (Some(user), Some(data)) if crate::auth::valid_user_id(&user) => Ok(Command::Send { user, data }),
+            (Some(user), Some(data)) if crate::auth::valid_user_id(&user) => Ok(Command::Send { user, data, key }),
             (Some(_), Some(_)) => Err((ErrorCode::BadRequest, "user must be 1-128 bytes")),
             (None, _) => Err((ErrorCode::BadRequest, "missing field `user`")),
             (_, None) => Err((ErrorCode::BadRequest, "missing field `data`")),
@@ -227,7 +233,13 @@ pub fn member_count(channel: &str, members: u64) -> Vec<u8> {
 }
 
 /// An `ack`, with the message id and sequence for publishes and sends.
-pub fn ack(r: Option<&RawValue>, id: Option<&str>, seq: Option<u64>, delivered: Option<u64>) -> Vec<u8> {
+pub fn ack(
+    r: Option<&RawValue>,
+    id: Option<&str>,
+    seq: Option<u64>,
+    delivered: Option<u64>,
+    duplicate: bool,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(64);
     out.extend_from_slice(b"{\"type\":\"ack\"");
     reference(&mut out, r);
@@ -241,12 +253,26 @@ pub fn ack(r: Option<&RawValue>, id: Option<&str>, seq: Option<u64>, delivered: 
     if let Some(d) = delivered {
         let _ = write!(out, ",\"delivered\":{d}");
     }
+    if duplicate {
+        out.extend_from_slice(b",\"duplicate\":true");
+    }
     out.push(b'}');
     out
 }
 
 /// An `error` reply.
 pub fn error(r: Option<&RawValue>, code: ErrorCode, message: &str, retry_after_ms: Option<u64>) -> Vec<u8> {
+    error_with(r, code, message, retry_after_ms, false)
+}
+
+/// An `error` reply; `ambiguous`: the message may have been stored (see docs/protocol.md).
+pub fn error_with(
+    r: Option<&RawValue>,
+    code: ErrorCode,
+    message: &str,
+    retry_after_ms: Option<u64>,
+    ambiguous: bool,
+) -> Vec<u8> {
     let mut out = Vec::with_capacity(96);
     out.extend_from_slice(b"{\"type\":\"error\"");
     reference(&mut out, r);
@@ -256,6 +282,9 @@ pub fn error(r: Option<&RawValue>, code: ErrorCode, message: &str, retry_after_m
     string(&mut out, message);
     if let Some(ms) = retry_after_ms {
         let _ = write!(out, ",\"retry_after_ms\":{ms}");
+    }
+    if ambiguous {
+        out.extend_from_slice(b",\"ambiguous\":true");
     }
     out.push(b'}');
     out
@@ -297,7 +326,7 @@ mod tests {
         let r = decode(r#"{"op":"publish","channel":"room:1","data":{"t":[1,2]},"ref":"a"}"#).unwrap();
         assert_eq!(r.reference.unwrap().get(), "\"a\"");
         match r.command {
-            Command::Publish { channel, data } => {
+            Command::Publish { channel, data, .. } => {
                 assert_eq!(channel, "room:1");
                 assert_eq!(data.get(), r#"{"t":[1,2]}"#);
             }
@@ -359,7 +388,8 @@ mod tests {
             message("c\"h", "id1", "al\nice", 9, data.get()),
             direct("id", "a", "b", data.get()),
             membership(true, "c", "u"),
-            ack(Some(&RawValue::from_string("\"r\"".into()).unwrap()), Some("id"), Some(3), Some(2)),
+            ack(Some(&RawValue::from_string("\"r\"".into()).unwrap()), Some("id"), Some(3), Some(2), true),
+            error_with(None, ErrorCode::Unavailable, "x", Some(1000), true),
             error(None, ErrorCode::RateLimited, "slow \"down\"", Some(12)),
             presence(None, "c", &["a".into(), "b".into()]),
             pong(None),

@@ -39,7 +39,12 @@ fn ok(method: &'static str) {
 impl From<BusError> for Status {
     fn from(e: BusError) -> Self {
         match e {
-            BusError::Unavailable(m) => Status::unavailable(format!("{m}; retry")),
+            BusError::Unavailable { message, ambiguous: false } => {
+                Status::unavailable(format!("{message}; nothing was stored, retry"))
+            }
+            BusError::Unavailable { message, ambiguous: true } => Status::unavailable(format!(
+                "{message}; the message may have been stored: retry with the same idempotency_key"
+            )),
             BusError::Invalid(m) => Status::invalid_argument(m),
         }
     }
@@ -66,6 +71,15 @@ impl PushService {
         }
     }
 
+    /// `None` for an empty key (none given).
+    fn check_key<'k>(method: &'static str, key: &'k str) -> Result<Option<&'k str>, Status> {
+        match key {
+            "" => Ok(None),
+            k if kit::idempotency::valid_key(k) => Ok(Some(k)),
+            _ => Err(invalid(method, "idempotency_key must be 1-128 printable ASCII bytes")),
+        }
+    }
+
     fn from_or_system(from: &str) -> &str {
         if from.is_empty() { "system" } else { from }
     }
@@ -77,9 +91,10 @@ impl Push for PushService {
         let r = req.into_inner();
         Self::check_user("send_to_user", &r.user)?;
         self.check_data("send_to_user", &r.data_json)?;
-        let a = self.bus.send(&r.user, Self::from_or_system(&r.from), &r.data_json).await?;
+        let key = Self::check_key("send_to_user", &r.idempotency_key)?;
+        let a = self.bus.send(&r.user, Self::from_or_system(&r.from), &r.data_json, key).await?;
         ok("send_to_user");
-        Ok(Response::new(pb::SendResponse { id: a.id, delivered: a.delivered }))
+        Ok(Response::new(pb::SendResponse { id: a.id, delivered: a.delivered, duplicate: a.duplicate }))
     }
 
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
@@ -88,9 +103,15 @@ impl Push for PushService {
             return Err(invalid("publish", "channel must be 1-128 printable ASCII bytes without spaces"));
         }
         self.check_data("publish", &r.data_json)?;
-        let a = self.bus.publish(&r.channel, Self::from_or_system(&r.from), &r.data_json).await?;
+        let key = Self::check_key("publish", &r.idempotency_key)?;
+        let a = self.bus.publish(&r.channel, Self::from_or_system(&r.from), &r.data_json, key).await?;
         ok("publish");
-        Ok(Response::new(pb::PublishResponse { id: a.id, seq: a.seq.unwrap_or(0), delivered: a.delivered }))
+        Ok(Response::new(pb::PublishResponse {
+            id: a.id,
+            seq: a.seq.unwrap_or(0),
+            delivered: a.delivered,
+            duplicate: a.duplicate,
+        }))
     }
 
     async fn broadcast(&self, req: Request<pb::BroadcastRequest>) -> Result<Response<pb::SendResponse>, Status> {
@@ -98,7 +119,7 @@ impl Push for PushService {
         self.check_data("broadcast", &r.data_json)?;
         let a = self.bus.broadcast(Self::from_or_system(&r.from), &r.data_json).await?;
         ok("broadcast");
-        Ok(Response::new(pb::SendResponse { id: a.id, delivered: a.delivered }))
+        Ok(Response::new(pb::SendResponse { id: a.id, delivered: a.delivered, duplicate: a.duplicate }))
     }
 
     async fn disconnect(

@@ -32,8 +32,8 @@ pub enum SettingsError {
     KeyFile { path: String, error: std::io::Error },
     #[error("invalid key in {path}: {error}")]
     Key { path: String, error: jsonwebtoken::errors::Error },
-    #[error("--max-connections {asked} exceeds what the open-files limit ({nofile}) allows: at most {allowed}")]
-    TooManyConnections { asked: u32, nofile: u64, allowed: usize },
+    #[error("--max-connections {asked} exceeds what the limits allow ({why}): at most {allowed}")]
+    TooManyConnections { asked: u32, why: String, allowed: usize },
     #[error("--heartbeat-interval and --heartbeat-timeout must be above zero")]
     Heartbeat,
     #[error("--bridge-addrs needs --presence-addrs: the bridges route messages by presence")]
@@ -69,6 +69,8 @@ pub struct Settings {
     pub bridge_addrs: Vec<String>,
     pub drain: Drain,
     pub nofile: u64,
+    /// How the session cap was derived (logged at start).
+    pub cap_reason: String,
 }
 
 fn read_key(path: &Path) -> Result<Vec<u8>, SettingsError> {
@@ -122,10 +124,21 @@ impl Settings {
         let nofile = rlimit::increase_nofile_limit(u64::MAX)
             .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
             .unwrap_or(1024);
-        let (derived, max_pending) = caps_from_nofile(nofile);
+        let (by_files, max_pending) = caps_from_nofile(nofile);
+        let memory_limit = crate::limits::cgroup_memory_limit(&cli.cgroup_root);
+        let by_memory =
+            memory_limit.map(|limit| crate::limits::sessions_for_memory(limit, cli.memory_per_session.max(1)));
+        let derived = by_memory.map_or(by_files, |m| m.min(by_files));
+        let why = match (memory_limit, by_memory) {
+            (Some(limit), Some(m)) => format!(
+                "open files {nofile} allow {by_files}; memory limit {limit} B at {} B per session allows {m}",
+                cli.memory_per_session
+            ),
+            _ => format!("open files {nofile} allow {by_files}; no memory limit"),
+        };
         let max_sessions = match cli.max_connections {
             Some(n) if n.get() as usize > derived => {
-                return Err(SettingsError::TooManyConnections { asked: n.get(), nofile, allowed: derived });
+                return Err(SettingsError::TooManyConnections { asked: n.get(), why, allowed: derived });
             }
             Some(n) => n.get() as usize,
             None => derived,
@@ -163,6 +176,7 @@ impl Settings {
             tls,
             drain: Drain { window: cli.drain_window, grace: cli.drain_grace },
             nofile,
+            cap_reason: why,
         })
     }
 }
@@ -330,6 +344,7 @@ pub async fn run(
         node = %settings.session.node_id,
         max_connections = settings.max_sessions,
         nofile = settings.nofile,
+        cap = %settings.cap_reason,
         "gateway ready"
     );
 

@@ -340,3 +340,23 @@ async fn a_full_half_open_budget_sheds_the_oldest_instead_of_refusing() {
     let page = gw.admin_get("/metrics").await.1;
     assert!(metric(&page, "switchboard_gateway_half_open_shed_total", "reason=\"node\"") > 0.0);
 }
+
+#[tokio::test]
+async fn a_cgroup_memory_limit_caps_sessions_below_it() {
+    let root = std::env::temp_dir().join(format!("sb-cg-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    std::fs::write(root.join("memory.max"), "134217728\n").unwrap(); // 128 MiB
+    let root_s = root.to_str().unwrap();
+    let parse = |extra: &[&str]| {
+        let mut args = vec!["gateway", "--anonymous", "--cgroup-root", root_s];
+        args.extend_from_slice(extra);
+        gateway::Settings::from_cli(&<gateway::config::Cli as clap::Parser>::try_parse_from(args).unwrap())
+    };
+    let s = parse(&[]).unwrap();
+    // (128 - 64) MiB * 0.8 / 8 KiB per session, well below the open-files cap here.
+    assert_eq!(s.max_sessions, 6553);
+    assert_eq!(parse(&["--memory-per-session", "4096"]).unwrap().max_sessions, 13107);
+    let err = parse(&["--max-connections", "7000"]).unwrap_err().to_string();
+    assert!(err.contains("memory limit 134217728") && err.contains("6553"), "{err}");
+    std::fs::remove_dir_all(&root).unwrap();
+}

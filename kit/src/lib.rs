@@ -5,10 +5,12 @@
 //! - [`admin`]: the admin HTTP endpoints `/metrics`, `/healthz`, `/readyz`.
 //! - [`shutdown`]: SIGTERM/SIGINT turned into a cancellation token.
 //! - [`grpc`]: the shared-token credential of the internal gRPC APIs.
+//! - [`idempotency`]: answers remembered by idempotency key for a window.
 
 pub mod admin;
 pub mod args;
 pub mod grpc;
+pub mod idempotency;
 pub mod shutdown;
 pub mod telemetry;
 

@@ -19,23 +19,34 @@ pub fn init_logging(format: LogFormat, filter: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Installs the global Prometheus recorder and returns the handle that renders it.
-///
-/// Histograms listed in `buckets` (by metric name suffix) get those bucket bounds;
-/// the others are summaries.
-pub fn init_metrics(buckets: &[(&str, &[f64])]) -> anyhow::Result<PrometheusHandle> {
-    let mut builder = PrometheusBuilder::new();
+/// Bucket bounds (seconds) of every histogram that `buckets` gives none: the Prometheus
+/// clients' default. With a default set, no histogram is ever exported as a summary
+/// (whose quantiles cannot be aggregated across pods, and which has no `_bucket` series
+/// for `histogram_quantile`).
+pub const DEFAULT_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+fn builder(buckets: &[(&str, &[f64])]) -> anyhow::Result<PrometheusBuilder> {
+    let mut builder = PrometheusBuilder::new().set_buckets(DEFAULT_BUCKETS)?;
     for (suffix, bounds) in buckets {
         builder = builder
             .set_buckets_for_metric(metrics_exporter_prometheus::Matcher::Suffix((*suffix).to_owned()), bounds)?;
     }
-    Ok(builder.install_recorder()?)
+    Ok(builder)
 }
 
-/// A recorder that is not installed globally, for tests that render metrics of one
-/// run in isolation.
-pub fn local_recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
-    PrometheusBuilder::new().build_recorder()
+/// Installs the global Prometheus recorder and returns the handle that renders it.
+///
+/// Every histogram is a Prometheus histogram: those whose name ends in a suffix listed
+/// in `buckets` get that entry's bounds, the others [`DEFAULT_BUCKETS`].
+pub fn init_metrics(buckets: &[(&str, &[f64])]) -> anyhow::Result<PrometheusHandle> {
+    Ok(builder(buckets)?.install_recorder()?)
+}
+
+/// A recorder configured as [`init_metrics`] configures the global one, not installed,
+/// for tests that render the metrics of one run in isolation
+/// (`metrics::with_local_recorder`).
+pub fn local_recorder(buckets: &[(&str, &[f64])]) -> anyhow::Result<metrics_exporter_prometheus::PrometheusRecorder> {
+    Ok(builder(buckets)?.build_recorder())
 }
 
 /// Publishes `<prefix>_runtime_alive_tasks` (tokio tasks alive in this process)
@@ -43,6 +54,8 @@ pub fn local_recorder() -> metrics_exporter_prometheus::PrometheusRecorder {
 pub fn spawn_runtime_sampler(prefix: &str) -> tokio::task::JoinHandle<()> {
     let name = format!("{prefix}_runtime_alive_tasks");
     metrics::describe_gauge!(name.clone(), "Tokio tasks alive in this process (a steady climb is a leak).");
+    // Exported from the first scrape on, not from the sampler's first tick.
+    metrics::gauge!(name.clone()).set(tokio::runtime::Handle::current().metrics().num_alive_tasks() as f64);
     tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(5));
         loop {
@@ -51,4 +64,22 @@ pub fn spawn_runtime_sampler(prefix: &str) -> tokio::task::JoinHandle<()> {
             metrics::gauge!(name.clone()).set(n as f64);
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_histogram_gets_buckets_named_or_default() {
+        let rec = super::local_recorder(&[("_duration_seconds", &[0.1, 1.0])]).unwrap();
+        metrics::with_local_recorder(&rec, || {
+            metrics::histogram!("t_fanout_duration_seconds").record(0.5);
+            metrics::histogram!("t_end_to_end_latency_seconds").record(0.5);
+        });
+        let page = rec.handle().render();
+        assert!(page.contains("t_fanout_duration_seconds_bucket{le=\"1\"} 1"), "{page}");
+        assert!(!page.contains("t_fanout_duration_seconds_bucket{le=\"0.25\"}"), "{page}");
+        // No suffix entry: the default bounds, never a summary.
+        assert!(page.contains("t_end_to_end_latency_seconds_bucket{le=\"0.5\"} 1"), "{page}");
+        assert!(!page.contains("quantile="), "{page}");
+    }
 }

@@ -57,14 +57,6 @@ async fn settle(publisher: &mut Ws, subs: &mut [&mut Ws], channel: &str) {
     }
 }
 
-/// GET that returns an empty page instead of panicking (the process may be dead).
-async fn http_get_quiet(addr: SocketAddr, path: &str) -> (u16, String) {
-    match tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await {
-        Ok(Ok(_)) => http_get(addr, path).await,
-        _ => (0, String::new()),
-    }
-}
-
 fn order(msgs: &[Value]) -> Vec<(String, u64)> {
     msgs.iter().map(|m| (m["id"].as_str().unwrap().to_owned(), m["seq"].as_u64().unwrap())).collect()
 }
@@ -168,6 +160,7 @@ async fn direct_messages_and_pushes_reach_the_right_sockets() {
                 channel: "alerts".into(),
                 data_json: r#"{"level":1}"#.into(),
                 from: "ops".into(),
+                ..Default::default()
             })
             .await
             .expect("push publish")
@@ -179,7 +172,12 @@ async fn direct_messages_and_pushes_reach_the_right_sockets() {
         }
     }
     let r = push
-        .send_to_user(pb::SendToUserRequest { user: "carol".into(), data_json: "\"hi\"".into(), from: "svc".into() })
+        .send_to_user(pb::SendToUserRequest {
+            user: "carol".into(),
+            data_json: "\"hi\"".into(),
+            from: "svc".into(),
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -191,8 +189,14 @@ async fn direct_messages_and_pushes_reach_the_right_sockets() {
     push.disconnect(pb::DisconnectRequest { user: "carol".into(), reason: "bye".into() }).await.unwrap();
     let close = expect_close(&mut carol).await;
     assert_eq!(u16::from(close.code), 4004);
-    let bad =
-        push.publish(pb::PublishRequest { channel: String::new(), data_json: "1".into(), from: String::new() }).await;
+    let bad = push
+        .publish(pb::PublishRequest {
+            channel: String::new(),
+            data_json: "1".into(),
+            from: String::new(),
+            ..Default::default()
+        })
+        .await;
     assert_eq!(bad.unwrap_err().code(), tonic::Code::InvalidArgument);
 }
 
@@ -222,118 +226,6 @@ async fn collect_until(ws: &mut Ws, want: &HashSet<String>, stop: Arc<Mutex<bool
         assert!(seq > last_seq, "seq went from {last_seq} to {seq}");
         last_seq = seq;
         assert!(seen.insert(id.clone()), "duplicate delivery of {id}");
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_a_bridge_mid_stream_and_lose_nothing_acknowledged() {
-    // The subscribers read only once the load is over: their send queues must hold all of
-    // it (this test is about bridge failover, not slow consumers).
-    let mut c = Cluster::builder()
-        .gateway_args(&["--publish-rate", "100000", "--publish-burst", "100000", "--send-queue", "65536"])
-        .presence(1)
-        .kafka()
-        .bridges(2)
-        .gateways(3)
-        .start()
-        .await;
-    let mut subs = Vec::new();
-    for g in 0..3 {
-        subs.push(subscribed(c.gateway(g), &format!("s{g}"), "ticker").await);
-    }
-    {
-        let (mut p, _) = connect(c.gateway(0), "warm").await;
-        let mut refs: Vec<&mut Ws> = subs.iter_mut().collect();
-        settle(&mut p, &mut refs, "ticker").await;
-    }
-    // Drain the probes that are still queued: from now on only "n" messages count.
-    const TOTAL: usize = 10_000;
-    let acked = Arc::new(Mutex::new(HashSet::new()));
-    let seqs = Arc::new(Mutex::new(Vec::new()));
-    let clients = [push_client(c.bridge_url(0)).await, push_client(c.bridge_url(1)).await];
-    let publishers = (0..8).map(|w| {
-        let acked = acked.clone();
-        let seqs = seqs.clone();
-        let clients = clients.clone();
-        tokio::spawn(async move {
-            for n in (w..TOTAL).step_by(8) {
-                let mut cl = clients[n % 2].clone();
-                let req = pb::PublishRequest {
-                    channel: "ticker".into(),
-                    data_json: format!("{{\"n\":{n}}}"),
-                    from: "load".into(),
-                };
-                if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(10), cl.publish(req)).await {
-                    let r = r.into_inner();
-                    acked.lock().await.insert(r.id.clone());
-                    seqs.lock().await.push((r.seq, r.id, n % 2));
-                }
-            }
-        })
-    });
-    let publishers: Vec<_> = publishers.collect();
-    // Kill bridge 0 once a third of the load is acknowledged.
-    let deadline = tokio::time::Instant::now() + LONG;
-    while acked.lock().await.len() < TOTAL / 3 {
-        assert!(tokio::time::Instant::now() < deadline, "load never reached a third");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    c.bridges[0].kill();
-    for p in publishers {
-        p.await.unwrap();
-    }
-    let want = acked.lock().await.clone();
-    assert!(want.len() >= TOTAL / 2, "only {} of {TOTAL} publishes acknowledged", want.len());
-    {
-        // Kafka gives every stored record its own offset: two acks with one seq would be a broker bug.
-        let mut s = seqs.lock().await.clone();
-        s.sort();
-        for w in s.windows(2) {
-            assert_ne!(w[0].0, w[1].0, "two acknowledged messages share offset {}: {:?}", w[0].0, w);
-        }
-    }
-    let done = Arc::new(Mutex::new(true));
-    {
-        let s = seqs.lock().await;
-        let max = s.iter().map(|x| x.0).max().unwrap_or(0);
-        eprintln!("acked {} messages, highest seq {max}; by id (seq, bridge) are logged on failure", s.len());
-        for (seq, id, b) in s.iter() {
-            eprintln!("ACK {id} seq={seq} bridge={b}");
-        }
-    }
-    let dump = async |c: &Cluster| {
-        for p in c.bridges.iter().chain(c.gateways.iter()) {
-            if let Ok(admin) = std::panic::catch_unwind(|| p.addr("admin")) {
-                let (_, page) = http_get_quiet(admin, "/metrics").await;
-                for l in page.lines().filter(|l| {
-                    !l.starts_with('#')
-                        && [
-                            "given_up",
-                            "redeliver",
-                            "duplicates",
-                            "bad_records",
-                            "delivered_total",
-                            "deliveries_total",
-                            "consumed_total",
-                        ]
-                        .iter()
-                        .any(|k| l.contains(k))
-                }) {
-                    eprintln!("METRIC {} {l}", p.name);
-                }
-            }
-        }
-    };
-    let seen = join_all(subs.iter_mut().map(|ws| collect_until(ws, &want, done.clone())));
-    let seen = match tokio::time::timeout(Duration::from_secs(100), seen).await {
-        Ok(s) => s,
-        Err(_) => {
-            dump(&c).await;
-            panic!("acknowledged messages missing after 100 s (metrics above)");
-        }
-    };
-    for s in &seen {
-        assert!(want.is_subset(s));
     }
 }
 

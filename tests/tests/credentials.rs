@@ -40,7 +40,8 @@ async fn internal_apis_need_the_credential_and_the_cluster_works_with_it() {
     health.check(tonic_health::pb::HealthCheckRequest { service: String::new() }).await.unwrap();
 
     // The bridge's Push API and the gateway's gRPC port refuse anonymous calls.
-    let req = || pb::PublishRequest { channel: "c".into(), data_json: "1".into(), from: String::new() };
+    let req =
+        || pb::PublishRequest { channel: "c".into(), data_json: "1".into(), from: String::new(), ..Default::default() };
     let mut bridge = PushClient::new(channel(c.bridge_url(0)));
     assert_eq!(bridge.publish(req()).await.unwrap_err().code(), Code::Unauthenticated);
     let mut gw_push = PushClient::new(channel(format!("http://{}", c.gateways[0].addr("grpc"))));
@@ -126,7 +127,12 @@ async fn mutual_tls_on_every_internal_api() {
 
     // And a push from an internal service holding a certificate.
     let mut push = PushClient::new(pki.channel(&c.bridge_url(0), Some("node")));
-    let req = pb::PublishRequest { channel: "tls".into(), data_json: "\"pushed\"".into(), from: "ops".into() };
+    let req = pb::PublishRequest {
+        channel: "tls".into(),
+        data_json: "\"pushed\"".into(),
+        from: "ops".into(),
+        ..Default::default()
+    };
     push.publish(req).await.expect("push with our certificate");
     loop {
         let m = recv_type(&mut sub, "message").await;

@@ -78,6 +78,7 @@ async fn publish_probe(c: &Cluster, k: u64) -> Option<String> {
             channel: CHANNEL.into(),
             data_json: format!("{{\"probe\":{k}}}"),
             from: "probe".into(),
+            ..Default::default()
         };
         if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(8), p.publish(req)).await {
             return Some(r.into_inner().id);
@@ -151,6 +152,7 @@ async fn fault_sequence_under_load_loses_nothing_acknowledged() {
                     channel: CHANNEL.into(),
                     data_json: format!("{{\"n\":{n}}}"),
                     from: "load".into(),
+                    ..Default::default()
                 };
                 if let Ok(Ok(r)) = tokio::time::timeout(Duration::from_secs(8), p.publish(req)).await {
                     acked.lock().await.push(r.into_inner().id);

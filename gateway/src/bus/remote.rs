@@ -36,81 +36,117 @@ impl RemoteBus {
         Ok(Self { clients, next: AtomicU64::new(0), timeout })
     }
 
-    /// Calls bridges in rotation. Fails over only when a bridge could not be
-    /// reached at all: once one has answered, its answer stands (retrying a
-    /// message another bridge may have stored would duplicate it).
-    async fn call<T, F, Fut>(&self, f: F) -> Result<T, BusError>
+    /// Calls bridges in rotation. A bridge that could not be reached (the request
+    /// never left) is skipped for the next one. Once a request may have reached a
+    /// bridge, failing over would store the message twice, so the failure is
+    /// ambiguous and stands, unless the call carries an idempotency key: then the
+    /// next bridge is asked too, and the key makes the retry safe.
+    async fn call<T, F, Fut>(&self, keyed: bool, f: F) -> Result<T, BusError>
     where
         F: Fn(PushClient<Authed>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let n = self.clients.len();
         let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
-        let mut last = String::from("no broker-bridge configured");
+        let mut last = BusError::Unavailable { message: "no broker-bridge configured".into(), ambiguous: false };
         for i in 0..n {
             let client = self.clients[(start + i) % n].clone();
-            match tokio::time::timeout(self.timeout, f(client)).await {
+            let failure = match tokio::time::timeout(self.timeout, f(client)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => {
                     return Err(BusError::Invalid(s.message().to_owned()));
                 }
-                Ok(Err(s)) if s.code() == tonic::Code::Unavailable && !s.message().starts_with("kafka") => {
-                    last = s.message().to_owned();
+                Ok(Err(s)) if never_sent(&s) => BusError::Unavailable {
+                    message: format!("no broker-bridge reachable: {}", s.message()),
+                    ambiguous: false,
+                },
+                // The bridge took the request: it may have stored the message.
+                Ok(Err(s)) => BusError::Unavailable { message: s.message().to_owned(), ambiguous: true },
+                Err(_) => {
+                    BusError::Unavailable { message: "broker-bridge did not answer in time".into(), ambiguous: true }
                 }
-                Ok(Err(s)) => return Err(BusError::Unavailable(s.message().to_owned())),
-                Err(_) => return Err(BusError::Unavailable("broker-bridge did not answer in time".into())),
+            };
+            let ambiguous = matches!(failure, BusError::Unavailable { ambiguous: true, .. });
+            // An ambiguous failure stays ambiguous even if a later bridge cannot be reached.
+            if !matches!(last, BusError::Unavailable { ambiguous: true, .. }) {
+                last = failure;
+            }
+            if ambiguous && !keyed {
+                break;
             }
         }
-        Err(BusError::Unavailable(format!("no broker-bridge reachable: {last}")))
+        Err(last)
     }
 }
 
+/// Whether a call failed while connecting, before any request was sent.
+fn never_sent(s: &tonic::Status) -> bool {
+    let mut source = std::error::Error::source(s);
+    while let Some(e) = source {
+        if e.is::<tonic::ConnectError>() {
+            return true;
+        }
+        source = e.source();
+    }
+    false
+}
+
 impl Bus for RemoteBus {
-    fn publish<'a>(&'a self, channel: &'a str, from: &'a str, data: &'a str) -> BusFuture<'a> {
+    fn publish<'a>(&'a self, channel: &'a str, from: &'a str, data: &'a str, key: Option<&'a str>) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(|mut c| {
-                    let req = pb::PublishRequest { channel: channel.into(), data_json: data.into(), from: from.into() };
+                .call(key.is_some(), |mut c| {
+                    let req = pb::PublishRequest {
+                        channel: channel.into(),
+                        data_json: data.into(),
+                        from: from.into(),
+                        idempotency_key: key.unwrap_or_default().into(),
+                    };
                     async move { c.publish(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
-            Ok(Accepted { id: r.id, seq: Some(r.seq), delivered: r.delivered })
+            Ok(Accepted { id: r.id, seq: Some(r.seq), delivered: r.delivered, duplicate: r.duplicate })
         })
     }
 
-    fn send<'a>(&'a self, to: &'a str, from: &'a str, data: &'a str) -> BusFuture<'a> {
+    fn send<'a>(&'a self, to: &'a str, from: &'a str, data: &'a str, key: Option<&'a str>) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(|mut c| {
-                    let req = pb::SendToUserRequest { user: to.into(), data_json: data.into(), from: from.into() };
+                .call(key.is_some(), |mut c| {
+                    let req = pb::SendToUserRequest {
+                        user: to.into(),
+                        data_json: data.into(),
+                        from: from.into(),
+                        idempotency_key: key.unwrap_or_default().into(),
+                    };
                     async move { c.send_to_user(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
-            Ok(Accepted { id: r.id, seq: None, delivered: r.delivered })
+            Ok(Accepted { id: r.id, seq: None, delivered: r.delivered, duplicate: r.duplicate })
         })
     }
 
     fn broadcast<'a>(&'a self, from: &'a str, data: &'a str) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(|mut c| {
+                .call(false, |mut c| {
                     let req = pb::BroadcastRequest { data_json: data.into(), from: from.into() };
                     async move { c.broadcast(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
-            Ok(Accepted { id: r.id, seq: None, delivered: r.delivered })
+            Ok(Accepted { id: r.id, seq: None, delivered: r.delivered, duplicate: r.duplicate })
         })
     }
 
     fn disconnect<'a>(&'a self, user: &'a str, reason: &'a str) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(|mut c| {
+                .call(false, |mut c| {
                     let req = pb::DisconnectRequest { user: user.into(), reason: reason.into() };
                     async move { c.disconnect(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
-            Ok(Accepted { id: String::new(), seq: None, delivered: r.closed })
+            Ok(Accepted { id: String::new(), seq: None, delivered: r.closed, duplicate: false })
         })
     }
 }

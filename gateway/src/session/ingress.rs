@@ -212,7 +212,11 @@ fn admit(
 
 fn bus_refusal(handle: &SessionHandle, r: Option<&serde_json::value::RawValue>, e: &BusError) {
     match e {
-        BusError::Unavailable(m) => refuse(handle, r, ErrorCode::Unavailable, m, Some(1000)),
+        BusError::Unavailable { message, ambiguous } => {
+            let code = ErrorCode::Unavailable;
+            metrics::counter!(m::COMMAND_ERRORS, "code" => code.as_str()).increment(1);
+            reply(handle, protocol::error_with(r, code, message, Some(1000), *ambiguous));
+        }
         BusError::Invalid(m) => refuse(handle, r, ErrorCode::BadRequest, m, None),
     }
 }
@@ -248,13 +252,13 @@ async fn command(
             if !identity.may_use(&channel) {
                 refuse(handle, r, ErrorCode::Forbidden, "not allowed on this channel", None);
             } else if state.subscriptions.contains(&*channel) {
-                reply(handle, protocol::ack(r, None, None, None));
+                reply(handle, protocol::ack(r, None, None, None, false));
             } else if state.subscriptions.len() >= node.config.max_subscriptions {
                 refuse(handle, r, ErrorCode::TooManySubscriptions, "subscription limit reached", None);
             } else {
                 let channel: Arc<str> = channel.into();
                 // The ack goes first so that it precedes the subscriber's own join event.
-                reply(handle, protocol::ack(r, None, None, None));
+                reply(handle, protocol::ack(r, None, None, None, false));
                 node.hub.subscribe(handle, &channel);
                 node.presence.subscribed(handle.id, &channel);
                 state.subscriptions.insert(channel);
@@ -267,7 +271,7 @@ async fn command(
                 node.presence.unsubscribed(handle.id, &channel);
                 metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(1.0);
             }
-            reply(handle, protocol::ack(r, None, None, None));
+            reply(handle, protocol::ack(r, None, None, None, false));
         }
         Command::Presence { channel } => {
             if identity.may_use(&channel) {
@@ -279,7 +283,7 @@ async fn command(
             }
         }
         Command::Ping => reply(handle, protocol::pong(r)),
-        Command::Publish { channel, data } => {
+        Command::Publish { channel, data, key } => {
             if !identity.may_use(&channel) {
                 refuse(handle, r, ErrorCode::Forbidden, "not allowed on this channel", None);
                 return Ok(());
@@ -287,17 +291,17 @@ async fn command(
             if !admit(handle, state, r)? {
                 return Ok(());
             }
-            match node.bus.publish(&channel, &identity.user, data.get()).await {
-                Ok(a) => reply(handle, protocol::ack(r, Some(&a.id), a.seq, None)),
+            match node.bus.publish(&channel, &identity.user, data.get(), key.as_deref()).await {
+                Ok(a) => reply(handle, protocol::ack(r, Some(&a.id), a.seq, None, a.duplicate)),
                 Err(e) => bus_refusal(handle, r, &e),
             }
         }
-        Command::Send { user, data } => {
+        Command::Send { user, data, key } => {
             if !admit(handle, state, r)? {
                 return Ok(());
             }
-            match node.bus.send(&user, &identity.user, data.get()).await {
-                Ok(a) => reply(handle, protocol::ack(r, Some(&a.id), None, Some(a.delivered))),
+            match node.bus.send(&user, &identity.user, data.get(), key.as_deref()).await {
+                Ok(a) => reply(handle, protocol::ack(r, Some(&a.id), None, a.delivered, a.duplicate)),
                 Err(e) => bus_refusal(handle, r, &e),
             }
         }
