@@ -167,3 +167,35 @@ async fn all_brokers_down_gives_unavailable_within_the_timeout_then_recovers() {
     assert_eq!(stored.get(&first), Some(&1));
     assert_eq!(stored.get(&again), Some(&1));
 }
+
+#[tokio::test]
+async fn concurrent_and_repeated_calls_with_one_idempotency_key_store_one_record() {
+    let mock = MockCluster::new(1).unwrap();
+    mock.create_topic(TOPIC, PARTITIONS, 1).unwrap();
+    let bootstrap = mock.bootstrap_servers();
+    let ing = ingest(&bootstrap, "3s");
+    let req = |key: &str| pb::PublishRequest {
+        channel: "orders".into(),
+        data_json: "1".into(),
+        from: "shop".into(),
+        idempotency_key: key.into(),
+    };
+    let answers =
+        futures_util::future::join_all((0..20).map(|_| ing.publish(tonic::Request::new(req("order-1"))))).await;
+    let answers: Vec<pb::PublishResponse> = answers.into_iter().map(|r| r.unwrap().into_inner()).collect();
+    assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1, "one call stored it");
+    assert!(answers.iter().all(|a| (a.id.as_str(), a.seq) == (answers[0].id.as_str(), answers[0].seq)));
+    assert_eq!(answers[0].delivered, None, "a bridge does not claim a delivery count");
+    let later = ing.publish(tonic::Request::new(req("order-1"))).await.unwrap().into_inner();
+    assert!(later.duplicate);
+    // Another bridge (its own memory) stores the retry again, under the same id.
+    let other = ingest(&bootstrap, "3s");
+    let elsewhere = other.publish(tonic::Request::new(req("order-1"))).await.unwrap().into_inner();
+    assert_eq!(elsewhere.id, answers[0].id);
+    ing.publish(tonic::Request::new(req("order-2"))).await.unwrap();
+    let bad = ing.publish(tonic::Request::new(req("a b"))).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument);
+    let stored = stored_ids(&bootstrap);
+    assert_eq!(stored.get(&answers[0].id), Some(&2), "once per bridge: {stored:?}");
+    assert_eq!(stored.len(), 2, "{stored:?}");
+}

@@ -316,3 +316,36 @@ async fn a_publish_to_a_channel_nobody_follows_still_gets_an_increasing_seq() {
     assert_eq!(m["seq"], ack["seq"]);
     assert!(m["seq"].as_u64().unwrap() > last);
 }
+
+#[tokio::test]
+async fn a_retry_with_the_same_idempotency_key_is_answered_once_and_shown_once() {
+    let gw = Gateway::start(&[]).await;
+    let (mut sub, _) = gw.ws("sub").await;
+    call(&mut sub, json!({"op":"subscribe","channel":"pay"})).await;
+    let (mut p, _) = gw.ws("payer").await;
+    let publish = json!({"op":"publish","channel":"pay","data":{"amount":5},"idempotency_key":"pay-1"});
+    let a1 = call(&mut p, publish.clone()).await;
+    let a2 = call(&mut p, publish.clone()).await;
+    assert_eq!(a1.get("duplicate"), None, "{a1}");
+    assert_eq!((&a2["id"], &a2["seq"], &a2["duplicate"]), (&a1["id"], &a1["seq"], &json!(true)), "{a2}");
+    // Another user's identical key is another message.
+    let (mut q, _) = gw.ws("other").await;
+    let b = call(&mut q, publish).await;
+    assert_ne!(b["id"], a1["id"]);
+    let send = json!({"op":"send","user":"sub","data":"hi","idempotency_key":"dm-1"});
+    let s1 = call(&mut p, send.clone()).await;
+    let s2 = call(&mut p, send).await;
+    assert_eq!((s1["delivered"].as_u64(), &s2["id"], &s2["duplicate"]), (Some(1), &s1["id"], &json!(true)));
+    let end = call(&mut p, json!({"op":"publish","channel":"pay","data":"end"})).await;
+    let mut got = Vec::new();
+    loop {
+        let m = recv_json(&mut sub).await;
+        if m["type"] == "message" || m["type"] == "direct" {
+            got.push(m["id"].clone());
+            if m["id"] == end["id"] {
+                break;
+            }
+        }
+    }
+    assert_eq!(got, vec![a1["id"].clone(), b["id"].clone(), s1["id"].clone(), end["id"].clone()]);
+}

@@ -250,3 +250,21 @@ async fn health_turns_not_serving_for_every_service_during_the_drain() {
     );
     assert_eq!(status("switchboard.push.v1.Push").await.unwrap(), ServingStatus::NotServing);
 }
+
+#[tokio::test]
+async fn push_api_idempotency_keys() {
+    let gw = Gateway::start(&[]).await;
+    let mut push = client(&gw).await;
+    let req = || pb::PublishRequest {
+        channel: "c".into(),
+        data_json: "1".into(),
+        from: "svc".into(),
+        idempotency_key: "job-7".into(),
+    };
+    let a = push.publish(req()).await.unwrap().into_inner();
+    let b = push.publish(req()).await.unwrap().into_inner();
+    assert!(!a.duplicate && b.duplicate);
+    assert_eq!((a.id, a.seq), (b.id, b.seq));
+    let bad = push.publish(pb::PublishRequest { idempotency_key: "x".repeat(129), ..req() }).await;
+    assert_eq!(bad.unwrap_err().code(), Code::InvalidArgument);
+}

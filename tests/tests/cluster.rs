@@ -136,6 +136,8 @@ async fn direct_messages_and_pushes_reach_the_right_sockets() {
         }
     }
     let ack = call(&mut alice, json!({"op":"send","user":"bob","data":{"t":"psst"}})).await;
+    // Stored, not yet delivered anywhere: a cluster's ack has no `delivered` count.
+    assert!(ack.get("delivered").is_none(), "{ack}");
     for ws in [&mut bob0, &mut bob2] {
         let m = loop {
             let m = recv_type(ws, "direct").await;
@@ -181,6 +183,7 @@ async fn direct_messages_and_pushes_reach_the_right_sockets() {
         .await
         .unwrap()
         .into_inner();
+    assert_eq!(r.delivered, None, "a bridge cannot know how many connections a stored message will reach");
     let m = recv_type(&mut carol, "direct").await;
     assert_eq!((m["id"].as_str(), m["data"].as_str()), (Some(r.id.as_str()), Some("hi")));
     let online =
@@ -305,6 +308,8 @@ async fn broker_unreachable_gives_retryable_errors_then_recovers_without_loss() 
     let e = call(&mut publisher, json!({"op":"publish","channel":"feed","data":{"during":"cut"}})).await;
     assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("unavailable")), "{e}");
     assert!(e["retry_after_ms"].as_u64().is_some());
+    // The bridge got it and Kafka did not answer: it may be stored, and the client is told.
+    assert_eq!(e["ambiguous"], true, "{e}");
     assert!(started.elapsed() < Duration::from_secs(10), "error took {:?}", started.elapsed());
     broker.proxy.restore();
     // Publishes succeed again once the path is back.
@@ -361,4 +366,66 @@ async fn a_frozen_gateway_tells_its_clients_to_reconnect_and_they_catch_up_elsew
     // It reconnects elsewhere and gets later messages.
     let mut again = subscribed(c.gateway(0), "victim", "news").await;
     settle(&mut publisher, &mut [&mut again], "news").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idempotency_key_retried_on_another_bridge_is_shown_once() {
+    let c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(2).gateways(2).start().await;
+    let mut subs = [subscribed(c.gateway(0), "s0", "orders").await, subscribed(c.gateway(1), "s1", "orders").await];
+    {
+        let (mut p, _) = connect(c.gateway(0), "warm").await;
+        let mut refs: Vec<&mut Ws> = subs.iter_mut().collect();
+        settle(&mut p, &mut refs, "orders").await;
+    }
+    let req = |n: u32| pb::PublishRequest {
+        channel: "orders".into(),
+        data_json: json!({"order": n}).to_string(),
+        from: "shop".into(),
+        idempotency_key: format!("order-{n}"),
+    };
+    let mut b0 = push_client(c.bridge_url(0)).await;
+    let mut b1 = push_client(c.bridge_url(1)).await;
+    // The same key on one bridge: the first answer again, nothing stored twice.
+    let first = b0.publish(req(1)).await.unwrap().into_inner();
+    let again = b0.publish(req(1)).await.unwrap().into_inner();
+    assert!(!first.duplicate && again.duplicate);
+    assert_eq!((again.id.as_str(), again.seq), (first.id.as_str(), first.seq));
+    // The same key on the other bridge (a retry after an ambiguous failure): stored
+    // again, under the same id.
+    let other = b1.publish(req(1)).await.unwrap().into_inner();
+    assert_eq!(other.id, first.id);
+    // A different key is a different message; the client protocol takes keys too.
+    let next = b1.publish(req(2)).await.unwrap().into_inner();
+    let (mut p, _) = connect(c.gateway(0), "shop").await;
+    let k =
+        call(&mut p, json!({"op":"publish","channel":"orders","data":{"order":3},"idempotency_key":"order-3"})).await;
+    let k2 =
+        call(&mut p, json!({"op":"publish","channel":"orders","data":{"order":3},"idempotency_key":"order-3"})).await;
+    assert_eq!((k["type"].as_str(), k2["id"].as_str()), (Some("ack"), k["id"].as_str()), "{k} {k2}");
+    assert_eq!(k2["duplicate"], true, "{k2}");
+    let bad = call(&mut p, json!({"op":"publish","channel":"orders","data":1,"idempotency_key":"has space"})).await;
+    assert_eq!(bad["code"], "bad_request", "{bad}");
+    let marker = b0
+        .publish(pb::PublishRequest {
+            channel: "orders".into(),
+            data_json: "\"end\"".into(),
+            from: "shop".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    for ws in subs.iter_mut() {
+        let mut ids = Vec::new();
+        while ids.len() < 3 {
+            let m = recv_type(ws, "message").await;
+            if m["data"]["order"].is_u64() {
+                ids.push(m["id"].as_str().unwrap().to_owned());
+            }
+        }
+        assert_eq!(ids, vec![first.id.clone(), next.id.clone(), k["id"].as_str().unwrap().to_owned()]);
+        // Then the marker: the second copy of order 1 and the repeat of order 3 were not shown.
+        let m = recv_type(ws, "message").await;
+        assert_eq!(m["id"].as_str(), Some(marker.id.as_str()), "{m}");
+    }
 }

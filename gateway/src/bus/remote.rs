@@ -41,13 +41,24 @@ impl RemoteBus {
     /// bridge, failing over would store the message twice, so the failure is
     /// ambiguous and stands, unless the call carries an idempotency key: then the
     /// next bridge is asked too, and the key makes the retry safe.
-    async fn call<T, F, Fut>(&self, keyed: bool, f: F) -> Result<T, BusError>
+    ///
+    /// A keyed call goes first to the bridge the key hashes to, so that a client's
+    /// retry through this gateway meets the bridge that remembers the key.
+    async fn call<T, F, Fut>(&self, key: Option<&str>, f: F) -> Result<T, BusError>
     where
         F: Fn(PushClient<Authed>) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let n = self.clients.len();
-        let start = self.next.fetch_add(1, Ordering::Relaxed) as usize;
+        let keyed = key.is_some();
+        let start = match key {
+            // FNV-1a: stable across processes and releases (unlike the std hasher).
+            Some(k) => {
+                k.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+                    as usize
+            }
+            None => self.next.fetch_add(1, Ordering::Relaxed) as usize,
+        };
         let mut last = BusError::Unavailable { message: "no broker-bridge configured".into(), ambiguous: false };
         for i in 0..n {
             let client = self.clients[(start + i) % n].clone();
@@ -95,7 +106,7 @@ impl Bus for RemoteBus {
     fn publish<'a>(&'a self, channel: &'a str, from: &'a str, data: &'a str, key: Option<&'a str>) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(key.is_some(), |mut c| {
+                .call(key, |mut c| {
                     let req = pb::PublishRequest {
                         channel: channel.into(),
                         data_json: data.into(),
@@ -112,7 +123,7 @@ impl Bus for RemoteBus {
     fn send<'a>(&'a self, to: &'a str, from: &'a str, data: &'a str, key: Option<&'a str>) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(key.is_some(), |mut c| {
+                .call(key, |mut c| {
                     let req = pb::SendToUserRequest {
                         user: to.into(),
                         data_json: data.into(),
@@ -129,7 +140,7 @@ impl Bus for RemoteBus {
     fn broadcast<'a>(&'a self, from: &'a str, data: &'a str) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(false, |mut c| {
+                .call(None, |mut c| {
                     let req = pb::BroadcastRequest { data_json: data.into(), from: from.into() };
                     async move { c.broadcast(req).await.map(|r| r.into_inner()) }
                 })
@@ -141,7 +152,7 @@ impl Bus for RemoteBus {
     fn disconnect<'a>(&'a self, user: &'a str, reason: &'a str) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(false, |mut c| {
+                .call(None, |mut c| {
                     let req = pb::DisconnectRequest { user: user.into(), reason: reason.into() };
                     async move { c.disconnect(req).await.map(|r| r.into_inner()) }
                 })
