@@ -66,7 +66,7 @@ pub const COMMIT_OUTCOMES: &[&str] = &["ok", "error"];
 pub const GAP_OUTCOMES: &[&str] = &["refetched", "accepted"];
 pub const PUSH_METHODS: &[&str] =
     &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members"];
-pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument", "unavailable"];
+pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument", "unavailable", "duplicate"];
 
 /// The series that would otherwise appear only at their first event (labelled counters,
 /// the routing gauge, the fanout histogram), at zero from start, so that `rate()` and

@@ -13,10 +13,25 @@ pub const EVENTS: &str = "switchboard_presence_events_total";
 pub const QUERIES: &str = "switchboard_presence_queries_total";
 pub const LEASES_EXPIRED: &str = "switchboard_presence_leases_expired_total";
 
+/// Label values, registered at zero at start (docs/metrics.md lists the same).
+pub const EVENT_KINDS: &[&str] =
+    &["node_up", "node_down", "interest", "join", "leave", "user_online", "user_offline", "count"];
+pub const QUERY_METHODS: &[&str] = &["locate_users", "channel_nodes", "channel_members", "online_counts", "list_nodes"];
+
 pub fn describe() {
-    // Zero series, so alerts see 0 rather than nothing before the first event.
+    // Every series at zero from start, so alerts and rate() see 0 rather than nothing
+    // before the first event.
     for c in [SYNC_STREAMS, DELTAS, LEASES_EXPIRED] {
         metrics::counter!(c).increment(0);
+    }
+    for g in [NODES, CONNECTIONS, USERS, CHANNELS, WATCHERS] {
+        metrics::gauge!(g).increment(0.0);
+    }
+    for kind in EVENT_KINDS {
+        metrics::counter!(EVENTS, "kind" => *kind).increment(0);
+    }
+    for method in QUERY_METHODS {
+        metrics::counter!(QUERIES, "method" => *method).increment(0);
     }
     describe_gauge!(NODES, "Gateway nodes holding a lease.");
     describe_gauge!(CONNECTIONS, "Client connections tracked.");
@@ -32,8 +47,9 @@ pub fn describe() {
 
 #[cfg(test)]
 mod tests {
+    /// Every metric is in docs/metrics.md and exported from start, before its first event.
     #[test]
-    fn every_metric_is_documented() {
+    fn every_metric_is_documented_and_exported_from_start() {
         let doc = include_str!("../../docs/metrics.md");
         let names: Vec<&str> = include_str!("metrics.rs")
             .lines()
@@ -41,8 +57,27 @@ mod tests {
             .filter(|n| n.starts_with("switchboard_"))
             .collect();
         assert!(names.len() >= 8);
+        let rec = kit::telemetry::local_recorder(&[]).unwrap();
+        metrics::with_local_recorder(&rec, super::describe);
+        let page = rec.handle().render();
         for n in names {
             assert!(doc.contains(&format!("`{n}`")), "{n} missing from docs/metrics.md");
+            let exported = page.lines().any(|l| l.strip_prefix(n).is_some_and(|rest| rest.starts_with([' ', '{'])));
+            assert!(exported, "{n} is not exported at start:\n{page}");
         }
+    }
+
+    /// EVENT_KINDS (registered at zero, documented) is every kind `Shared::publish` and
+    /// `publish_counts` count.
+    #[test]
+    fn event_kinds_are_the_ones_counted() {
+        let src = include_str!("service.rs");
+        let start = src.find("pub fn publish(").expect("Shared::publish in service.rs");
+        let end = start + src[start..].find("/// Expires dead nodes").expect("end of publish_counts");
+        let mut kinds: Vec<&str> = src[start..end].split("=> \"").skip(1).filter_map(|r| r.split('"').next()).collect();
+        kinds.sort_unstable();
+        let mut listed = super::EVENT_KINDS.to_vec();
+        listed.sort_unstable();
+        assert_eq!(kinds, listed, "update EVENT_KINDS and docs/metrics.md");
     }
 }

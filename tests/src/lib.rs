@@ -5,11 +5,13 @@
 //! - [`cluster`]: the real binaries as child processes on free loopback ports,
 //!   torn down on drop: `Cluster::builder().presence(1).kafka().bridges(2).gateways(3).start().await`;
 //! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path;
-//! - [`tls`]: a throw-away PKI for mutual-TLS tests.
+//! - [`tls`]: a throw-away PKI for mutual-TLS tests;
+//! - [`monitoring`]: docs/metrics.md tables, Prometheus text and PromQL taken apart for the monitoring tests.
 #![allow(missing_debug_implementations)]
 
 pub mod cluster;
 pub mod kafka;
+pub mod monitoring;
 pub mod tls;
 pub mod ws;
 
