@@ -127,6 +127,19 @@ impl DeliveryService {
     }
 }
 
+impl DeliveryService {
+    /// Hands a batch to local sessions, item by item, pacing after each item.
+    pub async fn take_batch(&self, batch: &pb::DeliveryBatch, congested: &mut Vec<SessionHandle>) {
+        metrics::counter!(m::DELIVERIES).increment(batch.items.len() as u64);
+        for item in &batch.items {
+            self.apply(item, congested);
+            if !congested.is_empty() {
+                pace(congested).await;
+            }
+        }
+    }
+}
+
 /// Waits for each congested session to drain below its cap (see the module docs).
 async fn pace(congested: &mut Vec<SessionHandle>) {
     let start = std::time::Instant::now();
@@ -160,13 +173,7 @@ impl Delivery for DeliveryService {
             let mut congested = Vec::new();
             while let Ok(Some(batch)) = inbound.message().await {
                 let Some(last) = batch.items.last().map(|i| i.seq) else { continue };
-                metrics::counter!(m::DELIVERIES).increment(batch.items.len() as u64);
-                for item in &batch.items {
-                    this.apply(item, &mut congested);
-                    if !congested.is_empty() {
-                        pace(&mut congested).await;
-                    }
-                }
+                this.take_batch(&batch, &mut congested).await;
                 if tx.send(Ok(pb::DeliveryAck { seq: last })).await.is_err() {
                     break;
                 }
@@ -228,5 +235,63 @@ mod tests {
             .map(|f| serde_json::from_slice::<serde_json::Value>(&f[2..]).unwrap()["seq"].as_u64().unwrap())
             .collect();
         assert_eq!(got, vec![5, 9, 12, 14]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_burst_is_paced_by_a_reading_session_and_a_stalled_one_does_not_hold_it() {
+        let hub = Arc::new(Hub::new(vec![], 1000));
+        let session = |id: u64| {
+            let (tx, rx) = crate::outbox::outbox(16, std::time::Duration::from_secs(5));
+            let h = crate::hub::SessionHandle {
+                id,
+                user: format!("u{id}").into(),
+                connected_at_ms: 0,
+                client_info: "".into(),
+                outbox: tx,
+                ctl: Arc::default(),
+            };
+            hub.register(h.clone());
+            hub.subscribe(&h, &Arc::from("c"));
+            (h, rx)
+        };
+        let (reader, mut reader_rx) = session(1);
+        let (stalled, _stalled_rx) = session(2);
+        // The reader takes 4 frames a millisecond: far slower than the burst arrives.
+        let drain =
+            tokio::spawn(async move {
+                let mut seqs = Vec::new();
+                // Bounded: 10 s of virtual time at most.
+                for _ in 0..10_000 {
+                    if seqs.len() >= 300 {
+                        break;
+                    }
+                    let mut out = Vec::new();
+                    reader_rx.take(&mut out, 4);
+                    seqs.extend(out.iter().map(|f| {
+                        serde_json::from_slice::<serde_json::Value>(&f[2..]).unwrap()["seq"].as_u64().unwrap()
+                    }));
+                    tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                seqs
+            });
+        let svc = DeliveryService { hub, dedupe: Arc::new(Dedupe::new(100)) };
+        let item = |seq: u64| pb::Delivered {
+            seq,
+            channel_seq: seq,
+            envelope: Some(pb::Envelope {
+                id: format!("m{seq}"),
+                target: Some(Target::Channel("c".into())),
+                from: "p".into(),
+                payload: b"1".to_vec(),
+                published_at_ms: now_ms(),
+                kind: 0,
+                idempotent: false,
+            }),
+        };
+        let batch = pb::DeliveryBatch { items: (1..=300).map(item).collect() };
+        svc.take_batch(&batch, &mut Vec::new()).await;
+        assert_eq!(drain.await.unwrap(), (1..=300).collect::<Vec<u64>>(), "every message, in order");
+        assert!(reader.ctl.requested().is_none(), "a reading session is not a slow consumer");
+        assert_eq!(stalled.ctl.requested().map(|r| r.0), Some(crate::policy::CloseReason::SlowConsumer));
     }
 }
