@@ -95,23 +95,12 @@ mod tests {
     /// Every metric is in docs/metrics.md and exported from start, before its first event.
     #[test]
     fn every_metric_is_documented_and_exported_from_start() {
-        let doc = include_str!("../../docs/metrics.md");
-        let names: Vec<&str> = include_str!("metrics.rs")
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("pub const ")?.split('"').nth(1))
-            .filter(|n| n.starts_with("switchboard_"))
-            .collect();
-        assert!(names.len() >= 10, "{names:?}");
-        let rec = kit::telemetry::local_recorder(super::BUCKETS).unwrap();
-        metrics::with_local_recorder(&rec, super::describe);
-        let page = rec.handle().render();
-        for n in names {
-            assert!(doc.contains(&format!("`{n}`")), "{n} missing from docs/metrics.md");
-            let exported = page.lines().any(|l| {
-                l.strip_prefix(n).is_some_and(|rest| rest.starts_with([' ', '{']) || rest.starts_with("_bucket{"))
-            });
-            assert!(exported, "{n} is not exported at start:\n{page}");
-        }
-        assert!(!page.contains("quantile="), "a histogram is exported as a summary:\n{page}");
+        kit::telemetry::check_metrics_documented_and_exported(
+            include_str!("../../docs/metrics.md"),
+            include_str!("metrics.rs"),
+            super::BUCKETS,
+            super::describe,
+            10,
+        );
     }
 }

@@ -199,23 +199,10 @@ mod tests {
         assert!(d.first("a"), "old ids leave the window");
     }
 
-    #[test]
-    fn channel_redeliveries_are_dropped_by_sequence() {
-        let hub = Arc::new(Hub::new(vec![], 1000));
-        let (tx, mut rx) = crate::outbox::outbox(16, std::time::Duration::from_secs(5));
-        let h = crate::hub::SessionHandle {
-            id: 1,
-            user: "u".into(),
-            connected_at_ms: 0,
-            client_info: "".into(),
-            outbox: tx,
-            ctl: Arc::default(),
-        };
-        hub.register(h.clone());
-        hub.subscribe(&h, &Arc::from("c"));
-        let svc = DeliveryService { hub, dedupe: Arc::new(Dedupe::new(100)) };
-        let item = |seq: u64, id: &str| pb::Delivered {
-            seq: 0,
+    /// A message for channel "c" at `seq`.
+    fn channel_item(seq: u64, id: &str, idempotent: bool) -> pb::Delivered {
+        pb::Delivered {
+            seq,
             channel_seq: seq,
             envelope: Some(pb::Envelope {
                 id: id.into(),
@@ -224,9 +211,18 @@ mod tests {
                 payload: b"1".to_vec(),
                 published_at_ms: now_ms(),
                 kind: 0,
-                idempotent: id.starts_with("k-"),
+                idempotent,
             }),
-        };
+        }
+    }
+
+    #[test]
+    fn channel_redeliveries_are_dropped_by_sequence() {
+        let hub = Arc::new(Hub::new(vec![], 1000));
+        let (h, mut rx) = crate::hub::tests::session(&hub, 1, "u", 16);
+        hub.subscribe(&h, &Arc::from("c"));
+        let svc = DeliveryService { hub, dedupe: Arc::new(Dedupe::new(100)) };
+        let item = |seq: u64, id: &str| channel_item(seq, id, id.starts_with("k-"));
         // "k-x" at 14 and again at 15: one idempotent publish stored twice (two bridges).
         for (seq, id) in [(5, "a"), (9, "b"), (5, "a"), (9, "b"), (7, "late"), (12, "c"), (14, "k-x"), (15, "k-x")] {
             svc.apply(&item(seq, id), &mut Vec::new());
@@ -241,16 +237,7 @@ mod tests {
     async fn a_burst_is_paced_by_a_reading_session_and_a_stalled_one_does_not_hold_it() {
         let hub = Arc::new(Hub::new(vec![], 1000));
         let session = |id: u64| {
-            let (tx, rx) = crate::outbox::outbox(16, std::time::Duration::from_secs(5));
-            let h = crate::hub::SessionHandle {
-                id,
-                user: format!("u{id}").into(),
-                connected_at_ms: 0,
-                client_info: "".into(),
-                outbox: tx,
-                ctl: Arc::default(),
-            };
-            hub.register(h.clone());
+            let (h, rx) = crate::hub::tests::session(&hub, id, &format!("u{id}"), 16);
             hub.subscribe(&h, &Arc::from("c"));
             (h, rx)
         };
@@ -275,20 +262,8 @@ mod tests {
                 seqs
             });
         let svc = DeliveryService { hub, dedupe: Arc::new(Dedupe::new(100)) };
-        let item = |seq: u64| pb::Delivered {
-            seq,
-            channel_seq: seq,
-            envelope: Some(pb::Envelope {
-                id: format!("m{seq}"),
-                target: Some(Target::Channel("c".into())),
-                from: "p".into(),
-                payload: b"1".to_vec(),
-                published_at_ms: now_ms(),
-                kind: 0,
-                idempotent: false,
-            }),
-        };
-        let batch = pb::DeliveryBatch { items: (1..=300).map(item).collect() };
+        let batch =
+            pb::DeliveryBatch { items: (1..=300).map(|seq| channel_item(seq, &format!("m{seq}"), false)).collect() };
         svc.take_batch(&batch, &mut Vec::new()).await;
         assert_eq!(drain.await.unwrap(), (1..=300).collect::<Vec<u64>>(), "every message, in order");
         assert!(reader.ctl.requested().is_none(), "a reading session is not a slow consumer");

@@ -445,11 +445,12 @@ impl Hub {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::outbox::OutboxRx;
 
-    fn session(hub: &Hub, id: u64, user: &str, cap: usize) -> (SessionHandle, OutboxRx) {
+    /// A registered session with a queue of `cap` (for this crate's unit tests).
+    pub(crate) fn session(hub: &Hub, id: u64, user: &str, cap: usize) -> (SessionHandle, OutboxRx) {
         let (tx, rx) = crate::outbox::outbox(cap, std::time::Duration::from_secs(5));
         let h = SessionHandle {
             id,

@@ -173,25 +173,13 @@ mod tests {
     /// (a series that appears late breaks `rate()` over the gap and `absent()` alerts).
     #[test]
     fn every_metric_is_documented_and_exported_from_start() {
-        let doc = include_str!("../../docs/metrics.md");
-        let src = include_str!("metrics.rs");
-        let names: Vec<&str> = src
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("pub const ")?.split('"').nth(1))
-            .filter(|n| n.starts_with("switchboard_"))
-            .collect();
-        assert!(names.len() >= 10, "{names:?}");
-        let rec = kit::telemetry::local_recorder(super::BUCKETS).unwrap();
-        metrics::with_local_recorder(&rec, super::describe);
-        let page = rec.handle().render();
-        for n in names {
-            assert!(doc.contains(&format!("`{n}`")), "{n} missing from docs/metrics.md");
-            let exported = page.lines().any(|l| {
-                l.strip_prefix(n).is_some_and(|rest| rest.starts_with([' ', '{']) || rest.starts_with("_bucket{"))
-            });
-            assert!(exported, "{n} is not exported at start:\n{page}");
-        }
-        assert!(!page.contains("quantile="), "a histogram is exported as a summary:\n{page}");
+        kit::telemetry::check_metrics_documented_and_exported(
+            include_str!("../../docs/metrics.md"),
+            include_str!("metrics.rs"),
+            super::BUCKETS,
+            super::describe,
+            10,
+        );
     }
 
     /// ERROR_CODES (registered at zero, documented) is the protocol's list.

@@ -66,6 +66,37 @@ pub fn spawn_runtime_sampler(prefix: &str) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// For each crate's metrics test: every `pub const … = "switchboard_…"` name in
+/// `metrics_src` is listed (as `` `name` ``) in `doc`, and is exported right after
+/// `describe` ran on a fresh recorder (a series that appears late breaks `rate()`
+/// over the gap and `absent()` alerts); no histogram is exported as a summary.
+/// Panics with what is wrong.
+pub fn check_metrics_documented_and_exported(
+    doc: &str,
+    metrics_src: &str,
+    buckets: &[(&str, &[f64])],
+    describe: impl FnOnce(),
+    at_least: usize,
+) {
+    let names: Vec<&str> = metrics_src
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("pub const ")?.split('"').nth(1))
+        .filter(|n| n.starts_with("switchboard_"))
+        .collect();
+    assert!(names.len() >= at_least, "{names:?}");
+    let rec = local_recorder(buckets).expect("recorder");
+    metrics::with_local_recorder(&rec, describe);
+    let page = rec.handle().render();
+    for n in names {
+        assert!(doc.contains(&format!("`{n}`")), "{n} missing from docs/metrics.md");
+        let exported = page.lines().any(|l| {
+            l.strip_prefix(n).is_some_and(|rest| rest.starts_with([' ', '{']) || rest.starts_with("_bucket{"))
+        });
+        assert!(exported, "{n} is not exported at start:\n{page}");
+    }
+    assert!(!page.contains("quantile="), "a histogram is exported as a summary:\n{page}");
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

@@ -50,21 +50,13 @@ mod tests {
     /// Every metric is in docs/metrics.md and exported from start, before its first event.
     #[test]
     fn every_metric_is_documented_and_exported_from_start() {
-        let doc = include_str!("../../docs/metrics.md");
-        let names: Vec<&str> = include_str!("metrics.rs")
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("pub const ")?.split('"').nth(1))
-            .filter(|n| n.starts_with("switchboard_"))
-            .collect();
-        assert!(names.len() >= 8);
-        let rec = kit::telemetry::local_recorder(&[]).unwrap();
-        metrics::with_local_recorder(&rec, super::describe);
-        let page = rec.handle().render();
-        for n in names {
-            assert!(doc.contains(&format!("`{n}`")), "{n} missing from docs/metrics.md");
-            let exported = page.lines().any(|l| l.strip_prefix(n).is_some_and(|rest| rest.starts_with([' ', '{'])));
-            assert!(exported, "{n} is not exported at start:\n{page}");
-        }
+        kit::telemetry::check_metrics_documented_and_exported(
+            include_str!("../../docs/metrics.md"),
+            include_str!("metrics.rs"),
+            &[],
+            super::describe,
+            8,
+        );
     }
 
     /// EVENT_KINDS (registered at zero, documented) is every kind `Shared::publish` and
