@@ -193,12 +193,11 @@ pub(super) async fn run(
         }
     };
     // Boxed: the close path's timers and writes would otherwise be part of every idle session.
-    Box::pin(finish(cfg, ctl, rx, w, batch, clean)).await;
+    Box::pin(finish(ctl, rx, w, batch, clean)).await;
 }
 
 /// Writes what is still queued (unless the session is a slow consumer) and the close frame.
 async fn finish(
-    cfg: &SessionConfig,
     ctl: &SessionCtl,
     mut rx: OutboxRx,
     mut w: OwnedWriteHalf,
@@ -211,7 +210,8 @@ async fn finish(
         // loses nothing), except for a slow consumer, whose queue is the problem.
         if reason != CloseReason::SlowConsumer {
             batch.clear();
-            rx.take(&mut batch, cfg.send_queue);
+            // Everything queued (the queue may hold up to twice `send_queue`).
+            rx.take(&mut batch, usize::MAX);
             let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all(&mut w, &mut batch)).await;
         }
         let text = text.as_deref().unwrap_or(reason.label());
