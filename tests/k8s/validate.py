@@ -91,8 +91,29 @@ def disruptions_allowed(pdb_spec, replicas):
     return max(replicas - scaled(pdb_spec.get("minAvailable", 1), replicas), 0)
 
 
+def memory_bytes(q):
+    units = {"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}
+    for u, m in units.items():
+        if str(q).endswith(u):
+            return int(float(str(q)[: -len(u)]) * m)
+    return int(q)
+
+
+def gateway_cap(pod_spec):
+    """The session cap the gateway derives from its memory limit (gateway/src/limits.rs:
+    (limit - 64 MiB) * 0.8 / --memory-per-session, default 8192 B)."""
+    for c in pod_spec["containers"]:
+        if c["name"] != "gateway":
+            continue
+        limit = memory_bytes(c["resources"]["limits"]["memory"])
+        per = next((int(e["value"]) for e in c.get("env", []) if e["name"] == "SWITCHBOARD_GATEWAY_MEMORY_PER_SESSION"), 8192)
+        return int((limit - (64 << 20)) * 0.8 / per)
+    return None
+
+
 def fleet(docs, where, errors):
-    """Checks that span documents: HPA ownership of replicas, and disruption budgets."""
+    """Checks that span documents: HPA ownership of replicas, disruption budgets, and an
+    HPA connection target below the connection cap the gateway's memory limit gives."""
     workloads = {(d["kind"], d["metadata"]["name"]): d for d in docs if d["kind"] in WORKLOADS}
     hpa_min = {}
     for d in docs:
@@ -104,6 +125,17 @@ def fleet(docs, where, errors):
             errors.append(f"{where}: HorizontalPodAutoscaler/{d['metadata']['name']} targets missing {target}")
             continue
         hpa_min[target] = d["spec"].get("minReplicas", 1)
+        cap = gateway_cap(workloads[target]["spec"]["template"]["spec"]) if target == ("Deployment", "gateway") else None
+        for metric in d["spec"].get("metrics", []):
+            pods = metric.get("pods")
+            if cap and pods and pods["metric"]["name"] == "switchboard_gateway_connections_active":
+                want = int(pods["target"]["averageValue"])
+                # SwitchboardGatewayNearConnectionCap fires at 90 % of the cap: scale before it.
+                if want >= 0.9 * cap:
+                    errors.append(
+                        f"{where}: HorizontalPodAutoscaler/{d['metadata']['name']} targets {want} sessions per pod, "
+                        f"but the gateway's memory limit caps it at {cap} (scale out below 90 % of it)"
+                    )
         if "replicas" in workloads[target]["spec"]:
             errors.append(
                 f"{where}: {target[0]}/{target[1]} sets spec.replicas but HorizontalPodAutoscaler/"

@@ -121,6 +121,38 @@ fn validation_rejects_replicas_under_an_hpa_and_budgets_that_block_drains() {
     assert_eq!(fleet.len(), 4, "{fleet:#?}");
 }
 
+/// The HPA's sessions-per-pod target must stay below the cap the gateway derives from
+/// its memory limit (else pods hit 503 and the near-cap alert before the HPA scales).
+#[test]
+fn validation_rejects_an_hpa_target_the_memory_limit_cannot_hold() {
+    let dir = tmp_dir("k8s-cap");
+    let fleet = |memory: &str| {
+        format!(
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: gateway}}\nspec:\n  \
+             selector: {{matchLabels: {{app: gateway}}}}\n  template:\n    metadata: {{labels: {{app: gateway}}}}\n    \
+             spec: {{containers: [{{name: gateway, image: i, resources: {{limits: {{memory: {memory}}}}}}}]}}\n---\n\
+             apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata: {{name: gateway}}\nspec:\n  \
+             scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: gateway}}\n  maxReplicas: 9\n  metrics:\n  \
+             - type: Pods\n    pods:\n      metric: {{name: switchboard_gateway_connections_active}}\n      \
+             target: {{type: AverageValue, averageValue: \"40000\"}}\n"
+        )
+    };
+    let check = |memory: &str| {
+        let file = dir.join(format!("cap-{memory}.yaml"));
+        std::fs::write(&file, fleet(memory)).unwrap();
+        let out = Command::new("python3").arg(root().join("tests/k8s/validate.py")).arg(&file).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // 256 Mi allows (256 - 64) Mi * 0.8 / 8 KiB = 19 660 sessions: 40 000 per pod cannot be held.
+    let small = check("256Mi");
+    assert!(
+        small.contains("targets 40000 sessions per pod, but the gateway's memory limit caps it at 19660"),
+        "{small}"
+    );
+    let large = check("1Gi");
+    assert!(!large.contains("sessions per pod"), "{large}");
+}
+
 /// The PrometheusRule's groups as a plain rules file.
 fn rules_file(dir: &Path) -> PathBuf {
     let out = run_ok(
