@@ -72,15 +72,9 @@ pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument", "unavailable", "d
 /// the routing gauge, the fanout histogram), at zero from start, so that `rate()` and
 /// `absent()` see them.
 fn register_zeroes() {
-    for target in PRODUCE_TARGETS {
-        metrics::counter!(PRODUCED, "target" => *target).increment(0);
-    }
-    for outcome in COMMIT_OUTCOMES {
-        metrics::counter!(COMMITS, "outcome" => *outcome).increment(0);
-    }
-    for outcome in GAP_OUTCOMES {
-        metrics::counter!(OFFSET_GAPS, "outcome" => *outcome).increment(0);
-    }
+    kit::telemetry::zero_counters(PRODUCED, "target", PRODUCE_TARGETS);
+    kit::telemetry::zero_counters(COMMITS, "outcome", COMMIT_OUTCOMES);
+    kit::telemetry::zero_counters(OFFSET_GAPS, "outcome", GAP_OUTCOMES);
     for method in PUSH_METHODS {
         for outcome in PUSH_OUTCOMES {
             metrics::counter!(PUSH_REQUESTS, "method" => *method, "outcome" => *outcome).increment(0);

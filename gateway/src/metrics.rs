@@ -84,15 +84,9 @@ fn register_zeroes() {
     ] {
         metrics::gauge!(g).increment(0.0);
     }
-    for op in OPS {
-        metrics::counter!(MESSAGES_IN, "op" => *op).increment(0);
-    }
-    for kind in FRAME_KINDS {
-        metrics::counter!(MESSAGES_OUT, "kind" => *kind).increment(0);
-    }
-    for code in ERROR_CODES {
-        metrics::counter!(COMMAND_ERRORS, "code" => *code).increment(0);
-    }
+    kit::telemetry::zero_counters(MESSAGES_IN, "op", OPS);
+    kit::telemetry::zero_counters(MESSAGES_OUT, "kind", FRAME_KINDS);
+    kit::telemetry::zero_counters(COMMAND_ERRORS, "code", ERROR_CODES);
     for method in PUSH_METHODS {
         for outcome in PUSH_OUTCOMES {
             metrics::counter!(PUSH_REQUESTS, "method" => *method, "outcome" => *outcome).increment(0);

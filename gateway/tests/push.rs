@@ -123,58 +123,24 @@ async fn online_members_and_disconnect() {
 async fn bad_arguments_are_invalid_argument_with_a_message() {
     let gw = Gateway::start(&["--max-message-bytes", "100"]).await;
     let mut push = client(&gw).await;
+    let publish = |channel: &str, data: String| pb::PublishRequest {
+        channel: channel.into(),
+        data_json: data,
+        from: String::new(),
+        ..Default::default()
+    };
+    let send =
+        |user: String| pb::SendToUserRequest { user, data_json: "1".into(), from: String::new(), ..Default::default() };
     let cases = [
-        push.publish(pb::PublishRequest {
-            channel: String::new(),
-            data_json: "1".into(),
-            from: String::new(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ()),
-        push.publish(pb::PublishRequest {
-            channel: "c".into(),
-            data_json: "{not json".into(),
-            from: String::new(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ()),
-        push.publish(pb::PublishRequest {
-            channel: "c".into(),
-            data_json: format!("\"{}\"", "x".repeat(200)),
-            from: String::new(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ()),
-        push.send_to_user(pb::SendToUserRequest {
-            user: String::new(),
-            data_json: "1".into(),
-            from: String::new(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ()),
+        push.publish(publish("", "1".into())).await.map(|_| ()),
+        push.publish(publish("c", "{not json".into())).await.map(|_| ()),
+        push.publish(publish("c", format!("\"{}\"", "x".repeat(200)))).await.map(|_| ()),
+        push.send_to_user(send(String::new())).await.map(|_| ()),
         // Users exist only through tokens, so an "unknown" user is a malformed id: too long,
         // or with control characters. (A well-formed id nobody is connected as is accepted
         // with `delivered: 0`, checked below.)
-        push.send_to_user(pb::SendToUserRequest {
-            user: "u".repeat(129),
-            data_json: "1".into(),
-            from: String::new(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ()),
-        push.send_to_user(pb::SendToUserRequest {
-            user: "bob\n".into(),
-            data_json: "1".into(),
-            from: String::new(),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ()),
+        push.send_to_user(send("u".repeat(129))).await.map(|_| ()),
+        push.send_to_user(send("bob\n".into())).await.map(|_| ()),
         push.channel_members(pb::ChannelMembersRequest { channel: "c".into(), after: String::new(), limit: 5000 })
             .await
             .map(|_| ()),

@@ -66,6 +66,14 @@ pub fn spawn_runtime_sampler(prefix: &str) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// Registers `name` at zero for every value of `label`, so that each labelled series is
+/// exported before its first event (an absent series is not a zero to PromQL).
+pub fn zero_counters(name: &'static str, label: &'static str, values: &[&'static str]) {
+    for v in values {
+        metrics::counter!(name, label => *v).increment(0);
+    }
+}
+
 /// For each crate's metrics test: every `pub const … = "switchboard_…"` name in
 /// `metrics_src` is listed (as `` `name` ``) in `doc`, and is exported right after
 /// `describe` ran on a fresh recorder (a series that appears late breaks `rate()`

@@ -27,12 +27,8 @@ pub fn describe() {
     for g in [NODES, CONNECTIONS, USERS, CHANNELS, WATCHERS] {
         metrics::gauge!(g).increment(0.0);
     }
-    for kind in EVENT_KINDS {
-        metrics::counter!(EVENTS, "kind" => *kind).increment(0);
-    }
-    for method in QUERY_METHODS {
-        metrics::counter!(QUERIES, "method" => *method).increment(0);
-    }
+    kit::telemetry::zero_counters(EVENTS, "kind", EVENT_KINDS);
+    kit::telemetry::zero_counters(QUERIES, "method", QUERY_METHODS);
     describe_gauge!(NODES, "Gateway nodes holding a lease.");
     describe_gauge!(CONNECTIONS, "Client connections tracked.");
     describe_gauge!(USERS, "Distinct users with at least one connection.");
