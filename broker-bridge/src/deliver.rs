@@ -201,7 +201,7 @@ async fn link_task(
 }
 
 fn delivered(seq: u64, it: &Item) -> pb::Delivered {
-    pb::Delivered { seq, envelope: Some((*it.envelope).clone()), channel_seq: it.channel_seq }
+    pb::Delivered { seq, envelope: Some((*it.envelope).clone()), channel_seq: it.channel_seq, epoch: String::new() }
 }
 
 #[allow(clippy::too_many_arguments)]

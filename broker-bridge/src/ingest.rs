@@ -372,6 +372,10 @@ impl Push for PushIngest {
         Ok(Response::new(pb::IsOnlineResponse { users }))
     }
 
+    async fn history(&self, _req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        Err(Status::unimplemented("history: in progress"))
+    }
+
     async fn channel_members(
         &self,
         req: Request<pb::ChannelMembersRequest>,

@@ -204,6 +204,7 @@ mod tests {
         pb::Delivered {
             seq,
             channel_seq: seq,
+            epoch: String::new(),
             envelope: Some(pb::Envelope {
                 id: id.into(),
                 target: Some(Target::Channel("c".into())),
