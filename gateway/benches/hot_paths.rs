@@ -25,7 +25,7 @@ fn encode(c: &mut Criterion) {
     let mut g = c.benchmark_group("frame_encode");
     g.throughput(Throughput::Elements(1));
     g.bench_function("message_64B", |b| {
-        b.iter(|| wire::text(&protocol::message(black_box("room:42"), "id-1", "alice", 42, DATA)))
+        b.iter(|| wire::text(&protocol::message(black_box("room:42"), "id-1", "alice", 42, "s0123456789abcdef", DATA)))
     });
     g.finish();
 }

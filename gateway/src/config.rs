@@ -124,6 +124,18 @@ pub struct Cli {
     /// Time after the drain window before the process exits regardless.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_DRAIN_GRACE", value_parser = parse_duration, default_value = "5s")]
     pub drain_grace: Duration,
+    /// Channel history kept by a standalone gateway for recovery and `history`:
+    /// comma-separated `PATTERN=COUNT/AGE` rules, the first matching a channel applies
+    /// (`PATTERN=off`: none). In a cluster broker-bridge keeps the history (its own flag).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_HISTORY", value_delimiter = ',', default_value = "*=10000/1h")]
+    pub history: Vec<kit::history::Rule>,
+    /// Bytes of history the node may hold in all; beyond it the oldest entries go first.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_HISTORY_MEMORY", default_value_t = 64 << 20)]
+    pub history_memory: usize,
+    /// Most messages one recovery (subscribe with `since`) may send; more is `recovered: false`
+    /// with reason `too_many`.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_RECOVERY_MAX", default_value = "10000")]
+    pub recovery_max: usize,
     /// Serve `/echo`: a token-less WebSocket echo through the session code, for conformance suites.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_ECHO_ROUTE")]
     pub echo_route: bool,

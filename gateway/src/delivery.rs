@@ -91,7 +91,10 @@ impl DeliveryService {
             Some(Target::Channel(_)) if env.idempotent && !self.dedupe.first(&env.id) => false,
             Some(Target::Channel(c)) => {
                 let start = std::time::Instant::now();
-                let fresh = self.hub.publish_at(c, &env.id, &env.from, item.channel_seq, data, congested).is_some();
+                let fresh = self
+                    .hub
+                    .publish_at(c, &env.id, &env.from, item.channel_seq, &item.epoch, data, congested)
+                    .is_some();
                 metrics::histogram!(m::FANOUT_DURATION).record(start.elapsed().as_secs_f64());
                 fresh
             }

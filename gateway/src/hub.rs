@@ -10,11 +10,25 @@
 //! every publish (also to a channel nobody follows) and strictly increase within
 //! each channel for the life of the process, with no per-channel state to keep
 //! for channels without subscribers; they are not contiguous within a channel.
+//! They count in the node's epoch, drawn at start.
+//!
+//! History (standalone): a channel matching a `--history` rule keeps its recent
+//! frames in a ring under the same lock, so a read and the live stream cut the
+//! channel at one point. Channels with history stay in the map without
+//! subscribers until the sweeper finds them empty. A node-wide budget bounds the
+//! bytes held; the sweeper evicts the globally oldest entries beyond it.
+//!
+//! Recovery: a session that subscribes with a position first sits in the
+//! channel's `recovering` list, where live frames for it are held back while it
+//! is sent what it missed; `finish_recovery` then hands it the held frames newer
+//! than what it was sent and makes it a plain subscriber, under the lock.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicU64, AtomicUsize, Ordering};
+
+use kit::history::{Entry, Ring, Rules};
 
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
@@ -22,6 +36,7 @@ use tokio::sync::Notify;
 
 use crate::outbox::{Outbox, Queued, SendError};
 
+use crate::history::{Item, Lost, Page, Position};
 use crate::metrics as m;
 use crate::policy::CloseReason;
 use crate::{protocol, wire};
@@ -122,9 +137,100 @@ impl SessionHandle {
 #[derive(Debug, Default)]
 struct ChannelState {
     seq: u64,
+    /// Cluster: the epoch `seq` counts in (a delivery in another epoch starts over).
+    epoch: Option<Arc<str>>,
     subs: HashMap<u64, SessionHandle>,
-    /// user → number of their sessions subscribed.
+    /// user → number of their sessions subscribed (recovering ones included).
     users: HashMap<Arc<str>, u32>,
+    /// Standalone history.
+    history: Option<Box<Ring<Bytes>>>,
+    /// Sessions being recovered: live frames for them wait here.
+    recovering: Vec<Recovery>,
+}
+
+impl ChannelState {
+    /// Queues `frame` (at `seq`) to every subscriber and holds it for every recovering session.
+    fn fan_out(&mut self, seq: u64, frame: &Bytes, congested: Option<&mut Vec<SessionHandle>>) -> u64 {
+        let mut delivered = 0;
+        match congested {
+            Some(c) => {
+                for sub in self.subs.values() {
+                    delivered += u64::from(sub.deliver_paced(frame, c));
+                }
+            }
+            None => {
+                for sub in self.subs.values() {
+                    delivered += u64::from(sub.deliver(frame));
+                }
+            }
+        }
+        for r in &mut self.recovering {
+            r.hold(seq, frame);
+        }
+        delivered
+    }
+
+    fn idle(&self) -> bool {
+        self.subs.is_empty() && self.recovering.is_empty() && self.history.as_ref().is_none_or(|h| h.is_empty())
+    }
+}
+
+/// Most live frames held back for one recovering session; beyond it they are
+/// dropped and read again from history (`Finish::More`).
+pub const RECOVERY_HOLD: usize = 1024;
+
+#[derive(Debug)]
+struct Recovery {
+    handle: SessionHandle,
+    held: Vec<(u64, Bytes)>,
+    /// Presence events for it (after its ack, before what it recovers).
+    events: Vec<Bytes>,
+    /// Frames were dropped from `held`: what follows the last sent must be read again.
+    overflowed: bool,
+    notify: Arc<Notify>,
+}
+
+impl Recovery {
+    fn hold(&mut self, seq: u64, frame: &Bytes) {
+        if self.held.len() >= RECOVERY_HOLD {
+            self.held = Vec::new();
+            self.overflowed = true;
+        } else if !self.overflowed {
+            self.held.push((seq, frame.clone()));
+        }
+        self.notify.notify_one();
+    }
+
+    fn event(&mut self, frame: &Bytes) {
+        if self.events.len() < RECOVERY_HOLD {
+            self.events.push(frame.clone());
+        }
+    }
+
+    /// Queues the held events and the held frames newer than `sent_through`.
+    fn release(self, sent_through: u64) -> SessionHandle {
+        for frame in &self.events {
+            self.handle.deliver(frame);
+        }
+        for (seq, frame) in &self.held {
+            if *seq > sent_through {
+                self.handle.deliver(frame);
+            }
+        }
+        self.handle
+    }
+}
+
+/// What `finish_recovery` decided.
+#[derive(Debug)]
+pub enum Finish {
+    /// The session is a plain subscriber now.
+    Done,
+    /// Messages after this seq may be missing from what was sent: read them first.
+    More { since: u64 },
+    /// Nothing was held yet and the cluster's route to this node is not proven:
+    /// wait for the first live frame (or a bounded time) and finish again.
+    Wait(Arc<Notify>),
 }
 
 #[derive(Debug, Default)]
@@ -154,6 +260,16 @@ pub struct Hub {
     dirty_counts: Mutex<std::collections::HashSet<Arc<str>>>,
     /// The last sequence number given to a standalone publish (node-wide).
     last_seq: AtomicU64,
+    /// This process's epoch (standalone positions).
+    epoch: Arc<str>,
+    /// Standalone history rules (empty in a cluster, where broker-bridge keeps history).
+    rules: Rules,
+    /// Bytes the rings hold, and the most they may hold.
+    history_bytes: AtomicUsize,
+    history_budget: usize,
+    /// The highest seq a forgotten (swept) channel had lost: a new ring cannot vouch
+    /// for anything up to it.
+    forgotten_through: AtomicU64,
 }
 
 /// One connection as presence sees it (for snapshots).
@@ -184,7 +300,25 @@ impl Hub {
             large_room,
             dirty_counts: Mutex::new(std::collections::HashSet::new()),
             last_seq: AtomicU64::new(0),
+            epoch: new_epoch(),
+            rules: Rules::default(),
+            history_bytes: AtomicUsize::new(0),
+            history_budget: 0,
+            forgotten_through: AtomicU64::new(0),
         }
+    }
+
+    /// Keeps standalone history by `rules`, within `budget` bytes node-wide.
+    pub fn with_history(mut self, rules: Rules, budget: usize) -> Self {
+        self.rules = rules;
+        self.history_budget = budget;
+        metrics::gauge!(m::HISTORY_BUDGET).set(budget as f64);
+        self
+    }
+
+    /// This node's epoch (standalone).
+    pub fn epoch(&self) -> &Arc<str> {
+        &self.epoch
     }
 
     fn shard<K: Hash + ?Sized>(&self, key: &K) -> usize {
@@ -219,12 +353,40 @@ impl Hub {
 
     /// Subscribes a session; returns false if it already was.
     pub fn subscribe(&self, handle: &SessionHandle, channel: &Arc<str>) -> bool {
+        self.join(handle, channel, false).is_some()
+    }
+
+    /// Subscribes a session in recovery: live frames for it are held until
+    /// [`Self::finish_recovery`]. Returns the channel's position at this moment
+    /// (standalone: the node's last seq; cluster: the last seq delivered here, in
+    /// its epoch), or `None` if the session already was subscribed.
+    pub fn subscribe_recovering(&self, handle: &SessionHandle, channel: &Arc<str>) -> Option<Position> {
+        self.join(handle, channel, true)
+    }
+
+    fn join(&self, handle: &SessionHandle, channel: &Arc<str>, recovering: bool) -> Option<Position> {
         let mut shard = self.channels[self.shard(&**channel)].write();
         let ch = shard.entry(channel.clone()).or_default().clone();
         let mut st = ch.state.lock();
         drop(shard);
-        if st.subs.insert(handle.id, handle.clone()).is_some() {
-            return false;
+        if st.subs.contains_key(&handle.id) || st.recovering.iter().any(|r| r.handle.id == handle.id) {
+            return None;
+        }
+        let position = if self.rules_active() {
+            Position { seq: self.last_seq.load(Ordering::Relaxed), epoch: self.epoch.clone() }
+        } else {
+            Position { seq: st.seq, epoch: st.epoch.clone().unwrap_or_else(|| Arc::from("")) }
+        };
+        if recovering {
+            st.recovering.push(Recovery {
+                handle: handle.clone(),
+                held: Vec::new(),
+                events: Vec::new(),
+                overflowed: false,
+                notify: Arc::new(Notify::new()),
+            });
+        } else {
+            st.subs.insert(handle.id, handle.clone());
         }
         let count = st.users.entry(handle.user.clone()).or_insert(0);
         *count += 1;
@@ -236,9 +398,71 @@ impl Hub {
                 for sub in st.subs.values() {
                     sub.deliver(&frame);
                 }
+                for r in &mut st.recovering {
+                    r.event(&frame);
+                }
             }
         }
-        true
+        Some(position)
+    }
+
+    /// Standalone: whether this hub keeps history itself.
+    fn rules_active(&self) -> bool {
+        self.history_budget > 0
+    }
+
+    /// Ends a session's recovery: when nothing can be missing between what it was
+    /// sent (`sent_through`) and the frames held for it, queues the held frames
+    /// newer than `sent_through` and makes it a plain subscriber. `complete_through`:
+    /// the history it was sent is complete up to this seq. `gapless`: the held frames
+    /// follow the history read with nothing in between (standalone). `settled`: stop
+    /// waiting for proof that the cluster routes this channel here.
+    pub fn finish_recovery(
+        &self,
+        id: u64,
+        channel: &str,
+        sent_through: u64,
+        complete_through: u64,
+        gapless: bool,
+        settled: bool,
+    ) -> Finish {
+        let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
+        let Some(ch) = ch else { return Finish::Done };
+        let mut st = ch.state.lock();
+        let Some(i) = st.recovering.iter().position(|r| r.handle.id == id) else {
+            return Finish::Done;
+        };
+        let route_unproven = st.seq == 0;
+        let r = &mut st.recovering[i];
+        if r.overflowed {
+            r.overflowed = false;
+            return Finish::More { since: sent_through };
+        }
+        if !gapless {
+            match r.held.first() {
+                // In a cluster a seq is a partition offset + 1: a held frame right after
+                // the read proves nothing is missing; otherwise read the span between.
+                Some(&(first, _)) if first > complete_through + 1 && complete_through > 0 => {
+                    return Finish::More { since: complete_through.max(sent_through) };
+                }
+                None if !settled && route_unproven => return Finish::Wait(r.notify.clone()),
+                _ => {}
+            }
+        }
+        let handle = st.recovering.swap_remove(i).release(sent_through);
+        st.subs.insert(handle.id, handle);
+        Finish::Done
+    }
+
+    /// Ends a recovery whatever was held: queues every held frame newer than
+    /// `sent_through` (after a `gap` was reported, or when nothing more can be read).
+    pub fn abandon_recovery(&self, id: u64, channel: &str, sent_through: u64) {
+        let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
+        let Some(ch) = ch else { return };
+        let mut st = ch.state.lock();
+        let Some(i) = st.recovering.iter().position(|r| r.handle.id == id) else { return };
+        let handle = st.recovering.swap_remove(i).release(sent_through);
+        st.subs.insert(handle.id, handle);
     }
 
     /// Unsubscribes a session; returns false if it was not subscribed.
@@ -248,10 +472,13 @@ impl Hub {
             return false;
         };
         let mut st = ch.state.lock();
-        if st.subs.remove(&id).is_none() {
+        let recovering = st.recovering.iter().position(|r| r.handle.id == id);
+        if let Some(i) = recovering {
+            st.recovering.swap_remove(i);
+        } else if st.subs.remove(&id).is_none() {
             return false;
         }
-        if st.subs.is_empty() {
+        if st.idle() {
             shard.remove(channel);
         }
         drop(shard);
@@ -269,10 +496,13 @@ impl Hub {
         };
         if left && large && self.is_presence_channel(channel) {
             self.dirty_counts.lock().insert(Arc::from(channel));
-        } else if left && !st.subs.is_empty() && self.is_presence_channel(channel) {
+        } else if left && !(st.subs.is_empty() && st.recovering.is_empty()) && self.is_presence_channel(channel) {
             let frame = wire::text(&protocol::membership(false, channel, user));
             for sub in st.subs.values() {
                 sub.deliver(&frame);
+            }
+            for r in &mut st.recovering {
+                r.event(&frame);
             }
         }
         true
@@ -281,49 +511,185 @@ impl Hub {
     /// Publishes to a channel: assigns the next sequence number, encodes the
     /// frame once and queues it to every subscriber, in one critical section.
     pub fn publish(&self, channel: &str, id: &str, from: &str, data: &str) -> Published {
-        let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
-        let Some(ch) = ch else {
-            return Published { seq: self.last_seq.fetch_add(1, Ordering::Relaxed) + 1, delivered: 0 };
+        let rule = self.rules.for_channel(channel);
+        let shard = &self.channels[self.shard(channel)];
+        let existing = shard.read().get(channel).cloned();
+        let ch = match (existing, rule) {
+            (Some(ch), _) => ch,
+            (None, Some(_)) => shard.write().entry(Arc::from(channel)).or_default().clone(),
+            (None, None) => {
+                return Published { seq: self.last_seq.fetch_add(1, Ordering::Relaxed) + 1, delivered: 0 };
+            }
         };
         let mut st = ch.state.lock();
         // Taken under the channel's lock: the channel's order is its seq order.
         let seq = self.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
         st.seq = seq;
-        let frame = wire::text(&protocol::message(channel, id, from, seq, data));
-        let mut delivered = 0;
-        for sub in st.subs.values() {
-            delivered += u64::from(sub.deliver(&frame));
+        let frame = wire::text(&protocol::message(channel, id, from, seq, &self.epoch, data));
+        if let Some(rule) = rule {
+            let forgotten = self.forgotten_through.load(Ordering::Relaxed);
+            let ring = st.history.get_or_insert_with(|| Box::new(Ring::new(forgotten)));
+            let cost = frame.len() + ENTRY_OVERHEAD;
+            let (added, freed) = ring.push(Entry { seq, at_ms: now_ms(), cost, value: frame.clone() }, rule);
+            self.account(added, freed);
+            if freed > 0 {
+                metrics::counter!(m::HISTORY_EVICTIONS, "reason" => "count_or_age").increment(1);
+            }
         }
+        let delivered = st.fan_out(seq, &frame, None);
         drop(st);
         metrics::counter!(m::MESSAGES_OUT, "kind" => "message").increment(delivered);
         Published { seq, delivered }
+    }
+
+    fn account(&self, added: usize, freed: usize) {
+        if added >= freed {
+            self.history_bytes.fetch_add(added - freed, Ordering::Relaxed);
+        } else {
+            self.history_bytes.fetch_sub(freed - added, Ordering::Relaxed);
+        }
+    }
+
+    /// Bytes the standalone history holds.
+    pub fn history_bytes(&self) -> usize {
+        self.history_bytes.load(Ordering::Relaxed)
+    }
+
+    /// Standalone history: the messages after `since` (or the newest `limit`), at
+    /// most `limit`, or only the position.
+    pub fn history(&self, channel: &str, since: Option<&Position>, limit: usize, position_only: bool) -> Page {
+        let now = Position { seq: self.last_seq.load(Ordering::Relaxed), epoch: self.epoch.clone() };
+        if let Some(s) = since {
+            if s.epoch != self.epoch {
+                return Page::lost(Lost::EpochChanged, Some(now));
+            }
+            if s.seq > now.seq {
+                return Page::lost(Lost::Ahead, Some(now));
+            }
+        }
+        if position_only {
+            return Page { items: Vec::new(), position: Some(now), more: false, lost: None };
+        }
+        let Some(rule) = self.rules.for_channel(channel) else {
+            return Page::lost(Lost::NoHistory, Some(now));
+        };
+        let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
+        let Some(ch) = ch else {
+            // Nothing retained: complete if nothing after `since` can have been forgotten.
+            let forgotten = self.forgotten_through.load(Ordering::Relaxed);
+            if since.is_some_and(|s| s.seq < forgotten) {
+                return Page::lost(Lost::TooOld, Some(now));
+            }
+            return Page { items: Vec::new(), position: Some(now), more: false, lost: None };
+        };
+        let mut st = ch.state.lock();
+        // The position is read under the channel's lock: nothing newer is in the ring.
+        let now = Position { seq: self.last_seq.load(Ordering::Relaxed), epoch: self.epoch.clone() };
+        let forgotten = self.forgotten_through.load(Ordering::Relaxed);
+        let ring = st.history.get_or_insert_with(|| Box::new(Ring::new(forgotten)));
+        let freed = ring.expire(now_ms(), rule.max_age);
+        self.account(0, freed);
+        let item = |e: &Entry<Bytes>| Item { seq: e.seq, frame: e.value.clone(), meta: None };
+        let items: Vec<Item> = match since {
+            Some(s) => match ring.after(s.seq, limit + 1) {
+                Ok(it) => it.map(item).collect(),
+                Err(kit::history::Lost::TooOld) => return Page::lost(Lost::TooOld, Some(now)),
+            },
+            None => ring.last(limit).map(item).collect(),
+        };
+        let mut items = items;
+        let more = items.len() > limit;
+        items.truncate(limit);
+        let position = match (more, items.last()) {
+            (true, Some(last)) => Position { seq: last.seq, epoch: self.epoch.clone() },
+            _ => now,
+        };
+        Page { items, position: Some(position), more, lost: None }
+    }
+
+    /// Expires history past its age, keeps the rings within the budget (evicting
+    /// the globally oldest entries) and forgets idle channels. Run periodically.
+    pub fn sweep_history(&self) {
+        if !self.rules_active() {
+            return;
+        }
+        let now = now_ms();
+        let mut fronts = Vec::new();
+        for shard in self.channels.iter() {
+            let mut map = shard.write();
+            map.retain(|name, ch| {
+                let mut st = ch.state.lock();
+                if let (Some(ring), Some(rule)) = (st.history.as_mut(), self.rules.for_channel(name)) {
+                    let freed = ring.expire(now, rule.max_age);
+                    if freed > 0 {
+                        self.account(0, freed);
+                        metrics::counter!(m::HISTORY_EVICTIONS, "reason" => "count_or_age").increment(1);
+                    }
+                }
+                if st.idle() {
+                    if let Some(ring) = st.history.as_ref() {
+                        self.forgotten_through.fetch_max(ring.lost_through(), Ordering::Relaxed);
+                    }
+                    return false;
+                }
+                if let Some(at) = st.history.as_ref().and_then(|r| r.oldest_at()) {
+                    fronts.push((at, ch.clone()));
+                }
+                true
+            });
+        }
+        let target = self.history_budget - self.history_budget / 10;
+        if self.history_bytes() > self.history_budget {
+            // Oldest first, one entry at a time, until under 90 % of the budget.
+            let channels: Vec<Arc<Channel>> = fronts.iter().map(|(_, ch)| ch.clone()).collect();
+            let mut heap: std::collections::BinaryHeap<_> =
+                fronts.into_iter().enumerate().map(|(i, (at, _))| std::cmp::Reverse((at, i))).collect();
+            while self.history_bytes() > target {
+                let Some(std::cmp::Reverse((_, i))) = heap.pop() else { break };
+                let mut st = channels[i].state.lock();
+                let Some(ring) = st.history.as_mut() else { continue };
+                if let Some(freed) = ring.pop_oldest() {
+                    self.account(0, freed);
+                    metrics::counter!(m::HISTORY_EVICTIONS, "reason" => "memory").increment(1);
+                }
+                if let Some(at) = ring.oldest_at() {
+                    drop(st);
+                    heap.push(std::cmp::Reverse((at, i)));
+                }
+            }
+        }
+        metrics::gauge!(m::HISTORY_BYTES).set(self.history_bytes() as f64);
     }
 
     /// Delivers a channel message whose sequence number was assigned upstream
     /// (cluster mode: Kafka offset + 1). A sequence not above the channel's last
     /// one is a duplicate or a late redelivery and is dropped: `None`. Sessions
     /// whose queue is congested afterwards are added to `congested`.
+    #[allow(clippy::too_many_arguments)]
     pub fn publish_at(
         &self,
         channel: &str,
         id: &str,
         from: &str,
         seq: u64,
+        epoch: &str,
         data: &str,
         congested: &mut Vec<SessionHandle>,
     ) -> Option<u64> {
         let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
         let Some(ch) = ch else { return Some(0) };
         let mut st = ch.state.lock();
+        if st.epoch.as_deref() != Some(epoch) {
+            // A new stream (the log was re-created or re-partitioned): its seqs start over.
+            st.epoch = Some(Arc::from(epoch));
+            st.seq = 0;
+        }
         if seq <= st.seq {
             return None;
         }
         st.seq = seq;
-        let frame = wire::text(&protocol::message(channel, id, from, seq, data));
-        let mut delivered = 0;
-        for sub in st.subs.values() {
-            delivered += u64::from(sub.deliver_paced(&frame, congested));
-        }
+        let frame = wire::text(&protocol::message(channel, id, from, seq, epoch, data));
+        let delivered = st.fan_out(seq, &frame, Some(congested));
         drop(st);
         metrics::counter!(m::MESSAGES_OUT, "kind" => "message").increment(delivered);
         Some(delivered)
@@ -333,12 +699,22 @@ impl Hub {
     /// subscriber of `channel`; returns how many took it.
     pub fn deliver_to_channel(&self, channel: &str, frame: &Bytes) -> u64 {
         let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
-        ch.map_or(0, |c| c.state.lock().subs.values().map(|s| u64::from(s.deliver(frame))).sum())
+        ch.map_or(0, |c| {
+            let mut st = c.state.lock();
+            for r in &mut st.recovering {
+                r.event(frame);
+            }
+            st.subs.values().map(|s| u64::from(s.deliver(frame))).sum()
+        })
     }
 
     /// Whether any local session is subscribed to `channel`.
     pub fn has_subscribers(&self, channel: &str) -> bool {
-        self.channels[self.shard(channel)].read().contains_key(channel)
+        let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
+        ch.is_some_and(|c| {
+            let st = c.state.lock();
+            !st.subs.is_empty() || !st.recovering.is_empty()
+        })
     }
 
     /// Sends `presence_count` frames for large rooms whose membership changed.
@@ -377,7 +753,8 @@ impl Hub {
             let channels: Vec<(Arc<str>, Arc<Channel>)> =
                 shard.read().iter().map(|(k, v)| (k.clone(), v.clone())).collect();
             for (name, ch) in channels {
-                for id in ch.state.lock().subs.keys() {
+                let st = ch.state.lock();
+                for id in st.subs.keys().chain(st.recovering.iter().map(|r| &r.handle.id)) {
                     if let Some(rec) = by_id.get_mut(id) {
                         rec.channels.push(name.clone());
                     }
@@ -442,6 +819,22 @@ impl Hub {
     pub fn session_count(&self) -> usize {
         self.sessions.iter().map(|s| s.read().len()).sum()
     }
+}
+
+/// Bytes an entry costs beyond its frame (the entry, the Bytes header, the frame's allocation).
+pub const ENTRY_OVERHEAD: usize = 96;
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// A fresh epoch: `s` and 16 hex digits, drawn from the clock and the process.
+fn new_epoch() -> Arc<str> {
+    use std::hash::Hasher;
+    let mut h = std::hash::RandomState::new().build_hasher();
+    h.write_u64(now_ms());
+    h.write_u32(std::process::id());
+    Arc::from(format!("s{:016x}", h.finish()))
 }
 
 #[cfg(test)]
@@ -584,5 +977,85 @@ pub(crate) mod tests {
         assert_eq!(t1.ctl.requested().map(|r| r.0), Some(CloseReason::Kicked));
         assert_eq!(t2.ctl.requested().unwrap().1.as_deref(), Some("bye"));
         assert_eq!(hub.session_count(), 3);
+    }
+
+    fn history_hub(rules: &str, budget: usize) -> Hub {
+        let rules = rules.split(',').map(|r| r.parse().unwrap()).collect();
+        Hub::new(vec![], 1000).with_history(Rules::new(rules), budget)
+    }
+
+    #[test]
+    fn held_frames_follow_the_recovery_once_and_an_overflow_reads_again() {
+        let hub = history_hub("*=10000/1h", 1 << 30);
+        let (a, mut ra) = session(&hub, 1, "a", 4096);
+        let ch: Arc<str> = "c".into();
+        let at = hub.subscribe_recovering(&a, &ch).unwrap();
+        assert!(hub.subscribe_recovering(&a, &ch).is_none(), "already subscribed");
+        let p1 = hub.publish("c", "m1", "x", "1");
+        let p2 = hub.publish("c", "m2", "x", "2");
+        assert!(ra.try_recv().is_none(), "held while recovering");
+        // The session was sent history through p1: only p2 follows.
+        assert!(matches!(hub.finish_recovery(1, "c", p1.seq, p1.seq, true, true), Finish::Done));
+        assert_eq!(text_of(&ra.try_recv().unwrap())["seq"], p2.seq);
+        assert!(ra.try_recv().is_none());
+        assert!(at.seq < p1.seq);
+        // Live now.
+        let p3 = hub.publish("c", "m3", "x", "3");
+        assert_eq!(text_of(&ra.try_recv().unwrap())["seq"], p3.seq);
+
+        let (b, mut rb) = session(&hub, 2, "b", 4096);
+        hub.subscribe_recovering(&b, &ch).unwrap();
+        for i in 0..=RECOVERY_HOLD {
+            hub.publish("c", &format!("o{i}"), "x", "0");
+        }
+        match hub.finish_recovery(2, "c", p3.seq, p3.seq, true, true) {
+            Finish::More { since } => assert_eq!(since, p3.seq),
+            other => panic!("{other:?}"),
+        }
+        assert!(rb.try_recv().is_none());
+    }
+
+    #[test]
+    fn a_cluster_recovery_reads_the_span_before_the_first_held_frame() {
+        let hub = Hub::new(vec![], 1000);
+        let (a, mut ra) = session(&hub, 1, "a", 64);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe_recovering(&a, &ch).unwrap();
+        // No live frame yet on a channel new here: wait for proof of the route.
+        assert!(matches!(hub.finish_recovery(1, "c", 10, 10, false, false), Finish::Wait(_)));
+        // The first live frame is at 15: 11..14 may exist; read from 10.
+        hub.publish_at("c", "m", "x", 15, "k.0", "1", &mut Vec::new());
+        match hub.finish_recovery(1, "c", 10, 10, false, false) {
+            Finish::More { since } => assert_eq!(since, 10),
+            other => panic!("{other:?}"),
+        }
+        // Complete through 14 now: 15 follows directly.
+        assert!(matches!(hub.finish_recovery(1, "c", 14, 14, false, false), Finish::Done));
+        assert_eq!(text_of(&ra.try_recv().unwrap())["seq"], 15);
+        // Another epoch starts the channel's seqs over.
+        assert_eq!(hub.publish_at("c", "m", "x", 3, "k.1", "1", &mut Vec::new()), Some(1));
+        assert_eq!(text_of(&ra.try_recv().unwrap())["epoch"], "k.1");
+    }
+
+    #[test]
+    fn the_memory_budget_evicts_the_oldest_across_channels() {
+        let frame_cost = 200;
+        let hub = history_hub("*=1000/1h", 50 * frame_cost);
+        let mut first = Vec::new();
+        for c in 0..20 {
+            first.push(hub.publish(&format!("c{c}"), "id", "x", "1").seq);
+            for _ in 0..4 {
+                hub.publish(&format!("c{c}"), "id", "x", "1");
+            }
+        }
+        assert!(hub.history_bytes() > 50 * frame_cost, "{}", hub.history_bytes());
+        hub.sweep_history();
+        assert!(hub.history_bytes() <= 50 * frame_cost, "{}", hub.history_bytes());
+        let epoch = hub.epoch().clone();
+        let from = |seq: u64| Position { seq: seq - 1, epoch: epoch.clone() };
+        // The oldest channels lost their start; the newest are whole.
+        assert_eq!(hub.history("c0", Some(&from(first[0])), 100, false).lost, Some(Lost::TooOld));
+        let newest = hub.history("c19", Some(&from(first[19])), 100, false);
+        assert_eq!((newest.lost, newest.items.len()), (None, 5));
     }
 }

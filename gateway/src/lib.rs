@@ -20,6 +20,7 @@ pub mod config;
 pub mod delivery;
 pub mod demo;
 pub mod handshake;
+pub mod history;
 pub mod hub;
 pub mod limits;
 pub mod metrics;

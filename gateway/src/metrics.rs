@@ -29,6 +29,11 @@ pub const PRESENCE_RESYNCS: &str = "switchboard_gateway_presence_resyncs_total";
 pub const PRESENCE_SENT_SEQ: &str = "switchboard_gateway_presence_sent_seq";
 pub const PRESENCE_ACKED_SEQ: &str = "switchboard_gateway_presence_acked_seq";
 pub const PRESENCE_FALLBACKS: &str = "switchboard_gateway_presence_fallbacks_total";
+pub const HISTORY_BYTES: &str = "switchboard_gateway_history_bytes";
+pub const HISTORY_BUDGET: &str = "switchboard_gateway_history_budget_bytes";
+pub const HISTORY_EVICTIONS: &str = "switchboard_gateway_history_evictions_total";
+pub const RECOVERIES: &str = "switchboard_gateway_recoveries_total";
+pub const RECOVERY_GAPS: &str = "switchboard_gateway_recovery_gaps_total";
 
 /// Histogram buckets, by metric-name suffix (any other histogram gets kit's defaults).
 pub const BUCKETS: &[(&str, &[f64])] = &[
@@ -39,7 +44,10 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
 ];
 
 /// Label values, registered at zero at start (docs/metrics.md lists the same).
-pub const OPS: &[&str] = &["subscribe", "unsubscribe", "publish", "send", "presence", "ping", "invalid"];
+pub const OPS: &[&str] = &["subscribe", "unsubscribe", "publish", "send", "presence", "history", "ping", "invalid"];
+/// `recoveries_total` outcomes: a subscribe without `since`, a complete recovery, or why not.
+pub const RECOVERY_OUTCOMES: &[&str] =
+    &["none", "recovered", "epoch_changed", "too_old", "too_many", "ahead", "no_history", "unavailable"];
 pub const FRAME_KINDS: &[&str] = &["message", "direct", "broadcast"];
 /// The protocol's error codes (`protocol::ErrorCode::as_str`).
 pub const ERROR_CODES: &[&str] = &[
@@ -53,7 +61,7 @@ pub const ERROR_CODES: &[&str] = &[
     "unavailable",
 ];
 pub const PUSH_METHODS: &[&str] =
-    &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members"];
+    &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members", "history"];
 pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument"];
 
 /// Registers every series that alerts and dashboards use at zero, so that they are
@@ -84,6 +92,12 @@ fn register_zeroes() {
     ] {
         metrics::gauge!(g).increment(0.0);
     }
+    for g in [HISTORY_BYTES, HISTORY_BUDGET] {
+        metrics::gauge!(g).increment(0.0);
+    }
+    kit::telemetry::zero_counters(RECOVERIES, "outcome", RECOVERY_OUTCOMES);
+    kit::telemetry::zero_counters(RECOVERY_GAPS, "reason", &RECOVERY_OUTCOMES[2..]);
+    kit::telemetry::zero_counters(HISTORY_EVICTIONS, "reason", &["count_or_age", "memory"]);
     kit::telemetry::zero_counters(MESSAGES_IN, "op", OPS);
     kit::telemetry::zero_counters(MESSAGES_OUT, "kind", FRAME_KINDS);
     kit::telemetry::zero_counters(COMMAND_ERRORS, "code", ERROR_CODES);
@@ -159,6 +173,20 @@ pub fn describe() {
     describe_gauge!(PRESENCE_SENT_SEQ, "Last delta batch sequence sent to presence.");
     describe_gauge!(PRESENCE_ACKED_SEQ, "Last sequence presence acknowledged.");
     describe_counter!(PRESENCE_FALLBACKS, "Presence queries answered from local state because no replica answered.");
+    describe_gauge!(HISTORY_BYTES, Unit::Bytes, "Standalone: bytes the channel history holds now.");
+    describe_gauge!(HISTORY_BUDGET, Unit::Bytes, "Standalone: bytes the channel history may hold (--history-memory).");
+    describe_counter!(
+        HISTORY_EVICTIONS,
+        "Standalone: history entries dropped, by reason (count_or_age: a --history rule; memory: the budget)."
+    );
+    describe_counter!(
+        RECOVERIES,
+        "Subscribes by outcome: none (no since), recovered, or why recovery was not possible."
+    );
+    describe_counter!(
+        RECOVERY_GAPS,
+        "Recoveries that started complete but could not be finished (a gap frame was sent), by reason."
+    );
 }
 
 #[cfg(test)]

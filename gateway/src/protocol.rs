@@ -8,6 +8,8 @@ use std::io::Write;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
+use crate::history::{Lost, Page, Position};
+
 /// Longest channel name, in bytes.
 pub const MAX_CHANNEL_BYTES: usize = 128;
 
@@ -21,13 +23,25 @@ pub struct Request<'a> {
 /// What a client asks for.
 #[derive(Debug)]
 pub enum Command<'a> {
-    Subscribe { channel: Cow<'a, str> },
+    Subscribe { channel: Cow<'a, str>, since: Option<Since> },
     Unsubscribe { channel: Cow<'a, str> },
     Publish { channel: Cow<'a, str>, data: &'a RawValue, key: Option<Cow<'a, str>> },
     Send { user: Cow<'a, str>, data: &'a RawValue, key: Option<Cow<'a, str>> },
     Presence { channel: Cow<'a, str> },
+    History { channel: Cow<'a, str>, since: Option<Since>, limit: usize },
     Ping,
 }
+
+/// A client's `since`: the position of the last message it has of a channel.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Since {
+    pub seq: u64,
+    pub epoch: String,
+}
+
+/// Longest epoch accepted in a `since`.
+pub const MAX_EPOCH_BYTES: usize = 64;
 
 /// A command that could not be decoded, with the `ref` when it was readable.
 #[derive(Debug)]
@@ -79,6 +93,10 @@ struct Raw<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     idempotency_key: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    since: Option<&'a RawValue>,
+    #[serde(default)]
+    limit: Option<serde_json::Number>,
 }
 
 /// Only the `ref` of a command, for answering one whose other fields are malformed.
@@ -117,8 +135,22 @@ pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
         return Err(err(reference, ErrorCode::BadRequest, "idempotency_key must be 1-128 printable ASCII bytes"));
     }
     let key = raw.idempotency_key;
+    let since = match raw.since.map(since_of).transpose() {
+        Ok(s) => s,
+        Err(message) => return Err(err(reference, ErrorCode::BadRequest, message)),
+    };
     let command = match raw.op.as_deref() {
-        Some("subscribe") => need_channel(raw.channel).map(|channel| Command::Subscribe { channel }),
+        Some("subscribe") => need_channel(raw.channel).map(|channel| Command::Subscribe { channel, since }),
+        Some("history") => need_channel(raw.channel).and_then(|channel| {
+            let limit = match raw.limit {
+                None => crate::history::PAGE_DEFAULT,
+                Some(n) => match n.as_u64() {
+                    Some(n @ 1..) if n as usize <= crate::history::PAGE_MAX => n as usize,
+                    _ => return Err((ErrorCode::BadRequest, "limit must be an integer from 1 to 1000")),
+                },
+            };
+            Ok(Command::History { channel, since, limit })
+        }),
         Some("unsubscribe") => need_channel(raw.channel).map(|channel| Command::Unsubscribe { channel }),
         Some("presence") => need_channel(raw.channel).map(|channel| Command::Presence { channel }),
         Some("publish") => need_channel(raw.channel).and_then(|channel| match raw.data {
@@ -136,6 +168,19 @@ pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
         None => Err((ErrorCode::UnknownOp, "missing field `op`")),
     };
     command.map(|command| Request { reference, command }).map_err(|(code, message)| err(reference, code, message))
+}
+
+/// `since` must be `{"seq": <u64>, "epoch": <string>}` and nothing else.
+fn since_of(raw: &RawValue) -> Result<Since, &'static str> {
+    const SHAPE: &str = "since must be {\"seq\": integer >= 0, \"epoch\": string}";
+    if !raw.get().starts_with('{') {
+        return Err(SHAPE);
+    }
+    let s: Since = serde_json::from_str(raw.get()).map_err(|_| SHAPE)?;
+    if s.epoch.len() > MAX_EPOCH_BYTES || !s.epoch.bytes().all(|b| (0x21..=0x7e).contains(&b)) {
+        return Err("since.epoch must be at most 64 printable ASCII bytes");
+    }
+    Ok(s)
 }
 
 fn need_channel(c: Option<Cow<'_, str>>) -> Result<Cow<'_, str>, (ErrorCode, &'static str)> {
@@ -165,17 +210,94 @@ fn reference(out: &mut Vec<u8>, r: Option<&RawValue>) {
     }
 }
 
-/// `{"type":"message",...}`: a channel publication.
-pub fn message(channel: &str, id: &str, from: &str, seq: u64, data: &str) -> Vec<u8> {
-    let mut out = Vec::with_capacity(64 + channel.len() + id.len() + from.len() + data.len());
+/// `{"type":"message",...}`: a channel publication at its position.
+pub fn message(channel: &str, id: &str, from: &str, seq: u64, epoch: &str, data: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(80 + channel.len() + id.len() + from.len() + epoch.len() + data.len());
     out.extend_from_slice(b"{\"type\":\"message\",\"channel\":");
     string(&mut out, channel);
     out.extend_from_slice(b",\"id\":");
     string(&mut out, id);
     out.extend_from_slice(b",\"from\":");
     string(&mut out, from);
-    let _ = write!(out, ",\"seq\":{seq},\"data\":");
+    let _ = write!(out, ",\"seq\":{seq},\"epoch\":");
+    string(&mut out, epoch);
+    out.extend_from_slice(b",\"data\":");
     out.extend_from_slice(data.as_bytes());
+    out.push(b'}');
+    out
+}
+
+fn position(out: &mut Vec<u8>, name: &str, p: &Position) {
+    let _ = write!(out, ",\"{name}\":{{\"seq\":{},\"epoch\":", p.seq);
+    string(out, &p.epoch);
+    out.push(b'}');
+}
+
+/// The `ack` of a subscribe: the channel's position, and with `since`, whether
+/// what was missed follows (`recovered`) or why not.
+pub fn subscribed(
+    r: Option<&RawValue>,
+    channel: &str,
+    at: Option<&Position>,
+    recovery: Option<Option<Lost>>,
+) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"{\"type\":\"ack\"");
+    reference(&mut out, r);
+    out.extend_from_slice(b",\"channel\":");
+    string(&mut out, channel);
+    if let Some(p) = at {
+        position(&mut out, "position", p);
+    }
+    match recovery {
+        None => {}
+        Some(None) => out.extend_from_slice(b",\"recovered\":true"),
+        Some(Some(lost)) => {
+            out.extend_from_slice(b",\"recovered\":false,\"reason\":");
+            string(&mut out, lost.as_str());
+        }
+    }
+    out.push(b'}');
+    out
+}
+
+/// `{"type":"gap",...}`: messages of `channel` after `after` may be missing (a
+/// recovery could not be completed); the stream goes on live.
+pub fn gap(channel: &str, after: &Position, lost: Lost) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128);
+    out.extend_from_slice(b"{\"type\":\"gap\",\"channel\":");
+    string(&mut out, channel);
+    position(&mut out, "after", after);
+    out.extend_from_slice(b",\"reason\":");
+    string(&mut out, lost.as_str());
+    out.push(b'}');
+    out
+}
+
+/// The `history` reply: messages (as `message` objects), position, `more`, or `lost`.
+pub fn history(r: Option<&RawValue>, channel: &str, page: &Page) -> Vec<u8> {
+    let body: usize = page.items.iter().map(|i| i.frame.len()).sum();
+    let mut out = Vec::with_capacity(128 + body);
+    out.extend_from_slice(b"{\"type\":\"history\"");
+    reference(&mut out, r);
+    out.extend_from_slice(b",\"channel\":");
+    string(&mut out, channel);
+    out.extend_from_slice(b",\"messages\":[");
+    for (i, item) in page.items.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&crate::history::json_of(&item.frame));
+    }
+    out.push(b']');
+    if let Some(p) = &page.position {
+        position(&mut out, "position", p);
+    }
+    let _ = write!(out, ",\"more\":{}", page.more);
+    if let Some(lost) = page.lost {
+        out.extend_from_slice(b",\"lost\":");
+        string(&mut out, lost.as_str());
+    }
     out.push(b'}');
     out
 }
@@ -340,7 +462,7 @@ mod tests {
         assert!(matches!(decode(r#"{"op":"ping"}"#).unwrap().command, Command::Ping));
         // Escaped channel names are unescaped.
         match decode(r#"{"op":"subscribe","channel":"a\u0062"}"#).unwrap().command {
-            Command::Subscribe { channel } => assert_eq!(channel, "ab"),
+            Command::Subscribe { channel, .. } => assert_eq!(channel, "ab"),
             other => panic!("{other:?}"),
         }
     }
@@ -385,7 +507,7 @@ mod tests {
     fn encodes_valid_json() {
         let data = RawValue::from_string("{\"x\":\"\\u00e9\"}".into()).unwrap();
         let frames = [
-            message("c\"h", "id1", "al\nice", 9, data.get()),
+            message("c\"h", "id1", "al\nice", 9, "s1", data.get()),
             direct("id", "a", "b", data.get()),
             membership(true, "c", "u"),
             ack(Some(&RawValue::from_string("\"r\"".into()).unwrap()), Some("id"), Some(3), Some(2), true),
@@ -398,7 +520,7 @@ mod tests {
             let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
             assert!(v["type"].is_string(), "{v}");
         }
-        let v: serde_json::Value = serde_json::from_slice(&message("c\"h", "i", "a", 9, "[1]")).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&message("c\"h", "i", "a", 9, "s1", "[1]")).unwrap();
         assert_eq!(v["channel"], "c\"h");
         assert_eq!(v["seq"], 9);
         assert_eq!(v["data"][0], 1);

@@ -153,8 +153,22 @@ impl Push for PushService {
         Ok(Response::new(pb::IsOnlineResponse { users }))
     }
 
-    async fn history(&self, _req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
-        Err(Status::unimplemented("history: in progress"))
+    async fn history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        let r = req.into_inner();
+        if !valid_channel(&r.channel) {
+            return Err(invalid("history", "channel must be 1-128 printable ASCII bytes without spaces"));
+        }
+        let limit = match r.limit as usize {
+            0 => crate::history::PAGE_DEFAULT,
+            n if n <= crate::history::PAGE_MAX => n,
+            n => {
+                return Err(invalid("history", format!("limit is {n}, at most {} per page", crate::history::PAGE_MAX)));
+            }
+        };
+        let since = r.since.map(|p| crate::history::Position { seq: p.seq, epoch: p.epoch.into() });
+        let page = self.bus.history(&r.channel, since.as_ref(), limit, r.position_only).await?;
+        ok("history");
+        Ok(Response::new(history_response(page)))
     }
 
     async fn channel_members(
@@ -179,5 +193,49 @@ impl Push for PushService {
             total: page.total,
             next_after: page.next_after,
         }))
+    }
+}
+
+/// A page as the Push API answers it: each message's fields read back from its frame.
+fn history_response(page: crate::history::Page) -> pb::HistoryResponse {
+    #[derive(serde::Deserialize)]
+    struct Frame<'a> {
+        id: String,
+        from: String,
+        seq: u64,
+        #[serde(borrow)]
+        data: &'a RawValue,
+    }
+    let messages = page
+        .items
+        .iter()
+        .filter_map(|item| {
+            if let Some(m) = &item.meta {
+                return Some(pb::HistoryMessage {
+                    id: m.id.clone(),
+                    from: m.from.clone(),
+                    seq: item.seq,
+                    data_json: m.data.clone(),
+                    published_at_ms: m.published_at_ms,
+                    idempotent: m.idempotent,
+                });
+            }
+            let json = crate::history::json_of(&item.frame);
+            let f: Frame<'_> = serde_json::from_slice(&json).ok()?;
+            Some(pb::HistoryMessage {
+                id: f.id,
+                from: f.from,
+                seq: f.seq,
+                data_json: f.data.get().to_owned(),
+                published_at_ms: 0,
+                idempotent: false,
+            })
+        })
+        .collect();
+    pb::HistoryResponse {
+        messages,
+        position: page.position.map(|p| pb::Position { seq: p.seq, epoch: p.epoch.to_string() }),
+        more: page.more,
+        lost: page.lost.map_or(0, |l| l.to_pb() as i32),
     }
 }

@@ -45,6 +45,9 @@ pub enum SettingsError {
 }
 
 /// Everything `run` needs, checked.
+/// How often standalone history is expired and held to its memory budget.
+const HISTORY_SWEEP: Duration = Duration::from_millis(250);
+
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub session: SessionConfig,
@@ -59,6 +62,9 @@ pub struct Settings {
     pub max_pending_per_ip: usize,
     pub presence_channels: Vec<String>,
     pub large_room: usize,
+    /// Standalone history rules and memory budget (unused in a cluster).
+    pub history: kit::history::Rules,
+    pub history_memory: usize,
     pub presence_addrs: Vec<String>,
     pub delivery_addr: String,
     /// Credential of the internal gRPC APIs (sent and required).
@@ -154,7 +160,10 @@ impl Settings {
                 publish_burst: cli.publish_burst.get(),
                 send_queue: cli.send_queue.get() as usize,
                 slow_consumer_timeout: cli.slow_consumer_timeout,
+                recovery_max: cli.recovery_max,
             },
+            history: kit::history::Rules::new(cli.history.clone()),
+            history_memory: cli.history_memory,
             verifier,
             anonymous: cli.anonymous,
             allowed_origins: cli.allowed_origins.iter().filter(|o| !o.is_empty()).cloned().collect(),
@@ -242,7 +251,11 @@ pub async fn run(
     let remote = !settings.presence_addrs.is_empty();
     // With remote presence, joins and leaves come from its Watch stream, not the hub.
     let patterns = if remote { Vec::new() } else { settings.presence_channels.clone() };
-    let hub = Arc::new(Hub::new(patterns, settings.large_room));
+    let mut hub = Hub::new(patterns, settings.large_room);
+    if settings.bridge_addrs.is_empty() && settings.history_memory > 0 {
+        hub = hub.with_history(settings.history.clone(), settings.history_memory);
+    }
+    let hub = Arc::new(hub);
     let bus: Arc<dyn crate::bus::Bus> = if settings.bridge_addrs.is_empty() {
         Arc::new(LocalBus::new(hub.clone()))
     } else {
@@ -269,10 +282,12 @@ pub async fn run(
         let stop = stop_presence.clone();
         tokio::spawn(async move {
             let mut every = tokio::time::interval(Duration::from_secs(1));
+            let mut sweep = tokio::time::interval(HISTORY_SWEEP);
             loop {
                 tokio::select! {
                     () = stop.cancelled() => return,
                     _ = every.tick() => hub.flush_counts(),
+                    _ = sweep.tick() => hub.sweep_history(),
                 }
             }
         })

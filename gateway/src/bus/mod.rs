@@ -15,6 +15,7 @@ use std::time::Instant;
 
 use kit::idempotency::Idempotency;
 
+use crate::history::{Page, Position};
 use crate::hub::Hub;
 use crate::metrics as m;
 use crate::{protocol, wire};
@@ -57,6 +58,9 @@ pub fn idempotency_scope(method: &str, from: &str, key: &str) -> String {
 /// Boxed future returned by [`Bus`] methods.
 pub type BusFuture<'a> = Pin<Box<dyn Future<Output = Result<Accepted, BusError>> + Send + 'a>>;
 
+/// Boxed future of a history read.
+pub type HistoryFuture<'a> = Pin<Box<dyn Future<Output = Result<Page, BusError>> + Send + 'a>>;
+
 /// Where messages go. `data` is JSON text; `key` an optional idempotency key.
 pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
     /// Publishes to every subscriber of `channel`, in channel order.
@@ -67,6 +71,20 @@ pub trait Bus: Send + Sync + std::fmt::Debug + 'static {
     fn broadcast<'a>(&'a self, from: &'a str, data: &'a str) -> BusFuture<'a>;
     /// Closes every session of `user` with 4004; `delivered` is the number closed when known.
     fn disconnect<'a>(&'a self, user: &'a str, reason: &'a str) -> BusFuture<'a>;
+    /// A channel's history: the messages after `since` (or the newest `limit`), at
+    /// most `limit`; with `position_only`, only the current position.
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        since: Option<&'a Position>,
+        limit: usize,
+        position_only: bool,
+    ) -> HistoryFuture<'a>;
+    /// Whether the frames held for a recovering session follow a history read with
+    /// nothing in between (one process keeps both: standalone).
+    fn gapless(&self) -> bool {
+        false
+    }
 }
 
 /// Unique message ids for one process: boot time plus a counter.
@@ -163,5 +181,19 @@ impl Bus for LocalBus {
             delivered: Some(closed),
             duplicate: false,
         })))
+    }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        since: Option<&'a Position>,
+        limit: usize,
+        position_only: bool,
+    ) -> HistoryFuture<'a> {
+        Box::pin(std::future::ready(Ok(self.hub.history(channel, since, limit, position_only))))
+    }
+
+    fn gapless(&self) -> bool {
+        true
     }
 }

@@ -9,7 +9,11 @@ use kit::grpc::{Authed, Bearer};
 use proto::push::v1 as pb;
 use proto::push::v1::push_client::PushClient;
 
-use super::{Accepted, Bus, BusError, BusFuture};
+use std::sync::Arc;
+
+use super::{Accepted, Bus, BusError, BusFuture, HistoryFuture};
+use crate::history::{Item, ItemMeta, Lost, Page, Position};
+use crate::{protocol, wire};
 
 /// Push API clients of every configured bridge.
 #[derive(Debug)]
@@ -160,4 +164,50 @@ impl Bus for RemoteBus {
             Ok(Accepted { id: String::new(), seq: None, delivered: r.closed, duplicate: false })
         })
     }
+
+    fn history<'a>(
+        &'a self,
+        channel: &'a str,
+        since: Option<&'a Position>,
+        limit: usize,
+        position_only: bool,
+    ) -> HistoryFuture<'a> {
+        Box::pin(async move {
+            // A read stores nothing: every bridge may be asked in turn.
+            let r = self
+                .call(Some(channel), |mut c| {
+                    let req = pb::HistoryRequest {
+                        channel: channel.into(),
+                        since: since.map(|s| pb::Position { seq: s.seq, epoch: s.epoch.to_string() }),
+                        limit: limit as u32,
+                        position_only,
+                    };
+                    async move { c.history(req).await.map(|r| r.into_inner()) }
+                })
+                .await?;
+            Ok(page_of(channel, r))
+        })
+    }
+}
+
+/// A bridge's answer as the gateway's page: each message encoded as live subscribers get it.
+fn page_of(channel: &str, r: pb::HistoryResponse) -> Page {
+    let position = r.position.map(|p| Position { seq: p.seq, epoch: Arc::from(p.epoch) });
+    let epoch = position.as_ref().map_or("", |p| &*p.epoch);
+    let items = r
+        .messages
+        .into_iter()
+        .map(|m| Item {
+            seq: m.seq,
+            frame: wire::text(&protocol::message(channel, &m.id, &m.from, m.seq, epoch, &m.data_json)),
+            meta: Some(Arc::new(ItemMeta {
+                id: m.id,
+                from: m.from,
+                data: m.data_json,
+                published_at_ms: m.published_at_ms,
+                idempotent: m.idempotent,
+            })),
+        })
+        .collect();
+    Page { items, position, more: r.more, lost: Lost::from_pb(r.lost) }
 }

@@ -244,25 +244,34 @@ async fn command(
         Command::Publish { .. } => "publish",
         Command::Send { .. } => "send",
         Command::Presence { .. } => "presence",
+        Command::History { .. } => "history",
         Command::Ping => "ping",
     };
     metrics::counter!(m::MESSAGES_IN, "op" => op).increment(1);
     match req.command {
-        Command::Subscribe { channel } => {
+        Command::Subscribe { channel, since } => {
             if !identity.may_use(&channel) {
                 refuse(handle, r, ErrorCode::Forbidden, "not allowed on this channel", None);
             } else if state.subscriptions.contains(&*channel) {
-                reply(handle, protocol::ack(r, None, None, None, false));
+                reply(handle, protocol::subscribed(r, &channel, None, None));
             } else if state.subscriptions.len() >= node.config.max_subscriptions {
                 refuse(handle, r, ErrorCode::TooManySubscriptions, "subscription limit reached", None);
             } else {
                 let channel: Arc<str> = channel.into();
-                // The ack goes first so that it precedes the subscriber's own join event.
-                reply(handle, protocol::ack(r, None, None, None, false));
-                node.hub.subscribe(handle, &channel);
-                node.presence.subscribed(handle.id, &channel);
-                state.subscriptions.insert(channel);
+                state.subscriptions.insert(channel.clone());
                 metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).increment(1.0);
+                super::recovery::subscribe(node, handle, r, &channel, since).await;
+            }
+        }
+        Command::History { channel, since, limit } => {
+            if !identity.may_use(&channel) {
+                refuse(handle, r, ErrorCode::Forbidden, "not allowed on this channel", None);
+                return Ok(());
+            }
+            let since = since.map(|s| crate::history::Position { seq: s.seq, epoch: s.epoch.into() });
+            match node.bus.history(&channel, since.as_ref(), limit, false).await {
+                Ok(page) => reply(handle, protocol::history(r, &channel, &page)),
+                Err(e) => bus_refusal(handle, r, &e),
             }
         }
         Command::Unsubscribe { channel } => {

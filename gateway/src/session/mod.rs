@@ -8,6 +8,7 @@
 mod egress;
 mod frames;
 mod ingress;
+mod recovery;
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -40,6 +41,8 @@ pub struct SessionConfig {
     pub send_queue: usize,
     /// How long a send queue may stay congested before the session is a slow consumer.
     pub slow_consumer_timeout: Duration,
+    /// Most messages one recovery may send.
+    pub recovery_max: usize,
 }
 
 /// What a session needs from the node.

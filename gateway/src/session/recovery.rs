@@ -1,0 +1,164 @@
+//! Subscribing at a position (docs/protocol.md "Positions and recovery").
+//!
+//! The session is first put in the channel's recovering list (live frames for it
+//! are held back), then the history after its `since` is read in full, up to the
+//! recovery limit, before the ack says `recovered: true` (or `false` and why:
+//! never a partial stream presented as complete). The missed messages are then
+//! queued in order, paced by the client's reading, and the held live frames newer
+//! than the last one sent follow. In a cluster the history comes from
+//! broker-bridge and the live stream through another path, so before the session
+//! becomes a plain subscriber the hub checks that the first held frame follows the
+//! history read; when it may not, the span between is read too.
+//!
+//! A subscribe without `since` is the same with nothing to recover: the ack
+//! carries the channel's position, from which a later reconnect resumes.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::value::RawValue;
+
+use super::Node;
+use crate::history::{Item, Lost, Page, Position};
+use crate::hub::{Finish, SessionHandle};
+use crate::metrics as m;
+use crate::protocol::{self, Since};
+use crate::wire;
+
+/// Bytes of missed messages one recovery may hold while it is read.
+pub(super) const RECOVERY_MAX_BYTES: usize = 16 << 20;
+/// How long a recovery waits for proof that the cluster routes a channel new to
+/// this node here (its first live message) before it relies on the route.
+const ROUTE_SETTLE: Duration = Duration::from_secs(1);
+/// Rounds of "read the span before the first held frame" before giving up with a gap.
+const FINISH_ROUNDS: usize = 16;
+
+/// Subscribes `handle` to `channel` (already counted in the session's state),
+/// recovering from `since` when given, and sends the ack.
+pub(super) async fn subscribe(
+    node: &Node,
+    handle: &SessionHandle,
+    r: Option<&RawValue>,
+    channel: &Arc<str>,
+    since: Option<Since>,
+) {
+    let Some(local) = node.hub.subscribe_recovering(handle, channel) else {
+        reply(handle, protocol::subscribed(r, channel, None, None));
+        return;
+    };
+    node.presence.subscribed(handle.id, channel);
+    let gapless = node.bus.gapless();
+    let since = since.map(|s| Position { seq: s.seq, epoch: Arc::from(s.epoch) });
+    let (items, position, lost) = match &since {
+        None if gapless => (Vec::new(), Some(local), None),
+        None => match node.bus.history(channel, None, 0, true).await {
+            Ok(page) => (Vec::new(), page.position, None),
+            Err(_) => (Vec::new(), None, None),
+        },
+        Some(since) => read_all(node, channel, since).await,
+    };
+    let outcome = match (&since, lost) {
+        (None, _) => "none",
+        (Some(_), None) => "recovered",
+        (Some(_), Some(l)) => l.as_str(),
+    };
+    metrics::counter!(m::RECOVERIES, "outcome" => outcome).increment(1);
+    reply(handle, protocol::subscribed(r, channel, position.as_ref(), since.as_ref().map(|_| lost)));
+    // What the session was sent is complete through `through`: its since plus what
+    // was recovered, or the position it was given.
+    let mut through = match (&since, lost) {
+        (Some(s), None) => items.last().map_or(s.seq, |i| i.seq).max(position.as_ref().map_or(0, |p| p.seq)),
+        _ => position.as_ref().map_or(0, |p| p.seq),
+    };
+    let epoch = position.as_ref().map(|p| p.epoch.clone()).or_else(|| since.as_ref().map(|s| s.epoch.clone()));
+    if !send(handle, &items).await {
+        return;
+    }
+    if lost.is_some() || epoch.is_none() {
+        // Nothing to line up with: the live stream goes on from here.
+        node.hub.abandon_recovery(handle.id, channel, through);
+        return;
+    }
+    let epoch = epoch.unwrap_or_default();
+    let mut settled = false;
+    for _ in 0..FINISH_ROUNDS {
+        match node.hub.finish_recovery(handle.id, channel, through, through, gapless, settled) {
+            Finish::Done => return,
+            Finish::Wait(notify) => {
+                let _ = tokio::time::timeout(ROUTE_SETTLE, notify.notified()).await;
+                settled = true;
+            }
+            Finish::More { since } => {
+                let from = Position { seq: since, epoch: epoch.clone() };
+                let (items, position, lost) = read_all(node, channel, &from).await;
+                if let Some(lost) = lost {
+                    gap(node, handle, channel, &from, lost);
+                    return;
+                }
+                let fresh: Vec<Item> = items.into_iter().filter(|i| i.seq > through).collect();
+                if !send(handle, &fresh).await {
+                    return;
+                }
+                through = fresh.last().map_or(through, |i| i.seq).max(position.map_or(0, |p| p.seq)).max(since);
+            }
+        }
+    }
+    gap(node, handle, channel, &Position { seq: through, epoch }, Lost::TooMany);
+}
+
+/// Tells the client that messages after `after` may be missing and goes live.
+fn gap(node: &Node, handle: &SessionHandle, channel: &Arc<str>, after: &Position, lost: Lost) {
+    metrics::counter!(m::RECOVERY_GAPS, "reason" => lost.as_str()).increment(1);
+    reply(handle, protocol::gap(channel, after, lost));
+    node.hub.abandon_recovery(handle.id, channel, after.seq);
+}
+
+/// Reads every message after `since`, page by page, up to the recovery limits.
+async fn read_all(node: &Node, channel: &str, since: &Position) -> (Vec<Item>, Option<Position>, Option<Lost>) {
+    let max = node.config.recovery_max;
+    let mut items: Vec<Item> = Vec::new();
+    let mut bytes = 0;
+    let mut cursor = since.clone();
+    loop {
+        let page: Page = match node.bus.history(channel, Some(&cursor), crate::history::PAGE_MAX, false).await {
+            Ok(p) => p,
+            Err(_) => return (Vec::new(), None, Some(Lost::Unavailable)),
+        };
+        if let Some(lost) = page.lost {
+            return (Vec::new(), page.position, Some(lost));
+        }
+        for item in page.items {
+            if item.seq > cursor.seq {
+                bytes += item.frame.len();
+                cursor.seq = item.seq;
+                items.push(item);
+            }
+        }
+        if items.len() > max || bytes > RECOVERY_MAX_BYTES {
+            return (Vec::new(), page.position, Some(Lost::TooMany));
+        }
+        if !page.more {
+            return (items, page.position, None);
+        }
+    }
+}
+
+/// Queues `items` in order, each after there is room (paced by the client's
+/// reading); false when the session closes meanwhile.
+async fn send(handle: &SessionHandle, items: &[Item]) -> bool {
+    for item in items {
+        let room = tokio::select! {
+            biased;
+            room = handle.outbox.room() => room && handle.ctl.requested().is_none(),
+            () = handle.ctl.wait() => false,
+        };
+        if !room || !handle.deliver(&item.frame) {
+            return false;
+        }
+    }
+    true
+}
+
+fn reply(handle: &SessionHandle, frame: Vec<u8>) {
+    handle.deliver(&wire::text(&frame));
+}
