@@ -1,15 +1,23 @@
 // Switchboard browser client (protocol v1, docs/protocol.md): JSON text frames on GET /ws.
 // Dependency-free ES module: `import { Switchboard } from './switchboard.js'`.
+// Runs in browsers and in Node 20 (pass the `ws` package's class as option `WebSocket`).
 
 const BACKOFF_START_MS = 250;
 const BACKOFF_MAX_MS = 30_000;
 const STABLE_SESSION_MS = 30_000; // a session longer than this resets the backoff
 const FLOOD_MIN_DELAY_MS = 5_000; // 4003: "a backoff of at least a few seconds"
-const NO_RECONNECT = new Set([1000, 1003, 1007, 4001, 4004]);
-const REPLIES = new Set(['ack', 'error', 'presence', 'pong']);
+const REFRESH_SHARE = 0.8; // refresh the token at 80% of its remaining lifetime…
+const REFRESH_MARGIN_MS = 5_000; // …and at least 5 s before it expires
+const REFRESH_RETRY_MS = 2_000; // a failed refresh is retried after this (while time is left)
+const MAX_TIMER_MS = 2 ** 31 - 1; // setTimeout's limit
+const NO_RECONNECT = new Set([1000, 1003, 1007, 4001, 4004, 4005]);
+const REPLIES = new Set(['ack', 'error', 'presence', 'pong', 'history']);
+const OPEN = 1; // WebSocket.OPEN
 
 const fail = (code, message, extra) => Object.assign(new Error(message || code), { code }, extra);
 const jitter = (ms) => Math.round(ms * (0.5 + Math.random())); // factor in [0.5, 1.5]
+const copy = (p) => (p ? { seq: p.seq, epoch: p.epoch } : null);
+const isPosition = (p) => !!p && typeof p === 'object' && Number.isFinite(p.seq) && typeof p.epoch === 'string';
 
 function defaultUrl() {
   const loc = globalThis.location;
@@ -18,43 +26,86 @@ function defaultUrl() {
 }
 
 /**
- * Switchboard client with automatic reconnect, re-subscription and an offline command queue.
+ * Switchboard client with automatic reconnect, resumption at the last position of every
+ * channel, token refresh and an offline command queue.
  *
- * Events (`on(event, fn)`): 'welcome', 'message', 'direct', 'join', 'leave' (the server frame),
- * 'open' ({reconnect}), 'close' ({code, reason, willReconnect, delayMs}), 'error' (an Error
- * with `.code`: server errors without a matching command, failed re-subscriptions, socket errors).
+ * Events (`on(event, fn)`): 'welcome', 'message', 'direct', 'broadcast', 'join', 'leave',
+ * 'presence_count' (the server frame); 'open' ({reconnect, url}) when the socket opened;
+ * 'close' ({code, reason, willReconnect, delayMs}); 'gap' ({channel, reason, from, position}):
+ * messages of `channel` after `from` may have been missed (the gateway could not recover
+ * them), the stream goes on after `position`: reload the channel's state (e.g. `history()`);
+ * 'refresh' ({expires_at, revoked}) after an accepted token refresh; 'revoked' ({channels})
+ * when a refreshed token no longer allows some subscriptions (they are dropped);
+ * 'error' (an Error with `.code`: server errors without a matching command, failed
+ * re-subscriptions (`.channel`), failed refreshes, getToken failures, socket errors).
  */
 export class Switchboard {
   /**
    * @param {object} [options]
-   * @param {string} [options.url] ws:// or wss:// URL of /ws; default: this page's host, path /ws.
-   * @param {string} [options.token] JWT, sent as `?token=`. After a 4001 close, set `client.token`
-   *   to a fresh one and call `connect()` again.
+   * @param {string|string[]} [options.url] ws:// or wss:// URL of /ws, or a list of them (the
+   *   client moves to the next one on every reconnect); default: this page's host, path /ws.
+   * @param {string[]} [options.urls] same as a list in `url`.
+   * @param {() => (string|Promise<string>)} [options.getToken] returns a JWT (sync or async);
+   *   called for every connection and before the session's token expires (refresh).
+   * @param {string} [options.token] a fixed JWT (used when there is no `getToken`). After a 4001
+   *   close, set `client.token` to a fresh one and call `connect()` again.
+   * @param {'auto'|'connect'|'protocol'|'query'} [options.auth='auto'] how a token is sent:
+   *   'connect' as the first message (keeps it out of URLs and headers), 'protocol' in
+   *   `Sec-WebSocket-Protocol: switchboard.v1, bearer.<jwt>`, 'query' as `?token=`; 'auto'
+   *   tries 'connect' and falls back to 'protocol' for gateways that do not support it.
    * @param {string} [options.user] user id for the gateway's anonymous demo mode (`?user=`).
    * @param {number} [options.maxQueue=1000] commands kept while disconnected; more are rejected.
    * @param {boolean} [options.autoConnect=true] connect from the constructor.
+   * @param {Function} [options.WebSocket] WebSocket class (default: the global one), e.g. the
+   *   `ws` package's in Node.
    */
-  constructor({ url, token, user, maxQueue = 1000, autoConnect = true } = {}) {
-    this.url = url || defaultUrl();
+  constructor({ url, urls, token, getToken, auth = 'auto', user, maxQueue = 1000, autoConnect = true,
+    WebSocket: WebSocketImpl } = {}) {
+    const list = [].concat(urls || url || []).filter(Boolean);
+    this.urls = list.length ? list : [defaultUrl()];
     this.token = token;
+    this.getToken = getToken;
+    this.auth = auth;
     this.user = user;
     this.maxQueue = maxQueue;
+    this.WebSocket = WebSocketImpl || globalThis.WebSocket;
+    if (!this.WebSocket) throw new Error('Switchboard: no WebSocket class (pass option `WebSocket`)');
     /** 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed' */
     this.state = 'idle';
-    /** The last `welcome` frame (user, conn_id, limits, …), or null before the first one. */
+    /** The last `welcome` frame (user, conn_id, limits, expires_at, …), or null before the first one. */
     this.welcome = null;
+    /** Sockets opened after the first one. */
+    this.reconnects = 0;
+    this._urlIndex = 0;
     this._ws = null;
+    this._ready = false; // welcome received on the current socket
     this._timer = null;
+    this._refreshTimer = null;
+    this._opening = 0; // generation of the current _open (getToken may be pending)
     this._stopped = false;
     this._ref = 0;
     this._attempt = 0;
     this._openedAt = 0;
     this._everOpened = false;
+    this._authModes = new Map(); // url -> 'connect' | 'protocol' once one worked there
+    this._connectRef = null; // ref of the pending `connect` on this socket
+    this._tokenSession = false; // this session was authenticated with a token
     this._pending = new Map(); // ref -> command sent, waiting for its reply
-    this._queue = []; // commands waiting for an open socket
+    this._queue = []; // commands waiting for a ready session
     this._subs = new Set(); // channels acked, re-subscribed after a reconnect
+    this._positions = new Map(); // channel -> {seq, epoch} of the last message delivered
     this._listeners = new Map();
     if (autoConnect) this.connect();
+  }
+
+  /** The URL of the current (or next) connection. */
+  get url() {
+    return this.urls[this._urlIndex % this.urls.length];
+  }
+
+  set url(value) {
+    this.urls = [value];
+    this._urlIndex = 0;
   }
 
   /** Channels this client is subscribed to (acked), re-subscribed on every reconnect. */
@@ -62,10 +113,19 @@ export class Switchboard {
     return [...this._subs];
   }
 
+  /**
+   * The position of the last message of `channel` delivered to the application (or the
+   * channel's position at subscription when none came yet): where a reconnect resumes.
+   * @param {string} channel @returns {{seq: number, epoch: string} | null}
+   */
+  position(channel) {
+    return copy(this._positions.get(channel));
+  }
+
   /** Open the connection (again, e.g. after `close()` or a 4001 close). @returns {this} */
   connect() {
     this._stopped = false;
-    if (!this._ws && !this._timer) this._open();
+    if (!this._ws && !this._timer && !this._opening) this._open();
     return this;
   }
 
@@ -75,33 +135,53 @@ export class Switchboard {
    */
   close(code = 1000, reason = '') {
     this._stopped = true;
+    this._opening = 0;
     clearTimeout(this._timer);
     this._timer = null;
     const ws = this._ws;
     if (!ws) {
       this.state = 'closed';
+      this._clearRefresh();
       return this._rejectAll(this._queue.splice(0), 'closed');
     }
-    try { ws.close(code, reason); } finally { this._onClose(code, reason); } // final right now
+    try { ws.close(code, reason); } catch { /* already closing */ } finally { this._onClose(code, reason); }
   }
 
-  /** Subscribe to a channel. @param {string} channel @returns {Promise<object>} the ack */
-  subscribe(channel) {
-    return this._command({ op: 'subscribe', channel }, (ack) => (this._subs.add(channel), ack));
+  /**
+   * Subscribe to a channel. Resumes after `since` (default: the position this client holds
+   * for the channel, if any): the messages missed since then are delivered first, or a 'gap'
+   * event says why they cannot be.
+   * @param {string} channel @param {{since?: {seq: number, epoch: string}}} [options]
+   * @returns {Promise<object>} the ack
+   */
+  subscribe(channel, { since } = {}) {
+    const cmd = this._command({ op: 'subscribe', channel }, (ack, frame) => {
+      this._subs.add(channel);
+      this._subscribed(channel, frame.since || null, ack);
+      return ack;
+    }, (frame) => {
+      const from = isPosition(since) ? since : this._positions.get(channel);
+      if (from) frame.since = copy(from);
+    });
+    return cmd;
   }
 
-  /** Unsubscribe from a channel. @param {string} channel @returns {Promise<object>} the ack */
+  /** Unsubscribe from a channel (and forget its position). @param {string} channel @returns {Promise<object>} the ack */
   unsubscribe(channel) {
     this._subs.delete(channel);
+    this._positions.delete(channel);
     return this._command({ op: 'unsubscribe', channel }, (ack) => (this._subs.delete(channel), ack));
   }
 
   /**
    * Publish to a channel. @param {string} channel @param {*} data any JSON value
+   * @param {{idempotencyKey?: string}} [options]
    * @returns {Promise<{id: string, seq: number}>} the ack
    */
-  publish(channel, data) {
-    return this._command({ op: 'publish', channel, data });
+  publish(channel, data, { idempotencyKey } = {}) {
+    const frame = { op: 'publish', channel, data };
+    if (idempotencyKey) frame.idempotency_key = idempotencyKey;
+    return this._command(frame);
   }
 
   /**
@@ -110,6 +190,19 @@ export class Switchboard {
    */
   send(user, data) {
     return this._command({ op: 'send', user, data });
+  }
+
+  /**
+   * A channel's history: the newest `limit` messages, or the first `limit` after `since`.
+   * @param {string} channel @param {{limit?: number, since?: {seq: number, epoch: string}}} [options]
+   * @returns {Promise<{messages: object[], position?: object, more: boolean, lost?: string}>}
+   *   the `history` reply
+   */
+  history(channel, { limit, since } = {}) {
+    const frame = { op: 'history', channel };
+    if (limit != null) frame.limit = limit;
+    if (since) frame.since = copy(since);
+    return this._command(frame);
   }
 
   /** Users subscribed to a presence channel. @param {string} channel @returns {Promise<string[]>} */
@@ -121,6 +214,30 @@ export class Switchboard {
   ping() {
     const t0 = Date.now();
     return this._command({ op: 'ping' }, () => Date.now() - t0);
+  }
+
+  /**
+   * Replace the session's token now (done by itself before `expires_at` with `getToken`).
+   * @param {string} [token] default: a fresh one from `getToken` (or `client.token`)
+   * @returns {Promise<{expires_at: number, revoked?: string[]}>} the ack
+   */
+  async refresh(token) {
+    const jwt = token || (await this._token());
+    if (!jwt) throw fail('no_token', 'no token to refresh with');
+    return this._command({ op: 'refresh', token: jwt }, (ack) => {
+      if (ack.expires_at) {
+        if (this.welcome) this.welcome = { ...this.welcome, expires_at: ack.expires_at };
+        this._scheduleRefresh(ack.expires_at);
+      }
+      const revoked = Array.isArray(ack.revoked) ? ack.revoked : [];
+      for (const channel of revoked) {
+        this._subs.delete(channel);
+        this._positions.delete(channel);
+      }
+      this._emit('refresh', { expires_at: ack.expires_at, revoked });
+      if (revoked.length) this._emit('revoked', { channels: revoked });
+      return ack;
+    });
   }
 
   /** Add a listener. @param {string} event @param {Function} fn @returns {this} */
@@ -142,18 +259,20 @@ export class Switchboard {
     }
   }
 
-  _command(frame, map = (reply) => reply) {
+  /** `prepare(frame)` completes the frame when it is sent; `map(reply, frame)` maps the reply. */
+  _command(frame, map = (reply) => reply, prepare = null) {
     return new Promise((resolve, reject) => {
       if (this.state === 'closed') return reject(fail('closed', 'Switchboard client is closed'));
       const ref = String(++this._ref);
-      const cmd = { ref, frame: { ...frame, ref }, map, resolve, reject };
-      if (this._ws?.readyState === WebSocket.OPEN) this._transmit(cmd);
+      const cmd = { ref, frame: { ...frame, ref }, map, prepare, resolve, reject };
+      if (this._ready && this._ws?.readyState === OPEN) this._transmit(cmd);
       else if (this._queue.length >= this.maxQueue) reject(fail('queue_full', 'offline queue is full'));
       else this._queue.push(cmd);
     });
   }
 
   _transmit(cmd) {
+    if (cmd.prepare) cmd.prepare(cmd.frame);
     const text = JSON.stringify(cmd.frame);
     const max = this.welcome?.limits?.max_message_bytes;
     if (max && new TextEncoder().encode(text).length > max) {
@@ -164,74 +283,247 @@ export class Switchboard {
     this._ws.send(text);
   }
 
-  _open() {
+  async _token() {
+    if (this.getToken) return await this.getToken();
+    return this.token;
+  }
+
+  /** How the token goes to `url`: 'connect' | 'protocol' | 'query'. */
+  _authMode(url) {
+    if (this.auth !== 'auto') return this.auth;
+    return this._authModes.get(url) || this._probe?.get(url) || 'connect';
+  }
+
+  async _open() {
+    clearTimeout(this._timer);
     this._timer = null;
+    const generation = (this._generation = (this._generation || 0) + 1);
+    this._opening = generation;
+    this.state = this._everOpened ? 'reconnecting' : 'connecting';
+    const base = this.url;
+    let token;
+    try {
+      token = this.getToken || this.token ? await this._token() : undefined;
+    } catch (err) {
+      if (generation !== this._opening || this._stopped) return;
+      this._opening = 0;
+      this._emit('error', fail('token_error', `getToken failed: ${err?.message || err}`, { cause: err }));
+      return this._scheduleReconnect(null);
+    }
+    if (generation !== this._opening || this._stopped) return; // close() or another open meanwhile
+    this._opening = 0;
     this.state = 'connecting';
-    const url = new URL(this.url, globalThis.location?.href);
-    if (this.token) url.searchParams.set('token', this.token);
+    const url = new URL(base, globalThis.location?.href);
     if (this.user) url.searchParams.set('user', this.user);
-    const ws = (this._ws = new WebSocket(url));
+    const mode = token ? this._authMode(base) : null;
+    let protocols;
+    if (mode === 'query') url.searchParams.set('token', token);
+    if (mode === 'protocol') protocols = ['switchboard.v1', `bearer.${token}`];
+    const ws = (this._ws = protocols ? new this.WebSocket(url.href, protocols) : new this.WebSocket(url.href));
+    this._ready = false;
+    this._connectRef = null;
+    this._tokenSession = !!token;
+    this._sessionUrl = base;
+    this._sessionMode = mode;
     const live = (fn) => (ev) => ws === this._ws && fn(ev); // ignore a socket left by close()
     ws.onopen = live(() => {
-      this.state = 'open';
       this._openedAt = Date.now();
-      for (const channel of this._subs) {
-        this.subscribe(channel).catch((err) => {
-          if (err.code === 'disconnected' || err.code === 'closed') return;
-          this._subs.delete(channel);
-          this._emit('error', Object.assign(err, { channel }));
-        });
-      }
-      const queued = this._queue.splice(0);
-      for (const cmd of queued) this._transmit(cmd);
-      this._emit('open', { reconnect: this._everOpened });
+      if (this._everOpened) this.reconnects++;
+      this._emit('open', { reconnect: this._everOpened, url: base });
       this._everOpened = true;
+      if (mode === 'connect') {
+        this._connectRef = `c${++this._ref}`;
+        ws.send(JSON.stringify({ op: 'connect', token, ref: this._connectRef }));
+      }
     });
-    ws.onmessage = live((ev) => this._onFrame(ev.data));
+    ws.onmessage = live((ev) => this._onFrame(typeof ev.data === 'string' ? ev.data : String(ev.data)));
     ws.onerror = live(() => this._emit('error', fail('socket_error', `WebSocket error on ${url.origin}`)));
     ws.onclose = live((ev) => this._onClose(ev.code, ev.reason || ''));
+  }
+
+  /** The session is authenticated (welcome): re-subscribe, send the queue, plan the refresh. */
+  _onWelcome(msg) {
+    if (this._sessionMode && this.auth === 'auto') this._authModes.set(this._sessionUrl, this._sessionMode);
+    this._ready = true;
+    this.state = 'open';
+    this.welcome = msg;
+    for (const channel of this._subs) {
+      this.subscribe(channel).catch((err) => {
+        if (err.code === 'disconnected' || err.code === 'closed') return;
+        this._subs.delete(channel);
+        this._positions.delete(channel);
+        this._emit('error', Object.assign(err, { channel }));
+      });
+    }
+    const queued = this._queue.splice(0);
+    for (const cmd of queued) this._transmit(cmd);
+    if (this._tokenSession && msg.expires_at) this._scheduleRefresh(msg.expires_at);
+    else this._clearRefresh();
+    this._emit('welcome', msg);
+  }
+
+  /** A subscribe ack: where the channel's stream continues, and the gap when it does not. */
+  _subscribed(channel, since, ack) {
+    const at = isPosition(ack.position) ? copy(ack.position) : null;
+    if (ack.recovered === false) {
+      if (at) this._positions.set(channel, at);
+      else this._positions.delete(channel);
+      this._emit('gap', { channel, reason: ack.reason || 'unknown', from: copy(since), position: copy(at) });
+    } else if (ack.recovered === true) {
+      // The missed messages follow (the ack's position is the channel's head, not ours).
+      if (since && !this._positions.has(channel)) this._positions.set(channel, copy(since));
+    } else if (at) {
+      this._positions.set(channel, at);
+    }
   }
 
   _onFrame(text) {
     let msg;
     try { msg = JSON.parse(text); } catch { return this._emit('error', fail('bad_frame', 'unparsable frame')); }
     if (!msg || typeof msg !== 'object') return;
+    if (msg.type === 'welcome') {
+      if (this._connectRef && String(msg.ref) !== this._connectRef) {
+        // Admitted without a token (a gateway without `connect`, or anonymous mode): the
+        // token would not apply. Go again with the token in the upgrade request.
+        return this._fallback();
+      }
+      this._connectRef = null;
+      return this._onWelcome(msg);
+    }
     const cmd = REPLIES.has(msg.type) && msg.ref != null && this._pending.get(String(msg.ref));
     if (cmd) {
       this._pending.delete(cmd.ref);
       if (msg.type === 'error') {
         cmd.reject(fail(msg.code, msg.message, { retryAfterMs: msg.retry_after_ms, frame: msg }));
       } else {
-        cmd.resolve(cmd.map(msg));
+        let value;
+        try { value = cmd.map(msg, cmd.frame); } catch (err) { return cmd.reject(err); }
+        cmd.resolve(value);
       }
       return;
     }
-    if (msg.type === 'welcome') this.welcome = msg;
     if (msg.type === 'error') {
+      if (this._connectRef && String(msg.ref) === this._connectRef) return; // handled by the welcome
       this._emit('error', fail(msg.code, msg.message, { retryAfterMs: msg.retry_after_ms, frame: msg }));
-    } else {
-      this._emit(msg.type, msg);
+      return;
     }
+    if (msg.type === 'message' && typeof msg.channel === 'string') {
+      if (!this._track(msg)) return; // a duplicate
+    } else if (msg.type === 'gap' && typeof msg.channel === 'string') {
+      const from = this.position(msg.channel);
+      const after = isPosition(msg.after) ? copy(msg.after) : null;
+      if (after && (!from || from.epoch !== after.epoch || after.seq > from.seq)) this._positions.set(msg.channel, after);
+      this._emit('gap', { channel: msg.channel, reason: msg.reason || 'unknown', from, position: after });
+      return;
+    }
+    this._emit(msg.type, msg);
+  }
+
+  /** Records a message's position; false for one at or before the last one of its epoch. */
+  _track(msg) {
+    if (!Number.isFinite(msg.seq) || typeof msg.epoch !== 'string') return true;
+    const channel = msg.channel;
+    const last = this._positions.get(channel);
+    if (last && last.epoch === msg.epoch && msg.seq <= last.seq) return false;
+    if (last || this._subs.has(channel) || this._isSubscribing(channel)) {
+      this._positions.set(channel, { seq: msg.seq, epoch: msg.epoch });
+    }
+    return true;
+  }
+
+  _isSubscribing(channel) {
+    for (const cmd of this._pending.values()) {
+      if (cmd.frame.op === 'subscribe' && cmd.frame.channel === channel) return true;
+    }
+    return false;
+  }
+
+  /** Reconnect at once with the token in the upgrade request. */
+  _fallback() {
+    const ws = this._ws;
+    this._authModes.set(this._sessionUrl, 'protocol');
+    this._ws = null;
+    this._ready = false;
+    this._connectRef = null;
+    try { ws.close(1000, 'auth fallback'); } catch { /* closing */ }
+    this._open();
   }
 
   _onClose(code, reason) {
     const lived = this._openedAt ? Date.now() - this._openedAt : 0;
+    const opened = !!this._openedAt;
+    const welcomed = this._ready;
     this._ws = null;
+    this._ready = false;
     this._openedAt = 0;
     const why = this._stopped ? 'closed' : 'disconnected';
     this._rejectAll([...this._pending.values()], why, `connection closed (${code})`);
     this._pending.clear();
+    // Never welcomed with the token in a first message: maybe the gateway refuses token-less
+    // upgrades (it predates `connect`); try the upgrade header next (until one mode works).
+    if (!welcomed && this.auth === 'auto' && this._sessionMode && !this._authModes.has(this._sessionUrl)) {
+      this._probe = this._probe || new Map();
+      this._probe.set(this._sessionUrl, this._sessionMode === 'connect' ? 'protocol' : 'connect');
+    }
     if (lived > STABLE_SESSION_MS) this._attempt = 0;
-    const retry = !this._stopped && (code === 4004 ? /reconnect/.test(reason) : !NO_RECONNECT.has(code));
-    const delayMs = retry ? this._nextDelay(code, reason) : null;
+    const renewable = !!this.getToken;
+    let retry = !this._stopped;
     if (retry) {
-      this.state = 'reconnecting';
-      this._timer = setTimeout(() => this._open(), delayMs);
+      if (code === 4004) retry = /reconnect/.test(reason);
+      else if (code === 4001 || code === 4005) retry = renewable;
+      else retry = !NO_RECONNECT.has(code);
+    }
+    let delayMs = null;
+    if (retry) {
+      delayMs = code === 4001 && welcomed ? 0 : this._nextDelay(code, reason);
+      this._urlIndex = (this._urlIndex + 1) % this.urls.length; // the next gateway of the list
+      this._scheduleReconnect(delayMs);
     } else {
       this.state = 'closed';
+      this._clearRefresh();
       this._rejectAll(this._queue.splice(0), 'closed', `connection closed (${code})`);
     }
-    this._emit('close', { code, reason, willReconnect: retry, delayMs });
+    this._emit('close', { code, reason, willReconnect: retry, delayMs, opened });
+  }
+
+  _scheduleReconnect(delayMs) {
+    if (delayMs == null) delayMs = this._nextDelay(1006, '');
+    this.state = 'reconnecting';
+    clearTimeout(this._timer);
+    this._timer = setTimeout(() => this._open(), delayMs);
+  }
+
+  _clearRefresh() {
+    clearTimeout(this._refreshTimer);
+    this._refreshTimer = null;
+  }
+
+  /** Plans a token refresh before `expiresAt` (unix seconds); retried until it is accepted. */
+  _scheduleRefresh(expiresAt) {
+    this._clearRefresh();
+    if (!this.getToken || !Number.isFinite(expiresAt)) return;
+    const current = () => this._ready && this.welcome?.expires_at === expiresAt;
+    const remaining = expiresAt * 1000 - Date.now();
+    const due = Date.now() + Math.max(0, Math.min(remaining * REFRESH_SHARE, remaining - REFRESH_MARGIN_MS));
+    const attempt = () => {
+      this._refreshTimer = null;
+      if (!current()) return;
+      this.refresh().catch((err) => {
+        if (err.code === 'disconnected' || err.code === 'closed') return;
+        this._emit('error', fail('refresh_failed', `token refresh failed: ${err.code || ''} ${err.message}`, { cause: err }));
+        // Again while the session lives; at expiry the 4001 close reconnects with a fresh token.
+        const left = expiresAt * 1000 - Date.now();
+        if (current() && left > 500 && !this._refreshTimer) {
+          this._refreshTimer = setTimeout(attempt, Math.min(REFRESH_RETRY_MS, left / 2));
+        }
+      });
+    };
+    const wait = () => {
+      const ms = due - Date.now();
+      if (ms > 0) this._refreshTimer = setTimeout(wait, Math.min(MAX_TIMER_MS, ms));
+      else attempt();
+    };
+    wait();
   }
 
   _nextDelay(code, reason) {

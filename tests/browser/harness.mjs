@@ -1,0 +1,117 @@
+// Helpers of the Node tests of the JS client: the real gateway binary as a child process,
+// a TCP proxy that can cut every connection, HS256 JWTs, and small waiting helpers.
+import { spawn } from 'node:child_process';
+import { createHmac } from 'node:crypto';
+import { createInterface } from 'node:readline';
+import net from 'node:net';
+import path from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+export const ROOT = path.resolve(path.dirname(fileURLToPath(import.meta.url)), '../..');
+export const GATEWAY_BIN = process.env.GATEWAY_BIN || path.join(ROOT, 'target/debug/gateway');
+
+/**
+ * Starts `gateway` with `args` (after the loopback listen/grpc/admin defaults); resolves
+ * once it printed its `LISTENING client=… grpc=… admin=…` line.
+ * @returns {Promise<{client: string, admin: string, url: string, http: string, proc, stop: () => Promise<void>}>}
+ */
+export function startGateway(args = [], { bin = GATEWAY_BIN, env = {} } = {}) {
+  const proc = spawn(bin, ['--listen', '127.0.0.1:0', '--grpc-addr', '127.0.0.1:0', '--admin-addr', '127.0.0.1:0', ...args], {
+    env: { ...process.env, SWITCHBOARD_LOG: process.env.SWITCHBOARD_LOG || 'warn', ...env },
+    stdio: ['ignore', 'pipe', 'inherit'],
+  });
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => reject(new Error(`${bin}: no LISTENING line within 20 s`)), 20_000);
+    proc.once('error', (err) => { clearTimeout(timer); reject(err); });
+    proc.once('exit', (code) => { clearTimeout(timer); reject(new Error(`${bin} exited with ${code} before listening`)); });
+    const lines = createInterface({ input: proc.stdout });
+    lines.once('line', (line) => {
+      clearTimeout(timer);
+      proc.removeAllListeners('exit');
+      const field = (k) => line.split(/\s+/).find((kv) => kv.startsWith(`${k}=`))?.slice(k.length + 1);
+      const client = field('client');
+      if (!client) return reject(new Error(`unexpected first line: ${line}`));
+      lines.on('line', () => {}); // keep draining stdout
+      const stop = () => new Promise((done) => {
+        if (proc.exitCode !== null || proc.signalCode !== null) return done();
+        proc.once('exit', () => done());
+        proc.kill('SIGKILL');
+      });
+      resolve({ client, admin: field('admin'), url: `ws://${client}/ws`, http: `http://${client}/`, proc, stop });
+    });
+  });
+}
+
+/**
+ * A TCP proxy to `target` ("host:port"): `cut()` destroys every proxied connection (both
+ * ends at once, like a network failure); while `down` is true new connections are refused.
+ */
+export function startProxy(target) {
+  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
+  const pairs = new Set();
+  const proxy = {
+    down: false,
+    connections: 0,
+    cut() {
+      for (const pair of pairs) for (const s of pair) s.destroy();
+      pairs.clear();
+    },
+    close() {
+      proxy.cut();
+      return new Promise((done) => server.close(() => done()));
+    },
+  };
+  const server = net.createServer((downstream) => {
+    if (proxy.down) return downstream.destroy();
+    proxy.connections++;
+    const upstream = net.connect(port, host);
+    const pair = [downstream, upstream];
+    pairs.add(pair);
+    const end = () => { pairs.delete(pair); downstream.destroy(); upstream.destroy(); };
+    downstream.on('error', end).on('close', end);
+    upstream.on('error', end).on('close', end);
+    downstream.pipe(upstream);
+    upstream.pipe(downstream);
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => {
+    proxy.address = `127.0.0.1:${server.address().port}`;
+    proxy.url = `ws://${proxy.address}/ws`;
+    resolve(proxy);
+  }));
+}
+
+const b64url = (v) => Buffer.from(typeof v === 'string' ? v : JSON.stringify(v)).toString('base64url');
+
+/** An HS256 JWT of `claims` (add `exp` yourself; `now()` gives unix seconds). */
+export function jwt(secret, claims) {
+  const body = `${b64url({ alg: 'HS256', typ: 'JWT' })}.${b64url(claims)}`;
+  return `${body}.${createHmac('sha256', secret).update(body).digest('base64url')}`;
+}
+
+export const now = () => Math.floor(Date.now() / 1000);
+export const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+/** Polls `pred` every 20 ms until it is truthy (returns its value) or `ms` pass (throws). */
+export async function until(pred, ms = 10_000, what = 'condition') {
+  const deadline = Date.now() + ms;
+  for (;;) {
+    const v = await pred();
+    if (v) return v;
+    if (Date.now() > deadline) throw new Error(`timed out after ${ms} ms waiting for ${what}`);
+    await sleep(20);
+  }
+}
+
+/** Resolves with the next `event` of `client` (optionally one matching `pred`). */
+export function next(client, event, pred = () => true, ms = 10_000) {
+  return new Promise((resolve, reject) => {
+    const timer = setTimeout(() => { client.off(event, fn); reject(new Error(`no '${event}' within ${ms} ms`)); }, ms);
+    const fn = (payload) => {
+      if (!pred(payload)) return;
+      clearTimeout(timer);
+      client.off(event, fn);
+      resolve(payload);
+    };
+    client.on(event, fn);
+  });
+}
