@@ -36,6 +36,24 @@ enum Scenario {
         #[arg(long, default_value = "200")]
         concurrency: usize,
     },
+    /// Standalone history: memory per entry and per channel, recovery latency.
+    History {
+        #[arg(long, default_value = "target/release/gateway")]
+        gateway_bin: PathBuf,
+        #[arg(long, default_value = "10000")]
+        channels: usize,
+        /// Messages kept per channel.
+        #[arg(long, default_value = "100")]
+        messages: usize,
+        /// Bytes of each message's body.
+        #[arg(long, default_value = "64")]
+        body: usize,
+        /// Missed-message counts to time recovery for, comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "100,10000")]
+        missed: Vec<usize>,
+        #[arg(long, default_value = "5")]
+        runs: usize,
+    },
     /// Cluster: tansu + presence + 1 bridge + 3 gateways; publish-to-socket latency at
     /// set rates, then the publish rate one bridge sustains.
     Cluster {
@@ -304,6 +322,7 @@ async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::R
 mod capacity;
 mod cluster_bench;
 mod compare;
+mod history_bench;
 mod load;
 mod presence_bench;
 mod soak;
@@ -317,6 +336,16 @@ fn main() -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Idle { connections, gateway_bin, concurrency } => {
             rt.block_on(idle(connections, gateway_bin, concurrency))
+        }
+        Scenario::History { gateway_bin, channels, messages, body, missed, runs } => {
+            rt.block_on(history_bench::run(history_bench::Options {
+                gateway_bin,
+                channels,
+                messages,
+                body,
+                missed,
+                runs,
+            }))
         }
         Scenario::Soak { minutes, subscribers, rate, churn_per_s, bridge_args, kafka } => {
             rt.block_on(soak::run(minutes, subscribers, rate, churn_per_s, &bridge_args, &kafka))
