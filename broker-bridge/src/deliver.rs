@@ -31,6 +31,8 @@ const BATCH: usize = 256;
 pub struct Item {
     pub envelope: Arc<pb::Envelope>,
     pub channel_seq: u64,
+    /// For channel messages: the epoch `channel_seq` counts in.
+    pub epoch: Option<Arc<str>>,
     pub record: RecordRef,
 }
 
@@ -201,7 +203,12 @@ async fn link_task(
 }
 
 fn delivered(seq: u64, it: &Item) -> pb::Delivered {
-    pb::Delivered { seq, envelope: Some((*it.envelope).clone()), channel_seq: it.channel_seq, epoch: String::new() }
+    pb::Delivered {
+        seq,
+        envelope: Some((*it.envelope).clone()),
+        channel_seq: it.channel_seq,
+        epoch: it.epoch.as_deref().unwrap_or_default().to_owned(),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -10,6 +10,8 @@ pub mod config;
 pub mod consume;
 pub mod deliver;
 pub mod epoch;
+pub mod history;
+pub mod hot;
 pub mod ingest;
 pub mod kafka;
 pub mod metrics;
