@@ -291,3 +291,20 @@ async fn stream(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_delivery_carries_its_epoch() {
+        let record = RecordRef { partition: 2, offset: 41, generation: 1 };
+        let envelope = Arc::new(pb::Envelope { id: "m".into(), ..Default::default() });
+        let it = Item { envelope: envelope.clone(), channel_seq: 42, epoch: Some("kAbc.2".into()), record };
+        let d = delivered(7, &it);
+        assert_eq!((d.seq, d.channel_seq, d.epoch.as_str()), (7, 42, "kAbc.2"));
+        assert_eq!(d.envelope.unwrap().id, "m");
+        let direct = Item { envelope, channel_seq: 0, epoch: None, record };
+        assert_eq!(delivered(8, &direct).epoch, "");
+    }
+}
