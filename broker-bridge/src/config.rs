@@ -61,12 +61,44 @@ pub struct Cli {
     /// Largest payload accepted, in bytes.
     #[arg(long, env = "SWITCHBOARD_BRIDGE_MAX_MESSAGE_BYTES", default_value = "65536")]
     pub max_message_bytes: usize,
+    /// Channel history rules, `PATTERN=COUNT/AGE` (first match decides; `PATTERN=off`: none).
+    /// COUNT/AGE bound the hot window per channel; AGE also bounds reads from Kafka.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_HISTORY", value_delimiter = ',', default_value = "*=1000/1h")]
+    pub history: Vec<kit::history::Rule>,
+    /// Bytes all hot history windows of this bridge may hold (oldest entries evicted first).
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_HISTORY_MEMORY", default_value = "67108864")]
+    pub history_memory: usize,
+    /// Most records one History request may read from Kafka (decided from the watermarks
+    /// before reading: more is answered TOO_MANY).
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_HISTORY_MAX_SCAN", default_value = "200000")]
+    pub history_max_scan: u64,
+    /// Generation of the topic in epochs when the broker reports no topic id (bump it after
+    /// re-creating the topic on such a broker; docs/design.md "History in a cluster").
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_TOPIC_GENERATION", default_value = "1")]
+    pub topic_generation: String,
 }
 
 pub use kit::args::parse_duration;
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn history_flags_parse() {
+        use clap::Parser;
+        let base = ["broker-bridge", "--presence-addrs", "http://p:1"];
+        let cli = super::Cli::try_parse_from(base).unwrap();
+        assert_eq!(cli.history.len(), 1);
+        assert_eq!((cli.history[0].pattern.as_str(), cli.history[0].max_messages), ("*", 1000));
+        assert_eq!(cli.history[0].max_age, std::time::Duration::from_secs(3600));
+        assert_eq!((cli.history_memory, cli.history_max_scan), (64 << 20, 200_000));
+        let cli =
+            super::Cli::try_parse_from(base.into_iter().chain(["--history", "secret:*=off,room:*=5/1m"])).unwrap();
+        let rules = kit::history::Rules::new(cli.history);
+        assert!(rules.for_channel("secret:1").is_none());
+        assert_eq!(rules.for_channel("room:1").unwrap().max_messages, 5);
+        assert!(super::Cli::try_parse_from(base.into_iter().chain(["--history", "x"])).is_err());
+    }
+
     #[test]
     fn every_flag_has_an_env_var() {
         use clap::CommandFactory;

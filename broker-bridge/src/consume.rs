@@ -14,8 +14,10 @@ use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 
 use crate::deliver::{Completer, Item, Links};
+use crate::epoch::Epochs;
+use crate::hot::HotWindows;
 use crate::metrics as m;
-use crate::offsets::{Continuity, Gaps, Tracker};
+use crate::offsets::{Continuity as Gap, Gaps, Tracker};
 use crate::route::Routes;
 
 /// Consumer context: on a revoke, commit what is complete and forget the
@@ -23,6 +25,8 @@ use crate::route::Routes;
 #[derive(Debug)]
 pub struct Ctx {
     pub tracker: Arc<Mutex<Tracker>>,
+    /// Hot history windows: dropped on a revoke, restarted on an assignment.
+    pub hot: Arc<Mutex<HotWindows>>,
     pub topic: String,
 }
 
@@ -45,6 +49,7 @@ impl ConsumerContext for Ctx {
             {
                 tracing::warn!(error = %e, "commit on revoke failed; records will be redelivered");
             }
+            self.hot.lock().revoke(&parts);
             let mut tracker = self.tracker.lock();
             tracker.revoke(&parts);
             metrics::gauge!(m::ASSIGNED_PARTITIONS).set(tracker.assigned() as f64);
@@ -56,6 +61,7 @@ impl ConsumerContext for Ctx {
     fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let parts = self.partitions(tpl);
+            self.hot.lock().assign(&parts);
             let mut tracker = self.tracker.lock();
             tracker.assign(&parts);
             metrics::gauge!(m::ASSIGNED_PARTITIONS).set(tracker.assigned() as f64);
@@ -76,6 +82,29 @@ fn to_tpl(topic: &str, points: &[(i32, i64)]) -> Option<TopicPartitionList> {
     Some(tpl)
 }
 
+/// What the consume loop feeds besides deliveries: the hot history windows, and
+/// the epochs it stamps on channel deliveries.
+#[derive(Debug, Clone)]
+pub struct Continuity {
+    pub hot: Arc<Mutex<HotWindows>>,
+    pub epochs: Arc<parking_lot::RwLock<Epochs>>,
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+impl Continuity {
+    /// Feeds one consumed record (in offset order) to the hot window.
+    fn consumed(&self, partition: i32, offset: i64, env: Option<&Arc<Envelope>>) {
+        let mut hot = self.hot.lock();
+        hot.consumed(partition, offset, env, now_ms());
+        let bytes = hot.bytes();
+        drop(hot);
+        metrics::gauge!(m::HISTORY_BYTES).set(bytes as f64);
+    }
+}
+
 /// The consume loop; returns when `stop` is cancelled.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
@@ -84,6 +113,7 @@ pub async fn run(
     routes: Arc<Routes>,
     links: Arc<Links>,
     completer: Completer,
+    continuity: Continuity,
     max_in_flight: usize,
     stop: CancellationToken,
 ) {
@@ -112,9 +142,9 @@ pub async fn run(
         metrics::counter!(m::CONSUMED).increment(1);
         let generation = completer.tracker.lock().generation(partition).unwrap_or(0);
         match gaps.check(partition, generation, offset, std::time::Instant::now()) {
-            Continuity::Accept => {}
-            Continuity::Skip => continue,
-            Continuity::Refetch(from) => {
+            Gap::Accept => {}
+            Gap::Skip => continue,
+            Gap::Refetch(from) => {
                 tracing::warn!(partition, offset, from, "records missing before this offset; fetching again");
                 metrics::counter!(m::OFFSET_GAPS, "outcome" => "refetched").increment(1);
                 if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(1)) {
@@ -122,7 +152,7 @@ pub async fn run(
                 }
                 continue;
             }
-            Continuity::AcceptGap => {
+            Gap::AcceptGap => {
                 tracing::error!(
                     partition,
                     offset,
@@ -137,19 +167,23 @@ pub async fn run(
                 metrics::counter!(m::BAD_RECORDS).increment(1);
                 tracing::warn!(partition, offset, "record is not an envelope; skipped");
                 completer.tracker.lock().consumed(partition, offset, 0);
+                continuity.consumed(partition, offset, None);
                 continue;
             }
         };
         let targets = routes.resolve(&env);
         metrics::histogram!(m::FANOUT_WIDTH).record(targets.len() as f64);
         let record = completer.tracker.lock().consumed(partition, offset, targets.len());
-        let channel_seq = match env.target {
-            Some(envelope::Target::Channel(_)) => offset as u64 + 1,
-            _ => 0,
+        let (channel_seq, epoch) = match env.target {
+            Some(envelope::Target::Channel(_)) => (offset as u64 + 1, continuity.epochs.read().of(partition).cloned()),
+            _ => (0, None),
         };
         let envelope = Arc::new(env);
+        continuity.consumed(partition, offset, Some(&envelope));
         for (node, addr) in targets {
-            links.send(&node, &addr, Item { envelope: envelope.clone(), channel_seq, record }).await;
+            links
+                .send(&node, &addr, Item { envelope: envelope.clone(), channel_seq, epoch: epoch.clone(), record })
+                .await;
         }
         metrics::gauge!(m::IN_FLIGHT).set(completer.tracker.lock().in_flight() as f64);
     }

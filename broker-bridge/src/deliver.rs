@@ -31,6 +31,8 @@ const BATCH: usize = 256;
 pub struct Item {
     pub envelope: Arc<pb::Envelope>,
     pub channel_seq: u64,
+    /// For channel messages: the epoch `channel_seq` counts in.
+    pub epoch: Option<Arc<str>>,
     pub record: RecordRef,
 }
 
@@ -201,7 +203,12 @@ async fn link_task(
 }
 
 fn delivered(seq: u64, it: &Item) -> pb::Delivered {
-    pb::Delivered { seq, envelope: Some((*it.envelope).clone()), channel_seq: it.channel_seq, epoch: String::new() }
+    pb::Delivered {
+        seq,
+        envelope: Some((*it.envelope).clone()),
+        channel_seq: it.channel_seq,
+        epoch: it.epoch.as_deref().unwrap_or_default().to_owned(),
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -282,5 +289,22 @@ async fn stream(
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_channel_delivery_carries_its_epoch() {
+        let record = RecordRef { partition: 2, offset: 41, generation: 1 };
+        let envelope = Arc::new(pb::Envelope { id: "m".into(), ..Default::default() });
+        let it = Item { envelope: envelope.clone(), channel_seq: 42, epoch: Some("kAbc.2".into()), record };
+        let d = delivered(7, &it);
+        assert_eq!((d.seq, d.channel_seq, d.epoch.as_str()), (7, 42, "kAbc.2"));
+        assert_eq!(d.envelope.unwrap().id, "m");
+        let direct = Item { envelope, channel_seq: 0, epoch: None, record };
+        assert_eq!(delivered(8, &direct).epoch, "");
     }
 }

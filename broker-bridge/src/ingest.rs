@@ -117,6 +117,8 @@ pub struct PushIngest {
     pub presence: Vec<PresenceClient<Authed>>,
     /// Answers by idempotency scope: (id, offset).
     pub idempotency: Arc<Idempotency<(String, i64)>>,
+    /// Channel history (None: History answers UNIMPLEMENTED).
+    pub history: Option<Arc<crate::history::History>>,
 }
 
 /// How long, and for how many keys, this bridge remembers an idempotency key.
@@ -372,8 +374,33 @@ impl Push for PushIngest {
         Ok(Response::new(pb::IsOnlineResponse { users }))
     }
 
-    async fn history(&self, _req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
-        Err(Status::unimplemented("history: in progress"))
+    async fn history(&self, req: Request<pb::HistoryRequest>) -> Result<Response<pb::HistoryResponse>, Status> {
+        use crate::history::{DEFAULT_LIMIT, MAX_LIMIT};
+        let r = req.into_inner();
+        if !valid_channel(&r.channel) {
+            return Err(invalid("history", "channel must be 1-128 printable ASCII bytes without spaces"));
+        }
+        let limit = match r.limit as usize {
+            0 => DEFAULT_LIMIT,
+            n if n <= MAX_LIMIT => n,
+            _ => return Err(invalid("history", format!("limit must be at most {MAX_LIMIT}"))),
+        };
+        if r.since.as_ref().is_some_and(|s| s.epoch.len() > crate::epoch::MAX_EPOCH) {
+            return Err(invalid("history", "since.epoch is longer than any epoch"));
+        }
+        let Some(history) = &self.history else {
+            return Err(Status::unimplemented("history is not configured on this bridge"));
+        };
+        match history.answer(&r.channel, r.since, limit, r.position_only).await {
+            Ok(a) => {
+                count("history", "ok");
+                Ok(Response::new(a))
+            }
+            Err(e) => {
+                count("history", "unavailable");
+                Err(e)
+            }
+        }
     }
 
     async fn channel_members(

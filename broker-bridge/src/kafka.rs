@@ -32,7 +32,10 @@ pub fn producer_config(cli: &Cli) -> Result<ClientConfig, String> {
         .set("linger.ms", "1")
         .set("message.timeout.ms", &timeout)
         .set("socket.timeout.ms", &timeout)
-        .set("compression.type", "none");
+        .set("compression.type", "none")
+        // Explicit, because history computes a channel's partition the same way
+        // (`epoch::partition_for`): CRC-32 of the key modulo the partition count.
+        .set("partitioner", "consistent_random");
     Ok(c)
 }
 
@@ -75,4 +78,18 @@ pub async fn ensure_topic(cli: &Cli) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+/// Settings of a consumer outside the group (history reads, watermarks, metadata):
+/// assigned by hand, never committing.
+pub fn reader_config(cli: &Cli) -> Result<ClientConfig, String> {
+    let mut c = client_config(cli)?;
+    c.set("group.id", format!("{}.history", cli.group))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "true")
+        .set("auto.offset.reset", "error")
+        .set("isolation.level", "read_uncommitted")
+        .set("statistics.interval.ms", "0");
+    Ok(c)
 }

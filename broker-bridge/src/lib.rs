@@ -9,11 +9,15 @@
 pub mod config;
 pub mod consume;
 pub mod deliver;
+pub mod epoch;
+pub mod history;
+pub mod hot;
 pub mod ingest;
 pub mod kafka;
 pub mod metrics;
 pub mod offsets;
 pub mod route;
+pub mod topic_id;
 
 mod run;
 

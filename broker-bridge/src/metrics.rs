@@ -20,6 +20,9 @@ pub const BAD_RECORDS: &str = "switchboard_bridge_bad_records_total";
 pub const PUSH_REQUESTS: &str = "switchboard_bridge_push_requests_total";
 pub const ROUTE_NODES: &str = "switchboard_bridge_route_nodes";
 pub const ASSIGNED_PARTITIONS: &str = "switchboard_bridge_assigned_partitions";
+pub const HISTORY_BYTES: &str = "switchboard_bridge_history_bytes";
+pub const HISTORY_BUDGET: &str = "switchboard_bridge_history_budget_bytes";
+pub const HISTORY_READS: &str = "switchboard_bridge_history_reads_total";
 
 pub const BUCKETS: &[(&str, &[f64])] = &[
     ("_duration_seconds", &[0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
@@ -58,6 +61,10 @@ pub fn describe() {
     describe_counter!(BAD_RECORDS, "Records that are not a valid envelope (skipped).");
     describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
     describe_gauge!(ROUTE_NODES, "Gateway nodes known to the routing cache.");
+    describe_gauge!(HISTORY_BYTES, Unit::Bytes, "Bytes the hot history windows hold now.");
+    describe_gauge!(HISTORY_BUDGET, Unit::Bytes, "The hot history windows' memory budget (--history-memory).");
+    describe_counter!(HISTORY_READS, "History answers, by source (hot window or log) and outcome.");
+    metrics::gauge!(HISTORY_BYTES).set(0.0);
 }
 
 /// Label values, registered at zero at start (docs/metrics.md lists the same).
@@ -65,8 +72,12 @@ pub const PRODUCE_TARGETS: &[&str] = &["channel", "user", "broadcast"];
 pub const COMMIT_OUTCOMES: &[&str] = &["ok", "error"];
 pub const GAP_OUTCOMES: &[&str] = &["refetched", "accepted"];
 pub const PUSH_METHODS: &[&str] =
-    &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members"];
+    &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members", "history"];
 pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument", "unavailable", "duplicate"];
+
+pub const HISTORY_SOURCES: &[&str] = &["hot", "log"];
+pub const HISTORY_OUTCOMES: &[&str] =
+    &["ok", "epoch_changed", "too_old", "too_many", "ahead", "no_history", "busy", "error"];
 
 /// The series that would otherwise appear only at their first event (labelled counters,
 /// the routing gauge, the fanout histogram), at zero from start, so that `rate()` and
@@ -80,6 +91,12 @@ fn register_zeroes() {
             metrics::counter!(PUSH_REQUESTS, "method" => *method, "outcome" => *outcome).increment(0);
         }
     }
+    for source in HISTORY_SOURCES {
+        for outcome in HISTORY_OUTCOMES {
+            metrics::counter!(HISTORY_READS, "source" => *source, "outcome" => *outcome).increment(0);
+        }
+    }
+    metrics::gauge!(HISTORY_BUDGET).increment(0.0);
     metrics::gauge!(ROUTE_NODES).increment(0.0);
     let _ = metrics::histogram!(FANOUT_WIDTH);
 }

@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 use crate::config::Cli;
 use crate::consume::{self, Ctx};
 use crate::deliver::{Completer, Links};
+use crate::history::{self, History, Readers};
+use crate::hot::HotWindows;
 use crate::ingest::{Ids, Producer, PushIngest};
 use crate::offsets::Tracker;
 use crate::route::{self, Routes};
@@ -66,7 +68,31 @@ pub async fn run(
     }
     let producer = Arc::new(Producer::new(kafka::producer_config(&cli).map_err(RunError::Config)?)?);
     let tracker = Arc::new(Mutex::new(Tracker::default()));
-    let ctx = Ctx { tracker: tracker.clone(), topic: cli.topic.clone() };
+    // History: the hot windows the consumer feeds, the epochs it stamps, the log readers.
+    let hot = Arc::new(Mutex::new(HotWindows::new(kit::history::Rules::new(cli.history.clone()), cli.history_memory)));
+    metrics::gauge!(m::HISTORY_BUDGET).set(cli.history_memory as f64);
+    let readers = Arc::new(Readers::new(kafka::reader_config(&cli).map_err(RunError::Config)?, &cli.topic)?);
+    let epochs = {
+        let (r, t) = (readers.clone(), cli.topic.clone());
+        let mut found = None;
+        for _ in 0..50 {
+            let (r, t) = (r.clone(), t.clone());
+            match tokio::task::spawn_blocking(move || history::discover(&r, &t)).await {
+                Ok(Ok(d)) => {
+                    found = Some(d);
+                    break;
+                }
+                Ok(Err(e)) => tracing::warn!(error = %e, "topic metadata not available yet"),
+                Err(e) => tracing::warn!(error = %e, "topic discovery failed"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let (partitions, id) = found.ok_or_else(|| RunError::Config(format!("topic {} has no metadata", cli.topic)))?;
+        let e = history::epochs_from(partitions, id, &cli.topic_generation, None);
+        tracing::info!(epochs = ?e, "history epochs");
+        Arc::new(parking_lot::RwLock::new(e))
+    };
+    let ctx = Ctx { tracker: tracker.clone(), hot: hot.clone(), topic: cli.topic.clone() };
     let consumer: Arc<StreamConsumer<Ctx>> =
         Arc::new(kafka::consumer_config(&cli).map_err(RunError::Config)?.create_with_context(ctx)?);
     consumer.subscribe(&[&cli.topic])?;
@@ -108,8 +134,17 @@ pub async fn run(
         routes,
         links,
         completer,
+        consume::Continuity { hot: hot.clone(), epochs: epochs.clone() },
         cli.max_in_flight,
         consume_stop.clone(),
+    ));
+    let epochs_task = tokio::spawn(history::refresh_epochs(
+        readers.clone(),
+        epochs.clone(),
+        hot.clone(),
+        cli.topic.clone(),
+        cli.topic_generation.clone(),
+        stop.clone(),
     ));
     let commit_task = tokio::spawn(consume::commit_loop(consumer.clone(), tracker, cli.topic.clone(), stop.clone()));
     let lag_task = tokio::spawn(consume::lag_loop(consumer.clone(), cli.topic.clone(), stop.clone()));
@@ -130,6 +165,7 @@ pub async fn run(
             crate::ingest::IDEMPOTENCY_WINDOW,
             crate::ingest::IDEMPOTENCY_KEYS,
         )),
+        history: Some(Arc::new(History { hot, epochs, readers, max_scan: cli.history_max_scan })),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PushServer<PushIngest>>().await;
@@ -162,7 +198,7 @@ pub async fn run(
     tokio::time::sleep(Duration::from_millis(500)).await;
     stop.cancel();
     let _ = commit_task.await;
-    let _ = tokio::join!(watch, lag_task);
+    let _ = tokio::join!(watch, lag_task, epochs_task);
     node_changes.abort();
     sampler.abort();
     consumer.unsubscribe();

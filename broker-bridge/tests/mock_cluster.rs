@@ -47,6 +47,7 @@ fn ingest(bootstrap: &str, timeout: &str) -> PushIngest {
             broker_bridge::ingest::IDEMPOTENCY_WINDOW,
             broker_bridge::ingest::IDEMPOTENCY_KEYS,
         )),
+        history: None,
     }
 }
 

@@ -1,0 +1,105 @@
+//! Push.History on a real broker-bridge over tansu: the epoch names tansu's topic
+//! id, the consuming bridge answers from its hot window, and after it restarted
+//! (hot window gone) from Kafka, with exactly the channel's messages after the
+//! position, in order, once.
+
+use std::time::Duration;
+
+use proto::push::v1 as pb;
+use proto::push::v1::push_client::PushClient;
+use switchboard_tests::cluster::Cluster;
+use switchboard_tests::ws::http_get;
+use tonic::transport::Channel;
+
+type Lost = pb::history_response::Lost;
+
+fn push(url: String) -> PushClient<Channel> {
+    PushClient::new(tonic::transport::Endpoint::from_shared(url).unwrap().connect_lazy())
+}
+
+/// `switchboard_bridge_history_reads_total{source,outcome="ok"}` of bridge `i`.
+async fn reads(c: &Cluster, i: usize, source: &str) -> u64 {
+    let (status, body) = http_get(c.bridges[i].addr("admin"), "/metrics").await;
+    assert_eq!(status, 200);
+    let want = format!("switchboard_bridge_history_reads_total{{source=\"{source}\",outcome=\"ok\"}}");
+    body.lines()
+        .find_map(|l| {
+            let (name, v) = l.rsplit_once(' ')?;
+            // Label order is not fixed: compare the label set.
+            let same = name.starts_with("switchboard_bridge_history_reads_total{")
+                && name.contains(&format!("source=\"{source}\""))
+                && name.contains("outcome=\"ok\"");
+            same.then(|| v.parse().unwrap())
+        })
+        .unwrap_or_else(|| panic!("{want} not exported"))
+}
+
+async fn history(p: &mut PushClient<Channel>, channel: &str, since: Option<pb::Position>) -> pb::HistoryResponse {
+    let req = pb::HistoryRequest { channel: channel.into(), since, limit: 0, position_only: false };
+    p.history(req).await.unwrap().into_inner()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_from_the_hot_window_then_from_kafka_after_the_owner_restarted() {
+    let mut c = Cluster::builder().kafka().bridges(1).gateways(0).start().await;
+    let mut p = push(c.bridge_url(0));
+    // Where the channel stands now; the epoch is tansu's topic id and the partition.
+    let req = pb::HistoryRequest { channel: "room:h".into(), position_only: true, ..Default::default() };
+    let start = p.history(req).await.unwrap().into_inner().position.unwrap();
+    let (id, partition) = start.epoch.strip_prefix('k').and_then(|e| e.split_once('.')).expect(&start.epoch);
+    assert_eq!(id.len(), 22, "Kafka's printable topic id: {}", start.epoch);
+    assert!(partition.parse::<u32>().unwrap() < 4);
+    let mut mine = Vec::new();
+    for n in 0..40u32 {
+        let channel = ["room:h", "room:x", "room:y", "room:z"][n as usize % 4];
+        let r = p
+            .publish(pb::PublishRequest {
+                channel: channel.into(),
+                data_json: format!("{{\"n\":{n}}}"),
+                from: "svc".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if channel == "room:h" {
+            mine.push((r.seq, format!("{{\"n\":{n}}}")));
+        }
+    }
+    let since = pb::Position { seq: mine[2].0, epoch: start.epoch.clone() };
+    let expected = mine[3..].to_vec();
+    let got = |r: &pb::HistoryResponse| r.messages.iter().map(|m| (m.seq, m.data_json.clone())).collect::<Vec<_>>();
+
+    // The bridge joins its group and consumes: once its window holds the messages, it
+    // answers from there (counted as source="hot"); until then from the log.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let before = reads(&c, 0, "hot").await;
+        let r = history(&mut p, "room:h", Some(since.clone())).await;
+        assert_eq!((got(&r), r.lost), (expected.clone(), Lost::None as i32), "from either source, the same");
+        if reads(&c, 0, "hot").await > before {
+            assert_eq!(r.position.as_ref().unwrap().epoch, start.epoch);
+            assert!(r.position.as_ref().unwrap().seq >= mine.last().unwrap().0);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the hot window never answered");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Restarted: a new process has no window before what it consumes from now on. A
+    // graceful stop commits everything consumed, so the new window starts after `since`.
+    c.bridges[0].signal("-TERM");
+    assert!(c.bridges[0].wait_exit(Duration::from_secs(20)).success());
+    c.bridges[0].restart();
+    let mut p = push(c.bridge_url(0));
+    let r = history(&mut p, "room:h", Some(since.clone())).await;
+    assert_eq!(got(&r), expected, "exactly the channel's messages after the position, in order, once");
+    assert!(!r.more);
+    assert_eq!(r.position.as_ref().unwrap().epoch, start.epoch, "the same topic: the same epoch");
+    assert_eq!((reads(&c, 0, "log").await, reads(&c, 0, "hot").await), (1, 0), "read from Kafka");
+    let ahead = history(&mut p, "room:h", Some(pb::Position { seq: 1_000_000, epoch: start.epoch.clone() })).await;
+    assert_eq!(ahead.lost, Lost::Ahead as i32);
+    let other =
+        history(&mut p, "room:h", Some(pb::Position { seq: 1, epoch: "kAAAAAAAAAAAAAAAAAAAAAA.0".into() })).await;
+    assert_eq!(other.lost, Lost::EpochChanged as i32);
+}
