@@ -146,23 +146,32 @@ struct ChannelState {
     history: Option<Box<Ring<Bytes>>>,
     /// Sessions being recovered: live frames for them wait here.
     recovering: Vec<Recovery>,
+    /// Cluster: subscribers that were sent history beyond what was delivered live
+    /// here yet (the log is read ahead of the delivery stream): live frames up to
+    /// their floor are not sent to them again. Emptied as the live stream passes.
+    floors: Vec<(u64, u64)>,
 }
 
 impl ChannelState {
     /// Queues `frame` (at `seq`) to every subscriber and holds it for every recovering session.
     fn fan_out(&mut self, seq: u64, frame: &Bytes, congested: Option<&mut Vec<SessionHandle>>) -> u64 {
         let mut delivered = 0;
+        let floors = &self.floors;
+        let fresh = |sub: &SessionHandle| floors.iter().all(|&(id, floor)| id != sub.id || seq > floor);
         match congested {
             Some(c) => {
-                for sub in self.subs.values() {
+                for sub in self.subs.values().filter(|s| fresh(s)) {
                     delivered += u64::from(sub.deliver_paced(frame, c));
                 }
             }
             None => {
-                for sub in self.subs.values() {
+                for sub in self.subs.values().filter(|s| fresh(s)) {
                     delivered += u64::from(sub.deliver(frame));
                 }
             }
+        }
+        if !self.floors.is_empty() {
+            self.floors.retain(|&(_, floor)| floor > seq);
         }
         for r in &mut self.recovering {
             r.hold(seq, frame);
@@ -450,6 +459,9 @@ impl Hub {
             }
         }
         let handle = st.recovering.swap_remove(i).release(sent_through);
+        if sent_through > st.seq && !gapless {
+            st.floors.push((handle.id, sent_through));
+        }
         st.subs.insert(handle.id, handle);
         Finish::Done
     }
@@ -462,6 +474,9 @@ impl Hub {
         let mut st = ch.state.lock();
         let Some(i) = st.recovering.iter().position(|r| r.handle.id == id) else { return };
         let handle = st.recovering.swap_remove(i).release(sent_through);
+        if sent_through > st.seq && self.history_budget == 0 {
+            st.floors.push((handle.id, sent_through));
+        }
         st.subs.insert(handle.id, handle);
     }
 
@@ -472,6 +487,7 @@ impl Hub {
             return false;
         };
         let mut st = ch.state.lock();
+        st.floors.retain(|&(sid, _)| sid != id);
         let recovering = st.recovering.iter().position(|r| r.handle.id == id);
         if let Some(i) = recovering {
             st.recovering.swap_remove(i);
@@ -683,6 +699,7 @@ impl Hub {
             // A new stream (the log was re-created or re-partitioned): its seqs start over.
             st.epoch = Some(Arc::from(epoch));
             st.seq = 0;
+            st.floors.clear();
         }
         if seq <= st.seq {
             return None;
@@ -1057,5 +1074,26 @@ pub(crate) mod tests {
         assert_eq!(hub.history("c0", Some(&from(first[0])), 100, false).lost, Some(Lost::TooOld));
         let newest = hub.history("c19", Some(&from(first[19])), 100, false);
         assert_eq!((newest.lost, newest.items.len()), (None, 5));
+    }
+
+    #[test]
+    fn history_read_ahead_of_the_live_stream_is_not_shown_again() {
+        let hub = Hub::new(vec![], 1000);
+        let (a, mut ra) = session(&hub, 1, "a", 64);
+        let (b, mut rb) = session(&hub, 2, "b", 64);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe(&a, &ch);
+        hub.publish_at("c", "m10", "x", 10, "k.0", "1", &mut Vec::new());
+        hub.subscribe_recovering(&b, &ch).unwrap();
+        // b was sent history through 20 from the log; live delivery here is at 10.
+        assert!(matches!(hub.finish_recovery(2, "c", 20, 20, false, true), Finish::Done));
+        for seq in [15, 20, 21] {
+            hub.publish_at("c", "m", "x", seq, "k.0", "1", &mut Vec::new());
+        }
+        let seqs = |rx: &mut OutboxRx| {
+            std::iter::from_fn(|| rx.try_recv()).map(|f| text_of(&f)["seq"].as_u64().unwrap()).collect::<Vec<_>>()
+        };
+        assert_eq!(seqs(&mut ra), [10, 15, 20, 21]);
+        assert_eq!(seqs(&mut rb), [21], "15 and 20 were in its history");
     }
 }

@@ -178,7 +178,9 @@ pub fn check(name: &str, record: &Record, channel: &str, acked: &[String]) -> Ve
     let mut seen = std::collections::HashSet::new();
     for id in &got {
         if !seen.insert(id) {
-            faults.push(format!("{name}: {channel} {id} shown twice"));
+            let at: Vec<(u64, &str)> =
+                record.shown.iter().filter(|s| s.id == *id).map(|s| (s.seq, s.epoch.as_str())).collect();
+            faults.push(format!("{name}: {channel} {id} shown twice, at {at:?}"));
         }
     }
     let missing: Vec<&String> = acked.iter().filter(|id| !seen.contains(id)).collect();

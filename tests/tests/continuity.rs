@@ -152,7 +152,7 @@ async fn a_rolling_deploy_of_every_gateway_loses_nothing_and_shows_nothing_twice
     let (acked, publishing) = publisher(&c, channels.clone(), Duration::from_millis(20), stop_publisher.clone());
     // Drain and restart every gateway in turn, as a deploy does, while publishes flow.
     for g in 0..3 {
-        c.gateways[g].signal("TERM");
+        c.gateways[g].signal("-TERM");
         let status = c.gateways[g].wait_exit(Duration::from_secs(40));
         assert!(status.success(), "gateway {g} drained and exited: {status:?}");
         c.gateways[g].restart();
