@@ -88,6 +88,9 @@ fn publisher(
     (acked, task)
 }
 
+/// A client: its name, the channels it follows, what it was shown.
+type Client = (String, Vec<String>, Arc<Mutex<Record>>);
+
 /// The acked ids of `channel` in channel (seq) order.
 fn in_order(acked: &Acked, channel: &str) -> Vec<String> {
     let mut v: Vec<(u64, String)> =
@@ -97,7 +100,7 @@ fn in_order(acked: &Acked, channel: &str) -> Vec<String> {
 }
 
 /// Waits until every client was shown the last acked message of each of its channels.
-async fn caught_up(clients: &[(String, Vec<String>, Arc<Mutex<Record>>)], acked: &Acked) {
+async fn caught_up(clients: &[Client], acked: &Acked) {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     loop {
         let behind: Vec<&String> = clients
@@ -118,7 +121,7 @@ async fn caught_up(clients: &[(String, Vec<String>, Arc<Mutex<Record>>)], acked:
     }
 }
 
-fn verdict(clients: &[(String, Vec<String>, Arc<Mutex<Record>>)], acked: &Acked) -> Vec<String> {
+fn verdict(clients: &[Client], acked: &Acked) -> Vec<String> {
     let mut faults = Vec::new();
     for (name, channels, rec) in clients {
         let rec = rec.lock().unwrap();
