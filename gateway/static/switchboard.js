@@ -88,6 +88,7 @@ export class Switchboard {
     this._openedAt = 0;
     this._everOpened = false;
     this._authModes = new Map(); // url -> 'connect' | 'protocol' once one worked there
+    this._defaultMode = 'connect'; // for other URLs ('protocol' after a gateway refused 'connect')
     this._connectRef = null; // ref of the pending `connect` on this socket
     this._tokenSession = false; // this session was authenticated with a token
     this._pending = new Map(); // ref -> command sent, waiting for its reply
@@ -291,7 +292,7 @@ export class Switchboard {
   /** How the token goes to `url`: 'connect' | 'protocol' | 'query'. */
   _authMode(url) {
     if (this.auth !== 'auto') return this.auth;
-    return this._authModes.get(url) || this._probe?.get(url) || 'connect';
+    return this._authModes.get(url) || this._defaultMode;
   }
 
   async _open() {
@@ -343,7 +344,10 @@ export class Switchboard {
 
   /** The session is authenticated (welcome): re-subscribe, send the queue, plan the refresh. */
   _onWelcome(msg) {
-    if (this._sessionMode && this.auth === 'auto') this._authModes.set(this._sessionUrl, this._sessionMode);
+    if (this._sessionMode && this.auth === 'auto') {
+      this._authModes.set(this._sessionUrl, this._sessionMode);
+      if (this._sessionMode === 'connect') this._defaultMode = 'connect';
+    }
     this._ready = true;
     this.state = 'open';
     this.welcome = msg;
@@ -442,6 +446,7 @@ export class Switchboard {
   _fallback() {
     const ws = this._ws;
     this._authModes.set(this._sessionUrl, 'protocol');
+    this._defaultMode = 'protocol';
     this._ws = null;
     this._ready = false;
     this._connectRef = null;
@@ -459,12 +464,12 @@ export class Switchboard {
     const why = this._stopped ? 'closed' : 'disconnected';
     this._rejectAll([...this._pending.values()], why, `connection closed (${code})`);
     this._pending.clear();
-    // Never welcomed with the token in a first message: maybe the gateway refuses token-less
-    // upgrades (it predates `connect`); try the upgrade header next (until one mode works).
-    if (!welcomed && this.auth === 'auto' && this._sessionMode && !this._authModes.has(this._sessionUrl)) {
-      this._probe = this._probe || new Map();
-      this._probe.set(this._sessionUrl, this._sessionMode === 'connect' ? 'protocol' : 'connect');
-    }
+    // A token-less upgrade refused before the socket opened: the gateway predates `connect`
+    // (401). Go again at once to the same URL with the token in the upgrade request, and
+    // use that by default from now on (until a gateway welcomes a `connect`).
+    const probe = !opened && !this._stopped && this.auth === 'auto' && this._sessionMode === 'connect'
+      && !this._authModes.has(this._sessionUrl);
+    if (probe) this._defaultMode = 'protocol';
     if (lived > STABLE_SESSION_MS) this._attempt = 0;
     const renewable = !!this.getToken;
     let retry = !this._stopped;
@@ -474,7 +479,10 @@ export class Switchboard {
       else retry = !NO_RECONNECT.has(code);
     }
     let delayMs = null;
-    if (retry) {
+    if (probe) {
+      delayMs = 0;
+      this._scheduleReconnect(delayMs);
+    } else if (retry) {
       delayMs = code === 4001 && welcomed ? 0 : this._nextDelay(code, reason);
       this._urlIndex = (this._urlIndex + 1) % this.urls.length; // the next gateway of the list
       this._scheduleReconnect(delayMs);
@@ -483,7 +491,7 @@ export class Switchboard {
       this._clearRefresh();
       this._rejectAll(this._queue.splice(0), 'closed', `connection closed (${code})`);
     }
-    this._emit('close', { code, reason, willReconnect: retry, delayMs, opened });
+    this._emit('close', { code, reason, willReconnect: retry || probe, delayMs, opened });
   }
 
   _scheduleReconnect(delayMs) {
@@ -504,7 +512,11 @@ export class Switchboard {
     if (!this.getToken || !Number.isFinite(expiresAt)) return;
     const current = () => this._ready && this.welcome?.expires_at === expiresAt;
     const remaining = expiresAt * 1000 - Date.now();
-    const due = Date.now() + Math.max(0, Math.min(remaining * REFRESH_SHARE, remaining - REFRESH_MARGIN_MS));
+    // Short-lived tokens (under 2 margins) are refreshed half-way, never in a tight loop.
+    const delay = remaining > 2 * REFRESH_MARGIN_MS
+      ? Math.min(remaining * REFRESH_SHARE, remaining - REFRESH_MARGIN_MS)
+      : Math.max(0, remaining / 2);
+    const due = Date.now() + delay;
     const attempt = () => {
       this._refreshTimer = null;
       if (!current()) return;
