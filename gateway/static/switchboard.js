@@ -338,7 +338,11 @@ export class Switchboard {
       }
     });
     ws.onmessage = live((ev) => this._onFrame(typeof ev.data === 'string' ? ev.data : String(ev.data)));
-    ws.onerror = live(() => this._emit('error', fail('socket_error', `WebSocket error on ${url.origin}`)));
+    ws.onerror = live(() => {
+      // A token-less upgrade to a gateway that may predate `connect`: retried at once (_onClose).
+      if (mode === 'connect' && !this._openedAt && this.auth === 'auto' && !this._authModes.has(base)) return;
+      this._emit('error', fail('socket_error', `WebSocket error on ${url.origin}`));
+    });
     ws.onclose = live((ev) => this._onClose(ev.code, ev.reason || ''));
   }
 

@@ -31,10 +31,10 @@ function record(c) {
   return log;
 }
 
-async function publishN(pub, channel, n, tag) {
+async function publishN(pub, channel, n, tag, pad = '') {
   const seqs = [];
   for (let i = 0; i < n; i++) {
-    const ack = await pub.publish(channel, { tag, i });
+    const ack = await pub.publish(channel, pad ? { tag, i, pad } : { tag, i });
     seqs.push(ack.seq);
     await pub.publish('noise', i); // other channels take the seqs in between
   }
@@ -94,6 +94,38 @@ test('resume after a cut connection: exactly the missed messages, once, in order
   assert.equal(sub.reconnects >= 1, true);
   const last = log.messages.at(-1);
   assert.deepEqual(sub.position('room:1'), { seq: last.seq, epoch: last.epoch });
+});
+
+test('a connection cut again during the recovery resumes from the last message delivered', async (t) => {
+  const gw = await gateway([]);
+  const proxy = await proxyTo(gw);
+  const sub = client({ url: proxy.url, user: 'erin' });
+  const log = record(sub);
+  const pub = client({ url: gw.url, user: 'pub' });
+  await sub.subscribe('big');
+  const first = await publishN(pub, 'big', 1, 'first');
+  await until(() => seqsOf(log, 'big').length === 1, 5000, 'the first message');
+  // Cut again (from the message handler) once part of the recovery arrived.
+  let partial = 0;
+  let cutDone;
+  const cut = new Promise((r) => { cutDone = r; });
+  let atClose = 0;
+  const cutter = (m) => {
+    if (m.channel !== 'big' || seqsOf(log, 'big').length < 20 || partial) return;
+    partial = seqsOf(log, 'big').length;
+    proxy.down = true;
+    proxy.cut();
+    next(sub, 'close').then(() => { atClose = seqsOf(log, 'big').length; }).then(() => sleep(100)).then(() => { proxy.down = false; cutDone(); });
+  };
+  const away = await outage(proxy, sub, () => publishN(pub, 'big', 400, 'away', 'x'.repeat(8000)));
+  sub.on('message', cutter);
+  await cut;
+  const want = [...first, ...away];
+  await until(() => sub.reconnects >= 2 && seqsOf(log, 'big').length >= want.length, 15_000, `${want.length} messages`);
+  await sleep(200);
+  t.diagnostic(`cut after ${partial} messages, ${atClose} of ${want.length} delivered at the close`);
+  assert.deepEqual(seqsOf(log, 'big'), want, `once, in order (cut after ${partial}, ${atClose} at the close)`);
+  assert.deepEqual(log.gaps, []);
 });
 
 test('a gap event when the history window was exceeded, then the live stream goes on', async () => {
