@@ -166,3 +166,23 @@ async fn demo_page_in_headless_chromium() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "browser test failed:\n{stdout}\n{stderr}");
 }
+
+/// The JS client (gateway/static/switchboard.js) in Node against this binary:
+/// tests/browser/resume.mjs (resume after a cut connection exactly once and in order, gap
+/// events, duplicates, URL lists, getToken, connect-first and refresh).
+#[tokio::test]
+async fn js_client_node_tests() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = tokio::process::Command::new("node")
+        .args(["--test", "tests/browser/resume.mjs"])
+        .env("GATEWAY_BIN", env!("CARGO_BIN_EXE_gateway"))
+        .current_dir(root)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(120), out)
+        .await
+        .expect("node tests hung")
+        .expect("node must be installed (with the ws package: npm ci)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "node --test tests/browser/resume.mjs failed:\n{stdout}\n{stderr}");
+}
