@@ -11,6 +11,10 @@ const REFRESH_MARGIN_MS = 5_000; // …and at least 5 s before it expires
 const REFRESH_RETRY_MS = 2_000; // a failed refresh is retried after this (while time is left)
 const MAX_TIMER_MS = 2 ** 31 - 1; // setTimeout's limit
 const NO_RECONNECT = new Set([1000, 1003, 1007, 4001, 4004, 4005]);
+// Closes after which the next URL of the list is tried (the gateway went away, drains, or the
+// network failed); after others (token expiry, slow consumer, flood, …) the same one is.
+const ROTATE = new Set([1001, 1006, 1011, 1012, 1013, 1014, 4000]);
+const REFRESH_UNSUPPORTED = new Set(['unknown_op', 'bad_request']); // no refresh on this session
 const REPLIES = new Set(['ack', 'error', 'presence', 'pong', 'history']);
 const OPEN = 1; // WebSocket.OPEN
 
@@ -43,7 +47,8 @@ export class Switchboard {
   /**
    * @param {object} [options]
    * @param {string|string[]} [options.url] ws:// or wss:// URL of /ws, or a list of them (the
-   *   client moves to the next one on every reconnect); default: this page's host, path /ws.
+   *   client moves to the next one when a connection fails or the gateway goes away: close
+   *   1001, 1006, 1011-1014, 4000); default: this page's host, path /ws.
    * @param {string[]} [options.urls] same as a list in `url`.
    * @param {() => (string|Promise<string>)} [options.getToken] returns a JWT (sync or async);
    *   called for every connection and before the session's token expires (refresh).
@@ -488,7 +493,8 @@ export class Switchboard {
       this._scheduleReconnect(delayMs);
     } else if (retry) {
       delayMs = code === 4001 && welcomed ? 0 : this._nextDelay(code, reason);
-      this._urlIndex = (this._urlIndex + 1) % this.urls.length; // the next gateway of the list
+      // Another gateway of the list when this one seems gone; the same one otherwise.
+      if (!opened || ROTATE.has(code)) this._urlIndex = (this._urlIndex + 1) % this.urls.length;
       this._scheduleReconnect(delayMs);
     } else {
       this.state = 'closed';
@@ -526,6 +532,7 @@ export class Switchboard {
       if (!current()) return;
       this.refresh().catch((err) => {
         if (err.code === 'disconnected' || err.code === 'closed') return;
+        if (REFRESH_UNSUPPORTED.has(err.code)) return; // a gateway without refresh: 4001, then reconnect
         this._emit('error', fail('refresh_failed', `token refresh failed: ${err.code || ''} ${err.message}`, { cause: err }));
         // Again while the session lives; at expiry the 4001 close reconnects with a fresh token.
         const left = expiresAt * 1000 - Date.now();

@@ -104,9 +104,12 @@ function startClient(Switchboard, WebSocketImpl, spec, getToken) {
   client.on('message', (m) => rec.received.push([m.channel, m.seq, m.epoch, m.id]));
   client.on('gap', (g) => rec.gaps.push(g));
   client.on('error', (e) => { if (rec.errors.length < 50) rec.errors.push(`${e.code}: ${e.message}`); });
+  // Retried until acked, but for refusals that cannot change.
+  const FINAL = ['closed', 'forbidden', 'bad_channel', 'bad_request', 'too_many_subscriptions'];
   const subscribe = (channel) => client.subscribe(channel).catch((err) => {
-    if (err.code === 'disconnected') return new Promise((r) => setTimeout(r, 100)).then(() => subscribe(channel));
-    throw err;
+    if (FINAL.includes(err.code)) throw new Error(`subscribe ${channel}: ${err.code}: ${err.message}`);
+    const ms = err.code === 'disconnected' ? 100 : Math.max(250, err.retryAfterMs || 0);
+    return new Promise((r) => setTimeout(r, ms)).then(() => subscribe(channel));
   });
   rec.ready = Promise.all(spec.channels.map(subscribe)).then(() => true);
   rec.client = client;
@@ -126,10 +129,20 @@ async function startPage(spec) {
   page.on('pageerror', (err) => log(`${spec.id} page error: ${err.message}`));
   page.on('console', (msg) => { if (msg.type() === 'error') log(`${spec.id} console: ${msg.text()}`); });
   if (opts.secret) await page.exposeFunction('switchboardToken', () => token(spec.id));
-  const base = new URL(spec.urls[0]);
-  const origin = `${base.protocol === 'wss:' ? 'https:' : 'http:'}//${base.host}`;
-  const response = await page.goto(`${origin}/switchboard.js`, { waitUntil: 'load', timeout: 15_000 });
-  if (!response?.ok()) throw new Error(`${spec.id}: GET ${origin}/switchboard.js -> ${response?.status()}`);
+  // The page's own gateway serves it; another one of the list when that one is down.
+  let loaded = null;
+  for (const url of spec.urls) {
+    const base = new URL(url);
+    const script = `${base.protocol === 'wss:' ? 'https:' : 'http:'}//${base.host}/switchboard.js`;
+    try {
+      const response = await page.goto(script, { waitUntil: 'load', timeout: 15_000 });
+      if (response?.ok()) { loaded = script; break; }
+      log(`${spec.id}: GET ${script} -> ${response?.status()}`);
+    } catch (err) {
+      log(`${spec.id}: GET ${script}: ${err.message.split('\n')[0]}`);
+    }
+  }
+  if (!loaded) throw new Error(`${spec.id}: no gateway served /switchboard.js`);
   await page.evaluate(async ({ spec, withToken, startSrc, clientSrc }) => {
     const module = clientSrc ? URL.createObjectURL(new Blob([clientSrc], { type: 'text/javascript' })) : '/switchboard.js';
     const { Switchboard } = await import(module);

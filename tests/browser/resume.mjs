@@ -128,6 +128,29 @@ test('a connection cut again during the recovery resumes from the last message d
   assert.deepEqual(log.gaps, []);
 });
 
+test('a short-lived token: refreshed, or after the 4001 close a fresh one and a resume, no gap', async () => {
+  const gw = await gateway([]);
+  let tokens = 0;
+  const getToken = () => (tokens++, jwt(SECRET, { sub: 'frank', exp: now() + 3 }));
+  const sub = client({ url: gw.url, getToken });
+  const log = record(sub);
+  const closes = [];
+  sub.on('close', (c) => closes.push(c.code));
+  const pub = client({ url: gw.url, user: 'pub' });
+  await sub.subscribe('t');
+  const want = [];
+  for (let i = 0; i < 10; i++) { // 5 s: past the first token's expiry
+    want.push(...(await publishN(pub, 't', 1, 'tick')));
+    await sleep(500);
+  }
+  await until(() => seqsOf(log, 't').length >= want.length, 5000, `${want.length} messages`);
+  assert.deepEqual(seqsOf(log, 't'), want);
+  assert.deepEqual(log.gaps, []);
+  assert.ok(tokens >= 2, `getToken calls: ${tokens}`);
+  assert.ok(closes.every((c) => c === 4001), `closes: ${closes}`);
+  assert.equal(sub.welcome.user, 'frank');
+});
+
 test('a gap event when the history window was exceeded, then the live stream goes on', async () => {
   const gw = await gateway(['--history', '*=5/1h']);
   const proxy = await proxyTo(gw);
