@@ -178,18 +178,24 @@ fn find_token(req: &Request<Incoming>) -> (Option<String>, bool) {
     (query_param(req, "token").map(|t| t.into_owned()), offers_ours)
 }
 
-fn authenticate(server: &Server, req: &Request<Incoming>, token: Option<String>) -> Result<Identity, HandshakeError> {
+/// The identity a request proves; `None`: no token at all, so the session must send
+/// `connect` first (unless the gateway is anonymous). A token present but invalid is a 401.
+fn authenticate(
+    server: &Server,
+    req: &Request<Incoming>,
+    token: Option<String>,
+) -> Result<Option<Identity>, HandshakeError> {
     match token {
-        Some(t) => Ok(server.verifier.verify(&t)?),
+        Some(t) => Ok(Some(server.verifier.verify(&t)?)),
         None if server.anonymous => {
             let user = match query_param(req, "user") {
                 Some(name) if valid_anonymous_name(&name) => name.into_owned(),
                 Some(_) => return Err(HandshakeError::BadRequest("invalid user name")),
                 None => format!("anon-{:08x}", rand::random::<u32>()),
             };
-            Ok(Identity { user: user.into(), channels: None, expires_at: None })
+            Ok(Some(Identity { user: user.into(), channels: None, expires_at: None }))
         }
-        None => Err(AuthError::Missing.into()),
+        None => Ok(None),
     }
 }
 
@@ -233,7 +239,7 @@ fn upgrade(
         }
     }
     let (identity, answer_protocol) = match mode {
-        Mode::Echo => (Identity { user: "echo".into(), channels: None, expires_at: None }, false),
+        Mode::Echo => (Some(Identity { user: "echo".into(), channels: None, expires_at: None }), false),
         Mode::Protocol => {
             let (token, offers_ours) = find_token(&req);
             (authenticate(&server, &req, token)?, offers_ours)
@@ -273,7 +279,7 @@ fn upgrade(
 async fn start_session(
     server: Arc<Server>,
     on_upgrade: hyper::upgrade::OnUpgrade,
-    identity: Identity,
+    identity: Option<Identity>,
     conn_id: u64,
     client_info: Arc<str>,
     slot: SessionSlot,

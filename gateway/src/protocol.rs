@@ -21,12 +21,34 @@ pub struct Request<'a> {
 /// What a client asks for.
 #[derive(Debug)]
 pub enum Command<'a> {
-    Subscribe { channel: Cow<'a, str> },
-    Unsubscribe { channel: Cow<'a, str> },
-    Publish { channel: Cow<'a, str>, data: &'a RawValue, key: Option<Cow<'a, str>> },
-    Send { user: Cow<'a, str>, data: &'a RawValue, key: Option<Cow<'a, str>> },
-    Presence { channel: Cow<'a, str> },
+    Subscribe {
+        channel: Cow<'a, str>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+    },
+    Publish {
+        channel: Cow<'a, str>,
+        data: &'a RawValue,
+        key: Option<Cow<'a, str>>,
+    },
+    Send {
+        user: Cow<'a, str>,
+        data: &'a RawValue,
+        key: Option<Cow<'a, str>>,
+    },
+    Presence {
+        channel: Cow<'a, str>,
+    },
     Ping,
+    /// Authenticates a session opened without a token (its first command).
+    Connect {
+        token: Option<Cow<'a, str>>,
+    },
+    /// Replaces the session's token (same user): new expiry, new channel claims.
+    Refresh {
+        token: Cow<'a, str>,
+    },
 }
 
 /// A command that could not be decoded, with the `ref` when it was readable.
@@ -48,6 +70,7 @@ pub enum ErrorCode {
     TooManySubscriptions,
     RateLimited,
     Unavailable,
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -61,6 +84,7 @@ impl ErrorCode {
             Self::TooManySubscriptions => "too_many_subscriptions",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::Unauthorized => "unauthorized",
         }
     }
 }
@@ -79,6 +103,8 @@ struct Raw<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default)]
     idempotency_key: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    token: Option<Cow<'a, str>>,
 }
 
 /// Only the `ref` of a command, for answering one whose other fields are malformed.
@@ -132,6 +158,11 @@ pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
             (_, None) => Err((ErrorCode::BadRequest, "missing field `data`")),
         },
         Some("ping") => Ok(Command::Ping),
+        Some("connect") => Ok(Command::Connect { token: raw.token }),
+        Some("refresh") => match raw.token {
+            Some(token) => Ok(Command::Refresh { token }),
+            None => Err((ErrorCode::BadRequest, "missing field `token`")),
+        },
         Some(_) => Err((ErrorCode::UnknownOp, "unknown op")),
         None => Err((ErrorCode::UnknownOp, "missing field `op`")),
     };
@@ -308,6 +339,26 @@ pub fn presence(r: Option<&RawValue>, channel: &str, users: &[std::sync::Arc<str
     out
 }
 
+/// The `ack` of a `refresh`: the new expiry, and the subscriptions the new token no longer allows.
+pub fn refreshed(r: Option<&RawValue>, expires_at: u64, revoked: &[std::sync::Arc<str>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + revoked.iter().map(|c| c.len() + 3).sum::<usize>());
+    out.extend_from_slice(b"{\"type\":\"ack\"");
+    reference(&mut out, r);
+    let _ = write!(out, ",\"expires_at\":{expires_at}");
+    if !revoked.is_empty() {
+        out.extend_from_slice(b",\"revoked\":[");
+        for (i, c) in revoked.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            string(&mut out, c);
+        }
+        out.push(b']');
+    }
+    out.push(b'}');
+    out
+}
+
 /// A `pong` reply to `{"op":"ping"}`.
 pub fn pong(r: Option<&RawValue>) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
@@ -338,6 +389,16 @@ mod tests {
             Command::Send { .. }
         ));
         assert!(matches!(decode(r#"{"op":"ping"}"#).unwrap().command, Command::Ping));
+        match decode(r#"{"op":"refresh","token":"a.b.c","ref":1}"#).unwrap().command {
+            Command::Refresh { token } => assert_eq!(token, "a.b.c"),
+            other => panic!("{other:?}"),
+        }
+        match decode(r#"{"op":"connect","token":"a.b.c"}"#).unwrap().command {
+            Command::Connect { token } => assert_eq!(token.as_deref(), Some("a.b.c")),
+            other => panic!("{other:?}"),
+        }
+        // A connect without a token decodes: the session answers it (unauthorized: missing token).
+        assert!(matches!(decode(r#"{"op":"connect"}"#).unwrap().command, Command::Connect { token: None }));
         // Escaped channel names are unescaped.
         match decode(r#"{"op":"subscribe","channel":"a\u0062"}"#).unwrap().command {
             Command::Subscribe { channel } => assert_eq!(channel, "ab"),
@@ -360,6 +421,8 @@ mod tests {
         assert_eq!(code(r#"{"op":"publish","channel":"x"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"op":"send","data":1}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"op":"ping","ref":{"a":1}}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"refresh"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"refresh","token":7}"#), ErrorCode::BadRequest);
         let e = decode(r#"{"op":"dance","ref":3}"#).unwrap_err();
         assert_eq!(e.reference.unwrap().get(), "3");
     }
@@ -393,6 +456,7 @@ mod tests {
             error(None, ErrorCode::RateLimited, "slow \"down\"", Some(12)),
             presence(None, "c", &["a".into(), "b".into()]),
             pong(None),
+            refreshed(None, 5, &["a\"b".into()]),
         ];
         for f in frames {
             let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
@@ -402,5 +466,15 @@ mod tests {
         assert_eq!(v["channel"], "c\"h");
         assert_eq!(v["seq"], 9);
         assert_eq!(v["data"][0], 1);
+    }
+
+    #[test]
+    fn refresh_ack_lists_revoked_channels_only_when_there_are_some() {
+        let r = RawValue::from_string("7".into()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&refreshed(Some(&r), 1767225600, &[])).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"ack","ref":7,"expires_at":1767225600u64}));
+        let v: serde_json::Value =
+            serde_json::from_slice(&refreshed(None, 9, &["room:1".into(), "admin".into()])).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"ack","expires_at":9,"revoked":["room:1","admin"]}));
     }
 }

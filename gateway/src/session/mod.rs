@@ -19,11 +19,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Identity;
+use crate::auth::{Identity, Verifier};
 use crate::bus::Bus;
 use crate::hub::{ConnRecord, Hub, SessionCtl, SessionHandle};
 use crate::metrics as m;
-use crate::policy::{CloseReason, TokenBucket};
+use crate::policy::{AuthDeadline, AuthLimit, CloseReason, TokenBucket};
 use crate::presence::PresenceBackend;
 use crate::wire;
 
@@ -40,6 +40,8 @@ pub struct SessionConfig {
     pub send_queue: usize,
     /// How long a send queue may stay congested before the session is a slow consumer.
     pub slow_consumer_timeout: Duration,
+    /// How long a session opened without a token may take to send `connect`.
+    pub connect_timeout: Duration,
 }
 
 /// What a session needs from the node.
@@ -48,6 +50,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
     pub presence: Arc<dyn PresenceBackend>,
+    /// Checks `connect` and `refresh` tokens, exactly like the handshake's.
+    pub verifier: Verifier,
     pub config: SessionConfig,
 }
 
@@ -62,13 +66,15 @@ pub enum Mode {
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Runs a session on an upgraded TCP stream until it ends.
+/// `identity` is `None` for a session opened without a token: it is "awaiting connect"
+/// (no welcome, not in the hub or presence) until its first command authenticates it.
 /// `leftover` holds bytes the HTTP layer read past the upgrade request.
 /// `stop` closes the session as part of a drain (the paced drain reaches
 /// registered sessions one by one first; `stop` is the final sweep).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     node: Arc<Node>,
-    identity: Identity,
+    identity: Option<Identity>,
     conn_id: u64,
     client_info: Arc<str>,
     stream: TcpStream,
@@ -79,26 +85,21 @@ pub async fn run(
     let cfg = &node.config;
     let (tx, rx) = crate::outbox::outbox(cfg.send_queue, cfg.slow_consumer_timeout);
     let ctl = Arc::new(SessionCtl::default());
-    let connected_at_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let handle = SessionHandle {
+    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let awaiting_connect = identity.is_none();
+    // Until `connect`, no user and no channel: nothing is allowed.
+    let mut identity =
+        identity.unwrap_or_else(|| Identity { user: "".into(), channels: Some(Arc::new([])), expires_at: None });
+    let mut handle = SessionHandle {
         id: conn_id,
         user: identity.user.clone(),
-        connected_at_ms,
-        client_info: client_info.clone(),
+        connected_at_ms: wall.as_millis() as u64,
+        client_info,
         outbox: tx,
         ctl: ctl.clone(),
     };
-    if mode == Mode::Protocol {
-        handle.deliver(&wire::text(&welcome(&node, &identity, conn_id)));
-        node.hub.register(handle.clone());
-        node.presence.connected(&ConnRecord {
-            conn_id,
-            user: identity.user.clone(),
-            connected_at_ms,
-            client_info,
-            channels: Vec::new(),
-        });
+    if mode == Mode::Protocol && !awaiting_connect {
+        register(&node, &identity, &handle, None);
     }
     metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
     metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
@@ -107,21 +108,24 @@ pub async fn run(
     let (read, write) = stream.into_split();
     let started = Instant::now();
     let last_seen = AtomicU64::new(0);
-    let expires = identity.expires_at.map(|exp| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        started + Duration::from_secs(exp).saturating_sub(now)
+    let auth = AuthDeadline::new(match identity.expires_at {
+        _ if awaiting_connect => AuthLimit::Connect(cfg.connect_timeout),
+        Some(exp) => AuthLimit::token(exp, wall, Duration::ZERO),
+        None => AuthLimit::Never,
     });
 
     let mut state = ingress::State {
         subscriptions: HashSet::new(),
         bucket: TokenBucket::new(cfg.publish_rate, cfg.publish_burst, started),
         fragments: None,
+        awaiting_connect,
     };
     let mut frames = frames::Reader::new(read, &leftover);
     drop(leftover);
     let peer_done = {
-        let reader = ingress::run(&node, &identity, &handle, &mut state, &mut frames, &last_seen, started, mode);
-        let writer = egress::run(cfg, &ctl, rx, write, &last_seen, started, expires, &stop);
+        let reader =
+            ingress::run(&node, &mut identity, &mut handle, &mut state, &mut frames, &last_seen, &auth, started, mode);
+        let writer = egress::run(cfg, &ctl, rx, write, &last_seen, started, &auth, &stop);
         tokio::pin!(reader, writer);
         tokio::select! {
             peer_done = &mut reader => {
@@ -142,7 +146,7 @@ pub async fn run(
 
     let reason = ctl.requested().map_or(CloseReason::Gone, |(r, _)| r);
     let subs = state.subscriptions.len();
-    if mode == Mode::Protocol {
+    if mode == Mode::Protocol && !state.awaiting_connect {
         node.hub.unregister(conn_id, &identity.user, state.subscriptions.drain());
         node.presence.disconnected(conn_id);
     }
@@ -152,7 +156,21 @@ pub async fn run(
     tracing::debug!(conn.id = conn_id, user = %identity.user, reason = reason.label(), "session closed");
 }
 
-fn welcome(node: &Node, identity: &Identity, conn_id: u64) -> Vec<u8> {
+/// Makes an authenticated session known: its welcome (echoing the `connect` command's
+/// `ref`, if any) is queued, then it joins the hub and presence.
+fn register(node: &Node, identity: &Identity, handle: &SessionHandle, r: Option<&serde_json::value::RawValue>) {
+    handle.deliver(&wire::text(&welcome(node, identity, handle.id, r)));
+    node.hub.register(handle.clone());
+    node.presence.connected(&ConnRecord {
+        conn_id: handle.id,
+        user: identity.user.clone(),
+        connected_at_ms: handle.connected_at_ms,
+        client_info: handle.client_info.clone(),
+        channels: Vec::new(),
+    });
+}
+
+fn welcome(node: &Node, identity: &Identity, conn_id: u64, r: Option<&serde_json::value::RawValue>) -> Vec<u8> {
     let c = &node.config;
     let mut v = serde_json::json!({
         "type": "welcome",
@@ -171,6 +189,9 @@ fn welcome(node: &Node, identity: &Identity, conn_id: u64) -> Vec<u8> {
     });
     if let Some(exp) = identity.expires_at {
         v["expires_at"] = exp.into();
+    }
+    if let Some(r) = r.and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok()) {
+        v["ref"] = r;
     }
     v.to_string().into_bytes()
 }
