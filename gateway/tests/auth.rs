@@ -255,6 +255,21 @@ async fn refused_refreshes_keep_the_old_expiry_and_claims() {
     assert!(metric(&page, "switchboard_gateway_command_errors_total", "code=\"unauthorized\"") >= 3.0);
 }
 
+/// A refresh may also bring the expiry closer: the close follows the new exp, although
+/// the egress timer was armed for a later one (heartbeats 30 s apart here, so no
+/// heartbeat wake-up can stand in for the re-arming).
+#[tokio::test]
+async fn a_refresh_to_an_earlier_exp_closes_at_the_new_exp() {
+    let gw = Gateway::start(&["--heartbeat-interval", "30s", "--heartbeat-timeout", "30s"]).await;
+    let (mut ws, welcome) = gw.ws("kai").await;
+    assert!(welcome["expires_at"].as_u64().unwrap() >= now() + 3000);
+    let b_exp = now() + 2;
+    let ack = call(&mut ws, json!({"op":"refresh","token":token(json!({"sub":"kai","exp":b_exp}))})).await;
+    assert_eq!(ack["expires_at"], b_exp, "{ack}");
+    assert_eq!(close_of(&mut ws).await, (4001, "token expired".to_owned()));
+    assert!(now_ms() >= b_exp * 1000, "closed at {} before the new exp {b_exp}", now_ms());
+}
+
 #[tokio::test]
 async fn refresh_takes_from_the_publish_bucket() {
     let gw = Gateway::start(&["--publish-rate", "1", "--publish-burst", "2"]).await;

@@ -444,3 +444,26 @@ async fn command(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(channels: Option<&[&str]>) -> Identity {
+        Identity {
+            user: "u".into(),
+            channels: channels.map(|c| c.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>().into()),
+            expires_at: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_refresh_revokes_what_the_new_claims_do_not_allow() {
+        let subs: HashSet<Arc<str>> = ["room:2", "admin:x", "room:1", "ops"].into_iter().map(Arc::from).collect();
+        let names = |v: Vec<Arc<str>>| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(revoked_by(&subs, &identity(Some(&["room:*"])))), ["admin:x", "ops"]);
+        assert_eq!(names(revoked_by(&subs, &identity(Some(&["room:*", "ops", "admin:*"])))), Vec::<String>::new());
+        assert!(revoked_by(&subs, &identity(None)).is_empty(), "no claim allows every channel");
+        assert_eq!(names(revoked_by(&subs, &identity(Some(&[])))), ["admin:x", "ops", "room:1", "room:2"]);
+    }
+}
