@@ -261,7 +261,10 @@ fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let conn_id = server.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let tracker = server.tracker.clone();
-    tracker.spawn(start_session(server, on_upgrade, identity, conn_id, client_info, slot, mode));
+    // Unwrapped here, not in the session: both forms would be kept in every session's future.
+    let awaiting_connect = identity.is_none();
+    let identity = identity.unwrap_or_else(session::nobody);
+    tracker.spawn(start_session(server, on_upgrade, identity, awaiting_connect, conn_id, client_info, slot, mode));
 
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -276,10 +279,12 @@ fn upgrade(
     Ok(resp)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start_session(
     server: Arc<Server>,
     on_upgrade: hyper::upgrade::OnUpgrade,
-    identity: Option<Identity>,
+    identity: Identity,
+    awaiting_connect: bool,
     conn_id: u64,
     client_info: Arc<str>,
     slot: SessionSlot,
@@ -307,6 +312,7 @@ async fn start_session(
     session::run(
         server.node.clone(),
         identity,
+        awaiting_connect,
         conn_id,
         client_info,
         stream,

@@ -242,7 +242,7 @@ impl AuthLimit {
     /// The limit for a token expiring at `exp` (unix seconds), when the wall clock says
     /// `now_unix` and the session started `elapsed` ago.
     pub fn token(exp: u64, now_unix: Duration, elapsed: Duration) -> Self {
-        Self::Token(elapsed + Duration::from_secs(exp).saturating_sub(now_unix))
+        Self::Token(elapsed.saturating_add(Duration::from_secs(exp).saturating_sub(now_unix)))
     }
 }
 
@@ -266,6 +266,11 @@ impl AuthDeadline {
         self.0.store(Self::encode(limit), Ordering::Release);
     }
 
+    /// Whether the session still has to authenticate with `connect`.
+    pub fn awaiting_connect(&self) -> bool {
+        matches!(self.get(), AuthLimit::Connect(_))
+    }
+
     pub fn get(&self) -> AuthLimit {
         let v = self.0.load(Ordering::Acquire);
         let at = Duration::from_millis(v & !KIND);
@@ -278,7 +283,7 @@ impl AuthDeadline {
 
     fn encode(limit: AuthLimit) -> u64 {
         // Rounded up: a deadline never fires before its time. Clamped far beyond any session.
-        let ms = |d: Duration| (d.as_micros().div_ceil(1000) as u64).min(!KIND);
+        let ms = |d: Duration| d.as_micros().div_ceil(1000).min(u128::from(!KIND)) as u64;
         match limit {
             AuthLimit::Never => NEVER,
             AuthLimit::Token(d) => TOKEN | ms(d),
@@ -326,6 +331,12 @@ mod tests {
         // Sub-millisecond parts round up, never down.
         d.set(AuthLimit::Token(Duration::from_micros(1500)));
         assert_eq!(d.get(), AuthLimit::Token(Duration::from_millis(2)));
+        // An absurd exp is far away (clamped), never wrapped around to a near deadline.
+        d.set(AuthLimit::token(u64::MAX, 1000 * s, 7 * s));
+        assert!(!d.get().due(t0, t0 + 100 * 365 * 24 * 3600 * s));
+        assert!(!d.awaiting_connect());
+        d.set(AuthLimit::Connect(s));
+        assert!(d.awaiting_connect());
     }
 
     #[test]

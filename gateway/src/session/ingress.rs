@@ -27,9 +27,6 @@ pub(super) struct State {
     pub(super) bucket: TokenBucket,
     /// A fragmented message being reassembled: (is_text, bytes so far).
     pub(super) fragments: Option<(bool, Vec<u8>)>,
-    /// Opened without a token: the first command must be `connect`; until then the
-    /// session is in neither the hub nor presence.
-    pub(super) awaiting_connect: bool,
 }
 
 /// Reads and runs commands until the session ends. True when the peer is done
@@ -128,8 +125,9 @@ pub(super) async fn run(
                         if !room_for_reply(handle).await {
                             continue;
                         }
-                        if state.awaiting_connect {
-                            if !connect(node, identity, handle, state, auth, started, text) {
+                        // Opened without a token: the first command must be `connect`.
+                        if auth.awaiting_connect() {
+                            if !connect(node, identity, handle, auth, started, text) {
                                 return false;
                             }
                             continue;
@@ -147,7 +145,7 @@ pub(super) async fn run(
                 Mode::Echo => {
                     handle.deliver(&wire::binary(&bytes));
                 }
-                Mode::Protocol if state.awaiting_connect => {
+                Mode::Protocol if auth.awaiting_connect() => {
                     metrics::counter!(m::CONNECT, "outcome" => "connect_required").increment(1);
                     ctl.close(CloseReason::Unauthenticated, Some("connect required"));
                     return false;
@@ -245,7 +243,6 @@ fn connect(
     node: &Node,
     identity: &mut Identity,
     handle: &mut SessionHandle,
-    state: &mut State,
     auth: &AuthDeadline,
     started: Instant,
     text: &str,
@@ -268,12 +265,12 @@ fn connect(
         Ok(id) => id,
         Err(e) => return close("unauthorized", &format!("unauthorized: {e}")),
     };
-    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    // Tokens always carry `exp` (a required claim).
-    auth.set(proven.expires_at.map_or(AuthLimit::Never, |exp| AuthLimit::token(exp, wall, started.elapsed())));
+    // Tokens always carry `exp` (a required claim). Setting it ends "awaiting connect".
+    auth.set(
+        proven.expires_at.map_or(AuthLimit::Never, |exp| AuthLimit::token(exp, super::unix_now(), started.elapsed())),
+    );
     *identity = proven;
     handle.user = identity.user.clone();
-    state.awaiting_connect = false;
     super::register(node, identity, handle, r);
     metrics::counter!(m::CONNECT, "outcome" => "ok").increment(1);
     tracing::debug!(conn.id = handle.id, user = %identity.user, "session authenticated by connect");
@@ -343,9 +340,8 @@ fn refresh(
         metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(1.0);
     }
     let exp = new.expires_at.unwrap_or_default();
-    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
     // Before the ack is queued: the ack's wake-up re-arms the egress timer.
-    session.auth.set(AuthLimit::token(exp, wall, session.started.elapsed()));
+    session.auth.set(AuthLimit::token(exp, super::unix_now(), session.started.elapsed()));
     *session.identity = new;
     outcome("ok");
     reply(handle, protocol::refreshed(r, exp, &revoked));

@@ -65,16 +65,23 @@ pub enum Mode {
 /// How long the read side stays open after our close frame, waiting for the peer's.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// The identity of a session awaiting `connect`: nobody. Its commands never run (the
+/// first must be `connect`, which replaces it), so its empty claim is never read.
+pub fn nobody() -> Identity {
+    Identity { user: "".into(), channels: None, expires_at: None }
+}
+
 /// Runs a session on an upgraded TCP stream until it ends.
-/// `identity` is `None` for a session opened without a token: it is "awaiting connect"
-/// (no welcome, not in the hub or presence) until its first command authenticates it.
+/// `awaiting_connect`: opened without a token, `identity` is [`nobody`] and the session is
+/// not in the hub or presence, and gets no welcome, until its first command authenticates it.
 /// `leftover` holds bytes the HTTP layer read past the upgrade request.
 /// `stop` closes the session as part of a drain (the paced drain reaches
 /// registered sessions one by one first; `stop` is the final sweep).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     node: Arc<Node>,
-    identity: Option<Identity>,
+    mut identity: Identity,
+    awaiting_connect: bool,
     conn_id: u64,
     client_info: Arc<str>,
     stream: TcpStream,
@@ -85,15 +92,12 @@ pub async fn run(
     let cfg = &node.config;
     let (tx, rx) = crate::outbox::outbox(cfg.send_queue, cfg.slow_consumer_timeout);
     let ctl = Arc::new(SessionCtl::default());
-    let wall = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-    let awaiting_connect = identity.is_none();
-    // Until `connect`, no user and no channel: nothing is allowed.
-    let mut identity =
-        identity.unwrap_or_else(|| Identity { user: "".into(), channels: Some(Arc::new([])), expires_at: None });
+    let connected_at_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let mut handle = SessionHandle {
         id: conn_id,
         user: identity.user.clone(),
-        connected_at_ms: wall.as_millis() as u64,
+        connected_at_ms,
         client_info,
         outbox: tx,
         ctl: ctl.clone(),
@@ -110,7 +114,7 @@ pub async fn run(
     let last_seen = AtomicU64::new(0);
     let auth = AuthDeadline::new(match identity.expires_at {
         _ if awaiting_connect => AuthLimit::Connect(cfg.connect_timeout),
-        Some(exp) => AuthLimit::token(exp, wall, Duration::ZERO),
+        Some(exp) => AuthLimit::token(exp, unix_now(), Duration::ZERO),
         None => AuthLimit::Never,
     });
 
@@ -118,7 +122,6 @@ pub async fn run(
         subscriptions: HashSet::new(),
         bucket: TokenBucket::new(cfg.publish_rate, cfg.publish_burst, started),
         fragments: None,
-        awaiting_connect,
     };
     let mut frames = frames::Reader::new(read, &leftover);
     drop(leftover);
@@ -146,7 +149,7 @@ pub async fn run(
 
     let reason = ctl.requested().map_or(CloseReason::Gone, |(r, _)| r);
     let subs = state.subscriptions.len();
-    if mode == Mode::Protocol && !state.awaiting_connect {
+    if mode == Mode::Protocol && !auth.awaiting_connect() {
         node.hub.unregister(conn_id, &identity.user, state.subscriptions.drain());
         node.presence.disconnected(conn_id);
     }
@@ -154,6 +157,11 @@ pub async fn run(
     metrics::gauge!(m::CONNECTIONS_ACTIVE).decrement(1.0);
     metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);
     tracing::debug!(conn.id = conn_id, user = %identity.user, reason = reason.label(), "session closed");
+}
+
+/// The wall clock, for token `exp` claims.
+fn unix_now() -> Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
 }
 
 /// Makes an authenticated session known: its welcome (echoing the `connect` command's
