@@ -5,7 +5,7 @@ const BACKOFF_START_MS = 250;
 const BACKOFF_MAX_MS = 30_000;
 const STABLE_SESSION_MS = 30_000; // a session longer than this resets the backoff
 const FLOOD_MIN_DELAY_MS = 5_000; // 4003: "a backoff of at least a few seconds"
-const NO_RECONNECT = new Set([1000, 1003, 1007, 4001, 4004]);
+const NO_RECONNECT = new Set([1000, 1003, 1007, 4001, 4004, 4005]);
 const REPLIES = new Set(['ack', 'error', 'presence', 'pong']);
 
 const fail = (code, message, extra) => Object.assign(new Error(message || code), { code }, extra);
