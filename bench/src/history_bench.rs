@@ -20,6 +20,8 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 type Ws = tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 pub(crate) struct Options {
+    /// Also time recovery through broker-bridge (tansu, presence, bridge, gateway).
+    pub cluster: bool,
     pub gateway_bin: PathBuf,
     pub channels: usize,
     pub messages: usize,
@@ -48,8 +50,13 @@ fn start(bin: &PathBuf, history: &str) -> anyhow::Result<(super::Gateway, std::n
 }
 
 async fn connect(addr: std::net::SocketAddr, user: &str) -> anyhow::Result<Ws> {
+    connect_with(addr, user, super::SECRET).await
+}
+
+/// Connects with a token signed by `secret` (the cluster harness has its own).
+async fn connect_with(addr: std::net::SocketAddr, user: &str, secret: &str) -> anyhow::Result<Ws> {
     let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
-    let key = jsonwebtoken::EncodingKey::from_secret(super::SECRET.as_bytes())?;
+    let key = jsonwebtoken::EncodingKey::from_secret(secret.as_bytes())?;
     let token = jsonwebtoken::encode(&jsonwebtoken::Header::default(), &json!({"sub": user, "exp": exp}), &key)?;
     let mut req = format!("ws://{addr}/ws").into_client_request()?;
     req.headers_mut().insert("authorization", format!("Bearer {token}").parse()?);
@@ -162,12 +169,128 @@ pub(crate) async fn run(o: Options) -> anyhow::Result<()> {
         println!("  recovery of {n:>6} missed messages (standalone): median {median:.2} ms of {} runs", o.runs);
         latencies.push(json!({"missed": n, "median_ms": median, "runs_ms": runs}));
     }
+    drop(p);
+    drop(gw);
+    let through_bridge = if o.cluster { cluster(&o).await? } else { json!(null) };
     println!(
         "{}",
-        json!({"scenario":"history","channels":o.channels,"messages":o.messages,"body":o.body,
+        json!({"scenario":"history","cluster":through_bridge,"channels":o.channels,"messages":o.messages,"body":o.body,
             "rss_per_entry":rss_per_entry.round(),"counted_per_entry":counted_per_entry.round(),
             "rss_per_channel_first":rss_per_channel_first.round(),"rss_per_channel_full":rss_per_channel_full.round(),
             "recovery":latencies})
     );
     Ok(())
+}
+
+/// Times one recovery of `n` messages published to a fresh channel through the
+/// cluster; `restart` restarts the bridge between publishing and recovering, so the
+/// history comes from Kafka rather than the hot window.
+async fn recover_once(
+    c: &mut switchboard_tests::cluster::Cluster,
+    n: usize,
+    channel: &str,
+    body: &str,
+    restart: bool,
+) -> anyhow::Result<f64> {
+    use proto::push::v1 as pb;
+    let addr = c.gateway(0);
+    let secret = switchboard_tests::ws::SECRET;
+    let mut a = connect_with(addr, "away", secret).await?;
+    a.send(Message::text(json!({"op":"subscribe","channel":channel,"ref":1}).to_string())).await?;
+    let position = next_json(&mut a).await?["position"].clone();
+    if !position.is_object() {
+        bail!("no position in the subscribe ack");
+    }
+    drop(a);
+    let push = proto::push::v1::push_client::PushClient::new(
+        tonic::transport::Endpoint::from_shared(c.bridge_url(0))?.connect().await?,
+    );
+    let permits = std::sync::Arc::new(tokio::sync::Semaphore::new(256));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (mut push, permit) = (push.clone(), permits.clone().acquire_owned().await?);
+        let req = pb::PublishRequest {
+            channel: channel.into(),
+            data_json: json!({"i": i, "b": body}).to_string(),
+            ..Default::default()
+        };
+        tasks.push(tokio::spawn(async move {
+            let r = push.publish(req).await;
+            drop(permit);
+            r.map(|_| ())
+        }));
+    }
+    for t in tasks {
+        t.await??;
+    }
+    if restart {
+        c.bridges[0].restart();
+        // Wait until the restarted bridge owns the partitions again.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let assigned = super::metric(c.bridges[0].addr("admin"), "switchboard_bridge_assigned_partitions").await?;
+            if assigned > 0.0 {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("the restarted bridge never got its partitions");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    } else {
+        // The hot window holds a message once the owning bridge consumed it.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while super::metric(c.bridges[0].addr("admin"), "switchboard_bridge_consumed_total").await? < n as f64 {
+            if Instant::now() > deadline {
+                bail!("the bridge did not consume the burst");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let mut b = connect_with(addr, "back", secret).await?;
+    let started = Instant::now();
+    b.send(Message::text(json!({"op":"subscribe","channel":channel,"since":position,"ref":2}).to_string())).await?;
+    let ack = next_json(&mut b).await?;
+    if ack["recovered"] != true {
+        bail!("not recovered: {ack}");
+    }
+    let mut got = 0;
+    while got < n {
+        if next_json(&mut b).await?["type"] == "message" {
+            got += 1;
+        }
+    }
+    Ok(started.elapsed().as_secs_f64() * 1000.0)
+}
+
+/// Recovery latency through broker-bridge: from its hot window and from Kafka.
+async fn cluster(o: &Options) -> anyhow::Result<Value> {
+    let body = "x".repeat(o.body);
+    let mut out = Vec::new();
+    for (source, restart) in [("hot", false), ("kafka", true)] {
+        for &n in &o.missed {
+            let mut runs = Vec::new();
+            for run in 0..o.runs {
+                // A fresh cluster per run: consumed_total counts from zero, one topic per run.
+                let mut c = switchboard_tests::cluster::Cluster::builder()
+                    .gateway_args(&["--publish-rate", "1000000", "--publish-burst", "1000000"])
+                    .presence(1)
+                    .kafka()
+                    .bridges(1)
+                    .gateways(1)
+                    .start()
+                    .await;
+                let channel = format!("r{n}-{run}");
+                runs.push(recover_once(&mut c, n, &channel, &body, restart).await?);
+            }
+            runs.sort_by(f64::total_cmp);
+            let median = runs[runs.len() / 2];
+            println!(
+                "  recovery of {n:>6} missed messages through the bridge ({source}): median {median:.2} ms of {} runs",
+                o.runs
+            );
+            out.push(json!({"source": source, "missed": n, "median_ms": median, "runs_ms": runs}));
+        }
+    }
+    Ok(json!(out))
 }

@@ -53,6 +53,9 @@ enum Scenario {
         missed: Vec<usize>,
         #[arg(long, default_value = "5")]
         runs: usize,
+        /// Also time recovery through broker-bridge (needs tansu: SWITCHBOARD_TANSU).
+        #[arg(long)]
+        cluster: bool,
     },
     /// Cluster: tansu + presence + 1 bridge + 3 gateways; publish-to-socket latency at
     /// set rates, then the publish rate one bridge sustains.
@@ -337,8 +340,9 @@ fn main() -> anyhow::Result<()> {
         Scenario::Idle { connections, gateway_bin, concurrency } => {
             rt.block_on(idle(connections, gateway_bin, concurrency))
         }
-        Scenario::History { gateway_bin, channels, messages, body, missed, runs } => {
+        Scenario::History { gateway_bin, channels, messages, body, missed, runs, cluster } => {
             rt.block_on(history_bench::run(history_bench::Options {
+                cluster,
                 gateway_bin,
                 channels,
                 messages,

@@ -72,6 +72,10 @@ pub struct Cli {
     /// Time allowed for a client to send its HTTP upgrade request.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_HANDSHAKE_TIMEOUT", value_parser = parse_duration, default_value = "10s")]
     pub handshake_timeout: Duration,
+    /// Time a session opened without a token has to send `{"op":"connect","token":..}`
+    /// before it is closed with 4005.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_CONNECT_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
+    pub connect_timeout: Duration,
     /// Interval between server pings.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_HEARTBEAT_INTERVAL", value_parser = parse_duration, default_value = "25s")]
     pub heartbeat_interval: Duration,

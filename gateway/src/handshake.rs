@@ -178,18 +178,24 @@ fn find_token(req: &Request<Incoming>) -> (Option<String>, bool) {
     (query_param(req, "token").map(|t| t.into_owned()), offers_ours)
 }
 
-fn authenticate(server: &Server, req: &Request<Incoming>, token: Option<String>) -> Result<Identity, HandshakeError> {
+/// The identity a request proves; `None`: no token at all, so the session must send
+/// `connect` first (unless the gateway is anonymous). A token present but invalid is a 401.
+fn authenticate(
+    server: &Server,
+    req: &Request<Incoming>,
+    token: Option<String>,
+) -> Result<Option<Identity>, HandshakeError> {
     match token {
-        Some(t) => Ok(server.verifier.verify(&t)?),
+        Some(t) => Ok(Some(server.verifier.verify(&t)?)),
         None if server.anonymous => {
             let user = match query_param(req, "user") {
                 Some(name) if valid_anonymous_name(&name) => name.into_owned(),
                 Some(_) => return Err(HandshakeError::BadRequest("invalid user name")),
                 None => format!("anon-{:08x}", rand::random::<u32>()),
             };
-            Ok(Identity { user: user.into(), channels: None, expires_at: None })
+            Ok(Some(Identity { user: user.into(), channels: None, expires_at: None }))
         }
-        None => Err(AuthError::Missing.into()),
+        None => Ok(None),
     }
 }
 
@@ -233,7 +239,7 @@ fn upgrade(
         }
     }
     let (identity, answer_protocol) = match mode {
-        Mode::Echo => (Identity { user: "echo".into(), channels: None, expires_at: None }, false),
+        Mode::Echo => (Some(Identity { user: "echo".into(), channels: None, expires_at: None }), false),
         Mode::Protocol => {
             let (token, offers_ours) = find_token(&req);
             (authenticate(&server, &req, token)?, offers_ours)
@@ -255,7 +261,10 @@ fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     let conn_id = server.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let tracker = server.tracker.clone();
-    tracker.spawn(start_session(server, on_upgrade, identity, conn_id, client_info, slot, mode));
+    // Unwrapped here, not in the session: both forms would be kept in every session's future.
+    let awaiting_connect = identity.is_none();
+    let identity = identity.unwrap_or_else(session::nobody);
+    tracker.spawn(start_session(server, on_upgrade, identity, awaiting_connect, conn_id, client_info, slot, mode));
 
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -270,10 +279,12 @@ fn upgrade(
     Ok(resp)
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn start_session(
     server: Arc<Server>,
     on_upgrade: hyper::upgrade::OnUpgrade,
     identity: Identity,
+    awaiting_connect: bool,
     conn_id: u64,
     client_info: Arc<str>,
     slot: SessionSlot,
@@ -301,6 +312,7 @@ async fn start_session(
     session::run(
         server.node.clone(),
         identity,
+        awaiting_connect,
         conn_id,
         client_info,
         stream,

@@ -648,8 +648,9 @@ impl Hub {
                     }
                     return false;
                 }
-                if let Some(at) = st.history.as_ref().and_then(|r| r.oldest_at()) {
-                    fronts.push((at, ch.clone()));
+                // Standalone seqs come from one node-wide counter: the oldest seq is the oldest entry.
+                if let Some(first) = st.history.as_ref().and_then(|r| r.first_seq()) {
+                    fronts.push((first, ch.clone()));
                 }
                 true
             });
@@ -668,9 +669,9 @@ impl Hub {
                     self.account(0, freed);
                     metrics::counter!(m::HISTORY_EVICTIONS, "reason" => "memory").increment(1);
                 }
-                if let Some(at) = ring.oldest_at() {
+                if let Some(first) = ring.first_seq() {
                     drop(st);
-                    heap.push(std::cmp::Reverse((at, i)));
+                    heap.push(std::cmp::Reverse((first, i)));
                 }
             }
         }

@@ -34,6 +34,8 @@ pub const HISTORY_BUDGET: &str = "switchboard_gateway_history_budget_bytes";
 pub const HISTORY_EVICTIONS: &str = "switchboard_gateway_history_evictions_total";
 pub const RECOVERIES: &str = "switchboard_gateway_recoveries_total";
 pub const RECOVERY_GAPS: &str = "switchboard_gateway_recovery_gaps_total";
+pub const AUTH_REFRESH: &str = "switchboard_gateway_auth_refresh_total";
+pub const CONNECT: &str = "switchboard_gateway_connect_total";
 
 /// Histogram buckets, by metric-name suffix (any other histogram gets kit's defaults).
 pub const BUCKETS: &[(&str, &[f64])] = &[
@@ -44,7 +46,8 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
 ];
 
 /// Label values, registered at zero at start (docs/metrics.md lists the same).
-pub const OPS: &[&str] = &["subscribe", "unsubscribe", "publish", "send", "presence", "history", "ping", "invalid"];
+pub const OPS: &[&str] =
+    &["subscribe", "unsubscribe", "publish", "send", "presence", "history", "ping", "connect", "refresh", "invalid"];
 /// `recoveries_total` outcomes: a subscribe without `since`, a complete recovery, or why not.
 pub const RECOVERY_OUTCOMES: &[&str] =
     &["none", "recovered", "epoch_changed", "too_old", "too_many", "ahead", "no_history", "unavailable"];
@@ -59,10 +62,16 @@ pub const ERROR_CODES: &[&str] = &[
     "too_many_subscriptions",
     "rate_limited",
     "unavailable",
+    "unauthorized",
 ];
 pub const PUSH_METHODS: &[&str] =
     &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members", "history"];
 pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument"];
+/// Outcomes of `refresh`: accepted, or the error code it was answered with.
+pub const REFRESH_OUTCOMES: &[&str] = &["ok", "unauthorized", "forbidden", "rate_limited", "bad_request"];
+/// Outcomes of a session opened without a token: authenticated by `connect`, a bad token,
+/// another first message, no `connect` in time.
+pub const CONNECT_OUTCOMES: &[&str] = &["ok", "unauthorized", "connect_required", "timeout"];
 
 /// Registers every series that alerts and dashboards use at zero, so that they are
 /// exported before the first event (an absent series is not a zero to PromQL).
@@ -101,6 +110,8 @@ fn register_zeroes() {
     kit::telemetry::zero_counters(MESSAGES_IN, "op", OPS);
     kit::telemetry::zero_counters(MESSAGES_OUT, "kind", FRAME_KINDS);
     kit::telemetry::zero_counters(COMMAND_ERRORS, "code", ERROR_CODES);
+    kit::telemetry::zero_counters(AUTH_REFRESH, "outcome", REFRESH_OUTCOMES);
+    kit::telemetry::zero_counters(CONNECT, "outcome", CONNECT_OUTCOMES);
     for method in PUSH_METHODS {
         for outcome in PUSH_OUTCOMES {
             metrics::counter!(PUSH_REQUESTS, "method" => *method, "outcome" => *outcome).increment(0);
@@ -137,6 +148,11 @@ pub fn describe() {
     describe_counter!(MESSAGES_IN, "Client commands received, by op.");
     describe_counter!(MESSAGES_OUT, "Frames queued to sessions, by kind (message, direct, broadcast).");
     describe_counter!(COMMAND_ERRORS, "Client commands answered with an error, by code.");
+    describe_counter!(AUTH_REFRESH, "Token refreshes (`refresh` command), by outcome.");
+    describe_counter!(
+        CONNECT,
+        "Sessions opened without a token: authenticated by `connect` (ok) or closed 4005, by outcome."
+    );
     describe_histogram!(FANOUT_DURATION, Unit::Seconds, "Time to queue one publication to every local subscriber.");
     describe_counter!(QUEUE_FULL, "Sessions whose send queue overflowed (slow consumers).");
     describe_gauge!(SUBSCRIPTIONS_ACTIVE, "Channel subscriptions held by sessions now.");

@@ -1,6 +1,7 @@
 //! Pure session policy: close reasons and their codes, the publish token bucket,
-//! and heartbeat deadlines. No I/O; callers pass `now`.
+//! heartbeat deadlines and the movable authentication deadline. No I/O; callers pass `now`.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -37,11 +38,14 @@ pub enum CloseReason {
     /// This gateway was stalled long enough for the cluster to drop it (cluster mode):
     /// messages may have been missed; reconnect and re-fetch.
     Stalled,
+    /// A session opened without a token did not authenticate with `connect`
+    /// (a bad token, another first command, or none before the deadline).
+    Unauthenticated,
 }
 
 impl CloseReason {
     /// All reasons, for describing metrics.
-    pub const ALL: [CloseReason; 14] = [
+    pub const ALL: [CloseReason; 15] = [
         Self::Normal,
         Self::Drain,
         Self::Protocol,
@@ -56,6 +60,7 @@ impl CloseReason {
         Self::Kicked,
         Self::Gone,
         Self::Stalled,
+        Self::Unauthenticated,
     ];
 
     /// The WebSocket close code sent for this reason (docs/protocol.md).
@@ -73,6 +78,7 @@ impl CloseReason {
             Self::SlowConsumer => 4002,
             Self::Flood => 4003,
             Self::Kicked => 4004,
+            Self::Unauthenticated => 4005,
         }
     }
 
@@ -93,6 +99,7 @@ impl CloseReason {
             Self::Kicked => "kicked",
             Self::Gone => "gone",
             Self::Stalled => "stalled",
+            Self::Unauthenticated => "unauthenticated",
         }
     }
 
@@ -206,6 +213,85 @@ impl Heartbeat {
     }
 }
 
+/// What a session's authentication deadline stands for, as an offset from the session's
+/// start (the same clock as the heartbeat's `last_seen`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthLimit {
+    /// Nothing runs out (anonymous sessions).
+    Never,
+    /// The token expires then: close with 4001.
+    Token(Duration),
+    /// `connect` must have arrived by then: close with 4005.
+    Connect(Duration),
+}
+
+impl AuthLimit {
+    /// The deadline as an instant, for a session started at `started`.
+    pub fn at(self, started: Instant) -> Option<Instant> {
+        match self {
+            Self::Never => None,
+            Self::Token(d) | Self::Connect(d) => Some(started + d),
+        }
+    }
+
+    /// Whether the deadline has passed at `now`.
+    pub fn due(self, started: Instant, now: Instant) -> bool {
+        self.at(started).is_some_and(|at| now >= at)
+    }
+
+    /// The limit for a token expiring at `exp` (unix seconds), when the wall clock says
+    /// `now_unix` and the session started `elapsed` ago.
+    pub fn token(exp: u64, now_unix: Duration, elapsed: Duration) -> Self {
+        Self::Token(elapsed.saturating_add(Duration::from_secs(exp).saturating_sub(now_unix)))
+    }
+}
+
+/// A session's [`AuthLimit`], moved by the ingress loop (`connect`, `refresh`) and read
+/// by the egress loop, whose one timer serves it and the heartbeat: no timer of its own.
+/// Milliseconds since the session started in the low 62 bits; the top bits say which limit.
+#[derive(Debug)]
+pub struct AuthDeadline(AtomicU64);
+
+const NEVER: u64 = 0;
+const TOKEN: u64 = 1 << 62;
+const CONNECT: u64 = 2 << 62;
+const KIND: u64 = 3 << 62;
+
+impl AuthDeadline {
+    pub fn new(limit: AuthLimit) -> Self {
+        Self(AtomicU64::new(Self::encode(limit)))
+    }
+
+    pub fn set(&self, limit: AuthLimit) {
+        self.0.store(Self::encode(limit), Ordering::Release);
+    }
+
+    /// Whether the session still has to authenticate with `connect`.
+    pub fn awaiting_connect(&self) -> bool {
+        matches!(self.get(), AuthLimit::Connect(_))
+    }
+
+    pub fn get(&self) -> AuthLimit {
+        let v = self.0.load(Ordering::Acquire);
+        let at = Duration::from_millis(v & !KIND);
+        match v & KIND {
+            TOKEN => AuthLimit::Token(at),
+            CONNECT => AuthLimit::Connect(at),
+            _ => AuthLimit::Never,
+        }
+    }
+
+    fn encode(limit: AuthLimit) -> u64 {
+        // Rounded up: a deadline never fires before its time. Clamped far beyond any session.
+        let ms = |d: Duration| d.as_micros().div_ceil(1000).min(u128::from(!KIND)) as u64;
+        match limit {
+            AuthLimit::Never => NEVER,
+            AuthLimit::Token(d) => TOKEN | ms(d),
+            AuthLimit::Connect(d) => CONNECT | ms(d),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +305,52 @@ mod tests {
         assert_eq!(CloseReason::SlowConsumer.code(), 4002);
         assert_eq!(CloseReason::TooBig.code(), 1009);
         assert_eq!(CloseReason::Drain.code(), 1001);
+        assert_eq!(CloseReason::Unauthenticated.code(), 4005);
+    }
+
+    #[test]
+    fn auth_deadline_moves_and_keeps_its_kind() {
+        let t0 = Instant::now();
+        let s = Duration::from_secs(1);
+        let d = AuthDeadline::new(AuthLimit::Connect(5 * s));
+        assert_eq!(d.get(), AuthLimit::Connect(5 * s));
+        assert!(!d.get().due(t0, t0 + 4 * s));
+        assert!(d.get().due(t0, t0 + 5 * s));
+        // `connect` replaces the connect deadline with the token's expiry...
+        d.set(AuthLimit::Token(60 * s));
+        assert_eq!(d.get().at(t0), Some(t0 + 60 * s));
+        assert!(!d.get().due(t0, t0 + 59 * s));
+        // ...and a refresh moves it, later or earlier.
+        d.set(AuthLimit::Token(3600 * s));
+        assert!(!d.get().due(t0, t0 + 60 * s));
+        d.set(AuthLimit::Token(10 * s));
+        assert!(d.get().due(t0, t0 + 10 * s));
+        d.set(AuthLimit::Never);
+        assert_eq!(d.get().at(t0), None);
+        assert!(!d.get().due(t0, t0 + 1_000_000 * s));
+        // Sub-millisecond parts round up, never down.
+        d.set(AuthLimit::Token(Duration::from_micros(1500)));
+        assert_eq!(d.get(), AuthLimit::Token(Duration::from_millis(2)));
+        // An absurd exp is far away (clamped), never wrapped around to a near deadline.
+        d.set(AuthLimit::token(u64::MAX, 1000 * s, 7 * s));
+        assert!(!d.get().due(t0, t0 + 100 * 365 * 24 * 3600 * s));
+        assert!(!d.awaiting_connect());
+        d.set(AuthLimit::Connect(s));
+        assert!(d.awaiting_connect());
+    }
+
+    #[test]
+    fn token_limit_is_the_exp_on_the_session_clock() {
+        let s = Duration::from_secs(1);
+        // Session started 7 s ago; the wall clock says 1000 s; exp at 1030 s: 37 s after the start.
+        assert_eq!(AuthLimit::token(1030, 1000 * s, 7 * s), AuthLimit::Token(37 * s));
+        // An exp already past (within the verifier's leeway) is due at once.
+        assert_eq!(AuthLimit::token(990, 1000 * s, 7 * s), AuthLimit::Token(7 * s));
+        // Fractions of the current second count: exp 1030 at 1000.4 s is 29.6 s away.
+        assert_eq!(
+            AuthLimit::token(1030, Duration::from_millis(1_000_400), Duration::ZERO),
+            AuthLimit::Token(29_600 * s / 1000)
+        );
     }
 
     #[test]

@@ -23,13 +23,40 @@ pub struct Request<'a> {
 /// What a client asks for.
 #[derive(Debug)]
 pub enum Command<'a> {
-    Subscribe { channel: Cow<'a, str>, since: Option<Since> },
-    Unsubscribe { channel: Cow<'a, str> },
-    Publish { channel: Cow<'a, str>, data: &'a RawValue, key: Option<Cow<'a, str>> },
-    Send { user: Cow<'a, str>, data: &'a RawValue, key: Option<Cow<'a, str>> },
-    Presence { channel: Cow<'a, str> },
-    History { channel: Cow<'a, str>, since: Option<Since>, limit: usize },
+    Subscribe {
+        channel: Cow<'a, str>,
+        since: Option<Since>,
+    },
+    Unsubscribe {
+        channel: Cow<'a, str>,
+    },
+    Publish {
+        channel: Cow<'a, str>,
+        data: &'a RawValue,
+        key: Option<Cow<'a, str>>,
+    },
+    Send {
+        user: Cow<'a, str>,
+        data: &'a RawValue,
+        key: Option<Cow<'a, str>>,
+    },
+    Presence {
+        channel: Cow<'a, str>,
+    },
+    History {
+        channel: Cow<'a, str>,
+        since: Option<Since>,
+        limit: usize,
+    },
     Ping,
+    /// Authenticates a session opened without a token (its first command).
+    Connect {
+        token: Option<Cow<'a, str>>,
+    },
+    /// Replaces the session's token (same user): new expiry, new channel claims.
+    Refresh {
+        token: Cow<'a, str>,
+    },
 }
 
 /// A client's `since`: the position of the last message it has of a channel.
@@ -62,6 +89,7 @@ pub enum ErrorCode {
     TooManySubscriptions,
     RateLimited,
     Unavailable,
+    Unauthorized,
 }
 
 impl ErrorCode {
@@ -75,6 +103,7 @@ impl ErrorCode {
             Self::TooManySubscriptions => "too_many_subscriptions",
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
+            Self::Unauthorized => "unauthorized",
         }
     }
 }
@@ -97,6 +126,7 @@ struct Raw<'a> {
     since: Option<&'a RawValue>,
     #[serde(default)]
     limit: Option<serde_json::Number>,
+    token: Option<Cow<'a, str>>,
 }
 
 /// Only the `ref` of a command, for answering one whose other fields are malformed.
@@ -164,6 +194,11 @@ pub fn decode(text: &str) -> Result<Request<'_>, DecodeError<'_>> {
             (_, None) => Err((ErrorCode::BadRequest, "missing field `data`")),
         },
         Some("ping") => Ok(Command::Ping),
+        Some("connect") => Ok(Command::Connect { token: raw.token }),
+        Some("refresh") => match raw.token {
+            Some(token) => Ok(Command::Refresh { token }),
+            None => Err((ErrorCode::BadRequest, "missing field `token`")),
+        },
         Some(_) => Err((ErrorCode::UnknownOp, "unknown op")),
         None => Err((ErrorCode::UnknownOp, "missing field `op`")),
     };
@@ -430,6 +465,26 @@ pub fn presence(r: Option<&RawValue>, channel: &str, users: &[std::sync::Arc<str
     out
 }
 
+/// The `ack` of a `refresh`: the new expiry, and the subscriptions the new token no longer allows.
+pub fn refreshed(r: Option<&RawValue>, expires_at: u64, revoked: &[std::sync::Arc<str>]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64 + revoked.iter().map(|c| c.len() + 3).sum::<usize>());
+    out.extend_from_slice(b"{\"type\":\"ack\"");
+    reference(&mut out, r);
+    let _ = write!(out, ",\"expires_at\":{expires_at}");
+    if !revoked.is_empty() {
+        out.extend_from_slice(b",\"revoked\":[");
+        for (i, c) in revoked.iter().enumerate() {
+            if i > 0 {
+                out.push(b',');
+            }
+            string(&mut out, c);
+        }
+        out.push(b']');
+    }
+    out.push(b'}');
+    out
+}
+
 /// A `pong` reply to `{"op":"ping"}`.
 pub fn pong(r: Option<&RawValue>) -> Vec<u8> {
     let mut out = Vec::with_capacity(32);
@@ -460,6 +515,16 @@ mod tests {
             Command::Send { .. }
         ));
         assert!(matches!(decode(r#"{"op":"ping"}"#).unwrap().command, Command::Ping));
+        match decode(r#"{"op":"refresh","token":"a.b.c","ref":1}"#).unwrap().command {
+            Command::Refresh { token } => assert_eq!(token, "a.b.c"),
+            other => panic!("{other:?}"),
+        }
+        match decode(r#"{"op":"connect","token":"a.b.c"}"#).unwrap().command {
+            Command::Connect { token } => assert_eq!(token.as_deref(), Some("a.b.c")),
+            other => panic!("{other:?}"),
+        }
+        // A connect without a token decodes: the session answers it (unauthorized: missing token).
+        assert!(matches!(decode(r#"{"op":"connect"}"#).unwrap().command, Command::Connect { token: None }));
         // Escaped channel names are unescaped.
         match decode(r#"{"op":"subscribe","channel":"a\u0062"}"#).unwrap().command {
             Command::Subscribe { channel, .. } => assert_eq!(channel, "ab"),
@@ -482,6 +547,8 @@ mod tests {
         assert_eq!(code(r#"{"op":"publish","channel":"x"}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"op":"send","data":1}"#), ErrorCode::BadRequest);
         assert_eq!(code(r#"{"op":"ping","ref":{"a":1}}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"refresh"}"#), ErrorCode::BadRequest);
+        assert_eq!(code(r#"{"op":"refresh","token":7}"#), ErrorCode::BadRequest);
         let e = decode(r#"{"op":"dance","ref":3}"#).unwrap_err();
         assert_eq!(e.reference.unwrap().get(), "3");
     }
@@ -515,6 +582,7 @@ mod tests {
             error(None, ErrorCode::RateLimited, "slow \"down\"", Some(12)),
             presence(None, "c", &["a".into(), "b".into()]),
             pong(None),
+            refreshed(None, 5, &["a\"b".into()]),
         ];
         for f in frames {
             let v: serde_json::Value = serde_json::from_slice(&f).unwrap();
@@ -524,5 +592,15 @@ mod tests {
         assert_eq!(v["channel"], "c\"h");
         assert_eq!(v["seq"], 9);
         assert_eq!(v["data"][0], 1);
+    }
+
+    #[test]
+    fn refresh_ack_lists_revoked_channels_only_when_there_are_some() {
+        let r = RawValue::from_string("7".into()).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&refreshed(Some(&r), 1767225600, &[])).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"ack","ref":7,"expires_at":1767225600u64}));
+        let v: serde_json::Value =
+            serde_json::from_slice(&refreshed(None, 9, &["room:1".into(), "admin".into()])).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"ack","expires_at":9,"revoked":["room:1","admin"]}));
     }
 }

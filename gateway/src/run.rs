@@ -36,6 +36,8 @@ pub enum SettingsError {
     TooManyConnections { asked: u32, why: String, allowed: usize },
     #[error("--heartbeat-interval and --heartbeat-timeout must be above zero")]
     Heartbeat,
+    #[error("--connect-timeout must be above zero")]
+    ConnectTimeout,
     #[error("--bridge-addrs needs --presence-addrs: the bridges route messages by presence")]
     BridgeWithoutPresence,
     #[error("--internal-token must be printable ASCII")]
@@ -116,6 +118,9 @@ impl Settings {
         if cli.heartbeat_interval.is_zero() || cli.heartbeat_timeout.is_zero() {
             return Err(SettingsError::Heartbeat);
         }
+        if cli.connect_timeout.is_zero() {
+            return Err(SettingsError::ConnectTimeout);
+        }
         let bridge_addrs: Vec<String> = cli.bridge_addrs.iter().filter(|a| !a.is_empty()).cloned().collect();
         if !bridge_addrs.is_empty() && cli.presence_addrs.iter().all(|a| a.is_empty()) {
             return Err(SettingsError::BridgeWithoutPresence);
@@ -161,6 +166,7 @@ impl Settings {
                 send_queue: cli.send_queue.get() as usize,
                 slow_consumer_timeout: cli.slow_consumer_timeout,
                 recovery_max: cli.recovery_max,
+                connect_timeout: cli.connect_timeout,
             },
             history: kit::history::Rules::new(cli.history.clone()),
             history_memory: cli.history_memory,
@@ -296,6 +302,7 @@ pub async fn run(
         hub: hub.clone(),
         bus: bus.clone(),
         presence: presence.clone(),
+        verifier: settings.verifier.clone(),
         config: settings.session.clone(),
     });
     let mut server = Server::new(

@@ -24,8 +24,10 @@ async fn refused(req: http::Request<()>) -> (u16, String, Option<String>) {
     }
 }
 
+/// A token that is present but invalid is refused before the upgrade. (A request with no
+/// token at all is upgraded and must authenticate with `connect`: tests/auth.rs.)
 #[tokio::test]
-async fn missing_and_bad_tokens_get_401_with_a_reason() {
+async fn bad_tokens_get_401_with_a_reason() {
     let gw = Gateway::start(&["--jwt-issuer", "iss", "--jwt-audience", "aud"]).await;
     let good = json!({"sub": "a", "exp": now() + 60, "iss": "iss", "aud": "aud"});
     let with = |k: &str, v: serde_json::Value| {
@@ -41,7 +43,6 @@ async fn missing_and_bad_tokens_get_401_with_a_reason() {
         token(c)
     };
     let cases = [
-        (None, "missing token"),
         (Some(without(&["iss"])), "missing issuer (iss claim required)"),
         (Some(without(&["aud"])), "missing audience (aud claim required)"),
         (Some(without(&["iss", "aud"])), "missing issuer (iss claim required)"),
@@ -137,9 +138,12 @@ async fn rs256_and_eddsa_keys_from_files() {
 
 #[tokio::test]
 async fn anonymous_mode_is_off_unless_configured() {
+    // Without --anonymous, `?user=` names nobody: the session must `connect` first.
     let gw = Gateway::start(&[]).await;
-    let (status, _, _) = refused(gw.url("?user=alice").into_client_request().unwrap()).await;
-    assert_eq!(status, 401);
+    let (mut ws, _) = tokio_tungstenite::connect_async(gw.url("?user=alice")).await.unwrap();
+    send_json(&mut ws, json!({"op":"ping"})).await;
+    let close = expect_close(&mut ws).await;
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (4005, "connect required"));
 
     let gw = Gateway::start(&["--anonymous"]).await;
     let (mut ws, _) = tokio_tungstenite::connect_async(gw.url("?user=alice")).await.unwrap();

@@ -186,3 +186,15 @@ async fn js_client_node_tests() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "node --test tests/browser/resume.mjs failed:\n{stdout}\n{stderr}");
 }
+
+/// `--anonymous` with no JWT key: there is no token to refresh, and the session goes on.
+#[tokio::test]
+async fn a_gateway_without_keys_refuses_refresh() {
+    let gw = Proc::start(&["--anonymous"]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?user=lu", gw.client)).await.unwrap();
+    assert_eq!(recv_json(&mut ws).await["user"], "lu");
+    let t = token(json!({"sub": "lu", "exp": now() + 60}));
+    let r = call(&mut ws, json!({"op":"refresh","token":t})).await;
+    assert_eq!((&r["code"], &r["message"]), (&json!("bad_request"), &json!("this gateway does not use tokens")));
+    assert_eq!(call(&mut ws, json!({"op":"ping"})).await["type"], "pong");
+}

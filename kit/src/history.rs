@@ -126,9 +126,9 @@ impl<T> Ring<T> {
         self.entries.back().map(|e| e.seq)
     }
 
-    /// When the oldest retained entry was retained.
-    pub fn oldest_at(&self) -> Option<u64> {
-        self.entries.front().map(|e| e.at_ms)
+    /// The oldest retained sequence number.
+    pub fn first_seq(&self) -> Option<u64> {
+        self.entries.front().map(|e| e.seq)
     }
 
     /// Appends (a `seq` not above the newest is ignored: a redelivery) and applies

@@ -13,8 +13,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::SessionConfig;
 use crate::hub::SessionCtl;
+use crate::metrics as m;
 use crate::outbox::OutboxRx;
-use crate::policy::{CloseReason, Heartbeat, HeartbeatAction};
+use crate::policy::{AuthDeadline, AuthLimit, CloseReason, Heartbeat, HeartbeatAction};
 use crate::wire;
 
 /// Frames taken from the queue per write.
@@ -138,7 +139,7 @@ pub(super) async fn run(
     mut w: OwnedWriteHalf,
     last_seen: &AtomicU64,
     started: Instant,
-    expires: Option<Instant>,
+    auth: &AuthDeadline,
     stop: &CancellationToken,
 ) {
     let mut heartbeat = Heartbeat::new(cfg.heartbeat_interval, cfg.heartbeat_timeout, started);
@@ -147,8 +148,10 @@ pub(super) async fn run(
     // Made once, not per wake: each would register and unregister a waiter every time.
     let closing = ctl.wait();
     let draining = stop.cancelled();
-    // One timer for both deadlines, re-armed only when the deadline moves.
-    let deadline = |wake: Instant| expires.map_or(wake, |e| e.min(wake));
+    // One timer for both deadlines, re-armed only when the deadline moves. The ingress
+    // moves the auth deadline (`connect`, `refresh`) before it queues the reply, so the
+    // reply's wake-up re-arms the timer.
+    let deadline = |wake: Instant| auth.get().at(started).map_or(wake, |e| e.min(wake));
     let timer = sleep_until(deadline(wake));
     tokio::pin!(closing, draining, timer);
     let clean = loop {
@@ -163,11 +166,21 @@ pub(super) async fn run(
                 if let Some(clean) = flush(&mut w, &mut batch, ctl).await {
                     break clean;
                 }
+                let at = deadline(wake);
+                if at != timer.deadline() {
+                    timer.as_mut().reset(at);
+                }
             }
             () = &mut timer => {
                 let now = Instant::now();
-                if expires.is_some_and(|e| now >= e) {
-                    ctl.close(CloseReason::TokenExpired, Some("token expired"));
+                let limit = auth.get();
+                if limit.due(started, now) {
+                    if let AuthLimit::Connect(_) = limit {
+                        metrics::counter!(m::CONNECT, "outcome" => "timeout").increment(1);
+                        ctl.close(CloseReason::Unauthenticated, Some("connect timeout"));
+                    } else {
+                        ctl.close(CloseReason::TokenExpired, Some("token expired"));
+                    }
                     break true;
                 }
                 heartbeat.seen(started + Duration::from_millis(last_seen.load(Ordering::Relaxed)));

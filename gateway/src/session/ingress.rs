@@ -9,11 +9,11 @@ use tokio::time::Instant;
 
 use super::frames::{BINARY, CLOSE, PING, PONG, ReadError, Reader, TEXT};
 use super::{Mode, Node};
-use crate::auth::Identity;
+use crate::auth::{AuthError, Identity};
 use crate::bus::BusError;
 use crate::hub::SessionHandle;
 use crate::metrics as m;
-use crate::policy::{CloseReason, RateDecision, TokenBucket};
+use crate::policy::{AuthDeadline, AuthLimit, CloseReason, RateDecision, TokenBucket};
 use crate::protocol::{self, Command, ErrorCode};
 use crate::wire;
 
@@ -36,16 +36,18 @@ pub(super) struct State {
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn run(
     node: &Node,
-    identity: &Identity,
-    handle: &SessionHandle,
+    identity: &mut Identity,
+    handle: &mut SessionHandle,
     state: &mut State,
     reader: &mut Reader,
     last_seen: &AtomicU64,
+    auth: &AuthDeadline,
     started: Instant,
     mode: Mode,
 ) -> bool {
     let cfg = &node.config;
-    let ctl = &handle.ctl;
+    // Owned: `connect` sets the handle's user.
+    let ctl = Arc::clone(&handle.ctl);
     loop {
         // A continuation may only bring the message up to the limit.
         let limit = cfg.max_message_bytes - state.fragments.as_ref().map_or(0, |(_, b)| b.len());
@@ -123,8 +125,16 @@ pub(super) async fn run(
                         if !room_for_reply(handle).await {
                             continue;
                         }
+                        // Opened without a token: the first command must be `connect`.
+                        if auth.awaiting_connect() {
+                            if !connect(node, identity, handle, auth, started, text) {
+                                return false;
+                            }
+                            continue;
+                        }
+                        let session = Session { identity: &mut *identity, auth, started };
                         // Boxed: a command's state exists only while it runs, not in every idle session.
-                        if let Err(reason) = Box::pin(command(node, identity, handle, state, text)).await {
+                        if let Err(reason) = Box::pin(command(node, session, handle, state, text)).await {
                             ctl.close(reason, None);
                             return false;
                         }
@@ -134,6 +144,11 @@ pub(super) async fn run(
             (false, bytes) => match mode {
                 Mode::Echo => {
                     handle.deliver(&wire::binary(&bytes));
+                }
+                Mode::Protocol if auth.awaiting_connect() => {
+                    metrics::counter!(m::CONNECT, "outcome" => "connect_required").increment(1);
+                    ctl.close(CloseReason::Unauthenticated, Some("connect required"));
+                    return false;
                 }
                 Mode::Protocol => {
                     ctl.close(CloseReason::Binary, Some("binary frames are not supported"));
@@ -221,14 +236,127 @@ fn bus_refusal(handle: &SessionHandle, r: Option<&serde_json::value::RawValue>, 
     }
 }
 
+/// The first command of a session opened without a token: `connect` with a valid token
+/// makes it a session like any other (welcome, hub, presence, token expiry); anything
+/// else closes it with 4005. False when the session is closing.
+fn connect(
+    node: &Node,
+    identity: &mut Identity,
+    handle: &mut SessionHandle,
+    auth: &AuthDeadline,
+    started: Instant,
+    text: &str,
+) -> bool {
+    let close = |outcome: &'static str, why: &str| {
+        metrics::counter!(m::CONNECT, "outcome" => outcome).increment(1);
+        handle.ctl.close(CloseReason::Unauthenticated, Some(why));
+        false
+    };
+    let (r, token) = match protocol::decode(text) {
+        Ok(protocol::Request { reference, command: Command::Connect { token } }) => (reference, token),
+        _ => return close("connect_required", "connect required"),
+    };
+    metrics::counter!(m::MESSAGES_IN, "op" => "connect").increment(1);
+    let verified = match token {
+        Some(t) => node.verifier.verify(&t),
+        None => Err(AuthError::Missing),
+    };
+    let proven = match verified {
+        Ok(id) => id,
+        Err(e) => return close("unauthorized", &format!("unauthorized: {e}")),
+    };
+    // Tokens always carry `exp` (a required claim). Setting it ends "awaiting connect".
+    auth.set(
+        proven.expires_at.map_or(AuthLimit::Never, |exp| AuthLimit::token(exp, super::unix_now(), started.elapsed())),
+    );
+    *identity = proven;
+    handle.user = identity.user.clone();
+    super::register(node, identity, handle, r);
+    metrics::counter!(m::CONNECT, "outcome" => "ok").increment(1);
+    tracing::debug!(conn.id = handle.id, user = %identity.user, "session authenticated by connect");
+    true
+}
+
+/// The subscriptions `new` no longer allows, in name order.
+fn revoked_by(subscriptions: &HashSet<Arc<str>>, new: &Identity) -> Vec<Arc<str>> {
+    let mut revoked: Vec<Arc<str>> = subscriptions.iter().filter(|c| !new.may_use(c)).cloned().collect();
+    revoked.sort_unstable();
+    revoked
+}
+
+/// What `refresh` can change in a session: its claims and its expiry.
+pub(super) struct Session<'a> {
+    identity: &'a mut Identity,
+    auth: &'a AuthDeadline,
+    started: Instant,
+}
+
+/// `refresh`: a new token for the same user moves the expiry and replaces the channel
+/// claims (subscriptions it no longer allows are dropped and listed in the ack); a
+/// refused one changes nothing. `Err` closes a flooding session.
+fn refresh(
+    node: &Node,
+    session: Session<'_>,
+    handle: &SessionHandle,
+    state: &mut State,
+    r: Option<&serde_json::value::RawValue>,
+    token: &str,
+) -> Result<(), CloseReason> {
+    let outcome = |o: &'static str| metrics::counter!(m::AUTH_REFRESH, "outcome" => o).increment(1);
+    // Tokens always carry `exp`: a session without one was not opened with a token.
+    if !node.verifier.has_keys() || session.identity.expires_at.is_none() {
+        outcome("bad_request");
+        let why = if node.verifier.has_keys() {
+            "this session was not opened with a token"
+        } else {
+            "this gateway does not use tokens"
+        };
+        refuse(handle, r, ErrorCode::BadRequest, why, None);
+        return Ok(());
+    }
+    // The publish bucket: a signature check costs CPU.
+    if !admit(handle, state, r)? {
+        outcome("rate_limited");
+        return Ok(());
+    }
+    let new = match node.verifier.verify(token) {
+        Ok(id) => id,
+        Err(e) => {
+            outcome("unauthorized");
+            refuse(handle, r, ErrorCode::Unauthorized, &e.to_string(), None);
+            return Ok(());
+        }
+    };
+    if new.user != session.identity.user {
+        outcome("forbidden");
+        refuse(handle, r, ErrorCode::Forbidden, "token is for another user", None);
+        return Ok(());
+    }
+    let revoked = revoked_by(&state.subscriptions, &new);
+    for channel in &revoked {
+        state.subscriptions.remove(channel);
+        node.hub.unsubscribe(handle.id, &new.user, channel);
+        node.presence.unsubscribed(handle.id, channel);
+        metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(1.0);
+    }
+    let exp = new.expires_at.unwrap_or_default();
+    // Before the ack is queued: the ack's wake-up re-arms the egress timer.
+    session.auth.set(AuthLimit::token(exp, super::unix_now(), session.started.elapsed()));
+    *session.identity = new;
+    outcome("ok");
+    reply(handle, protocol::refreshed(r, exp, &revoked));
+    Ok(())
+}
+
 /// Runs one text command. `Err` closes the session with that reason.
 async fn command(
     node: &Node,
-    identity: &Identity,
+    session: Session<'_>,
     handle: &SessionHandle,
     state: &mut State,
     text: &str,
 ) -> Result<(), CloseReason> {
+    let identity = &*session.identity;
     let req = match protocol::decode(text) {
         Ok(r) => r,
         Err(e) => {
@@ -246,6 +374,8 @@ async fn command(
         Command::Presence { .. } => "presence",
         Command::History { .. } => "history",
         Command::Ping => "ping",
+        Command::Connect { .. } => "connect",
+        Command::Refresh { .. } => "refresh",
     };
     metrics::counter!(m::MESSAGES_IN, "op" => op).increment(1);
     match req.command {
@@ -292,6 +422,8 @@ async fn command(
             }
         }
         Command::Ping => reply(handle, protocol::pong(r)),
+        Command::Connect { .. } => refuse(handle, r, ErrorCode::BadRequest, "already connected", None),
+        Command::Refresh { token } => return refresh(node, session, handle, state, r, &token),
         Command::Publish { channel, data, key } => {
             if !identity.may_use(&channel) {
                 refuse(handle, r, ErrorCode::Forbidden, "not allowed on this channel", None);
@@ -316,4 +448,27 @@ async fn command(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn identity(channels: Option<&[&str]>) -> Identity {
+        Identity {
+            user: "u".into(),
+            channels: channels.map(|c| c.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>().into()),
+            expires_at: Some(1),
+        }
+    }
+
+    #[test]
+    fn a_refresh_revokes_what_the_new_claims_do_not_allow() {
+        let subs: HashSet<Arc<str>> = ["room:2", "admin:x", "room:1", "ops"].into_iter().map(Arc::from).collect();
+        let names = |v: Vec<Arc<str>>| v.iter().map(|c| c.to_string()).collect::<Vec<_>>();
+        assert_eq!(names(revoked_by(&subs, &identity(Some(&["room:*"])))), ["admin:x", "ops"]);
+        assert_eq!(names(revoked_by(&subs, &identity(Some(&["room:*", "ops", "admin:*"])))), Vec::<String>::new());
+        assert!(revoked_by(&subs, &identity(None)).is_empty(), "no claim allows every channel");
+        assert_eq!(names(revoked_by(&subs, &identity(Some(&[])))), ["admin:x", "ops", "room:1", "room:2"]);
+    }
 }

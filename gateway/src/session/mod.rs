@@ -20,11 +20,11 @@ use tokio::net::TcpStream;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::auth::Identity;
+use crate::auth::{Identity, Verifier};
 use crate::bus::Bus;
 use crate::hub::{ConnRecord, Hub, SessionCtl, SessionHandle};
 use crate::metrics as m;
-use crate::policy::{CloseReason, TokenBucket};
+use crate::policy::{AuthDeadline, AuthLimit, CloseReason, TokenBucket};
 use crate::presence::PresenceBackend;
 use crate::wire;
 
@@ -43,6 +43,8 @@ pub struct SessionConfig {
     pub slow_consumer_timeout: Duration,
     /// Most messages one recovery may send.
     pub recovery_max: usize,
+    /// How long a session opened without a token may take to send `connect`.
+    pub connect_timeout: Duration,
 }
 
 /// What a session needs from the node.
@@ -51,6 +53,8 @@ pub struct Node {
     pub hub: Arc<Hub>,
     pub bus: Arc<dyn Bus>,
     pub presence: Arc<dyn PresenceBackend>,
+    /// Checks `connect` and `refresh` tokens, exactly like the handshake's.
+    pub verifier: Verifier,
     pub config: SessionConfig,
 }
 
@@ -64,14 +68,23 @@ pub enum Mode {
 /// How long the read side stays open after our close frame, waiting for the peer's.
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
+/// The identity of a session awaiting `connect`: nobody. Its commands never run (the
+/// first must be `connect`, which replaces it), so its empty claim is never read.
+pub fn nobody() -> Identity {
+    Identity { user: "".into(), channels: None, expires_at: None }
+}
+
 /// Runs a session on an upgraded TCP stream until it ends.
+/// `awaiting_connect`: opened without a token, `identity` is [`nobody`] and the session is
+/// not in the hub or presence, and gets no welcome, until its first command authenticates it.
 /// `leftover` holds bytes the HTTP layer read past the upgrade request.
 /// `stop` closes the session as part of a drain (the paced drain reaches
 /// registered sessions one by one first; `stop` is the final sweep).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     node: Arc<Node>,
-    identity: Identity,
+    mut identity: Identity,
+    awaiting_connect: bool,
     conn_id: u64,
     client_info: Arc<str>,
     stream: TcpStream,
@@ -84,24 +97,16 @@ pub async fn run(
     let ctl = Arc::new(SessionCtl::default());
     let connected_at_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
-    let handle = SessionHandle {
+    let mut handle = SessionHandle {
         id: conn_id,
         user: identity.user.clone(),
         connected_at_ms,
-        client_info: client_info.clone(),
+        client_info,
         outbox: tx,
         ctl: ctl.clone(),
     };
-    if mode == Mode::Protocol {
-        handle.deliver(&wire::text(&welcome(&node, &identity, conn_id)));
-        node.hub.register(handle.clone());
-        node.presence.connected(&ConnRecord {
-            conn_id,
-            user: identity.user.clone(),
-            connected_at_ms,
-            client_info,
-            channels: Vec::new(),
-        });
+    if mode == Mode::Protocol && !awaiting_connect {
+        register(&node, &identity, &handle, None);
     }
     metrics::counter!(m::CONNECTIONS_OPENED).increment(1);
     metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
@@ -110,9 +115,10 @@ pub async fn run(
     let (read, write) = stream.into_split();
     let started = Instant::now();
     let last_seen = AtomicU64::new(0);
-    let expires = identity.expires_at.map(|exp| {
-        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
-        started + Duration::from_secs(exp).saturating_sub(now)
+    let auth = AuthDeadline::new(match identity.expires_at {
+        _ if awaiting_connect => AuthLimit::Connect(cfg.connect_timeout),
+        Some(exp) => AuthLimit::token(exp, unix_now(), Duration::ZERO),
+        None => AuthLimit::Never,
     });
 
     let mut state = ingress::State {
@@ -123,8 +129,9 @@ pub async fn run(
     let mut frames = frames::Reader::new(read, &leftover);
     drop(leftover);
     let peer_done = {
-        let reader = ingress::run(&node, &identity, &handle, &mut state, &mut frames, &last_seen, started, mode);
-        let writer = egress::run(cfg, &ctl, rx, write, &last_seen, started, expires, &stop);
+        let reader =
+            ingress::run(&node, &mut identity, &mut handle, &mut state, &mut frames, &last_seen, &auth, started, mode);
+        let writer = egress::run(cfg, &ctl, rx, write, &last_seen, started, &auth, &stop);
         tokio::pin!(reader, writer);
         tokio::select! {
             peer_done = &mut reader => {
@@ -145,7 +152,7 @@ pub async fn run(
 
     let reason = ctl.requested().map_or(CloseReason::Gone, |(r, _)| r);
     let subs = state.subscriptions.len();
-    if mode == Mode::Protocol {
+    if mode == Mode::Protocol && !auth.awaiting_connect() {
         node.hub.unregister(conn_id, &identity.user, state.subscriptions.drain());
         node.presence.disconnected(conn_id);
     }
@@ -155,7 +162,26 @@ pub async fn run(
     tracing::debug!(conn.id = conn_id, user = %identity.user, reason = reason.label(), "session closed");
 }
 
-fn welcome(node: &Node, identity: &Identity, conn_id: u64) -> Vec<u8> {
+/// The wall clock, for token `exp` claims.
+fn unix_now() -> Duration {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default()
+}
+
+/// Makes an authenticated session known: its welcome (echoing the `connect` command's
+/// `ref`, if any) is queued, then it joins the hub and presence.
+fn register(node: &Node, identity: &Identity, handle: &SessionHandle, r: Option<&serde_json::value::RawValue>) {
+    handle.deliver(&wire::text(&welcome(node, identity, handle.id, r)));
+    node.hub.register(handle.clone());
+    node.presence.connected(&ConnRecord {
+        conn_id: handle.id,
+        user: identity.user.clone(),
+        connected_at_ms: handle.connected_at_ms,
+        client_info: handle.client_info.clone(),
+        channels: Vec::new(),
+    });
+}
+
+fn welcome(node: &Node, identity: &Identity, conn_id: u64, r: Option<&serde_json::value::RawValue>) -> Vec<u8> {
     let c = &node.config;
     let mut v = serde_json::json!({
         "type": "welcome",
@@ -174,6 +200,9 @@ fn welcome(node: &Node, identity: &Identity, conn_id: u64) -> Vec<u8> {
     });
     if let Some(exp) = identity.expires_at {
         v["expires_at"] = exp.into();
+    }
+    if let Some(r) = r.and_then(|r| serde_json::from_str::<serde_json::Value>(r.get()).ok()) {
+        v["ref"] = r;
     }
     v.to_string().into_bytes()
 }
