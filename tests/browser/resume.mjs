@@ -8,6 +8,7 @@
 import { test, after } from 'node:test';
 import assert from 'node:assert/strict';
 import WebSocket, { WebSocketServer } from 'ws';
+import { existsSync, readFileSync } from 'node:fs';
 import { Switchboard } from '../../gateway/static/switchboard.js';
 import { startGateway, startProxy, jwt, now, sleep, until, next } from './harness.mjs';
 
@@ -94,6 +95,15 @@ test('resume after a cut connection: exactly the missed messages, once, in order
   assert.equal(sub.reconnects >= 1, true);
   const last = log.messages.at(-1);
   assert.deepEqual(sub.position('room:1'), { seq: last.seq, epoch: last.epoch });
+
+  // history(): the newest, then a page after a position.
+  const h = await sub.history('room:1', { limit: 5 });
+  assert.equal(h.type, 'history');
+  assert.deepEqual(h.messages.map((m) => m.seq), want.slice(-5));
+  const page = await sub.history('room:1', { since: { seq: before[0], epoch: last.epoch }, limit: 4 });
+  assert.deepEqual(page.messages.map((m) => m.seq), want.slice(1, 5));
+  assert.equal(page.more, true);
+  await assert.rejects(sub.history('room:1', { limit: 0 }), (err) => err.code === 'bad_request');
 });
 
 test('a connection cut again during the recovery resumes from the last message delivered', async (t) => {
@@ -289,4 +299,56 @@ test('refresh against the gateway binary (skipped when it has no `connect`/`refr
   await c.subscribe('r');
   const r = await c.ping();
   assert.ok(r >= 0);
+});
+
+test('in Chromium: the page client resumes after a cut connection, once and in order', async (t) => {
+  let chromium;
+  try {
+    ({ chromium } = await import('playwright-core'));
+  } catch {
+    return t.skip('playwright-core is not installed');
+  }
+  const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
+  if (!existsSync(executablePath)) return t.skip(`no browser at ${executablePath}`);
+  const gw = await gateway([]);
+  const proxy = await proxyTo(gw);
+  const browser = await chromium.launch({
+    executablePath, headless: true, timeout: 30_000,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run'],
+  });
+  cleanup.push(() => browser.close());
+  const page = await browser.newPage();
+  const errors = [];
+  page.on('pageerror', (err) => errors.push(err.message));
+  await page.exposeFunction('token', () => jwt(SECRET, { sub: 'grace', exp: now() + 600 }));
+  await page.goto(gw.http.replace(/\/$/, '/switchboard.js'));
+  // This file's client (the binary embeds the copy it was built with).
+  const src = readFileSync(new URL('../../gateway/static/switchboard.js', import.meta.url), 'utf8');
+  await page.evaluate(async ({ src, url }) => {
+    const { Switchboard } = await import(URL.createObjectURL(new Blob([src], { type: 'text/javascript' })));
+    const c = new Switchboard({ url, getToken: () => window.token() });
+    window.rec = { seqs: [], gaps: [], users: [] };
+    c.on('message', (m) => window.rec.seqs.push(m.seq));
+    c.on('gap', (g) => window.rec.gaps.push(g));
+    c.on('welcome', (w) => window.rec.users.push(w.user));
+    window.client = c;
+    await c.subscribe('web');
+  }, { src, url: proxy.url });
+  const pub = client({ url: gw.url, user: 'pub' });
+  const rec = () => page.evaluate(() => ({ ...window.rec, reconnects: window.client.reconnects }));
+  const before = await publishN(pub, 'web', 3, 'before');
+  await until(async () => (await rec()).seqs.length === 3, 5000, 'the first messages in the page');
+  proxy.down = true;
+  proxy.cut();
+  await until(async () => (await page.evaluate(() => window.client.state)) !== 'open', 5000, 'the page to see the cut');
+  const away = await publishN(pub, 'web', 30, 'away');
+  proxy.down = false;
+  await until(async () => (await rec()).seqs.length >= 33, 15_000, 'the recovery in the page');
+  await sleep(200);
+  const r = await rec();
+  assert.deepEqual(r.seqs, [...before, ...away]);
+  assert.deepEqual(r.gaps, []);
+  assert.ok(r.reconnects >= 1);
+  assert.ok(r.users.every((u) => u === 'grace'), `welcomed as ${r.users}`);
+  assert.deepEqual(errors, []);
 });
