@@ -37,7 +37,9 @@ function defaultUrl() {
  * 'presence_count' (the server frame); 'open' ({reconnect, url}) when the socket opened;
  * 'close' ({code, reason, willReconnect, delayMs}); 'gap' ({channel, reason, from, position}):
  * messages of `channel` after `from` may have been missed (the gateway could not recover
- * them), the stream goes on after `position`: reload the channel's state (e.g. `history()`);
+ * them: the subscribe ack's `reason`, the `gap` frame's, or 'no_position' when a channel was
+ * re-subscribed without any position known), the stream goes on after `position`: reload
+ * the channel's state (e.g. `history()`);
  * 'refresh' ({expires_at, revoked}) after an accepted token refresh; 'revoked' ({channels})
  * when a refreshed token no longer allows some subscriptions (they are dropped);
  * 'error' (an Error with `.code`: server errors without a matching command, failed
@@ -361,7 +363,14 @@ export class Switchboard {
     this.state = 'open';
     this.welcome = msg;
     for (const channel of this._subs) {
-      this.subscribe(channel).catch((err) => {
+      const known = this._positions.has(channel);
+      this.subscribe(channel).then((ack) => {
+        // No position to resume from (none came with the first ack nor since): what was
+        // published while disconnected cannot be recovered.
+        if (!known && ack.recovered === undefined) {
+          this._emit('gap', { channel, reason: 'no_position', from: null, position: this.position(channel) });
+        }
+      }, (err) => {
         if (err.code === 'disconnected' || err.code === 'closed') return;
         this._subs.delete(channel);
         this._positions.delete(channel);
