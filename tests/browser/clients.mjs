@@ -18,7 +18,8 @@
 //   then, after the line `stop` on stdin (or stdin's end), one line per client:
 //   {"client":"page-0","kind":"page","channels":[...],"received":[[channel,seq,epoch,id],...],
 //    "gaps":[{channel,reason,from,position}],"reconnects":N}
-// and exit 0. Failures: {"error":"..."} on stdout, details on stderr, exit 1.
+// and exit 0 (a client that could not report gets {"client":..,"error":".."} and the exit
+// status is 1). Failures before that: {"error":"..."} on stdout, details on stderr, exit 1.
 // With --token-secret clients get HS256 JWTs (sub = client id, exp = now + --token-ttl s) from
 // `getToken`, so a short ttl exercises refreshes and 4001 reconnects.
 import { createHmac } from 'node:crypto';
@@ -127,7 +128,10 @@ const running = []; // {spec, report: async () => object, close: async () => voi
 async function startPage(spec) {
   const page = await browser.newPage();
   page.on('pageerror', (err) => log(`${spec.id} page error: ${err.message}`));
-  page.on('console', (msg) => { if (msg.type() === 'error') log(`${spec.id} console: ${msg.text()}`); });
+  page.on('console', (msg) => {
+    // "Failed to load resource": the page's favicon.ico (404).
+    if (msg.type() === 'error' && !msg.text().startsWith('Failed to load resource')) log(`${spec.id} console: ${msg.text()}`);
+  });
   if (opts.secret) await page.exposeFunction('switchboardToken', () => token(spec.id));
   // The page's own gateway serves it; another one of the list when that one is down.
   let loaded = null;
@@ -198,14 +202,21 @@ await new Promise((resolve) => {
   lines.on('close', resolve);
 });
 log('stop');
-try {
-  const reports = await Promise.all(running.map(async (r) => ({ r, report: await r.report() })));
-  for (const { r, report } of reports) {
-    out({ client: r.spec.id, kind: r.spec.kind, channels: r.spec.channels, ...report });
+// One line per client; a client that cannot report (its page crashed) gets a line with
+// `error` instead, and the exit status is then 1.
+const reports = await Promise.all(running.map(async (r) => {
+  try {
+    return { r, report: await r.report() };
+  } catch (err) {
+    return { r, error: err.message.split('\n')[0] };
   }
-  await Promise.all(running.map((r) => r.close()));
-} catch (err) {
-  await die(`report: ${err.message.split('\n')[0]}`);
+}));
+let failed = 0;
+for (const { r, report, error } of reports) {
+  const head = { client: r.spec.id, kind: r.spec.kind, channels: r.spec.channels };
+  if (error) failed++;
+  out(error ? { ...head, error } : { ...head, ...report });
 }
+await Promise.race([Promise.all(running.map((r) => r.close())), new Promise((r) => setTimeout(r, 3000))]).catch(() => {});
 await Promise.race([browser?.close(), new Promise((r) => setTimeout(r, 5000))]).catch(() => {});
-process.exit(0);
+process.exit(failed ? 1 : 0);
