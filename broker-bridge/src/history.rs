@@ -259,6 +259,11 @@ impl Readers {
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) if p == partition => break Ok(()),
                 Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                // Retention deleted `from` after the watermarks were taken.
+                Some(Err(e)) if gone(&e) => {
+                    c.too_old = true;
+                    break Ok(());
+                }
                 Some(Err(e)) => break Err(unavailable(e)),
             }
         };
@@ -268,6 +273,12 @@ impl Readers {
         }
         result.map(|()| c)
     }
+}
+
+/// The offset asked for is no longer in the log.
+fn gone(e: &KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(e.rdkafka_error_code(), Some(C::OffsetOutOfRange | C::AutoOffsetReset))
 }
 
 /// Everything History needs.
