@@ -442,12 +442,12 @@ pub async fn refresh_epochs(
     generation: String,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut every = tokio::time::interval(Duration::from_secs(30));
-    every.tick().await;
     loop {
+        // Every 30 s; every second while the partitions are not known yet.
+        let period = if epochs.read().partitions < 1 { Duration::from_secs(1) } else { Duration::from_secs(30) };
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = every.tick() => {}
+            () = tokio::time::sleep(period) => {}
         }
         let (r, t) = (readers.clone(), topic.clone());
         let Ok(Ok((partitions, id))) = tokio::task::spawn_blocking(move || discover(&r, &t)).await else { continue };
