@@ -165,8 +165,10 @@ pub struct Readers {
     /// Watermarks and metadata.
     meta: BaseConsumer,
     idle: Mutex<Vec<BaseConsumer>>,
-    slots: Semaphore,
+    /// Held by a read until its blocking part ends (also when its caller went away).
+    slots: Arc<Semaphore>,
     waiting: AtomicUsize,
+    read_timeout: Duration,
 }
 
 impl std::fmt::Debug for Readers {
@@ -186,9 +188,21 @@ impl Readers {
             config,
             topic: topic.into(),
             idle: Mutex::new(Vec::new()),
-            slots: Semaphore::new(CONCURRENT_READS),
+            slots: Arc::new(Semaphore::new(CONCURRENT_READS)),
             waiting: AtomicUsize::new(0),
+            read_timeout: READ_TIMEOUT,
         })
+    }
+
+    /// Another bound for one read (default [`READ_TIMEOUT`]).
+    pub fn with_read_timeout(mut self, t: Duration) -> Self {
+        self.read_timeout = t;
+        self
+    }
+
+    /// (reads running, reads waiting for a slot).
+    pub fn load(&self) -> (usize, usize) {
+        (CONCURRENT_READS - self.slots.available_permits(), self.waiting.load(Ordering::Acquire))
     }
 
     /// The client watermarks and metadata go through (also for DescribeTopics).
@@ -216,15 +230,27 @@ impl Readers {
         if from >= to {
             return Ok(c);
         }
+        /// Counts a caller waiting for a slot, also when its future is dropped while waiting.
+        struct Waiting<'a>(&'a AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let waiting = Waiting(&self.waiting);
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= QUEUED_READS {
-            self.waiting.fetch_sub(1, Ordering::AcqRel);
             return Err(Status::unavailable("history: too many reads in progress; retry in 1 s"));
         }
-        let permit = self.slots.acquire().await;
-        self.waiting.fetch_sub(1, Ordering::AcqRel);
-        let _permit = permit.map_err(unavailable)?;
+        let permit = self.slots.clone().acquire_owned().await;
+        drop(waiting);
+        let permit = permit.map_err(unavailable)?;
         let me = self.clone();
-        tokio::task::spawn_blocking(move || me.scan_blocking(partition, from, to, c)).await.map_err(unavailable)?
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            me.scan_blocking(partition, from, to, c)
+        })
+        .await
+        .map_err(unavailable)?
     }
 
     fn scan_blocking(&self, partition: i32, from: i64, to: i64, mut c: Collector) -> Result<Collector, Status> {
@@ -235,7 +261,7 @@ impl Readers {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(&self.topic, partition, Offset::Offset(from)).map_err(unavailable)?;
         consumer.assign(&tpl).map_err(unavailable)?;
-        let deadline = Instant::now() + READ_TIMEOUT;
+        let deadline = Instant::now() + self.read_timeout;
         let result = loop {
             if Instant::now() > deadline {
                 break Err(Status::unavailable("history: kafka read timed out"));
@@ -259,6 +285,11 @@ impl Readers {
                 }
                 Some(Err(KafkaError::PartitionEOF(p))) if p == partition => break Ok(()),
                 Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+                // Retention deleted `from` after the watermarks were taken.
+                Some(Err(e)) if gone(&e) => {
+                    c.too_old = true;
+                    break Ok(());
+                }
                 Some(Err(e)) => break Err(unavailable(e)),
             }
         };
@@ -268,6 +299,12 @@ impl Readers {
         }
         result.map(|()| c)
     }
+}
+
+/// The offset asked for is no longer in the log.
+fn gone(e: &KafkaError) -> bool {
+    use rdkafka::error::RDKafkaErrorCode as C;
+    matches!(e.rdkafka_error_code(), Some(C::OffsetOutOfRange | C::AutoOffsetReset))
 }
 
 /// Everything History needs.
@@ -405,12 +442,12 @@ pub async fn refresh_epochs(
     generation: String,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    let mut every = tokio::time::interval(Duration::from_secs(30));
-    every.tick().await;
     loop {
+        // Every 30 s; every second while the partitions are not known yet.
+        let period = if epochs.read().partitions < 1 { Duration::from_secs(1) } else { Duration::from_secs(30) };
         tokio::select! {
             () = stop.cancelled() => return,
-            _ = every.tick() => {}
+            () = tokio::time::sleep(period) => {}
         }
         let (r, t) = (readers.clone(), topic.clone());
         let Ok(Ok((partitions, id))) = tokio::task::spawn_blocking(move || discover(&r, &t)).await else { continue };

@@ -68,6 +68,8 @@ pub struct HotWindows {
     rules: Rules,
     budget: usize,
     bytes: usize,
+    /// Entries held (kept here: counting the rings would cost a walk per record).
+    entries: usize,
     windows: HashMap<i32, Window>,
     /// Every retained entry in the order retained: (partition, channel, seq).
     order: VecDeque<(i32, Arc<str>, u64)>,
@@ -79,7 +81,7 @@ fn cost(env: &Envelope) -> usize {
 
 impl HotWindows {
     pub fn new(rules: Rules, budget: usize) -> Self {
-        Self { rules, budget, bytes: 0, windows: HashMap::new(), order: VecDeque::new() }
+        Self { rules, budget, bytes: 0, entries: 0, windows: HashMap::new(), order: VecDeque::new() }
     }
 
     pub fn rules(&self) -> &Rules {
@@ -93,7 +95,7 @@ impl HotWindows {
 
     /// Entries held now.
     pub fn len(&self) -> usize {
-        self.windows.values().flat_map(|w| w.channels.values()).map(|c| c.ring.as_ref().map_or(0, Ring::len)).sum()
+        self.entries
     }
 
     pub fn is_empty(&self) -> bool {
@@ -111,6 +113,7 @@ impl HotWindows {
             if let Some(w) = self.windows.remove(p) {
                 for c in w.channels.values() {
                     self.bytes -= c.ring.as_ref().map_or(0, Ring::bytes);
+                    self.entries -= c.ring.as_ref().map_or(0, Ring::len);
                 }
             }
         }
@@ -158,8 +161,10 @@ impl HotWindows {
         // Nothing before the window's start was ever retained here.
         let ring = c.ring.get_or_insert_with(|| Ring::new(from as u64));
         let seq = offset as u64 + 1;
+        let before = ring.len();
         let (added, freed) = ring.push(Entry { seq, at_ms: now_ms, cost: cost(env), value: env.clone() }, rule);
         self.bytes = self.bytes + added - freed;
+        self.entries = self.entries + ring.len() - before;
         if added > 0 {
             self.order.push_back((partition, channel, seq));
             if env.idempotent {
@@ -179,6 +184,7 @@ impl HotWindows {
             let Some(ring) = c.ring.as_mut() else { continue };
             if ring.last(ring.len()).next().is_some_and(|e| e.seq == seq) {
                 self.bytes -= ring.pop_oldest().unwrap_or(0);
+                self.entries -= 1;
                 prune_keyed(c);
             }
         }
@@ -213,7 +219,9 @@ impl HotWindows {
                     return None;
                 }
                 let Some(ring) = c.and_then(|c| c.ring.as_mut()) else { return Some(empty) };
+                let before = ring.len();
                 self.bytes -= ring.expire(now_ms, rule.max_age);
+                self.entries -= before - ring.len();
                 let mut messages: Vec<(u64, Msg)> =
                     ring.after(since, limit + 1).ok()?.map(|e| (e.seq, e.value.clone())).collect();
                 let more = messages.len() > limit;
@@ -226,7 +234,9 @@ impl HotWindows {
                 let Some(ring) = c.and_then(|c| c.ring.as_mut()) else {
                     return (from == 0).then_some(empty);
                 };
+                let before = ring.len();
                 self.bytes -= ring.expire(now_ms, rule.max_age);
+                self.entries -= before - ring.len();
                 // Complete when it holds enough, or holds everything since the partition began.
                 if ring.len() < want && !(from == 0 && ring.lost_through() == 0) {
                     return None;
@@ -269,6 +279,13 @@ mod tests {
             idempotent: keyed,
             ..Default::default()
         })
+    }
+
+    impl HotWindows {
+        /// Entries counted by walking every ring (what `len` must equal).
+        fn walked(&self) -> usize {
+            self.windows.values().flat_map(|w| w.channels.values()).map(|c| c.ring.as_ref().map_or(0, Ring::len)).sum()
+        }
     }
 
     fn seqs(a: &Answer) -> Vec<u64> {
@@ -319,7 +336,7 @@ mod tests {
         assert_eq!(h.len(), 1);
         h.revoke(&[3]);
         assert!(h.read(3, "a", Query::Since(5), 10, 0).is_none());
-        assert_eq!((h.bytes(), h.len()), (0, 0));
+        assert_eq!((h.bytes(), h.len(), h.walked()), (0, 0, 0));
     }
 
     #[test]
@@ -345,17 +362,17 @@ mod tests {
         h.consumed(0, 2, Some(&msg("a", "3", false)), 0);
         h.consumed(0, 3, Some(&msg("a", "4", false)), 0);
         // Count: `a` keeps its last 2; the budget (3 entries) still holds.
-        assert_eq!((h.len(), h.bytes()), (3, 3 * one));
+        assert_eq!((h.len(), h.walked(), h.bytes()), (3, 3, 3 * one));
         assert!(h.read(0, "a", Query::Since(1), 10, 0).is_none(), "seq 2 was pushed out by the count");
         assert_eq!(seqs(&h.read(0, "a", Query::Since(2), 10, 0).unwrap()), [3, 4]);
         // One more anywhere evicts the globally oldest: `b`'s message on partition 1.
         h.consumed(1, 1, Some(&msg("c", "5", false)), 0);
-        assert_eq!((h.len(), h.bytes()), (3, 3 * one));
+        assert_eq!((h.len(), h.walked(), h.bytes()), (3, 3, 3 * one));
         assert!(h.read(1, "b", Query::Since(0), 10, 0).is_none());
         assert_eq!(seqs(&h.read(1, "c", Query::Since(1), 10, 0).unwrap()), [2]);
         // Age: after 1 s a read no longer finds them complete.
         assert!(h.read(0, "a", Query::Since(2), 10, 5000).is_none());
-        assert_eq!(h.bytes(), one);
+        assert_eq!((h.bytes(), h.len(), h.walked()), (one, 1, 1));
         assert!(h.order.len() <= 4);
     }
 }

@@ -385,9 +385,6 @@ impl Push for PushIngest {
             n if n <= MAX_LIMIT => n,
             _ => return Err(invalid("history", format!("limit must be at most {MAX_LIMIT}"))),
         };
-        if r.since.as_ref().is_some_and(|s| s.epoch.len() > crate::epoch::MAX_EPOCH) {
-            return Err(invalid("history", "since.epoch is longer than any epoch"));
-        }
         let Some(history) = &self.history else {
             return Err(Status::unimplemented("history is not configured on this bridge"));
         };

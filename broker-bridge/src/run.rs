@@ -73,10 +73,11 @@ pub async fn run(
     metrics::gauge!(m::HISTORY_BUDGET).set(cli.history_memory as f64);
     let readers = Arc::new(Readers::new(kafka::reader_config(&cli).map_err(RunError::Config)?, &cli.topic)?);
     let epochs = {
-        let (r, t) = (readers.clone(), cli.topic.clone());
+        // A few tries; without an answer the bridge starts anyway (History is UNAVAILABLE
+        // and deliveries carry no epoch until `refresh_epochs` learns the partitions).
         let mut found = None;
-        for _ in 0..50 {
-            let (r, t) = (r.clone(), t.clone());
+        for _ in 0..10 {
+            let (r, t) = (readers.clone(), cli.topic.clone());
             match tokio::task::spawn_blocking(move || history::discover(&r, &t)).await {
                 Ok(Ok(d)) => {
                     found = Some(d);
@@ -87,7 +88,7 @@ pub async fn run(
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (partitions, id) = found.ok_or_else(|| RunError::Config(format!("topic {} has no metadata", cli.topic)))?;
+        let (partitions, id) = found.unwrap_or((0, None));
         let e = history::epochs_from(partitions, id, &cli.topic_generation, None);
         tracing::info!(epochs = ?e, "history epochs");
         Arc::new(parking_lot::RwLock::new(e))

@@ -342,3 +342,43 @@ async fn the_mock_cluster_gives_no_topic_id_so_the_generation_names_the_epochs()
     assert_eq!(e, epochs());
     assert_eq!(&**e.of(2).unwrap(), "g1.2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_reads_beyond_the_running_and_queued_bound_are_refused_at_once() {
+    use broker_bridge::history::{CONCURRENT_READS, Collector, QUEUED_READS};
+    let (mock, bootstrap) = mock();
+    let cli = cli(&bootstrap, &[]);
+    let readers = Arc::new(
+        Readers::new(kafka::reader_config(&cli).unwrap(), TOPIC).unwrap().with_read_timeout(Duration::from_secs(1)),
+    );
+    // With a slow broker every read lasts until its timeout: the slots fill, then the queue.
+    mock.broker_round_trip_time(1, Duration::from_secs(5)).unwrap();
+    let mut reads = Vec::new();
+    for _ in 0..CONCURRENT_READS + QUEUED_READS {
+        let r = readers.clone();
+        reads.push(tokio::spawn(async move { r.scan(0, 0, 10, Collector::since("a", 10, 0)).await.map(|_| ()) }));
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while readers.load() != (CONCURRENT_READS, QUEUED_READS) {
+        assert!(std::time::Instant::now() < deadline, "load {:?}", readers.load());
+        tokio::task::yield_now().await;
+    }
+    let refused = readers.scan(0, 0, 10, Collector::since("a", 10, 0)).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable);
+    assert!(refused.message().contains("retry"), "{}", refused.message());
+    // Queued callers that go away (a cancelled gRPC call drops its future) leave the queue;
+    // running reads end at their timeout.
+    for r in reads.iter().skip(CONCURRENT_READS) {
+        r.abort();
+    }
+    let first = reads.remove(0).await.unwrap().unwrap_err();
+    assert_eq!(first.code(), tonic::Code::Unavailable, "{first:?}");
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while readers.load() != (0, 0) {
+        assert!(std::time::Instant::now() < deadline, "load {:?}", readers.load());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Room again: a new read is queued and runs (it times out against the slow broker).
+    let again = readers.scan(0, 0, 10, Collector::since("a", 10, 0)).await.unwrap_err();
+    assert!(again.message().contains("timed out"), "{}", again.message());
+}

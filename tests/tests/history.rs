@@ -96,7 +96,17 @@ async fn history_from_the_hot_window_then_from_kafka_after_the_owner_restarted()
     assert_eq!(got(&r), expected, "exactly the channel's messages after the position, in order, once");
     assert!(!r.more);
     assert_eq!(r.position.as_ref().unwrap().epoch, start.epoch, "the same topic: the same epoch");
-    assert_eq!((reads(&c, 0, "log").await, reads(&c, 0, "hot").await), (1, 0), "read from Kafka");
+    // Paged, through the same pooled reader again, from earlier offsets each time.
+    let req =
+        pb::HistoryRequest { channel: "room:h".into(), since: Some(since.clone()), limit: 2, position_only: false };
+    let page = p.history(req).await.unwrap().into_inner();
+    assert_eq!((got(&page), page.more), (expected[..2].to_vec(), true));
+    assert_eq!(page.position.as_ref().unwrap().seq, expected[1].0);
+    let rest = history(&mut p, "room:h", page.position).await;
+    assert_eq!((got(&rest), rest.more), (expected[2..].to_vec(), false));
+    let again = history(&mut p, "room:h", Some(since.clone())).await;
+    assert_eq!(got(&again), expected);
+    assert_eq!((reads(&c, 0, "log").await, reads(&c, 0, "hot").await), (4, 0), "read from Kafka");
     let ahead = history(&mut p, "room:h", Some(pb::Position { seq: 1_000_000, epoch: start.epoch.clone() })).await;
     assert_eq!(ahead.lost, Lost::Ahead as i32);
     let other =
