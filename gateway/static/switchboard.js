@@ -21,7 +21,7 @@ const OPEN = 1; // WebSocket.OPEN
 const fail = (code, message, extra) => Object.assign(new Error(message || code), { code }, extra);
 const jitter = (ms) => Math.round(ms * (0.5 + Math.random())); // factor in [0.5, 1.5]
 const copy = (p) => (p ? { seq: p.seq, epoch: p.epoch } : null);
-const isPosition = (p) => !!p && typeof p === 'object' && Number.isFinite(p.seq) && typeof p.epoch === 'string';
+const isPosition = (p) => !!p && typeof p === 'object' && Number.isFinite(p.seq) && typeof p.epoch === 'string' && p.epoch !== '';
 
 function defaultUrl() {
   const loc = globalThis.location;
@@ -362,6 +362,7 @@ export class Switchboard {
     this._ready = true;
     this.state = 'open';
     this.welcome = msg;
+    this._startWatchdog(msg);
     for (const channel of this._subs) {
       const known = this._positions.has(channel);
       this.subscribe(channel).then((ack) => {
@@ -399,7 +400,36 @@ export class Switchboard {
     }
   }
 
+  /**
+   * Browsers (and `ws` through this API) do not show the server's WebSocket pings, so a
+   * connection that died without a close (a lost network) would look open for minutes: after
+   * `heartbeat_ms` without any frame the client sends a `ping`, and when nothing came
+   * `heartbeat_timeout_ms` later it drops the socket and reconnects (close code 4000).
+   */
+  _startWatchdog(welcome) {
+    clearInterval(this._watchdog);
+    const idle = Number(welcome.heartbeat_ms) || 25_000;
+    const grace = Number(welcome.heartbeat_timeout_ms) || 10_000;
+    const ws = this._ws;
+    let probeAt = 0;
+    this._watchdog = setInterval(() => {
+      if (ws !== this._ws || !this._ready) return clearInterval(this._watchdog);
+      const now = Date.now();
+      if (now - this._lastFrameAt < idle) { probeAt = 0; return; }
+      if (!probeAt) {
+        probeAt = now;
+        try { ws.send(JSON.stringify({ op: 'ping', ref: `w${++this._ref}` })); } catch { /* closing */ }
+      } else if (now - probeAt >= grace) {
+        clearInterval(this._watchdog);
+        this._ws = null; // its close event, whenever it comes, is not ours any more
+        try { ws.close(4000, 'no traffic'); } catch { /* closing */ }
+        this._onClose(4000, 'client heartbeat timeout');
+      }
+    }, Math.max(50, Math.min(idle, grace) / 4));
+  }
+
   _onFrame(text) {
+    this._lastFrameAt = Date.now();
     let msg;
     try { msg = JSON.parse(text); } catch { return this._emit('error', fail('bad_frame', 'unparsable frame')); }
     if (!msg || typeof msg !== 'object') return;
@@ -412,6 +442,7 @@ export class Switchboard {
       this._connectRef = null;
       return this._onWelcome(msg);
     }
+    if (msg.type === 'pong' && /^w\d+$/.test(String(msg.ref))) return; // the watchdog's
     const cmd = REPLIES.has(msg.type) && msg.ref != null && this._pending.get(String(msg.ref));
     if (cmd) {
       this._pending.delete(cmd.ref);
@@ -443,7 +474,7 @@ export class Switchboard {
 
   /** Records a message's position; false for one at or before the last one of its epoch. */
   _track(msg) {
-    if (!Number.isFinite(msg.seq) || typeof msg.epoch !== 'string') return true;
+    if (!isPosition(msg)) return true; // a gateway without positions
     const channel = msg.channel;
     const last = this._positions.get(channel);
     if (last && last.epoch === msg.epoch && msg.seq <= last.seq) return false;
@@ -473,6 +504,7 @@ export class Switchboard {
   }
 
   _onClose(code, reason) {
+    clearInterval(this._watchdog);
     const lived = this._openedAt ? Date.now() - this._openedAt : 0;
     const opened = !!this._openedAt;
     const welcomed = this._ready;

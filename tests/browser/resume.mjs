@@ -278,6 +278,39 @@ test('token in the first message, refresh before expiry, fresh token after 4001 
   assert.equal(conns[1].frames[0].token, 't3');
 });
 
+test('a connection that went silent is dropped after a ping without answer, and resumed', async () => {
+  const conns = [];
+  const url = await fakeServer((ws) => {
+    const conn = { frames: [] };
+    conns.push(conn);
+    send(ws, { type: 'welcome', user: 'u', heartbeat_ms: 200, heartbeat_timeout_ms: 200 });
+    onFrames(ws, (f) => {
+      conn.frames.push(f);
+      if (f.op === 'subscribe') {
+        send(ws, { type: 'ack', ref: f.ref, channel: 's', position: { seq: 1, epoch: 'e' } });
+        send(ws, { type: 'message', channel: 's', id: 'm2', seq: 2, epoch: 'e', data: null });
+      }
+      // The first connection then says nothing, answers no ping: a dead network.
+      if (f.op === 'ping' && conns.length > 1) send(ws, { type: 'pong', ref: f.ref });
+    });
+  });
+  const c = client({ url });
+  const pongs = [];
+  c.on('pong', (p) => pongs.push(p));
+  const closed = next(c, 'close', () => true, 5000);
+  await c.subscribe('s');
+  const close = await closed;
+  assert.equal(close.code, 4000);
+  assert.equal(close.willReconnect, true);
+  await until(() => conns.length === 2 && conns[1].frames.some((f) => f.op === 'subscribe'), 5000, 'the resume');
+  assert.ok(conns[0].frames.some((f) => f.op === 'ping'), 'a ping before giving up');
+  assert.deepEqual(conns[1].frames.find((f) => f.op === 'subscribe').since, { seq: 2, epoch: 'e' });
+  await sleep(700); // answered pings keep the second connection
+  assert.equal(conns.length, 2);
+  assert.equal(c.state, 'open');
+  assert.deepEqual(pongs, [], 'the watchdog pongs are not events');
+});
+
 test('refresh against the gateway binary (skipped when it has no `connect`/`refresh`)', async (t) => {
   const gw = await startGateway(['--jwt-hs256-secret', SECRET]);
   cleanup.push(() => gw.stop());
