@@ -63,7 +63,7 @@ pub struct Cli {
     pub max_message_bytes: usize,
     /// Channel history rules, `PATTERN=COUNT/AGE` (first match decides; `PATTERN=off`: none).
     /// COUNT/AGE bound the hot window per channel; AGE also bounds reads from Kafka.
-    #[arg(long, env = "SWITCHBOARD_BRIDGE_HISTORY", value_delimiter = ',', default_value = "*=1000/1h")]
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_HISTORY", value_delimiter = ',', default_value = "*=10000/1h")]
     pub history: Vec<kit::history::Rule>,
     /// Bytes all hot history windows of this bridge may hold (oldest entries evicted first).
     #[arg(long, env = "SWITCHBOARD_BRIDGE_HISTORY_MEMORY", default_value = "67108864")]
