@@ -10,6 +10,7 @@ const REFRESH_SHARE = 0.8; // refresh the token at 80% of its remaining lifetime
 const REFRESH_MARGIN_MS = 5_000; // …and at least 5 s before it expires
 const REFRESH_RETRY_MS = 2_000; // a failed refresh is retried after this (while time is left)
 const MAX_TIMER_MS = 2 ** 31 - 1; // setTimeout's limit
+const RECOVERY_RETRY_MS = 500; // first retry of a recovery answered `unavailable`, then doubled
 const NO_RECONNECT = new Set([1000, 1003, 1007, 4001, 4004, 4005]);
 // Closes after which the next URL of the list is tried (the gateway went away, drains, or the
 // network failed); after others (token expiry, slow consumer, flood, …) the same one is.
@@ -63,11 +64,15 @@ export class Switchboard {
    * @param {string} [options.user] user id for the gateway's anonymous demo mode (`?user=`).
    * @param {number} [options.maxQueue=1000] commands kept while disconnected; more are rejected.
    * @param {boolean} [options.autoConnect=true] connect from the constructor.
+   * @param {number} [options.recoveryRetries=5] times a recovery answered `unavailable` (the
+   *   history could not be read now) is tried again, after 0.5 s, 1 s, 2 s, … (jittered),
+   *   before it is reported as a 'gap'.
    * @param {Function} [options.WebSocket] WebSocket class (default: the global one), e.g. the
    *   `ws` package's in Node.
    */
   constructor({ url, urls, token, getToken, auth = 'auto', user, maxQueue = 1000, autoConnect = true,
-    WebSocket: WebSocketImpl } = {}) {
+    recoveryRetries = 5, WebSocket: WebSocketImpl } = {}) {
+    this.recoveryRetries = recoveryRetries;
     const list = [].concat(urls || url || []).filter(Boolean);
     this.urls = list.length ? list : [defaultUrl()];
     this.token = token;
@@ -102,6 +107,9 @@ export class Switchboard {
     this._queue = []; // commands waiting for a ready session
     this._subs = new Set(); // channels acked, re-subscribed after a reconnect
     this._positions = new Map(); // channel -> {seq, epoch} of the last message delivered
+    this._holding = new Set(); // channels whose live messages wait for a retried recovery
+    this._recoveryRetries = new Map(); // channel -> recoveries retried after `unavailable`
+    this._retryTimers = new Set();
     this._listeners = new Map();
     if (autoConnect) this.connect();
   }
@@ -178,6 +186,8 @@ export class Switchboard {
   unsubscribe(channel) {
     this._subs.delete(channel);
     this._positions.delete(channel);
+    this._holding.delete(channel);
+    this._recoveryRetries.delete(channel);
     return this._command({ op: 'unsubscribe', channel }, (ack) => (this._subs.delete(channel), ack));
   }
 
@@ -388,6 +398,9 @@ export class Switchboard {
   /** A subscribe ack: where the channel's stream continues, and the gap when it does not. */
   _subscribed(channel, since, ack) {
     const at = isPosition(ack.position) ? copy(ack.position) : null;
+    this._holding.delete(channel);
+    if (ack.recovered === false && ack.reason === 'unavailable' && since && this._retryRecovery(channel, since)) return;
+    if (ack.recovered !== false) this._recoveryRetries.delete(channel);
     if (ack.recovered === false) {
       if (at) this._positions.set(channel, at);
       else this._positions.delete(channel);
@@ -398,6 +411,33 @@ export class Switchboard {
     } else if (at) {
       this._positions.set(channel, at);
     }
+  }
+
+  /**
+   * The history could not be read now (`unavailable`): "resubscribing later may recover".
+   * Keeps `since`, drops the channel's live messages meanwhile (they come after `since`: the
+   * next recovery brings them, in order) and subscribes again with `since` after a backoff;
+   * false (a gap, then) once `recoveryRetries` attempts were made.
+   */
+  _retryRecovery(channel, since) {
+    const n = this._recoveryRetries.get(channel) || 0;
+    if (n >= this.recoveryRetries) {
+      this._recoveryRetries.delete(channel);
+      return false;
+    }
+    this._recoveryRetries.set(channel, n + 1);
+    this._positions.set(channel, copy(since));
+    this._holding.add(channel);
+    const ws = this._ws;
+    const timer = setTimeout(() => {
+      this._retryTimers.delete(timer);
+      // A reconnect meanwhile subscribes with `since` by itself.
+      if (ws !== this._ws || !this._ready || !this._subs.has(channel)) return;
+      this._command({ op: 'unsubscribe', channel }).catch(() => {});
+      this.subscribe(channel).catch(() => {}); // failures: as for any re-subscription
+    }, jitter(RECOVERY_RETRY_MS * 2 ** n));
+    this._retryTimers.add(timer);
+    return true;
   }
 
   /**
@@ -461,10 +501,12 @@ export class Switchboard {
       return;
     }
     if (msg.type === 'message' && typeof msg.channel === 'string') {
+      if (this._holding.has(msg.channel)) return; // recovered again after `since` (_retryRecovery)
       if (!this._track(msg)) return; // a duplicate
     } else if (msg.type === 'gap' && typeof msg.channel === 'string') {
       const from = this.position(msg.channel);
       const after = isPosition(msg.after) ? copy(msg.after) : null;
+      if (msg.reason === 'unavailable' && after && this._subs.has(msg.channel) && this._retryRecovery(msg.channel, after)) return;
       if (after && (!from || from.epoch !== after.epoch || after.seq > from.seq)) this._positions.set(msg.channel, after);
       this._emit('gap', { channel: msg.channel, reason: msg.reason || 'unknown', from, position: after });
       return;
@@ -505,6 +547,8 @@ export class Switchboard {
 
   _onClose(code, reason) {
     clearInterval(this._watchdog);
+    for (const timer of this._retryTimers) clearTimeout(timer);
+    this._retryTimers.clear();
     const lived = this._openedAt ? Date.now() - this._openedAt : 0;
     const opened = !!this._openedAt;
     const welcomed = this._ready;

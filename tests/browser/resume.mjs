@@ -252,6 +252,60 @@ test('duplicates are dropped by position; the resume uses the last delivered one
   assert.deepEqual(log.gaps, []);
 });
 
+/** A scripted gateway whose resumptions are answered `unavailable` `failures` times. */
+async function flakyHistory(failures) {
+  const subscribes = [];
+  let conns = 0;
+  const msg = (seq) => ({ type: 'message', channel: 'h', id: `m${seq}`, seq, epoch: 'e', data: null });
+  const url = await fakeServer((ws) => {
+    const n = ++conns;
+    send(ws, { type: 'welcome', user: 'u' });
+    onFrames(ws, (f) => {
+      if (f.op === 'unsubscribe') return send(ws, { type: 'ack', ref: f.ref, channel: 'h' });
+      if (f.op !== 'subscribe') return;
+      subscribes.push(f);
+      if (n === 1) {
+        send(ws, { type: 'ack', ref: f.ref, channel: 'h', position: { seq: 5, epoch: 'e' } });
+        send(ws, msg(6));
+        setTimeout(() => ws.terminate(), 100);
+      } else if (subscribes.length - 1 <= failures) {
+        send(ws, { type: 'ack', ref: f.ref, channel: 'h', position: { seq: 9, epoch: 'e' }, recovered: false, reason: 'unavailable' });
+        send(ws, msg(10)); // live after the ack: held, then recovered
+        send(ws, msg(11));
+      } else {
+        send(ws, { type: 'ack', ref: f.ref, channel: 'h', position: { seq: 11, epoch: 'e' }, recovered: true });
+        for (const seq of [7, 8, 9, 10, 11, 12]) send(ws, msg(seq));
+      }
+    });
+  });
+  return { url, subscribes };
+}
+
+test('a recovery answered unavailable is tried again with the same since, live messages held', async () => {
+  const { url, subscribes } = await flakyHistory(2);
+  const c = client({ url });
+  const log = record(c);
+  await c.subscribe('h');
+  await until(() => log.messages.length >= 7, 10_000, '7 messages');
+  await sleep(100);
+  assert.deepEqual(log.messages.map((m) => m.seq), [6, 7, 8, 9, 10, 11, 12]);
+  assert.deepEqual(log.gaps, []);
+  assert.deepEqual(subscribes.map((f) => f.since?.seq ?? null), [null, 6, 6, 6]);
+  assert.deepEqual(c.subscriptions, ['h']);
+});
+
+test('a recovery still unavailable after recoveryRetries is a gap; the live stream goes on', async () => {
+  const { url, subscribes } = await flakyHistory(Infinity);
+  const c = client({ url, recoveryRetries: 1 });
+  const log = record(c);
+  await c.subscribe('h');
+  const gap = await next(c, 'gap', () => true, 5000);
+  assert.deepEqual(gap, { channel: 'h', reason: 'unavailable', from: { seq: 6, epoch: 'e' }, position: { seq: 9, epoch: 'e' } });
+  await until(() => log.messages.length >= 3, 5000, 'the live messages');
+  assert.deepEqual(log.messages.map((m) => m.seq), [6, 10, 11]);
+  assert.equal(subscribes.length, 3);
+});
+
 test('token in the first message, refresh before expiry, fresh token after 4001 (scripted server)', async () => {
   const conns = [];
   const url = await fakeServer((ws, req) => {
