@@ -21,7 +21,8 @@
 // and exit 0 (a client that could not report gets {"client":..,"error":".."} and the exit
 // status is 1). Failures before that: {"error":"..."} on stdout, details on stderr, exit 1.
 // With --token-secret clients get HS256 JWTs (sub = client id, exp = now + --token-ttl s) from
-// `getToken`, so a short ttl exercises refreshes and 4001 reconnects.
+// `getToken`, so a short ttl exercises refreshes and 4001 reconnects; --token-claims JSON adds
+// claims (e.g. '{"iss":"me","aud":"sb"}' for --jwt-issuer/--jwt-audience).
 import { createHmac } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import { createInterface } from 'node:readline';
@@ -55,6 +56,7 @@ function parseArgs(argv) {
     else if (a === '--node-clients') opts.nodeClients = Number(val());
     else if (a === '--token-secret') opts.secret = val();
     else if (a === '--token-ttl') opts.tokenTtl = Number(val());
+    else if (a === '--token-claims') opts.tokenClaims = JSON.parse(val());
     else if (a === '--anonymous') opts.anonymous = true;
     else if (a === '--client-js') opts.clientJs = val();
     else throw new Error(`unknown argument ${a}`);
@@ -78,7 +80,8 @@ try {
 
 const b64url = (v) => Buffer.from(JSON.stringify(v)).toString('base64url');
 function token(sub) {
-  const body = `${b64url({ alg: 'HS256', typ: 'JWT' })}.${b64url({ sub, exp: Math.floor(Date.now() / 1000) + opts.tokenTtl })}`;
+  const claims = { ...opts.tokenClaims, sub, exp: Math.floor(Date.now() / 1000) + opts.tokenTtl };
+  const body = `${b64url({ alg: 'HS256', typ: 'JWT' })}.${b64url(claims)}`;
   return `${body}.${createHmac('sha256', opts.secret).update(body).digest('base64url')}`;
 }
 
