@@ -272,7 +272,10 @@ async fn cluster(o: &Options) -> anyhow::Result<Value> {
             let mut runs = Vec::new();
             for run in 0..o.runs {
                 // A fresh cluster per run: consumed_total counts from zero, one topic per run.
+                // The bridge keeps its port across the restart (the gateway was told it).
+                let listen = format!("127.0.0.1:{}", switchboard_tests::cluster::free_port());
                 let mut c = switchboard_tests::cluster::Cluster::builder()
+                    .bridge_args(&["--listen", &listen])
                     .gateway_args(&["--publish-rate", "1000000", "--publish-burst", "1000000"])
                     .presence(1)
                     .kafka()
