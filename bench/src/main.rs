@@ -32,8 +32,9 @@ enum Scenario {
         /// The gateway binary (build it with `cargo build --release -p gateway`).
         #[arg(long, default_value = "target/release/gateway")]
         gateway_bin: PathBuf,
-        /// Connections opened concurrently.
-        #[arg(long, default_value = "200")]
+        /// Connections opened concurrently (below the gateway's 64 half-open connections per
+        /// address, `--max-pending-per-ip`, beyond which it sheds the oldest).
+        #[arg(long, default_value = "50")]
         concurrency: usize,
     },
     /// Standalone history: memory per entry and per channel, recovery latency.
