@@ -15,6 +15,7 @@
 //
 // stdout, one JSON object a line:
 //   {"ready":true}                        once every client got the ack of each subscribe
+//   after each line `report` on stdin, one line per client (what it was shown so far);
 //   then, after the line `stop` on stdin (or stdin's end), one line per client:
 //   {"client":"page-0","kind":"page","channels":[...],"received":[[channel,seq,epoch,id],...],
 //    "gaps":[{channel,reason,from,position}],"reconnects":N}
@@ -199,27 +200,39 @@ clearTimeout(readyTimer);
 out({ ready: true });
 log('ready');
 
+// One line per client; a client that cannot report (its page crashed) gets a line with
+// `error` instead (and the exit status is then 1).
+let failed = 0;
+async function reportAll() {
+  const reports = await Promise.all(running.map(async (r) => {
+    try {
+      return { r, report: await r.report() };
+    } catch (err) {
+      return { r, error: err.message.split('\n')[0] };
+    }
+  }));
+  for (const { r, report, error } of reports) {
+    const head = { client: r.spec.id, kind: r.spec.kind, channels: r.spec.channels };
+    if (error) failed++;
+    out(error ? { ...head, error } : { ...head, ...report });
+  }
+}
+
+// `report`: every client's report so far (the clients go on); `stop` (or stdin's end): the
+// final reports, then exit.
 await new Promise((resolve) => {
   const lines = createInterface({ input: process.stdin });
-  lines.on('line', (line) => { if (line.trim() === 'stop') resolve(); });
-  lines.on('close', resolve);
+  let queue = Promise.resolve();
+  lines.on('line', (line) => {
+    const cmd = line.trim();
+    if (cmd === 'report') queue = queue.then(reportAll);
+    else if (cmd === 'stop') queue.then(resolve);
+  });
+  lines.on('close', () => queue.then(resolve));
 });
 log('stop');
-// One line per client; a client that cannot report (its page crashed) gets a line with
-// `error` instead, and the exit status is then 1.
-const reports = await Promise.all(running.map(async (r) => {
-  try {
-    return { r, report: await r.report() };
-  } catch (err) {
-    return { r, error: err.message.split('\n')[0] };
-  }
-}));
-let failed = 0;
-for (const { r, report, error } of reports) {
-  const head = { client: r.spec.id, kind: r.spec.kind, channels: r.spec.channels };
-  if (error) failed++;
-  out(error ? { ...head, error } : { ...head, ...report });
-}
+failed = 0;
+await reportAll();
 await Promise.race([Promise.all(running.map((r) => r.close())), new Promise((r) => setTimeout(r, 3000))]).catch(() => {});
 await Promise.race([browser?.close(), new Promise((r) => setTimeout(r, 5000))]).catch(() => {});
 process.exit(failed ? 1 : 0);
