@@ -4,7 +4,10 @@
 //! - [`consume`] (consume): the consumer group loop, commits after acknowledgement;
 //! - [`route`] (route): the presence-fed routing cache;
 //! - [`deliver`] (deliver): one gRPC stream per gateway, acks, redelivery;
-//! - [`offsets`]: the pure commit-point tracker; [`kafka`]: client settings, topics.
+//! - [`offsets`]: the pure commit-point tracker; [`kafka`]: client settings, topics;
+//! - [`history`] (Push.History): hot window or Kafka read; [`hot`]: the hot windows the
+//!   consumer feeds (pure); [`epoch`]: a channel's partition and epoch (pure);
+//!   [`topic_id`]: Kafka's topic id through DescribeTopics (the one FFI module).
 
 pub mod config;
 pub mod consume;
