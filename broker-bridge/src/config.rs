@@ -88,7 +88,7 @@ mod tests {
         let base = ["broker-bridge", "--presence-addrs", "http://p:1"];
         let cli = super::Cli::try_parse_from(base).unwrap();
         assert_eq!(cli.history.len(), 1);
-        assert_eq!((cli.history[0].pattern.as_str(), cli.history[0].max_messages), ("*", 1000));
+        assert_eq!((cli.history[0].pattern.as_str(), cli.history[0].max_messages), ("*", 10000));
         assert_eq!(cli.history[0].max_age, std::time::Duration::from_secs(3600));
         assert_eq!((cli.history_memory, cli.history_max_scan), (64 << 20, 200_000));
         let cli =

@@ -169,7 +169,15 @@ pub struct Readers {
     slots: Arc<Semaphore>,
     waiting: AtomicUsize,
     read_timeout: Duration,
+    /// Recent high watermarks per partition, for position-only answers.
+    recent_high: Mutex<std::collections::HashMap<i32, (std::time::Instant, i64)>>,
 }
+
+/// How long a high watermark may answer a position-only request. A stale one is only
+/// lower than the truth, which is safe: the gateway then checks (and if needed reads)
+/// the span up to its first live message. It spares the broker one request per
+/// subscribe in a reconnect storm.
+pub const POSITION_CACHE: Duration = Duration::from_millis(250);
 
 impl std::fmt::Debug for Readers {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -191,7 +199,20 @@ impl Readers {
             slots: Arc::new(Semaphore::new(CONCURRENT_READS)),
             waiting: AtomicUsize::new(0),
             read_timeout: READ_TIMEOUT,
+            recent_high: Mutex::new(std::collections::HashMap::new()),
         })
+    }
+
+    /// The high watermark of `partition`, at most [`POSITION_CACHE`] old.
+    pub async fn recent_high(self: &Arc<Self>, partition: i32) -> Result<i64, Status> {
+        if let Some(&(at, high)) = self.recent_high.lock().get(&partition)
+            && at.elapsed() < POSITION_CACHE
+        {
+            return Ok(high);
+        }
+        let (_, high) = self.watermarks(partition).await?;
+        self.recent_high.lock().insert(partition, (std::time::Instant::now(), high));
+        Ok(high)
     }
 
     /// Another bound for one read (default [`READ_TIMEOUT`]).
@@ -349,6 +370,12 @@ impl History {
                 return Ok(hot_response(a, &epoch));
             }
         }
+        if position_only {
+            let high = self.readers.recent_high(partition).await.inspect_err(|_| count("log", "error"))?;
+            count("log", "ok");
+            let position = pb::Position { seq: high.max(0) as u64, epoch: epoch.to_string() };
+            return Ok(pb::HistoryResponse { position: Some(position), ..Default::default() });
+        }
         let (low, high) = match self.readers.watermarks(partition).await {
             Ok(w) => w,
             Err(e) => {
@@ -357,10 +384,6 @@ impl History {
             }
         };
         let current = pb::Position { seq: high.max(0) as u64, epoch: epoch.to_string() };
-        if position_only {
-            count("log", "ok");
-            return Ok(pb::HistoryResponse { position: Some(current), ..Default::default() });
-        }
         if since.as_ref().is_some_and(|s| s.epoch != *epoch) {
             return Ok(lost(Lost::EpochChanged, current));
         }
