@@ -192,8 +192,12 @@ pub const RECOVERY_HOLD: usize = 1024;
 struct Recovery {
     handle: SessionHandle,
     held: Vec<(u64, Bytes)>,
-    /// Presence events for it (after its ack, before what it recovers).
+    /// Presence events for it (queued at the hand-over, after what it recovered).
     events: Vec<Bytes>,
+    /// Most frames held (half the send queue, so that the hand-over fits in the queue).
+    cap: usize,
+    /// The channel's epoch changed while it recovered: every held frame is new.
+    epoch_reset: bool,
     /// Frames were dropped from `held`: what follows the last sent must be read again.
     overflowed: bool,
     notify: Arc<Notify>,
@@ -201,7 +205,7 @@ struct Recovery {
 
 impl Recovery {
     fn hold(&mut self, seq: u64, frame: &Bytes) {
-        if self.held.len() >= RECOVERY_HOLD {
+        if self.held.len() >= self.cap {
             self.held = Vec::new();
             self.overflowed = true;
         } else if !self.overflowed {
@@ -211,18 +215,22 @@ impl Recovery {
     }
 
     fn event(&mut self, frame: &Bytes) {
-        if self.events.len() < RECOVERY_HOLD {
+        // Presence events are not positioned: beyond this many, later ones are dropped
+        // (the next `presence` query or count frame tells the state).
+        if self.events.len() < self.cap / 4 + 1 {
             self.events.push(frame.clone());
         }
     }
 
-    /// Queues the held events and the held frames newer than `sent_through`.
+    /// Queues the held events and the held frames newer than `sent_through` (all of
+    /// them after an epoch change).
     fn release(self, sent_through: u64) -> SessionHandle {
+        let floor = if self.epoch_reset { 0 } else { sent_through };
         for frame in &self.events {
             self.handle.deliver(frame);
         }
         for (seq, frame) in &self.held {
-            if *seq > sent_through {
+            if *seq > floor {
                 self.handle.deliver(frame);
             }
         }
@@ -237,6 +245,10 @@ pub enum Finish {
     Done,
     /// Messages after this seq may be missing from what was sent: read them first.
     More { since: u64 },
+    /// The channel's epoch changed during the recovery: what was read counts in the
+    /// old stream. Report a gap and hand over (`abandon_recovery` sends every frame held
+    /// since the change).
+    EpochChanged,
     /// Nothing was held yet and the cluster's route to this node is not proven:
     /// wait for the first live frame (or a bounded time) and finish again.
     Wait(Arc<Notify>),
@@ -279,6 +291,10 @@ pub struct Hub {
     /// The highest seq a forgotten (swept) channel had lost: a new ring cannot vouch
     /// for anything up to it.
     forgotten_through: AtomicU64,
+    /// Positions are this node's (standalone), not the cluster log's.
+    standalone: bool,
+    /// Most live frames held for one recovering session.
+    recovery_hold: usize,
 }
 
 /// One connection as presence sees it (for snapshots).
@@ -314,12 +330,22 @@ impl Hub {
             history_bytes: AtomicUsize::new(0),
             history_budget: 0,
             forgotten_through: AtomicU64::new(0),
+            standalone: false,
+            recovery_hold: RECOVERY_HOLD,
         }
     }
 
-    /// Keeps standalone history by `rules`, within `budget` bytes node-wide.
+    /// Holds at most `n` live frames per recovering session (half its send queue).
+    pub fn with_recovery_hold(mut self, n: usize) -> Self {
+        self.recovery_hold = n.max(1);
+        self
+    }
+
+    /// Standalone: positions are this node's; history kept by `rules` within `budget`
+    /// bytes node-wide (0: none).
     pub fn with_history(mut self, rules: Rules, budget: usize) -> Self {
-        self.rules = rules;
+        self.standalone = true;
+        self.rules = if budget > 0 { rules } else { Rules::default() };
         self.history_budget = budget;
         metrics::gauge!(m::HISTORY_BUDGET).set(budget as f64);
         self
@@ -381,7 +407,7 @@ impl Hub {
         if st.subs.contains_key(&handle.id) || st.recovering.iter().any(|r| r.handle.id == handle.id) {
             return None;
         }
-        let position = if self.rules_active() {
+        let position = if self.standalone {
             Position { seq: self.last_seq.load(Ordering::Relaxed), epoch: self.epoch.clone() }
         } else {
             Position { seq: st.seq, epoch: st.epoch.clone().unwrap_or_else(|| Arc::from("")) }
@@ -391,6 +417,8 @@ impl Hub {
                 handle: handle.clone(),
                 held: Vec::new(),
                 events: Vec::new(),
+                cap: self.recovery_hold,
+                epoch_reset: false,
                 overflowed: false,
                 notify: Arc::new(Notify::new()),
             });
@@ -443,6 +471,9 @@ impl Hub {
         };
         let route_unproven = st.seq == 0;
         let r = &mut st.recovering[i];
+        if r.epoch_reset {
+            return Finish::EpochChanged;
+        }
         if r.overflowed {
             r.overflowed = false;
             return Finish::More { since: sent_through };
@@ -473,8 +504,9 @@ impl Hub {
         let Some(ch) = ch else { return };
         let mut st = ch.state.lock();
         let Some(i) = st.recovering.iter().position(|r| r.handle.id == id) else { return };
+        let reset = st.recovering[i].epoch_reset;
         let handle = st.recovering.swap_remove(i).release(sent_through);
-        if sent_through > st.seq && self.history_budget == 0 {
+        if sent_through > st.seq && !self.standalone && !reset {
             st.floors.push((handle.id, sent_through));
         }
         st.subs.insert(handle.id, handle);
@@ -495,6 +527,7 @@ impl Hub {
             return false;
         }
         if st.idle() {
+            self.forget(&st);
             shard.remove(channel);
         }
         drop(shard);
@@ -529,15 +562,34 @@ impl Hub {
     pub fn publish(&self, channel: &str, id: &str, from: &str, data: &str) -> Published {
         let rule = self.rules.for_channel(channel);
         let shard = &self.channels[self.shard(channel)];
-        let existing = shard.read().get(channel).cloned();
-        let ch = match (existing, rule) {
-            (Some(ch), _) => ch,
-            (None, Some(_)) => shard.write().entry(Arc::from(channel)).or_default().clone(),
-            (None, None) => {
-                return Published { seq: self.last_seq.fetch_add(1, Ordering::Relaxed) + 1, delivered: 0 };
-            }
-        };
-        let mut st = ch.state.lock();
+        // The channel's lock is taken before the shard's is released, so that the entry
+        // cannot be dropped (by an unsubscribe or the sweeper) between the two.
+        let read = shard.read();
+        if let Some(ch) = read.get(channel).cloned() {
+            let st = ch.state.lock();
+            drop(read);
+            return self.publish_locked(channel, id, from, data, rule, st);
+        }
+        drop(read);
+        if rule.is_none() {
+            return Published { seq: self.last_seq.fetch_add(1, Ordering::Relaxed) + 1, delivered: 0 };
+        }
+        let mut write = shard.write();
+        let ch = write.entry(Arc::from(channel)).or_default().clone();
+        let st = ch.state.lock();
+        drop(write);
+        self.publish_locked(channel, id, from, data, rule, st)
+    }
+
+    fn publish_locked(
+        &self,
+        channel: &str,
+        id: &str,
+        from: &str,
+        data: &str,
+        rule: Option<&kit::history::Rule>,
+        mut st: parking_lot::MutexGuard<'_, ChannelState>,
+    ) -> Published {
         // Taken under the channel's lock: the channel's order is its seq order.
         let seq = self.last_seq.fetch_add(1, Ordering::Relaxed) + 1;
         st.seq = seq;
@@ -556,6 +608,13 @@ impl Hub {
         drop(st);
         metrics::counter!(m::MESSAGES_OUT, "kind" => "message").increment(delivered);
         Published { seq, delivered }
+    }
+
+    /// A channel entry is dropped: a ring made for it later cannot vouch for what this one lost.
+    fn forget(&self, st: &ChannelState) {
+        if let Some(ring) = st.history.as_ref() {
+            self.forgotten_through.fetch_max(ring.lost_through(), Ordering::Relaxed);
+        }
     }
 
     fn account(&self, added: usize, freed: usize) {
@@ -643,9 +702,7 @@ impl Hub {
                     }
                 }
                 if st.idle() {
-                    if let Some(ring) = st.history.as_ref() {
-                        self.forgotten_through.fetch_max(ring.lost_through(), Ordering::Relaxed);
-                    }
+                    self.forget(&st);
                     return false;
                 }
                 // Standalone seqs come from one node-wide counter: the oldest seq is the oldest entry.
@@ -698,9 +755,16 @@ impl Hub {
         let mut st = ch.state.lock();
         if st.epoch.as_deref() != Some(epoch) {
             // A new stream (the log was re-created or re-partitioned): its seqs start over.
+            let changed = st.epoch.is_some();
             st.epoch = Some(Arc::from(epoch));
             st.seq = 0;
             st.floors.clear();
+            // What recovering sessions were read so far counts in the old epoch.
+            for r in st.recovering.iter_mut().filter(|_| changed) {
+                r.held.clear();
+                r.overflowed = false;
+                r.epoch_reset = true;
+            }
         }
         if seq <= st.seq {
             return None;
@@ -1096,5 +1160,48 @@ pub(crate) mod tests {
         };
         assert_eq!(seqs(&mut ra), [10, 15, 20, 21]);
         assert_eq!(seqs(&mut rb), [21], "15 and 20 were in its history");
+    }
+
+    #[test]
+    fn an_epoch_change_during_a_recovery_is_reported_and_the_new_stream_kept() {
+        let hub = Hub::new(vec![], 1000);
+        let (b, mut rb) = session(&hub, 2, "b", 64);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe_recovering(&b, &ch).unwrap();
+        hub.publish_at("c", "old", "x", 1051, "k.0", "1", &mut Vec::new());
+        // The topic was re-created: the new stream starts again at small seqs.
+        for seq in 1..=3 {
+            hub.publish_at("c", "new", "x", seq, "k.1", "1", &mut Vec::new());
+        }
+        assert!(matches!(hub.finish_recovery(2, "c", 1050, 1050, false, true), Finish::EpochChanged));
+        hub.abandon_recovery(2, "c", 1050);
+        let got: Vec<u64> =
+            std::iter::from_fn(|| rb.try_recv()).map(|f| text_of(&f)["seq"].as_u64().unwrap()).collect();
+        assert_eq!(got, [1, 2, 3], "the new epoch's frames, none suppressed by the old position");
+        hub.publish_at("c", "new", "x", 4, "k.1", "1", &mut Vec::new());
+        assert_eq!(text_of(&rb.try_recv().unwrap())["seq"], 4, "no floor from the old epoch");
+    }
+
+    #[test]
+    fn a_channel_dropped_by_its_last_unsubscribe_keeps_its_lost_mark() {
+        let hub = history_hub("*=2/1h", 1 << 30);
+        let (a, _ra) = session(&hub, 1, "a", 64);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe(&a, &ch);
+        let first = hub.publish("c", "m", "x", "1").seq;
+        for _ in 0..2 {
+            hub.publish("c", "m", "x", "1");
+        }
+        // Empty the ring by age as the sweeper would, then the last subscriber leaves.
+        {
+            let entry = hub.channels[hub.shard("c")].read().get("c").cloned().unwrap();
+            let mut st = entry.state.lock();
+            let freed = st.history.as_mut().unwrap().expire(u64::MAX, std::time::Duration::ZERO);
+            hub.account(0, freed);
+        }
+        hub.unsubscribe(1, &a.user, "c");
+        let epoch = hub.epoch().clone();
+        let page = hub.history("c", Some(&Position { seq: first, epoch }), 10, false);
+        assert_eq!(page.lost, Some(Lost::TooOld), "what the dropped ring lost is not vouched for");
     }
 }

@@ -257,8 +257,10 @@ pub async fn run(
     let remote = !settings.presence_addrs.is_empty();
     // With remote presence, joins and leaves come from its Watch stream, not the hub.
     let patterns = if remote { Vec::new() } else { settings.presence_channels.clone() };
-    let mut hub = Hub::new(patterns, settings.large_room);
-    if settings.bridge_addrs.is_empty() && settings.history_memory > 0 {
+    // Live frames held for a recovering session fit in half its send queue, so that the
+    // hand-over (after up to a queue's worth of recovered messages) never overflows it.
+    let mut hub = Hub::new(patterns, settings.large_room).with_recovery_hold(settings.session.send_queue / 2);
+    if settings.bridge_addrs.is_empty() {
         hub = hub.with_history(settings.history.clone(), settings.history_memory);
     }
     let hub = Arc::new(hub);

@@ -49,14 +49,23 @@ pub(super) async fn subscribe(
     node.presence.subscribed(handle.id, channel);
     let gapless = node.bus.gapless();
     let since = since.map(|s| Position { seq: s.seq, epoch: Arc::from(s.epoch) });
-    let (items, position, lost) = match &since {
-        None if gapless => (Vec::new(), Some(local), None),
+    let max = node.config.recovery_max;
+    let (items, mut position, lost) = match &since {
+        None if gapless => (Vec::new(), Some(local.clone()), None),
         None => match node.bus.history(channel, None, 0, true).await {
             Ok(page) => (Vec::new(), page.position, None),
             Err(_) => (Vec::new(), None, None),
         },
-        Some(since) => read_all(node, channel, since).await,
+        Some(since) => read_all(&*node.bus, max, channel, since).await,
     };
+    if lost == Some(Lost::TooMany) {
+        // The live stream starts where the subscription took effect, not where the read stopped.
+        position = if gapless {
+            Some(local)
+        } else {
+            node.bus.history(channel, None, 0, true).await.ok().and_then(|p| p.position)
+        };
+    }
     let outcome = match (&since, lost) {
         (None, _) => "none",
         (Some(_), None) => "recovered",
@@ -66,7 +75,7 @@ pub(super) async fn subscribe(
     reply(handle, protocol::subscribed(r, channel, position.as_ref(), since.as_ref().map(|_| lost)));
     // What the session was sent is complete through `through`: its since plus what
     // was recovered, or the position it was given.
-    let mut through = match (&since, lost) {
+    let through = match (&since, lost) {
         (Some(s), None) => items.last().map_or(s.seq, |i| i.seq).max(position.as_ref().map_or(0, |p| p.seq)),
         _ => position.as_ref().map_or(0, |p| p.seq),
     };
@@ -74,53 +83,105 @@ pub(super) async fn subscribe(
     if !send(handle, &items).await {
         return;
     }
-    if lost.is_some() || epoch.is_none() {
+    let (None, Some(epoch)) = (lost, epoch) else {
         // Nothing to line up with: the live stream goes on from here.
         node.hub.abandon_recovery(handle.id, channel, through);
         return;
+    };
+    let mut handover = Handover {
+        hub: node.hub.clone(),
+        bus: node.bus.clone(),
+        max,
+        handle: handle.clone(),
+        channel: channel.clone(),
+        epoch,
+        through,
+        gapless,
+        asked: since.is_some(),
+    };
+    // Usually done at once; a wait for proof of the cluster's route runs beside the
+    // session, so that its other commands are not held up.
+    if let Some(notify) = handover.run(false).await {
+        tokio::spawn(async move {
+            let _ = tokio::time::timeout(ROUTE_SETTLE, notify.notified()).await;
+            handover.run(true).await;
+        });
     }
-    let epoch = epoch.unwrap_or_default();
-    let mut settled = false;
-    for _ in 0..FINISH_ROUNDS {
-        match node.hub.finish_recovery(handle.id, channel, through, through, gapless, settled) {
-            Finish::Done => return,
-            Finish::Wait(notify) => {
-                let _ = tokio::time::timeout(ROUTE_SETTLE, notify.notified()).await;
-                settled = true;
-            }
-            Finish::More { since } => {
-                let from = Position { seq: since, epoch: epoch.clone() };
-                let (items, position, lost) = read_all(node, channel, &from).await;
-                if let Some(lost) = lost {
-                    gap(node, handle, channel, &from, lost);
-                    return;
-                }
-                let fresh: Vec<Item> = items.into_iter().filter(|i| i.seq > through).collect();
-                if !send(handle, &fresh).await {
-                    return;
-                }
-                through = fresh.last().map_or(through, |i| i.seq).max(position.map_or(0, |p| p.seq)).max(since);
-            }
-        }
-    }
-    gap(node, handle, channel, &Position { seq: through, epoch }, Lost::TooMany);
 }
 
-/// Tells the client that messages after `after` may be missing and goes live.
-fn gap(node: &Node, handle: &SessionHandle, channel: &Arc<str>, after: &Position, lost: Lost) {
-    metrics::counter!(m::RECOVERY_GAPS, "reason" => lost.as_str()).increment(1);
-    reply(handle, protocol::gap(channel, after, lost));
-    node.hub.abandon_recovery(handle.id, channel, after.seq);
+/// The end of a recovery: lining the held live frames up with what was sent.
+struct Handover {
+    hub: Arc<crate::hub::Hub>,
+    bus: Arc<dyn crate::bus::Bus>,
+    max: usize,
+    handle: SessionHandle,
+    channel: Arc<str>,
+    epoch: Arc<str>,
+    /// What the session was sent is complete through this seq.
+    through: u64,
+    gapless: bool,
+    /// The client asked to recover (a `gap` is reported); else it only subscribed.
+    asked: bool,
+}
+
+impl Handover {
+    /// Hands over; returns what to wait on when the route is not proven yet (only
+    /// when not `settled`).
+    async fn run(&mut self, settled: bool) -> Option<Arc<tokio::sync::Notify>> {
+        let id = self.handle.id;
+        for _ in 0..FINISH_ROUNDS {
+            match self.hub.finish_recovery(id, &self.channel, self.through, self.through, self.gapless, settled) {
+                Finish::Done => return None,
+                Finish::Wait(notify) => return Some(notify),
+                Finish::EpochChanged => {
+                    self.lost(Lost::EpochChanged);
+                    return None;
+                }
+                Finish::More { since } => {
+                    let from = Position { seq: since, epoch: self.epoch.clone() };
+                    let (items, position, lost) = read_all(&*self.bus, self.max, &self.channel, &from).await;
+                    if let Some(lost) = lost {
+                        self.through = self.through.max(since);
+                        self.lost(lost);
+                        return None;
+                    }
+                    let fresh: Vec<Item> = items.into_iter().filter(|i| i.seq > self.through).collect();
+                    if !send(&self.handle, &fresh).await {
+                        return None;
+                    }
+                    self.through =
+                        fresh.last().map_or(self.through, |i| i.seq).max(position.map_or(0, |p| p.seq)).max(since);
+                }
+            }
+        }
+        self.lost(Lost::TooMany);
+        None
+    }
+
+    /// What follows `through` cannot be read: tell a client that asked to recover
+    /// (`gap`), and go live.
+    fn lost(&self, lost: Lost) {
+        if self.asked {
+            metrics::counter!(m::RECOVERY_GAPS, "reason" => lost.as_str()).increment(1);
+            let after = Position { seq: self.through, epoch: self.epoch.clone() };
+            reply(&self.handle, protocol::gap(&self.channel, &after, lost));
+        }
+        self.hub.abandon_recovery(self.handle.id, &self.channel, self.through);
+    }
 }
 
 /// Reads every message after `since`, page by page, up to the recovery limits.
-async fn read_all(node: &Node, channel: &str, since: &Position) -> (Vec<Item>, Option<Position>, Option<Lost>) {
-    let max = node.config.recovery_max;
+async fn read_all(
+    bus: &dyn crate::bus::Bus,
+    max: usize,
+    channel: &str,
+    since: &Position,
+) -> (Vec<Item>, Option<Position>, Option<Lost>) {
     let mut items: Vec<Item> = Vec::new();
     let mut bytes = 0;
     let mut cursor = since.clone();
     loop {
-        let page: Page = match node.bus.history(channel, Some(&cursor), crate::history::PAGE_MAX, false).await {
+        let page: Page = match bus.history(channel, Some(&cursor), crate::history::PAGE_MAX, false).await {
             Ok(p) => p,
             Err(_) => return (Vec::new(), None, Some(Lost::Unavailable)),
         };
