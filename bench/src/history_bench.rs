@@ -8,7 +8,6 @@
 //!    from its subscribe to the last recovered message, median of `runs`.
 
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
@@ -31,22 +30,10 @@ pub(crate) struct Options {
 }
 
 fn start(bin: &PathBuf, history: &str) -> anyhow::Result<(super::Gateway, std::net::SocketAddr)> {
-    use std::io::{BufRead, BufReader};
-    let mut child = Command::new(bin)
-        .args(["--listen", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
-        .args(["--jwt-hs256-secret", super::SECRET, "--history", history, "--history-memory", "4000000000"])
-        .args(["--publish-rate", "1000000", "--publish-burst", "1000000"])
-        .env("SWITCHBOARD_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .with_context(|| format!("cannot start {}", bin.display()))?;
-    let mut line = String::new();
-    BufReader::new(child.stdout.take().context("stdout")?).read_line(&mut line)?;
-    let field = |k: &str| -> anyhow::Result<std::net::SocketAddr> {
-        Ok(line.split_whitespace().find_map(|kv| kv.strip_prefix(k)).context("LISTENING line")?.parse()?)
-    };
-    let client = field("client=")?;
-    Ok((super::Gateway { client, admin: field("admin=")?, child }, client))
+    let extra = ["--history", history, "--history-memory", "4000000000", "--publish-rate", "1000000"];
+    let gw = super::start_gateway_with(bin, &[&extra[..], &["--publish-burst", "1000000"]].concat())?;
+    let client = gw.client;
+    Ok((gw, client))
 }
 
 async fn connect(addr: std::net::SocketAddr, user: &str) -> anyhow::Result<Ws> {

@@ -211,10 +211,16 @@ impl Drop for Gateway {
 }
 
 fn start_gateway(bin: &PathBuf) -> anyhow::Result<Gateway> {
+    start_gateway_with(bin, &[])
+}
+
+/// Starts the gateway binary on loopback with the bench's secret and `extra` flags.
+fn start_gateway_with(bin: &PathBuf, extra: &[&str]) -> anyhow::Result<Gateway> {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new(bin)
         .args(["--listen", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"])
         .args(["--jwt-hs256-secret", SECRET])
+        .args(extra)
         .env("SWITCHBOARD_LOG", "warn")
         .stdout(Stdio::piped())
         .spawn()
