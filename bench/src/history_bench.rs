@@ -136,20 +136,7 @@ pub(crate) async fn run(o: Options) -> anyhow::Result<()> {
             let msg = |i: usize| json!({"op":"publish","channel":channel,"data":{"i":i,"b":body}}).to_string();
             publish_pipelined(&mut p, (0..n).map(msg)).await?;
             let mut b = connect(addr, "back").await?;
-            let started = Instant::now();
-            b.send(Message::text(json!({"op":"subscribe","channel":channel,"since":position,"ref":2}).to_string()))
-                .await?;
-            let ack = next_json(&mut b).await?;
-            if ack["recovered"] != true {
-                bail!("not recovered: {ack}");
-            }
-            let mut got = 0;
-            while got < n {
-                if next_json(&mut b).await?["type"] == "message" {
-                    got += 1;
-                }
-            }
-            runs.push(started.elapsed().as_secs_f64() * 1000.0);
+            runs.push(time_recovery(&mut b, &channel, &position, n).await?);
         }
         runs.sort_by(f64::total_cmp);
         let median = runs[runs.len() / 2];
@@ -235,15 +222,20 @@ async fn recover_once(
         }
     }
     let mut b = connect_with(addr, "back", secret).await?;
+    time_recovery(&mut b, channel, &position, n).await
+}
+
+/// Subscribes with `since` = `position` and times the recovery of `n` messages, in ms.
+async fn time_recovery(b: &mut Ws, channel: &str, position: &Value, n: usize) -> anyhow::Result<f64> {
     let started = Instant::now();
     b.send(Message::text(json!({"op":"subscribe","channel":channel,"since":position,"ref":2}).to_string())).await?;
-    let ack = next_json(&mut b).await?;
+    let ack = next_json(b).await?;
     if ack["recovered"] != true {
         bail!("not recovered: {ack}");
     }
     let mut got = 0;
     while got < n {
-        if next_json(&mut b).await?["type"] == "message" {
+        if next_json(b).await?["type"] == "message" {
             got += 1;
         }
     }

@@ -449,20 +449,11 @@ impl Hub {
     }
 
     /// Ends a session's recovery: when nothing can be missing between what it was
-    /// sent (`sent_through`) and the frames held for it, queues the held frames
-    /// newer than `sent_through` and makes it a plain subscriber. `complete_through`:
-    /// the history it was sent is complete up to this seq. `gapless`: the held frames
+    /// sent (complete through `sent_through`) and the frames held for it, queues the
+    /// held frames newer than `sent_through` and makes it a plain subscriber. `gapless`: the held frames
     /// follow the history read with nothing in between (standalone). `settled`: stop
     /// waiting for proof that the cluster routes this channel here.
-    pub fn finish_recovery(
-        &self,
-        id: u64,
-        channel: &str,
-        sent_through: u64,
-        complete_through: u64,
-        gapless: bool,
-        settled: bool,
-    ) -> Finish {
+    pub fn finish_recovery(&self, id: u64, channel: &str, sent_through: u64, gapless: bool, settled: bool) -> Finish {
         let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
         let Some(ch) = ch else { return Finish::Done };
         let mut st = ch.state.lock();
@@ -482,8 +473,8 @@ impl Hub {
             match r.held.first() {
                 // In a cluster a seq is a partition offset + 1: a held frame right after
                 // the read proves nothing is missing; otherwise read the span between.
-                Some(&(first, _)) if first > complete_through + 1 && complete_through > 0 => {
-                    return Finish::More { since: complete_through.max(sent_through) };
+                Some(&(first, _)) if first > sent_through + 1 && sent_through > 0 => {
+                    return Finish::More { since: sent_through };
                 }
                 None if !settled && route_unproven => return Finish::Wait(r.notify.clone()),
                 _ => {}
@@ -1077,7 +1068,7 @@ pub(crate) mod tests {
         let p2 = hub.publish("c", "m2", "x", "2");
         assert!(ra.try_recv().is_none(), "held while recovering");
         // The session was sent history through p1: only p2 follows.
-        assert!(matches!(hub.finish_recovery(1, "c", p1.seq, p1.seq, true, true), Finish::Done));
+        assert!(matches!(hub.finish_recovery(1, "c", p1.seq, true, true), Finish::Done));
         assert_eq!(text_of(&ra.try_recv().unwrap())["seq"], p2.seq);
         assert!(ra.try_recv().is_none());
         assert!(at.seq < p1.seq);
@@ -1090,7 +1081,7 @@ pub(crate) mod tests {
         for i in 0..=RECOVERY_HOLD {
             hub.publish("c", &format!("o{i}"), "x", "0");
         }
-        match hub.finish_recovery(2, "c", p3.seq, p3.seq, true, true) {
+        match hub.finish_recovery(2, "c", p3.seq, true, true) {
             Finish::More { since } => assert_eq!(since, p3.seq),
             other => panic!("{other:?}"),
         }
@@ -1104,15 +1095,15 @@ pub(crate) mod tests {
         let ch: Arc<str> = "c".into();
         hub.subscribe_recovering(&a, &ch).unwrap();
         // No live frame yet on a channel new here: wait for proof of the route.
-        assert!(matches!(hub.finish_recovery(1, "c", 10, 10, false, false), Finish::Wait(_)));
+        assert!(matches!(hub.finish_recovery(1, "c", 10, false, false), Finish::Wait(_)));
         // The first live frame is at 15: 11..14 may exist; read from 10.
         hub.publish_at("c", "m", "x", 15, "k.0", "1", &mut Vec::new());
-        match hub.finish_recovery(1, "c", 10, 10, false, false) {
+        match hub.finish_recovery(1, "c", 10, false, false) {
             Finish::More { since } => assert_eq!(since, 10),
             other => panic!("{other:?}"),
         }
         // Complete through 14 now: 15 follows directly.
-        assert!(matches!(hub.finish_recovery(1, "c", 14, 14, false, false), Finish::Done));
+        assert!(matches!(hub.finish_recovery(1, "c", 14, false, false), Finish::Done));
         assert_eq!(text_of(&ra.try_recv().unwrap())["seq"], 15);
         // Another epoch starts the channel's seqs over.
         assert_eq!(hub.publish_at("c", "m", "x", 3, "k.1", "1", &mut Vec::new()), Some(1));
@@ -1151,7 +1142,7 @@ pub(crate) mod tests {
         hub.publish_at("c", "m10", "x", 10, "k.0", "1", &mut Vec::new());
         hub.subscribe_recovering(&b, &ch).unwrap();
         // b was sent history through 20 from the log; live delivery here is at 10.
-        assert!(matches!(hub.finish_recovery(2, "c", 20, 20, false, true), Finish::Done));
+        assert!(matches!(hub.finish_recovery(2, "c", 20, false, true), Finish::Done));
         for seq in [15, 20, 21] {
             hub.publish_at("c", "m", "x", seq, "k.0", "1", &mut Vec::new());
         }
@@ -1173,7 +1164,7 @@ pub(crate) mod tests {
         for seq in 1..=3 {
             hub.publish_at("c", "new", "x", seq, "k.1", "1", &mut Vec::new());
         }
-        assert!(matches!(hub.finish_recovery(2, "c", 1050, 1050, false, true), Finish::EpochChanged));
+        assert!(matches!(hub.finish_recovery(2, "c", 1050, false, true), Finish::EpochChanged));
         hub.abandon_recovery(2, "c", 1050);
         let got: Vec<u64> =
             std::iter::from_fn(|| rb.try_recv()).map(|f| text_of(&f)["seq"].as_u64().unwrap()).collect();

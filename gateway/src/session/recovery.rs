@@ -130,7 +130,7 @@ impl Handover {
     async fn run(&mut self, settled: bool) -> Option<Arc<tokio::sync::Notify>> {
         let id = self.handle.id;
         for _ in 0..FINISH_ROUNDS {
-            match self.hub.finish_recovery(id, &self.channel, self.through, self.through, self.gapless, settled) {
+            match self.hub.finish_recovery(id, &self.channel, self.through, self.gapless, settled) {
                 Finish::Done => return None,
                 Finish::Wait(notify) => return Some(notify),
                 Finish::EpochChanged => {
