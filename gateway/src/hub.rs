@@ -179,6 +179,24 @@ impl ChannelState {
         delivered
     }
 
+    /// Cluster: `id` was sent the log of `epoch` through `sent_through`; live frames up
+    /// to there are not sent to it again. The floor names the stream it counts in: on
+    /// a channel that has had no live frame here yet, that stream becomes the
+    /// channel's, so that its first live frames (behind the history read) are
+    /// recognised as already sent rather than taken for a new stream.
+    fn raise_floor(&mut self, id: u64, sent_through: u64, epoch: Option<&str>) {
+        let Some(epoch) = epoch else { return };
+        if sent_through <= self.seq {
+            return;
+        }
+        match self.epoch.as_deref() {
+            None => self.epoch = Some(Arc::from(epoch)),
+            Some(e) if e != epoch => return,
+            Some(_) => {}
+        }
+        self.floors.push((id, sent_through));
+    }
+
     fn idle(&self) -> bool {
         self.subs.is_empty() && self.recovering.is_empty() && self.history.as_ref().is_none_or(|h| h.is_empty())
     }
@@ -453,7 +471,15 @@ impl Hub {
     /// held frames newer than `sent_through` and makes it a plain subscriber. `gapless`: the held frames
     /// follow the history read with nothing in between (standalone). `settled`: stop
     /// waiting for proof that the cluster routes this channel here.
-    pub fn finish_recovery(&self, id: u64, channel: &str, sent_through: u64, gapless: bool, settled: bool) -> Finish {
+    pub fn finish_recovery(
+        &self,
+        id: u64,
+        channel: &str,
+        sent: (u64, Option<&str>),
+        gapless: bool,
+        settled: bool,
+    ) -> Finish {
+        let (sent_through, epoch) = sent;
         let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
         let Some(ch) = ch else { return Finish::Done };
         let mut st = ch.state.lock();
@@ -481,8 +507,8 @@ impl Hub {
             }
         }
         let handle = st.recovering.swap_remove(i).release(sent_through);
-        if sent_through > st.seq && !gapless {
-            st.floors.push((handle.id, sent_through));
+        if !gapless {
+            st.raise_floor(handle.id, sent_through, epoch);
         }
         st.subs.insert(handle.id, handle);
         Finish::Done
@@ -490,15 +516,16 @@ impl Hub {
 
     /// Ends a recovery whatever was held: queues every held frame newer than
     /// `sent_through` (after a `gap` was reported, or when nothing more can be read).
-    pub fn abandon_recovery(&self, id: u64, channel: &str, sent_through: u64) {
+    pub fn abandon_recovery(&self, id: u64, channel: &str, sent: (u64, Option<&str>)) {
+        let (sent_through, epoch) = sent;
         let ch = self.channels[self.shard(channel)].read().get(channel).cloned();
         let Some(ch) = ch else { return };
         let mut st = ch.state.lock();
         let Some(i) = st.recovering.iter().position(|r| r.handle.id == id) else { return };
         let reset = st.recovering[i].epoch_reset;
         let handle = st.recovering.swap_remove(i).release(sent_through);
-        if sent_through > st.seq && !self.standalone && !reset {
-            st.floors.push((handle.id, sent_through));
+        if !self.standalone && !reset {
+            st.raise_floor(handle.id, sent_through, epoch);
         }
         st.subs.insert(handle.id, handle);
     }
@@ -1068,7 +1095,7 @@ pub(crate) mod tests {
         let p2 = hub.publish("c", "m2", "x", "2");
         assert!(ra.try_recv().is_none(), "held while recovering");
         // The session was sent history through p1: only p2 follows.
-        assert!(matches!(hub.finish_recovery(1, "c", p1.seq, true, true), Finish::Done));
+        assert!(matches!(hub.finish_recovery(1, "c", (p1.seq, None), true, true), Finish::Done));
         assert_eq!(text_of(&ra.try_recv().unwrap())["seq"], p2.seq);
         assert!(ra.try_recv().is_none());
         assert!(at.seq < p1.seq);
@@ -1081,7 +1108,7 @@ pub(crate) mod tests {
         for i in 0..=RECOVERY_HOLD {
             hub.publish("c", &format!("o{i}"), "x", "0");
         }
-        match hub.finish_recovery(2, "c", p3.seq, true, true) {
+        match hub.finish_recovery(2, "c", (p3.seq, None), true, true) {
             Finish::More { since } => assert_eq!(since, p3.seq),
             other => panic!("{other:?}"),
         }
@@ -1095,15 +1122,15 @@ pub(crate) mod tests {
         let ch: Arc<str> = "c".into();
         hub.subscribe_recovering(&a, &ch).unwrap();
         // No live frame yet on a channel new here: wait for proof of the route.
-        assert!(matches!(hub.finish_recovery(1, "c", 10, false, false), Finish::Wait(_)));
+        assert!(matches!(hub.finish_recovery(1, "c", (10, Some("k.0")), false, false), Finish::Wait(_)));
         // The first live frame is at 15: 11..14 may exist; read from 10.
         hub.publish_at("c", "m", "x", 15, "k.0", "1", &mut Vec::new());
-        match hub.finish_recovery(1, "c", 10, false, false) {
+        match hub.finish_recovery(1, "c", (10, Some("k.0")), false, false) {
             Finish::More { since } => assert_eq!(since, 10),
             other => panic!("{other:?}"),
         }
         // Complete through 14 now: 15 follows directly.
-        assert!(matches!(hub.finish_recovery(1, "c", 14, false, false), Finish::Done));
+        assert!(matches!(hub.finish_recovery(1, "c", (14, Some("k.0")), false, false), Finish::Done));
         assert_eq!(text_of(&ra.try_recv().unwrap())["seq"], 15);
         // Another epoch starts the channel's seqs over.
         assert_eq!(hub.publish_at("c", "m", "x", 3, "k.1", "1", &mut Vec::new()), Some(1));
@@ -1142,7 +1169,7 @@ pub(crate) mod tests {
         hub.publish_at("c", "m10", "x", 10, "k.0", "1", &mut Vec::new());
         hub.subscribe_recovering(&b, &ch).unwrap();
         // b was sent history through 20 from the log; live delivery here is at 10.
-        assert!(matches!(hub.finish_recovery(2, "c", 20, false, true), Finish::Done));
+        assert!(matches!(hub.finish_recovery(2, "c", (20, Some("k.0")), false, true), Finish::Done));
         for seq in [15, 20, 21] {
             hub.publish_at("c", "m", "x", seq, "k.0", "1", &mut Vec::new());
         }
@@ -1151,6 +1178,29 @@ pub(crate) mod tests {
         };
         assert_eq!(seqs(&mut ra), [10, 15, 20, 21]);
         assert_eq!(seqs(&mut rb), [21], "15 and 20 were in its history");
+    }
+
+    #[test]
+    fn history_read_before_any_live_frame_here_is_not_shown_again() {
+        let hub = Hub::new(vec![], 1000);
+        let (b, mut rb) = session(&hub, 2, "b", 64);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe_recovering(&b, &ch).unwrap();
+        // b was sent 1 and 3 from the log; the route wait ended with nothing live here yet.
+        assert!(matches!(hub.finish_recovery(2, "c", (3, Some("k.0")), false, true), Finish::Done));
+        for seq in [1, 3, 5] {
+            hub.publish_at("c", "m", "x", seq, "k.0", "1", &mut Vec::new());
+        }
+        let got: Vec<u64> =
+            std::iter::from_fn(|| rb.try_recv()).map(|f| text_of(&f)["seq"].as_u64().unwrap()).collect();
+        assert_eq!(got, [5], "1 and 3 were in its history");
+        // A live stream in another epoch than the one read is new: nothing of it is suppressed.
+        let (a, mut ra) = session(&hub, 3, "a", 64);
+        let other: Arc<str> = "d".into();
+        hub.subscribe_recovering(&a, &other).unwrap();
+        assert!(matches!(hub.finish_recovery(3, "d", (3, Some("k.0")), false, true), Finish::Done));
+        hub.publish_at("d", "m", "x", 2, "k.1", "1", &mut Vec::new());
+        assert_eq!(text_of(&ra.try_recv().unwrap())["seq"], 2);
     }
 
     #[test]
@@ -1164,8 +1214,8 @@ pub(crate) mod tests {
         for seq in 1..=3 {
             hub.publish_at("c", "new", "x", seq, "k.1", "1", &mut Vec::new());
         }
-        assert!(matches!(hub.finish_recovery(2, "c", 1050, false, true), Finish::EpochChanged));
-        hub.abandon_recovery(2, "c", 1050);
+        assert!(matches!(hub.finish_recovery(2, "c", (1050, Some("k.0")), false, true), Finish::EpochChanged));
+        hub.abandon_recovery(2, "c", (1050, Some("k.0")));
         let got: Vec<u64> =
             std::iter::from_fn(|| rb.try_recv()).map(|f| text_of(&f)["seq"].as_u64().unwrap()).collect();
         assert_eq!(got, [1, 2, 3], "the new epoch's frames, none suppressed by the old position");

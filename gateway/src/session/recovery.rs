@@ -83,9 +83,9 @@ pub(super) async fn subscribe(
     if !send(handle, &items).await {
         return;
     }
-    let (None, Some(epoch)) = (lost, epoch) else {
+    let (None, Some(epoch)) = (lost, epoch.clone()) else {
         // Nothing to line up with: the live stream goes on from here.
-        node.hub.abandon_recovery(handle.id, channel, through);
+        node.hub.abandon_recovery(handle.id, channel, (through, epoch.as_deref()));
         return;
     };
     let mut handover = Handover {
@@ -130,7 +130,8 @@ impl Handover {
     async fn run(&mut self, settled: bool) -> Option<Arc<tokio::sync::Notify>> {
         let id = self.handle.id;
         for _ in 0..FINISH_ROUNDS {
-            match self.hub.finish_recovery(id, &self.channel, self.through, self.gapless, settled) {
+            match self.hub.finish_recovery(id, &self.channel, (self.through, Some(&self.epoch)), self.gapless, settled)
+            {
                 Finish::Done => return None,
                 Finish::Wait(notify) => return Some(notify),
                 Finish::EpochChanged => {
@@ -166,7 +167,7 @@ impl Handover {
             let after = Position { seq: self.through, epoch: self.epoch.clone() };
             reply(&self.handle, protocol::gap(&self.channel, &after, lost));
         }
-        self.hub.abandon_recovery(self.handle.id, &self.channel, self.through);
+        self.hub.abandon_recovery(self.handle.id, &self.channel, (self.through, Some(&self.epoch)));
     }
 }
 
