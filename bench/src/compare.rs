@@ -95,6 +95,8 @@ pub(crate) struct Options {
     pub(crate) latency_deliveries_per_s: u64,
     pub(crate) seconds: f64,
     pub(crate) sources: Vec<IpAddr>,
+    /// Scenario name prefixes to run (all when empty).
+    pub(crate) only: Vec<String>,
 }
 
 /// Figures of a saturated run and of a run at a set rate.
@@ -139,6 +141,8 @@ async fn scenario(name: &str, s: &str, o: &Options) -> anyhow::Result<Figures> {
         let n: usize = n.parse()?;
         let rate = (o.latency_deliveries_per_s / n as u64).max(1);
         f = pick(&load::fanout(&t, pid, false, n, rate, o.seconds, 64, 0).await?, AT_RATE)?;
+        // Server CPU per delivery at this rate, in microseconds.
+        f.insert("cpu_us_per_delivery", f["server_cpu_util"] / f["deliveries_per_s"] * 1e6);
     } else {
         bail!("unknown scenario `{name}`");
     }
@@ -151,6 +155,9 @@ pub(crate) async fn run(o: Options) -> anyhow::Result<()> {
     scenarios.extend(o.fanout_subscribers.iter().map(|n| format!("latency-{n}")));
     // Direct messages exist only in Switchboard (the peers have no addressing).
     scenarios.extend(o.direct_users.iter().map(|n| format!("direct-{n}")));
+    if !o.only.is_empty() {
+        scenarios.retain(|sc| o.only.iter().any(|p| sc.starts_with(p.as_str())));
+    }
     // scenario → server → figure → values over runs
     let mut all: BTreeMap<String, BTreeMap<String, BTreeMap<&'static str, Vec<f64>>>> = BTreeMap::new();
     for run in 1..=o.runs {

@@ -126,6 +126,10 @@ enum Scenario {
         /// Source addresses connections are spread over, comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "127.0.0.1,127.0.0.2,127.0.0.3,127.0.0.4")]
         sources: Vec<std::net::IpAddr>,
+        /// Only the scenarios whose name starts with one of these (idle, fanout, latency,
+        /// direct; e.g. `latency-1000`), comma-separated; all when empty.
+        #[arg(long, value_delimiter = ',')]
+        scenarios: Vec<String>,
     },
     /// Many concurrent sessions on this machine: several gateways share one port
     /// (SO_REUSEPORT), several worker processes hold the sessions from several source
@@ -372,6 +376,7 @@ fn main() -> anyhow::Result<()> {
             latency_rate,
             seconds,
             sources,
+            scenarios,
         } => rt.block_on(compare::run(compare::Options {
             servers,
             runs,
@@ -383,6 +388,7 @@ fn main() -> anyhow::Result<()> {
             latency_deliveries_per_s: latency_rate,
             seconds,
             sources,
+            only: scenarios,
         })),
         Scenario::Capacity { connections, gateways, workers, minutes, heartbeat_interval, sources } => {
             rt.block_on(capacity::run(capacity::Options {

@@ -171,7 +171,9 @@ impl Delivery for DeliveryService {
         let mut inbound = req.into_inner();
         let (tx, rx) = mpsc::channel(64);
         let this = self.clone();
-        tokio::spawn(async move {
+        // Corked: the sessions a batch reaches are written to by this task when it
+        // waits (for the next batch, or for room), not woken one by one (outbox.rs).
+        tokio::spawn(crate::outbox::corked(async move {
             metrics::gauge!(m::DELIVERY_STREAMS).increment(1.0);
             let mut congested = Vec::new();
             while let Ok(Some(batch)) = inbound.message().await {
@@ -182,7 +184,7 @@ impl Delivery for DeliveryService {
                 }
             }
             metrics::gauge!(m::DELIVERY_STREAMS).decrement(1.0);
-        });
+        }));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

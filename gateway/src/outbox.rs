@@ -13,7 +13,19 @@
 //! closed as a slow consumer, only once it has stayed congested for `timeout`
 //! or reached twice `cap`. A receiver that has taken nothing for
 //! [`STALLED_AFTER`] while congested is stalled: nobody waits for it.
+//!
+//! Corked writes. A sender running inside a [`corked`] scope (the publishing
+//! session's ingress, a delivery stream) does not wake the receivers of the
+//! queues it fills: it notes them, and at [`flush_cork`] (when it has processed
+//! every command or item it had at hand) writes each one's frames to its socket
+//! itself, from its own thread: one `writev` per session per burst, no task
+//! wake-up, no poll of the session. Only what the socket does not take at once is
+//! left to the session's egress, which is then woken to wait for room. One writer
+//! at a time: whoever takes frames from the queue to write them (a flush or the
+//! egress) marks the queue `writing` until they are written or put back at its
+//! front, so that frames reach the socket in queue order.
 
+use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
@@ -41,6 +53,96 @@ struct Queue {
     congested_since: Option<Instant>,
     /// When the receiver last took frames (or the queue was made).
     last_take: Instant,
+    /// The session's socket, for corked writes (none once the egress sealed it).
+    socket: Option<Arc<tokio::net::TcpStream>>,
+    /// Frames taken from the queue are being written by a corked flush (`flushing`)
+    /// or by the egress (`egress_writing`): nobody else takes any until they are
+    /// written or put back.
+    flushing: bool,
+    egress_writing: bool,
+    /// The queue is noted in a cork: its frames will be written at that cork's flush.
+    corked: bool,
+    /// The egress writes its close: corked writes are over.
+    sealed: bool,
+    /// The receiver is to look at its deadlines again ([`Outbox::nudge`]).
+    nudged: bool,
+}
+
+impl Queue {
+    /// Moves up to `limit` frames (a pending pong first) into `out`. Returns how many,
+    /// and whether queued frames (not only a pong) were taken, so that waiting senders
+    /// are told.
+    fn take_into(&mut self, out: &mut Vec<Bytes>, limit: usize, cap: usize) -> (usize, bool) {
+        let pongs = match self.pong.take() {
+            Some(p) if limit > 0 => {
+                out.push(p);
+                1
+            }
+            p => {
+                self.pong = p;
+                0
+            }
+        };
+        let n = self.items.len().min(limit - pongs);
+        out.extend(self.items.drain(..n));
+        if n > 0 {
+            self.last_take = Instant::now();
+            if self.items.len() < cap {
+                self.congested_since = None;
+            }
+        }
+        if self.items.is_empty() && self.items.capacity() > 0 {
+            // Idle again: give the buffer back.
+            self.items = VecDeque::new();
+        }
+        (n + pongs, n > 0)
+    }
+}
+
+/// The queues a corked sender filled since its last flush. Whatever is left in it
+/// when it goes (its task ends or is dropped) is written then.
+#[derive(Debug, Default)]
+struct Cork(Vec<Outbox>);
+
+impl Cork {
+    fn flush(&mut self) {
+        for outbox in std::mem::take(&mut self.0) {
+            outbox.write_through();
+        }
+    }
+}
+
+impl Drop for Cork {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
+
+tokio::task_local! {
+    /// The cork of the task running now, if it runs inside [`corked`].
+    static CORK: RefCell<Cork>;
+}
+
+/// Runs `f` with a cork: the queues it fills are written each time it has to wait
+/// (it has run every command or item it had at hand, or it waits for room), instead
+/// of waking their sessions; whatever is left, at its end.
+pub async fn corked<F: std::future::Future>(f: F) -> F::Output {
+    let mut f = std::pin::pin!(f);
+    let flushing = std::future::poll_fn(move |cx| {
+        let poll = f.as_mut().poll(cx);
+        if poll.is_pending() {
+            flush_cork();
+        }
+        poll
+    });
+    CORK.scope(RefCell::new(Cork::default()), flushing).await
+}
+
+/// Writes the frames of every queue the current task's cork noted (see the module
+/// docs); nothing outside a [`corked`] scope.
+fn flush_cork() {
+    let mut pending = CORK.try_with(|c| std::mem::take(&mut *c.borrow_mut())).unwrap_or_default();
+    pending.flush();
 }
 
 #[derive(Debug)]
@@ -102,6 +204,12 @@ pub fn outbox(cap: usize, timeout: Duration) -> (Outbox, OutboxRx) {
             closed: false,
             congested_since: None,
             last_take: Instant::now(),
+            socket: None,
+            flushing: false,
+            egress_writing: false,
+            corked: false,
+            sealed: false,
+            nudged: false,
         }),
         cap: cap.max(1),
         timeout,
@@ -129,12 +237,76 @@ impl Outbox {
                 }
             }
             q.items.push_back(frame);
-            (len == 0 && q.pong.is_none(), len + 1 >= cap)
+            let was_empty = len == 0 && q.pong.is_none();
+            // Already noted in a cork, whose flush writes this too; or noted now.
+            let idle = !q.flushing && !q.egress_writing && q.socket.is_some();
+            let corked = q.corked || (was_empty && idle && self.cork());
+            q.corked |= corked;
+            (was_empty && !corked, len + 1 >= cap)
         };
         if was_empty {
             self.shared.ready.wake();
         }
         Ok(if congested { Queued::Congested } else { Queued::Clear })
+    }
+
+    /// Notes this queue in the current task's cork; false outside a [`corked`] scope.
+    fn cork(&self) -> bool {
+        CORK.try_with(|c| c.borrow_mut().0.push(self.clone())).is_ok()
+    }
+
+    /// A cork's flush: writes what is queued to the socket now, as far as the socket
+    /// takes it without waiting; what is left goes back to the front of the queue, for
+    /// the egress.
+    fn write_through(&self) {
+        let shared = &self.shared;
+        let mut q = shared.queue.lock();
+        q.corked = false;
+        let socket = match &q.socket {
+            Some(s) if !q.flushing && !q.egress_writing && !q.sealed => s.clone(),
+            _ => {
+                // Someone else writes (or nobody may): the egress takes over.
+                let wake = !q.items.is_empty();
+                drop(q);
+                if wake {
+                    shared.ready.wake();
+                }
+                return;
+            }
+        };
+        let mut frames = Vec::new();
+        let (n, took) = q.take_into(&mut frames, usize::MAX, shared.cap);
+        if n == 0 {
+            return;
+        }
+        q.flushing = true;
+        drop(q);
+        if took {
+            shared.room.notify_waiters();
+        }
+        // A failed write leaves the frames to the egress, whose own write fails and ends the session.
+        let _ = crate::session::try_write_now(&socket, &mut frames);
+        let mut q = shared.queue.lock();
+        q.flushing = false;
+        for frame in frames.into_iter().rev() {
+            q.items.push_front(frame);
+        }
+        let wake = !q.items.is_empty() || q.pong.is_some();
+        drop(q);
+        if wake {
+            shared.ready.wake();
+        }
+    }
+
+    /// Wakes the receiver, with or without frames (it re-reads its deadlines).
+    pub fn nudge(&self) {
+        self.shared.queue.lock().nudged = true;
+        self.shared.ready.wake();
+    }
+
+    /// Lets corked senders write to `socket` themselves.
+    pub fn attach(&self, socket: Arc<tokio::net::TcpStream>) {
+        self.shared.queue.lock().socket = Some(socket);
     }
 
     /// Waits while the queue is congested and its receiver is taking frames, at
@@ -211,21 +383,72 @@ impl Outbox {
 
 impl OutboxRx {
     /// Moves up to `limit` frames into `out`, waiting while the queue is empty (so it
-    /// returns at least one). Cancel-safe: frames are only taken when this returns.
+    /// returns at least one, or none after a [`Outbox::nudge`]). Cancel-safe: frames
+    /// are only taken when this returns.
     pub async fn recv_many(&mut self, out: &mut Vec<Bytes>, limit: usize) -> usize {
         std::future::poll_fn(|cx| self.poll_recv_many(cx, out, limit)).await
     }
 
     fn poll_recv_many(&mut self, cx: &mut Context<'_>, out: &mut Vec<Bytes>, limit: usize) -> Poll<usize> {
-        let n = self.take(out, limit);
-        if n > 0 {
+        let n = self.take_to_write(out, limit);
+        if n > 0 || std::mem::take(&mut self.shared.queue.lock().nudged) {
+            // (0 after a nudge: the receiver re-reads its deadlines.)
             return Poll::Ready(n);
         }
         self.shared.ready.register(cx.waker());
         // A send between the first look and the registration must not be missed.
-        match self.take(out, limit) {
+        match self.take_to_write(out, limit) {
             0 => Poll::Pending,
             n => Poll::Ready(n),
+        }
+    }
+
+    /// Like [`Self::take`], for the egress to write: nothing while a corked flush
+    /// writes (it wakes the egress when it is done). What the egress took before is
+    /// written by now; what it takes is being written until [`Self::written`] or its
+    /// next call.
+    fn take_to_write(&mut self, out: &mut Vec<Bytes>, limit: usize) -> usize {
+        let mut q = self.shared.queue.lock();
+        if q.flushing {
+            return 0;
+        }
+        let (n, took) = q.take_into(out, limit, self.shared.cap);
+        q.egress_writing = n > 0;
+        drop(q);
+        if took {
+            self.shared.room.notify_waiters();
+        }
+        n
+    }
+
+    /// Queues a heartbeat ping behind what is queued, outside the bound (the egress
+    /// takes it at its next look at the queue).
+    pub fn ping(&mut self, frame: Bytes) {
+        let mut q = self.shared.queue.lock();
+        if !q.closed {
+            q.items.push_back(frame);
+        }
+    }
+
+    /// What [`Self::recv_many`] returned is written.
+    pub fn written(&mut self) {
+        self.shared.queue.lock().egress_writing = false;
+    }
+
+    /// From now on only the egress writes (its last frames and the close frame): waits
+    /// for a corked flush that is writing to finish.
+    pub async fn seal(&mut self) {
+        loop {
+            {
+                let mut q = self.shared.queue.lock();
+                if !q.flushing || q.sealed {
+                    q.sealed = true;
+                    q.socket = None;
+                    return;
+                }
+            }
+            // A flush never waits: it is done within a syscall or two.
+            tokio::task::yield_now().await;
         }
     }
 
@@ -239,33 +462,12 @@ impl OutboxRx {
     /// Moves up to `limit` frames into `out` without waiting (a pending pong first).
     pub fn take(&mut self, out: &mut Vec<Bytes>, limit: usize) -> usize {
         let mut q = self.shared.queue.lock();
-        let pongs = match q.pong.take() {
-            Some(p) if limit > 0 => {
-                out.push(p);
-                1
-            }
-            p => {
-                q.pong = p;
-                0
-            }
-        };
-        let n = q.items.len().min(limit - pongs);
-        out.extend(q.items.drain(..n));
-        if n > 0 {
-            q.last_take = Instant::now();
-            if q.items.len() < self.shared.cap {
-                q.congested_since = None;
-            }
-        }
-        if q.items.is_empty() && q.items.capacity() > 0 {
-            // Idle again: give the buffer back.
-            q.items = VecDeque::new();
-        }
+        let (n, took) = q.take_into(out, limit, self.shared.cap);
         drop(q);
-        if n > 0 {
+        if took {
             self.shared.room.notify_waiters();
         }
-        n + pongs
+        n
     }
 }
 
@@ -275,6 +477,7 @@ impl Drop for OutboxRx {
         q.closed = true;
         q.items = VecDeque::new();
         q.pong = None;
+        q.socket = None;
         drop(q);
         self.shared.room.notify_waiters();
     }
@@ -398,5 +601,87 @@ mod tests {
         assert!(waiting.await.unwrap());
         drop(rx);
         assert!(!tx.room().await);
+    }
+
+    /// A connected loopback pair: (the server side, for the queue; the client side).
+    async fn pair() -> (Arc<tokio::net::TcpStream>, tokio::net::TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap()).await.unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        (Arc::new(server), client)
+    }
+
+    async fn read_exactly(client: &mut tokio::net::TcpStream, n: usize) -> Vec<u8> {
+        use tokio::io::AsyncReadExt;
+        let mut got = vec![0; n];
+        tokio::time::timeout(T, client.read_exact(&mut got)).await.unwrap().unwrap();
+        got
+    }
+
+    #[tokio::test]
+    async fn a_corked_sender_writes_to_the_socket_itself_in_queue_order() {
+        let (server, mut client) = pair().await;
+        let (tx, mut rx) = outbox(64, T);
+        tx.attach(server);
+        corked(async {
+            for f in ["a", "b", "c"] {
+                tx.try_send(b(f)).unwrap();
+            }
+            // Nothing written while the sender still runs (one writev per burst).
+            assert_eq!(rx.shared.queue.lock().items.len(), 3);
+        })
+        .await;
+        assert_eq!(read_exactly(&mut client, 3).await, b"abc");
+        assert!(rx.try_recv().is_none(), "nothing left for the egress");
+        // While the egress writes a batch it took, a corked sender leaves the socket to it.
+        tx.try_send(b("d")).unwrap();
+        let mut batch = Vec::new();
+        assert_eq!(rx.recv_many(&mut batch, 8).await, 1);
+        corked(async { tx.try_send(b("e")).unwrap() }).await;
+        assert_eq!(rx.shared.queue.lock().items.len(), 1, "e waits behind the egress's d");
+        crate::session::try_write_now(rx.shared.queue.lock().socket.as_ref().unwrap(), &mut batch).unwrap();
+        rx.written();
+        let mut rest = Vec::new();
+        assert_eq!(rx.recv_many(&mut rest, 8).await, 1);
+        assert_eq!(rest, [b("e")]);
+    }
+
+    #[tokio::test]
+    async fn what_the_socket_does_not_take_goes_back_to_the_front_for_the_egress() {
+        let (server, mut client) = pair().await;
+        let (tx, mut rx) = outbox(100_000, T);
+        tx.attach(server.clone());
+        // Far more than the socket buffers hold, from a client that does not read yet.
+        let frames: Vec<Bytes> = (0..16_000u32).map(|i| Bytes::from(format!("{i:08}").repeat(128))).collect();
+        corked(async {
+            for f in &frames {
+                tx.try_send(f.clone()).unwrap();
+            }
+        })
+        .await;
+        let left = rx.shared.queue.lock().items.len();
+        assert!(left > 0 && left < frames.len(), "part written by the sender, the rest queued ({left})");
+        // The egress writes the rest, the partly written frame first.
+        let reader = tokio::spawn(async move { read_exactly(&mut client, 16_000 * 1024).await });
+        let mut batch = Vec::new();
+        while rx.take(&mut batch, usize::MAX) > 0 {
+            while !crate::session::try_write_now(&server, &mut batch).unwrap() {
+                server.writable().await.unwrap();
+            }
+        }
+        let want: Vec<u8> = frames.iter().flat_map(|f| f.iter().copied()).collect();
+        assert!(reader.await.unwrap() == want, "every byte once, in order");
+    }
+
+    #[tokio::test]
+    async fn a_nudge_wakes_the_receiver_with_nothing() {
+        let (tx, mut rx) = outbox(4, T);
+        let waiting = tokio::spawn(async move {
+            let mut out = Vec::new();
+            rx.recv_many(&mut out, 4).await
+        });
+        tokio::task::yield_now().await;
+        tx.nudge();
+        assert_eq!(tokio::time::timeout(T, waiting).await.unwrap().unwrap(), 0);
     }
 }

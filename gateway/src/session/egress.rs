@@ -2,12 +2,12 @@
 //! heartbeat pings, and write the close frame when the session ends.
 
 use std::io::IoSlice;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::OwnedWriteHalf;
+use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
@@ -50,18 +50,10 @@ fn slices(bufs: &[Bytes]) -> ([IoSlice<'_>; BATCH], usize) {
     (out, k)
 }
 
-async fn write_all(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
-    let mut start = 0;
-    while start < bufs.len() {
-        let (slices, k) = slices(&bufs[start..]);
-        let n = w.write_vectored(&slices[..k]).await?;
-        if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
-        }
-        start = consume(bufs, start, n);
+async fn write_all(w: &TcpStream, bufs: &mut Vec<Bytes>) -> std::io::Result<()> {
+    while !try_write_now(w, bufs)? {
+        w.writable().await?;
     }
-    // Release the batch's capacity: an idle session keeps no buffer.
-    *bufs = Vec::new();
     Ok(())
 }
 
@@ -69,7 +61,7 @@ async fn write_all(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Re
 /// `BATCH` frames at a time, slices on the stack. Drops what was written; true when
 /// everything went out. The common case (the socket has room) then needs no write
 /// future at all.
-fn try_write_now(w: &OwnedWriteHalf, bufs: &mut Vec<Bytes>) -> std::io::Result<bool> {
+pub(crate) fn try_write_now(w: &TcpStream, bufs: &mut Vec<Bytes>) -> std::io::Result<bool> {
     let mut start = 0;
     while start < bufs.len() {
         let (slices, k) = slices(&bufs[start..]);
@@ -98,7 +90,7 @@ enum Wrote {
     Closing(bool),
 }
 
-async fn write_or_close(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>, ctl: &SessionCtl) -> Wrote {
+async fn write_or_close(w: &TcpStream, bufs: &mut Vec<Bytes>, ctl: &SessionCtl) -> Wrote {
     let write = write_all(w, bufs);
     tokio::pin!(write);
     tokio::select! {
@@ -112,7 +104,7 @@ async fn write_or_close(w: &mut OwnedWriteHalf, bufs: &mut Vec<Bytes>, ctl: &Ses
 
 /// Writes `batch`: at once when the socket has room, else waiting for it (or for a close
 /// request). `None`: written, go on; `Some(clean)`: the session ends.
-async fn flush(w: &mut OwnedWriteHalf, batch: &mut Vec<Bytes>, ctl: &SessionCtl) -> Option<bool> {
+async fn flush(w: &TcpStream, batch: &mut Vec<Bytes>, ctl: &SessionCtl) -> Option<bool> {
     match try_write_now(w, batch) {
         Ok(true) => return None,
         Ok(false) => {}
@@ -136,7 +128,7 @@ pub(super) async fn run(
     cfg: &SessionConfig,
     ctl: &SessionCtl,
     mut rx: OutboxRx,
-    mut w: OwnedWriteHalf,
+    w: Arc<TcpStream>,
     last_seen: &AtomicU64,
     started: Instant,
     auth: &AuthDeadline,
@@ -149,8 +141,8 @@ pub(super) async fn run(
     let closing = ctl.wait();
     let draining = stop.cancelled();
     // One timer for both deadlines, re-armed only when the deadline moves. The ingress
-    // moves the auth deadline (`connect`, `refresh`) before it queues the reply, so the
-    // reply's wake-up re-arms the timer.
+    // nudges the queue when it moves the auth deadline (`connect`, `refresh`), so that
+    // the timer is re-armed.
     let deadline = |wake: Instant| auth.get().at(started).map_or(wake, |e| e.min(wake));
     let timer = sleep_until(deadline(wake));
     tokio::pin!(closing, draining, timer);
@@ -163,9 +155,10 @@ pub(super) async fn run(
                 break true;
             }
             _ = rx.recv_many(&mut batch, BATCH) => {
-                if let Some(clean) = flush(&mut w, &mut batch, ctl).await {
+                if let Some(clean) = flush(&w, &mut batch, ctl).await {
                     break clean;
                 }
+                rx.written();
                 let at = deadline(wake);
                 if at != timer.deadline() {
                     timer.as_mut().reset(at);
@@ -191,11 +184,9 @@ pub(super) async fn run(
                         break true;
                     }
                     HeartbeatAction::Ping => {
-                        batch.clear();
-                        batch.push(wire::ping(b""));
-                        if let Some(clean) = flush(&mut w, &mut batch, ctl).await {
-                            break clean;
-                        }
+                        // Queued (outside the bound), never written past the queue: a corked
+                        // flush may be writing.
+                        rx.ping(wire::ping(b""));
                         if let HeartbeatAction::Wait(at) = heartbeat.poll(Instant::now()) {
                             wake = at;
                         }
@@ -210,7 +201,8 @@ pub(super) async fn run(
 }
 
 /// Writes what is still queued (unless the session is a slow consumer) and the close frame.
-async fn finish(ctl: &SessionCtl, mut rx: OutboxRx, mut w: OwnedWriteHalf, mut batch: Vec<Bytes>, clean: bool) {
+async fn finish(ctl: &SessionCtl, mut rx: OutboxRx, w: Arc<TcpStream>, mut batch: Vec<Bytes>, clean: bool) {
+    rx.seal().await;
     let (reason, text) = ctl.requested().unwrap_or((CloseReason::Gone, None));
     if clean && reason != CloseReason::Gone {
         // What is already queued still goes out before the close frame (a drain
@@ -219,11 +211,11 @@ async fn finish(ctl: &SessionCtl, mut rx: OutboxRx, mut w: OwnedWriteHalf, mut b
             batch.clear();
             // Everything queued (the queue may hold up to twice `send_queue`).
             rx.take(&mut batch, usize::MAX);
-            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all(&mut w, &mut batch)).await;
+            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all(&w, &mut batch)).await;
         }
         let text = text.as_deref().unwrap_or(reason.label());
-        let frame = wire::close(reason.code(), text);
-        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.write_all(&frame)).await;
+        let mut frame = vec![wire::close(reason.code(), text)];
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all(&w, &mut frame)).await;
     }
-    let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, w.shutdown()).await;
+    let _ = socket2::SockRef::from(&*w).shutdown(std::net::Shutdown::Write);
 }

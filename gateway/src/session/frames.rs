@@ -6,7 +6,9 @@
 
 use std::io;
 
-use tokio::net::tcp::OwnedReadHalf;
+use std::sync::Arc;
+
+use tokio::net::TcpStream;
 
 pub(super) const CONTINUATION: u8 = 0x0;
 pub(super) const TEXT: u8 = 0x1;
@@ -119,7 +121,7 @@ fn take(buf: &[u8], pos: &mut usize, limit: usize) -> Result<Option<Frame>, Read
 /// Reads frames from the client half of a session.
 #[derive(Debug)]
 pub(super) struct Reader {
-    read: OwnedReadHalf,
+    read: Arc<TcpStream>,
     /// Unconsumed bytes are `buf[pos..]`; empty (no allocation) between frames.
     buf: Vec<u8>,
     pos: usize,
@@ -127,7 +129,7 @@ pub(super) struct Reader {
 
 impl Reader {
     /// `leftover`: bytes the HTTP layer read past the upgrade request.
-    pub(super) fn new(read: OwnedReadHalf, leftover: &[u8]) -> Self {
+    pub(super) fn new(read: Arc<TcpStream>, leftover: &[u8]) -> Self {
         Self { read, buf: leftover.to_vec(), pos: 0 }
     }
 
@@ -188,7 +190,7 @@ impl Reader {
 }
 
 /// One non-blocking read appended to `buf` (the chunk lives on this call's stack).
-fn try_fill(read: &OwnedReadHalf, buf: &mut Vec<u8>) -> io::Result<usize> {
+fn try_fill(read: &TcpStream, buf: &mut Vec<u8>) -> io::Result<usize> {
     let mut chunk = [0u8; CHUNK];
     let n = read.try_read(&mut chunk)?;
     buf.extend_from_slice(&chunk[..n]);

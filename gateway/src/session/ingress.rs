@@ -269,6 +269,8 @@ fn connect(
     auth.set(
         proven.expires_at.map_or(AuthLimit::Never, |exp| AuthLimit::token(exp, super::unix_now(), started.elapsed())),
     );
+    // The egress re-arms its timer for the new deadline.
+    handle.outbox.nudge();
     *identity = proven;
     handle.user = identity.user.clone();
     super::register(node, identity, handle, r);
@@ -340,8 +342,9 @@ fn refresh(
         metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(1.0);
     }
     let exp = new.expires_at.unwrap_or_default();
-    // Before the ack is queued: the ack's wake-up re-arms the egress timer.
     session.auth.set(AuthLimit::token(exp, super::unix_now(), session.started.elapsed()));
+    // The egress re-arms its timer for the new deadline.
+    handle.outbox.nudge();
     *session.identity = new;
     outcome("ok");
     reply(handle, protocol::refreshed(r, exp, &revoked));

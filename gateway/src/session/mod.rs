@@ -6,6 +6,7 @@
 //! thrown away (a frame half read would be lost).
 
 mod egress;
+pub(crate) use egress::try_write_now;
 mod frames;
 mod ingress;
 mod recovery;
@@ -112,7 +113,9 @@ pub async fn run(
     metrics::gauge!(m::CONNECTIONS_ACTIVE).increment(1.0);
 
     let _ = stream.set_nodelay(true);
-    let (read, write) = stream.into_split();
+    // Shared by the reader, the egress and corked senders (outbox.rs).
+    let stream = Arc::new(stream);
+    handle.outbox.attach(stream.clone());
     let started = Instant::now();
     let last_seen = AtomicU64::new(0);
     let auth = AuthDeadline::new(match identity.expires_at {
@@ -126,12 +129,23 @@ pub async fn run(
         bucket: TokenBucket::new(cfg.publish_rate, cfg.publish_burst, started),
         fragments: None,
     };
-    let mut frames = frames::Reader::new(read, &leftover);
+    let mut frames = frames::Reader::new(stream.clone(), &leftover);
     drop(leftover);
     let peer_done = {
-        let reader =
-            ingress::run(&node, &mut identity, &mut handle, &mut state, &mut frames, &last_seen, &auth, started, mode);
-        let writer = egress::run(cfg, &ctl, rx, write, &last_seen, started, &auth, &stop);
+        // Corked: what its publishes fan out is written by this task at the end of each
+        // burst of commands, not by each subscriber's task (outbox.rs).
+        let reader = crate::outbox::corked(ingress::run(
+            &node,
+            &mut identity,
+            &mut handle,
+            &mut state,
+            &mut frames,
+            &last_seen,
+            &auth,
+            started,
+            mode,
+        ));
+        let writer = egress::run(cfg, &ctl, rx, stream, &last_seen, started, &auth, &stop);
         tokio::pin!(reader, writer);
         tokio::select! {
             peer_done = &mut reader => {
