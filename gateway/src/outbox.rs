@@ -126,16 +126,29 @@ tokio::task_local! {
 /// Runs `f` with a cork: the queues it fills are written each time it has to wait
 /// (it has run every command or item it had at hand, or it waits for room), instead
 /// of waking their sessions; whatever is left, at its end.
-pub async fn corked<F: std::future::Future>(f: F) -> F::Output {
-    let mut f = std::pin::pin!(f);
-    let flushing = std::future::poll_fn(move |cx| {
-        let poll = f.as_mut().poll(cx);
+pub fn corked<F: std::future::Future>(f: F) -> impl std::future::Future<Output = F::Output> {
+    // Not an async fn: that would keep `f` twice in the session's future.
+    CORK.scope(RefCell::new(Cork::default()), FlushWhenWaiting { inner: f })
+}
+
+pin_project_lite::pin_project! {
+    /// Polls `inner`; flushes the cork each time it is about to wait.
+    struct FlushWhenWaiting<F> {
+        #[pin]
+        inner: F,
+    }
+}
+
+impl<F: std::future::Future> std::future::Future for FlushWhenWaiting<F> {
+    type Output = F::Output;
+
+    fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let poll = self.project().inner.poll(cx);
         if poll.is_pending() {
             flush_cork();
         }
         poll
-    });
-    CORK.scope(RefCell::new(Cork::default()), flushing).await
+    }
 }
 
 /// Writes the frames of every queue the current task's cork noted (see the module
