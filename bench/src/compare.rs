@@ -25,7 +25,7 @@ impl Drop for Server {
     }
 }
 
-pub(crate) const SERVERS: &[&str] = &["switchboard", "fastwebsockets", "tungstenite", "node-ws", "bun"];
+pub(crate) const SERVERS: &[&str] = &["switchboard", "fastwebsockets", "tungstenite", "node-ws", "bun", "floor"];
 
 /// Bun's binary, from the npm package the test command installs.
 const BUN: &str = "node_modules/@oven/bun-linux-x64/bin/bun";
@@ -45,7 +45,7 @@ fn spawn(name: &str, core: &str, realtime: bool) -> anyhow::Result<(Server, Kind
                 .env("SWITCHBOARD_LOG", "warn");
             Kind::Switchboard
         }
-        "fastwebsockets" | "tungstenite" => {
+        "fastwebsockets" | "tungstenite" | "floor" => {
             cmd.args(["target/release/peer", name, "0"]);
             Kind::Plain
         }

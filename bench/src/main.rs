@@ -98,8 +98,9 @@ enum Scenario {
     /// by side: idle memory and connects/s, fanout deliveries per CPU-second, latency at a
     /// set rate. Run it pinned to the other core: `taskset -c 1 bench compare`.
     Compare {
-        /// Servers to run (switchboard, fastwebsockets, tungstenite, node-ws, bun), comma-separated.
-        #[arg(long, value_delimiter = ',', default_value = "switchboard,fastwebsockets,tungstenite,node-ws,bun")]
+        /// Servers to run (switchboard, fastwebsockets, tungstenite, node-ws, bun, and `floor`: one
+        /// write per delivery straight from the reading task, the kernel's cost), comma-separated.
+        #[arg(long, value_delimiter = ',', default_value = "switchboard,fastwebsockets,tungstenite,node-ws,bun,floor")]
         servers: Vec<String>,
         #[arg(long, default_value = "3")]
         runs: usize,

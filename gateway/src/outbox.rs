@@ -55,10 +55,8 @@ struct Queue {
     last_take: Instant,
     /// The session's socket, for corked writes (none once the egress sealed it).
     socket: Option<Arc<tokio::net::TcpStream>>,
-    /// Frames taken from the queue are being written by a corked flush (`flushing`)
-    /// or by the egress (`egress_writing`): nobody else takes any until they are
-    /// written or put back.
-    flushing: bool,
+    /// Frames taken from the queue are being written by the egress: nobody else
+    /// writes until they are (a corked flush writes under the lock, see `write_through`).
     egress_writing: bool,
     /// The queue is noted in a cork: its frames will be written at that cork's flush.
     corked: bool,
@@ -69,6 +67,47 @@ struct Queue {
 }
 
 impl Queue {
+    /// Writes the pong and the queued frames to the socket as far as it takes them
+    /// without waiting (partly written frames keep their rest); returns how many
+    /// queued frames went out whole. A failed write leaves them to the egress, whose
+    /// own write then fails and ends the session.
+    fn write_now(&mut self) -> usize {
+        const SLICES: usize = 64;
+        let Some(socket) = self.socket.clone() else { return 0 };
+        let mut whole = 0;
+        while self.pong.is_some() || !self.items.is_empty() {
+            let mut slices = [std::io::IoSlice::new(&[]); SLICES];
+            let mut k = 0;
+            for b in self.pong.iter().chain(self.items.iter()).take(SLICES) {
+                slices[k] = std::io::IoSlice::new(b);
+                k += 1;
+            }
+            let mut n = match socket.try_write_vectored(&slices[..k]) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if let Some(p) = &mut self.pong {
+                let m = n.min(p.len());
+                bytes::Buf::advance(p, m);
+                n -= m;
+                if p.is_empty() {
+                    self.pong = None;
+                }
+            }
+            while n > 0 {
+                let Some(front) = self.items.front_mut() else { break };
+                let m = n.min(front.len());
+                bytes::Buf::advance(front, m);
+                n -= m;
+                if front.is_empty() {
+                    self.items.pop_front();
+                    whole += 1;
+                }
+            }
+        }
+        whole
+    }
+
     /// Moves up to `limit` frames (a pending pong first) into `out`. Returns how many,
     /// and whether queued frames (not only a pong) were taken, so that waiting senders
     /// are told.
@@ -218,7 +257,6 @@ pub fn outbox(cap: usize, timeout: Duration) -> (Outbox, OutboxRx) {
             congested_since: None,
             last_take: Instant::now(),
             socket: None,
-            flushing: false,
             egress_writing: false,
             corked: false,
             sealed: false,
@@ -252,7 +290,7 @@ impl Outbox {
             q.items.push_back(frame);
             let was_empty = len == 0 && q.pong.is_none();
             // Already noted in a cork, whose flush writes this too; or noted now.
-            let idle = !q.flushing && !q.egress_writing && q.socket.is_some();
+            let idle = !q.egress_writing && q.socket.is_some();
             let corked = q.corked || (was_empty && idle && self.cork());
             q.corked |= corked;
             (was_empty && !corked, len + 1 >= cap)
@@ -269,44 +307,31 @@ impl Outbox {
     }
 
     /// A cork's flush: writes what is queued to the socket now, as far as the socket
-    /// takes it without waiting; what is left goes back to the front of the queue, for
-    /// the egress.
+    /// takes it without waiting; what is left stays at the front of the queue, for the
+    /// egress. Done under the queue's lock, which is the writer's token meanwhile (a
+    /// syscall or a few, never a wait), so that nothing is copied out of the queue.
     fn write_through(&self) {
         let shared = &self.shared;
         let mut q = shared.queue.lock();
         q.corked = false;
-        let socket = match &q.socket {
-            Some(s) if !q.flushing && !q.egress_writing && !q.sealed => s.clone(),
-            _ => {
-                // Someone else writes (or nobody may): the egress takes over.
-                let wake = !q.items.is_empty();
-                drop(q);
-                if wake {
-                    shared.ready.wake();
-                }
-                return;
+        let took = if q.egress_writing || q.sealed { 0 } else { q.write_now() };
+        if took > 0 {
+            q.last_take = Instant::now();
+            if q.items.len() < shared.cap {
+                q.congested_since = None;
             }
-        };
-        let mut frames = Vec::new();
-        let (n, took) = q.take_into(&mut frames, usize::MAX, shared.cap);
-        if n == 0 {
-            return;
-        }
-        q.flushing = true;
-        drop(q);
-        if took {
-            shared.room.notify_waiters();
-        }
-        // A failed write leaves the frames to the egress, whose own write fails and ends the session.
-        let _ = crate::session::try_write_now(&socket, &mut frames);
-        let mut q = shared.queue.lock();
-        q.flushing = false;
-        for frame in frames.into_iter().rev() {
-            q.items.push_front(frame);
+            if q.items.is_empty() {
+                // Idle again: give the buffer back.
+                q.items = VecDeque::new();
+            }
         }
         let wake = !q.items.is_empty() || q.pong.is_some();
         drop(q);
+        if took > 0 {
+            shared.room.notify_waiters();
+        }
         if wake {
+            // Someone else writes, or the socket is full: the egress takes over.
             shared.ready.wake();
         }
     }
@@ -416,15 +441,11 @@ impl OutboxRx {
         }
     }
 
-    /// Like [`Self::take`], for the egress to write: nothing while a corked flush
-    /// writes (it wakes the egress when it is done). What the egress took before is
+    /// Like [`Self::take`], for the egress to write. What the egress took before is
     /// written by now; what it takes is being written until [`Self::written`] or its
     /// next call.
     fn take_to_write(&mut self, out: &mut Vec<Bytes>, limit: usize) -> usize {
         let mut q = self.shared.queue.lock();
-        if q.flushing {
-            return 0;
-        }
         let (n, took) = q.take_into(out, limit, self.shared.cap);
         q.egress_writing = n > 0;
         drop(q);
@@ -448,21 +469,11 @@ impl OutboxRx {
         self.shared.queue.lock().egress_writing = false;
     }
 
-    /// From now on only the egress writes (its last frames and the close frame): waits
-    /// for a corked flush that is writing to finish.
-    pub async fn seal(&mut self) {
-        loop {
-            {
-                let mut q = self.shared.queue.lock();
-                if !q.flushing || q.sealed {
-                    q.sealed = true;
-                    q.socket = None;
-                    return;
-                }
-            }
-            // A flush never waits: it is done within a syscall or two.
-            tokio::task::yield_now().await;
-        }
+    /// From now on only the egress writes (its last frames and the close frame).
+    pub fn seal(&mut self) {
+        let mut q = self.shared.queue.lock();
+        q.sealed = true;
+        q.socket = None;
     }
 
     /// One frame, if any is queued.

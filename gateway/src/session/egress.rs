@@ -202,7 +202,7 @@ pub(super) async fn run(
 
 /// Writes what is still queued (unless the session is a slow consumer) and the close frame.
 async fn finish(ctl: &SessionCtl, mut rx: OutboxRx, w: Arc<TcpStream>, mut batch: Vec<Bytes>, clean: bool) {
-    rx.seal().await;
+    rx.seal();
     let (reason, text) = ctl.requested().unwrap_or((CloseReason::Gone, None));
     if clean && reason != CloseReason::Gone {
         // What is already queued still goes out before the close frame (a drain

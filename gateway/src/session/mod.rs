@@ -6,6 +6,7 @@
 //! thrown away (a frame half read would be lost).
 
 mod egress;
+#[cfg(test)]
 pub(crate) use egress::try_write_now;
 mod frames;
 mod ingress;
