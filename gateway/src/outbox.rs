@@ -62,6 +62,9 @@ struct Queue {
     corked: bool,
     /// The egress writes its close: corked writes are over.
     sealed: bool,
+    /// The front frame of `items` was written in part (by a corked flush): its rest
+    /// goes out before anything else.
+    partial: bool,
     /// The receiver is to look at its deadlines again ([`Outbox::nudge`]).
     nudged: bool,
 }
@@ -74,11 +77,17 @@ impl Queue {
     fn write_now(&mut self) -> usize {
         const SLICES: usize = 64;
         let Some(socket) = self.socket.clone() else { return 0 };
+        // The pong joins the queue here, so that a partly written one is finished
+        // before anything else (and a newer pong cannot replace its rest).
+        if let Some(p) = self.pong.take() {
+            let at = usize::from(self.partial);
+            self.items.insert(at, p);
+        }
         let mut whole = 0;
-        while self.pong.is_some() || !self.items.is_empty() {
+        while !self.items.is_empty() {
             let mut slices = [std::io::IoSlice::new(&[]); SLICES];
             let mut k = 0;
-            for b in self.pong.iter().chain(self.items.iter()).take(SLICES) {
+            for b in self.items.iter().take(SLICES) {
                 slices[k] = std::io::IoSlice::new(b);
                 k += 1;
             }
@@ -86,19 +95,12 @@ impl Queue {
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            if let Some(p) = &mut self.pong {
-                let m = n.min(p.len());
-                bytes::Buf::advance(p, m);
-                n -= m;
-                if p.is_empty() {
-                    self.pong = None;
-                }
-            }
             while n > 0 {
                 let Some(front) = self.items.front_mut() else { break };
                 let m = n.min(front.len());
                 bytes::Buf::advance(front, m);
                 n -= m;
+                self.partial = !front.is_empty();
                 if front.is_empty() {
                     self.items.pop_front();
                     whole += 1;
@@ -112,6 +114,16 @@ impl Queue {
     /// and whether queued frames (not only a pong) were taken, so that waiting senders
     /// are told.
     fn take_into(&mut self, out: &mut Vec<Bytes>, limit: usize, cap: usize) -> (usize, bool) {
+        // The rest of a partly written frame goes before anything, the pong included.
+        let rest = match self.items.front() {
+            Some(_) if self.partial && limit > 0 => {
+                self.partial = false;
+                out.extend(self.items.pop_front());
+                1
+            }
+            _ => 0,
+        };
+        let limit = limit - rest;
         let pongs = match self.pong.take() {
             Some(p) if limit > 0 => {
                 out.push(p);
@@ -134,7 +146,7 @@ impl Queue {
             // Idle again: give the buffer back.
             self.items = VecDeque::new();
         }
-        (n + pongs, n > 0)
+        (rest + n + pongs, rest + n > 0)
     }
 }
 
@@ -171,7 +183,7 @@ pub fn corked<F: std::future::Future>(f: F) -> impl std::future::Future<Output =
 }
 
 pin_project_lite::pin_project! {
-    /// Polls `inner`; flushes the cork each time it is about to wait.
+    /// Polls `inner`; flushes the cork each time it is about to wait, and when it is done.
     struct FlushWhenWaiting<F> {
         #[pin]
         inner: F,
@@ -183,9 +195,8 @@ impl<F: std::future::Future> std::future::Future for FlushWhenWaiting<F> {
 
     fn poll(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let poll = self.project().inner.poll(cx);
-        if poll.is_pending() {
-            flush_cork();
-        }
+        // Waiting, or done: either way the queues it filled are written now.
+        flush_cork();
         poll
     }
 }
@@ -260,6 +271,7 @@ pub fn outbox(cap: usize, timeout: Duration) -> (Outbox, OutboxRx) {
             egress_writing: false,
             corked: false,
             sealed: false,
+            partial: false,
             nudged: false,
         }),
         cap: cap.max(1),
@@ -474,6 +486,16 @@ impl OutboxRx {
         let mut q = self.shared.queue.lock();
         q.sealed = true;
         q.socket = None;
+    }
+
+    /// The rest of a frame a corked flush wrote in part, if any: it must go out before
+    /// a close frame even when the queue is dropped (a slow consumer).
+    pub fn take_partial(&mut self, out: &mut Vec<Bytes>) {
+        let mut q = self.shared.queue.lock();
+        if q.partial {
+            q.partial = false;
+            out.extend(q.items.pop_front());
+        }
     }
 
     /// One frame, if any is queued.
@@ -707,5 +729,59 @@ mod tests {
         tokio::task::yield_now().await;
         tx.nudge();
         assert_eq!(tokio::time::timeout(T, waiting).await.unwrap().unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_pong_never_lands_inside_a_partly_written_frame() {
+        // 1025-byte frames: the socket stops mid-frame unless its buffer happens to end
+        // on a frame boundary; then the case is tried again on a fresh connection.
+        for _ in 0..5 {
+            let (server, mut client) = pair().await;
+            let (tx, mut rx) = outbox(100_000, T);
+            tx.attach(server.clone());
+            let frames: Vec<Bytes> = (0..16_000u32).map(|i| Bytes::from(format!("{i:08}").repeat(128) + "x")).collect();
+            corked(async {
+                for f in &frames {
+                    tx.try_send(f.clone()).unwrap();
+                }
+            })
+            .await;
+            let (left, partial) = {
+                let q = rx.shared.queue.lock();
+                (q.items.len(), q.partial)
+            };
+            // A ping from the client is answered while the rest of that frame waits.
+            tx.set_pong(b("PONG"));
+            let begun = frames.len() - left;
+            let split = if partial { begun + 1 } else { begun };
+            let mut want: Vec<u8> = frames[..split].iter().flat_map(|f| f.iter().copied()).collect();
+            want.extend_from_slice(b"PONG");
+            want.extend(frames[split..].iter().flat_map(|f| f.iter().copied()));
+            let total = want.len();
+            let reader = tokio::spawn(async move { read_exactly(&mut client, total).await });
+            let mut batch = Vec::new();
+            while rx.take(&mut batch, 64) > 0 {
+                while !crate::session::try_write_now(&server, &mut batch).unwrap() {
+                    server.writable().await.unwrap();
+                }
+            }
+            assert!(reader.await.unwrap() == want, "the pong between whole frames");
+            if partial {
+                return;
+            }
+        }
+        panic!("the socket never stopped mid-frame");
+    }
+
+    #[tokio::test]
+    async fn a_corked_task_that_is_done_but_not_dropped_has_written() {
+        let (server, mut client) = pair().await;
+        let (tx, _rx) = outbox(64, T);
+        tx.attach(server);
+        let done = corked(async { tx.try_send(b("z")).unwrap() });
+        tokio::pin!(done);
+        (&mut done).await;
+        // Still alive (as a session's ingress is while its egress finishes).
+        assert_eq!(read_exactly(&mut client, 1).await, b"z");
     }
 }

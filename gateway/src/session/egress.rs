@@ -207,12 +207,15 @@ async fn finish(ctl: &SessionCtl, mut rx: OutboxRx, w: Arc<TcpStream>, mut batch
     if clean && reason != CloseReason::Gone {
         // What is already queued still goes out before the close frame (a drain
         // loses nothing), except for a slow consumer, whose queue is the problem.
+        batch.clear();
         if reason != CloseReason::SlowConsumer {
-            batch.clear();
             // Everything queued (the queue may hold up to twice `send_queue`).
             rx.take(&mut batch, usize::MAX);
-            let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all(&w, &mut batch)).await;
+        } else {
+            // Only the rest of a frame already begun, so that the close frame parses.
+            rx.take_partial(&mut batch);
         }
+        let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all(&w, &mut batch)).await;
         let text = text.as_deref().unwrap_or(reason.label());
         let mut frame = vec![wire::close(reason.code(), text)];
         let _ = tokio::time::timeout(CLOSE_WRITE_TIMEOUT, write_all(&w, &mut frame)).await;
