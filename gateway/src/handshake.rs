@@ -259,10 +259,12 @@ fn upgrade(
         })
         .into();
     // RFC 7692: the first offer we can honour, or none (answered without the extension).
+    // (The answer is ASCII, always a valid header value.)
     let deflate = if server.node.config.permessage_deflate {
         crate::deflate::negotiate(
             req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()),
         )
+        .and_then(|d| Some((HeaderValue::from_str(&d.response).ok()?, d.window_bits)))
     } else {
         None
     };
@@ -272,7 +274,7 @@ fn upgrade(
     // Unwrapped here, not in the session: both forms would be kept in every session's future.
     let awaiting_connect = identity.is_none();
     let identity = identity.unwrap_or_else(session::nobody);
-    let window = deflate.as_ref().map_or(0, |d| d.window_bits);
+    let window = deflate.as_ref().map_or(0, |(_, bits)| *bits);
     tracker.spawn(start_session(
         server,
         on_upgrade,
@@ -294,9 +296,9 @@ fn upgrade(
     if answer_protocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
     }
-    if let Some(d) = deflate.and_then(|d| HeaderValue::from_str(&d.response).ok()) {
+    if let Some((answer, _)) = deflate {
         metrics::counter!(m::DEFLATE_SESSIONS).increment(1);
-        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, d);
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
     }
     Ok(resp)
 }

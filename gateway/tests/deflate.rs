@@ -233,6 +233,23 @@ async fn a_compressed_publish_reaches_deflate_and_plain_subscribers() {
     assert!(frame.rsv1());
     assert_eq!(direct["data"], data);
 
+    // A broadcast from the Push API: compressed for the deflate sessions (the same
+    // bytes for both: compressed once, no context), plain for the other.
+    let mut push = proto::push::v1::push_client::PushClient::connect(format!("http://{}", gw.grpc)).await.unwrap();
+    let words = json!({"notice": "maintenance tonight, maintenance tonight, maintenance tonight"});
+    let r = push
+        .broadcast(proto::push::v1::BroadcastRequest { data_json: words.to_string(), from: String::new() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.delivered, Some(3));
+    let (b1, f1) = read_type(&mut zsub, "broadcast").await;
+    let (b2, f2) = read_type(&mut publisher, "broadcast").await;
+    assert!(f1.rsv1() && f2.rsv1());
+    assert_eq!(f1.payload, f2.payload);
+    assert_eq!((&b1["data"], &b2["data"]), (&words, &words));
+    assert_eq!(recv_type(&mut plain, "broadcast").await["data"], words);
+
     // Small replies that would not shrink are plain; control frames are never compressed.
     send_compressed(&mut zsub, &json!({"op":"ping","ref":"x"})).await;
     let (pong, frame) = read_type(&mut zsub, "pong").await;
