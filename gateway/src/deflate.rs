@@ -125,27 +125,54 @@ fn payload(frame: &[u8]) -> Option<(u8, &[u8])> {
     Some((b0, frame.get(at..)?))
 }
 
-/// Compresses `data` as one message (raw deflate, sync flush, the tail removed).
-pub fn compress(data: &[u8]) -> Vec<u8> {
+/// Compresses `data` as one message (raw deflate, sync flush, the tail removed);
+/// `None` if the flush did not come out whole (not seen; the frame then goes plain).
+///
+/// miniz_oxide can return from a call with the input and a sync flush with the flush
+/// not made (after a block, when its buffer of LZ codes fills on the input's last byte),
+/// and drops the flush marker when the flushed block does not fit the output: Autobahn
+/// 12.2.9's 64 KiB bitmap slices inflated 4 KB short. Hence: the input without a flush,
+/// what it holds drained, then the sync flush alone with room for everything pending.
+pub fn compress(data: &[u8]) -> Option<Vec<u8>> {
+    // Stored blocks bound the output: the input and 5 bytes per 64 KiB, plus the flush.
+    let bound = data.len() + data.len() / 8192 + 64;
     DEFLATER.with_borrow_mut(|c| {
         c.reset();
-        let mut out = Vec::with_capacity(data.len() / 2 + 64);
+        let mut out = Vec::with_capacity(bound);
         let mut input = data;
-        loop {
-            let before = c.total_in();
-            // Only a full output buffer stops short; it is grown below.
-            let _ = c.compress_vec(input, &mut out, FlushCompress::Sync);
-            input = &input[(c.total_in() - before) as usize..];
-            if input.is_empty() && out.len() < out.capacity() {
-                break;
+        while !input.is_empty() {
+            if out.len() == out.capacity() {
+                out.reserve(out.capacity().max(64));
             }
+            let before = c.total_in();
+            let _ = c.compress_vec(input, &mut out, FlushCompress::None);
+            input = &input[(c.total_in() - before) as usize..];
+        }
+        drain(c, &mut out);
+        out.reserve(bound);
+        let _ = c.compress_vec(&[], &mut out, FlushCompress::Sync);
+        drain(c, &mut out);
+        let whole = out.ends_with(&TAIL);
+        debug_assert!(whole, "a sync flush ends with the tail");
+        whole.then(|| {
+            out.truncate(out.len() - TAIL.len());
+            out
+        })
+    })
+}
+
+/// Takes what the compressor holds until a call with no input and no flush brings nothing.
+fn drain(c: &mut Compress, out: &mut Vec<u8>) {
+    loop {
+        if out.len() == out.capacity() {
             out.reserve(out.capacity().max(64));
         }
-        if out.ends_with(&TAIL) {
-            out.truncate(out.len() - TAIL.len());
+        let before = c.total_out();
+        let _ = c.compress_vec(&[], out, FlushCompress::None);
+        if c.total_out() == before {
+            return;
         }
-        out
-    })
+    }
 }
 
 /// The compressed form of a complete, unfragmented data frame (RSV1 set), or
@@ -155,7 +182,7 @@ pub fn deflate_frame(frame: &[u8]) -> Option<Bytes> {
     if b0 & 0x0f == 0 || b0 & 0x08 != 0 || b0 & 0x80 == 0 {
         return None;
     }
-    let z = compress(data);
+    let z = compress(data)?;
     let header = match z.len() {
         n if n < 126 => 2,
         n if n < 65536 => 4,
@@ -238,8 +265,10 @@ pub fn inflate(data: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
                 return Ok(out);
             }
             let full = out.len() == out.capacity();
+            let produced = d.total_out() - before_out;
             if inputs[i].is_empty() && !full {
-                if i == 1 {
+                // Done once the tail is in and a call brings no more output.
+                if i == 1 && produced == 0 {
                     return Ok(out);
                 }
                 i = 1;
@@ -249,7 +278,7 @@ pub fn inflate(data: &[u8], limit: usize) -> Result<Vec<u8>, InflateError> {
                 // Room up to one byte past the limit, so that going over it shows.
                 let room = out.capacity().max(256).min(limit + 1 - out.len());
                 out.reserve_exact(room);
-            } else if read == 0 && d.total_out() == before_out {
+            } else if read == 0 && produced == 0 {
                 // No progress with input and room: a truncated stream.
                 return Err(InflateError::Invalid);
             }
@@ -333,15 +362,88 @@ mod tests {
         assert!(!std::ptr::eq(twin.pick(10), &plain));
     }
 
+    /// Bytes that hardly compress (a xorshift stream), and text that compresses well.
+    fn samples() -> Vec<Vec<u8>> {
+        let mut x = 0x2545_f491_4f6c_dd1du64;
+        let mut noise = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        };
+        let mut out = Vec::new();
+        for len in [0, 1, 100, 4096, 32_767, 32_768, 40_000, 65_536, 131_072, 300_000] {
+            out.push((0..len).map(|_| noise()).collect());
+            out.push(b"the quick brown fox ".iter().copied().cycle().take(len).collect());
+            // Mostly text with noise: long matches and literals mixed.
+            out.push((0..len).map(|i| if i % 97 < 5 { noise() } else { b"abcdefgh"[i % 8] }).collect());
+        }
+        out
+    }
+
+    #[test]
+    fn every_message_inflates_back_whole() {
+        // Autobahn 12.2.9 / 12.5.*: a 64 KiB message that hardly compresses came back short
+        // when inflation stopped at "input used up and output room left" with output still
+        // pending inside the inflater.
+        for data in samples() {
+            let z = compress(&data).unwrap();
+            let back = inflate(&z, 1 << 20).unwrap_or_else(|e| panic!("{} bytes: {e:?}", data.len()));
+            assert!(back == data, "{} bytes came back as {}", data.len(), back.len());
+            // Compressed at other levels, stored blocks (level 0, what zlib sends for noise) too.
+            for level in [0, 9] {
+                let mut c = Compress::new(Compression::new(level), false);
+                let mut z = Vec::with_capacity(data.len() * 2 + 1024);
+                c.compress_vec(&data, &mut z, FlushCompress::Sync).unwrap();
+                assert_eq!(c.total_in() as usize, data.len());
+                assert!(z.ends_with(&TAIL));
+                z.truncate(z.len() - 4);
+                let back = inflate(&z, 1 << 20).unwrap();
+                assert!(back == data, "{} bytes at level {level} came back as {}", data.len(), back.len());
+            }
+        }
+    }
+
+    #[test]
+    fn a_sync_flush_is_complete_whatever_the_input() {
+        // Autobahn 12.2.9 / 12.5.*: 64 KiB slices of a bitmap and a PDF came back short.
+        // When miniz_oxide's buffer of LZ codes filled on the input's last byte, one call
+        // with the input and a sync flush returned without flushing. These lengths of this
+        // noise did that (found by a sweep; each failed before the fix).
+        for (mask, lens) in
+            [(0x0f, [58_578, 58_579, 58_600]), (0x07, [59_259, 59_300, 60_000]), (0x1f, [58_384, 58_400, 58_500])]
+        {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let noise: Vec<u8> = (0..61_000u32)
+                .map(|i| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (i as u8).wrapping_mul(3) ^ (x as u8 & mask)
+                })
+                .collect();
+            for len in lens {
+                let z = compress(&noise[..len]).unwrap();
+                // Inflated by our inflater and by flate2's streaming decoder.
+                let back = inflate(&z, 1 << 20).map(|v| v.len());
+                assert_eq!(back, Ok(len), "mask {mask:#x}, {len} bytes");
+                let mut d = Decompress::new(false);
+                let mut out = Vec::with_capacity(len + 1);
+                d.decompress_vec(&[&z[..], &TAIL[..]].concat(), &mut out, FlushDecompress::Sync).unwrap();
+                assert!(out == noise[..len], "mask {mask:#x}, {len} bytes: {}", out.len());
+            }
+        }
+    }
+
     #[test]
     fn inflation_stops_at_the_limit() {
         let zeros = vec![0u8; 10 << 20];
-        let z = compress(&zeros);
+        let z = compress(&zeros).unwrap();
         assert!(z.len() < 65536, "{}", z.len());
         assert_eq!(inflate(&z, 65536), Err(InflateError::TooBig));
         assert_eq!(inflate(&z, 10 << 20).map(|v| v.len()), Ok(10 << 20));
         // Exactly the limit is fine.
-        let z = compress(&vec![b'x'; 1000]);
+        let z = compress(&vec![b'x'; 1000]).unwrap();
         assert_eq!(inflate(&z, 1000).map(|v| v.len()), Ok(1000));
         assert_eq!(inflate(&z, 999), Err(InflateError::TooBig));
         assert_eq!(inflate(&[0xff, 0xff, 0xff], 1000), Err(InflateError::Invalid));
