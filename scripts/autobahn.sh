@@ -17,13 +17,18 @@ if [ ! -d "$dir/py/autobahntestsuite" ]; then
   echo "==> pip install autobahntestsuite (Python 2.7, into $dir/py)"
   "$py" -m pip install --quiet --disable-pip-version-check --target "$dir/py" autobahntestsuite==25.10.1
 fi
-cargo build -p gateway --bins
+# env GATEWAY_BIN: test that binary instead of building target/debug/gateway.
+bin="${GATEWAY_BIN:-}"
+if [ -z "$bin" ]; then
+  cargo build -p gateway --bins
+  bin=./target/debug/gateway
+fi
 cases=("$@")
 [ ${#cases[@]} -gt 0 ] || cases=('12.*' '13.*')
 
 out="$dir/gateway.out"
 # 16 MiB messages (cases 9.*), and room for a whole case's burst in the send queue.
-./target/debug/gateway --listen 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+"$bin" --listen 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
   --anonymous --echo-route --max-message-bytes 16777216 --send-queue 100000 >"$out" &
 gw=$!
 trap 'kill "$gw" 2>/dev/null || true' EXIT

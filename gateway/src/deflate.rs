@@ -230,7 +230,13 @@ impl<'a> Twin<'a> {
         if deflate == 0 || (deflate < MAX_WINDOW_BITS && self.plain.len() > 1 << deflate) {
             return self.plain;
         }
-        self.deflated.get_or_init(|| deflate_frame(self.plain)).as_ref().unwrap_or(self.plain)
+        self.deflated
+            .get_or_init(|| {
+                metrics::counter!(crate::metrics::DEFLATE_FRAMES).increment(1);
+                deflate_frame(self.plain)
+            })
+            .as_ref()
+            .unwrap_or(self.plain)
     }
 }
 

@@ -37,6 +37,7 @@ pub const RECOVERY_GAPS: &str = "switchboard_gateway_recovery_gaps_total";
 pub const AUTH_REFRESH: &str = "switchboard_gateway_auth_refresh_total";
 pub const CONNECT: &str = "switchboard_gateway_connect_total";
 pub const DEFLATE_SESSIONS: &str = "switchboard_gateway_deflate_sessions_total";
+pub const DEFLATE_FRAMES: &str = "switchboard_gateway_deflate_frames_total";
 
 /// Histogram buckets, by metric-name suffix (any other histogram gets kit's defaults).
 pub const BUCKETS: &[(&str, &[f64])] = &[
@@ -88,6 +89,7 @@ fn register_zeroes() {
         PRESENCE_FALLBACKS,
         STALLS,
         DEFLATE_SESSIONS,
+        DEFLATE_FRAMES,
     ] {
         metrics::counter!(c).increment(0);
     }
@@ -148,6 +150,7 @@ pub fn describe() {
     describe_counter!(CONNECTIONS_CLOSED, "WebSocket sessions closed, by reason.");
     describe_counter!(HANDSHAKE_REJECTED, "Upgrade requests refused before the upgrade, by reason.");
     describe_counter!(DEFLATE_SESSIONS, "Upgrades that negotiated permessage-deflate.");
+    describe_counter!(DEFLATE_FRAMES, "Frames compressed for permessage-deflate (at most one per publication).");
     describe_counter!(MESSAGES_IN, "Client commands received, by op.");
     describe_counter!(MESSAGES_OUT, "Frames queued to sessions, by kind (message, direct, broadcast).");
     describe_counter!(COMMAND_ERRORS, "Client commands answered with an error, by code.");

@@ -237,6 +237,8 @@ async fn a_compressed_publish_reaches_deflate_and_plain_subscribers() {
     // bytes for both: compressed once, no context), plain for the other.
     let mut push = proto::push::v1::push_client::PushClient::connect(format!("http://{}", gw.grpc)).await.unwrap();
     let words = json!({"notice": "maintenance tonight, maintenance tonight, maintenance tonight"});
+    let compressed = |page: &str| metric(page, "switchboard_gateway_deflate_frames_total", "");
+    let before = compressed(&gw.admin_get("/metrics").await.1);
     let r = push
         .broadcast(proto::push::v1::BroadcastRequest { data_json: words.to_string(), from: String::new() })
         .await
@@ -249,6 +251,8 @@ async fn a_compressed_publish_reaches_deflate_and_plain_subscribers() {
     assert_eq!(f1.payload, f2.payload);
     assert_eq!((&b1["data"], &b2["data"]), (&words, &words));
     assert_eq!(recv_type(&mut plain, "broadcast").await["data"], words);
+    // Compressed once for both deflate sessions.
+    assert_eq!(compressed(&gw.admin_get("/metrics").await.1) - before, 1.0);
 
     // Small replies that would not shrink are plain; control frames are never compressed.
     send_compressed(&mut zsub, &json!({"op":"ping","ref":"x"})).await;
