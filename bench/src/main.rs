@@ -37,6 +37,16 @@ enum Scenario {
         #[arg(long, default_value = "50")]
         concurrency: usize,
     },
+    /// permessage-deflate: bytes on the wire and gateway CPU per delivery of a typical JSON
+    /// chat message, plain and compressed (one gateway run each).
+    Deflate {
+        #[arg(long, default_value = "target/release/gateway")]
+        gateway_bin: PathBuf,
+        #[arg(long, default_value = "200")]
+        subscribers: usize,
+        #[arg(long, default_value = "2000")]
+        messages: usize,
+    },
     /// Standalone history: memory per entry and per channel, recovery latency.
     History {
         #[arg(long, default_value = "target/release/gateway")]
@@ -202,6 +212,13 @@ enum Scenario {
 
 const SECRET: &str = "bench-secret";
 
+/// A token for `user` signed with [`SECRET`], valid for an hour.
+fn bench_token(user: &str) -> anyhow::Result<String> {
+    let exp = SystemTime::now().duration_since(UNIX_EPOCH)?.as_secs() + 3600;
+    let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes())?;
+    Ok(jsonwebtoken::encode(&jsonwebtoken::Header::default(), &serde_json::json!({"sub": user, "exp": exp}), &key)?)
+}
+
 struct Gateway {
     child: Child,
     client: SocketAddr,
@@ -337,6 +354,7 @@ async fn idle(connections: usize, bin: PathBuf, concurrency: usize) -> anyhow::R
 mod capacity;
 mod cluster_bench;
 mod compare;
+mod deflate_bench;
 mod history_bench;
 mod load;
 mod presence_bench;
@@ -362,6 +380,9 @@ fn main() -> anyhow::Result<()> {
                 missed,
                 runs,
             }))
+        }
+        Scenario::Deflate { gateway_bin, subscribers, messages } => {
+            rt.block_on(deflate_bench::run(deflate_bench::Options { gateway_bin, subscribers, messages }))
         }
         Scenario::Soak { minutes, subscribers, rate, churn_per_s, bridge_args, kafka } => {
             rt.block_on(soak::run(minutes, subscribers, rate, churn_per_s, &bridge_args, &kafka))

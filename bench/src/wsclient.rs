@@ -73,13 +73,18 @@ pub(crate) fn frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
 /// for each; leaves a partial frame in place. Server frames are unmasked; fragmented
 /// messages are not used by any server measured here (continuations are passed through).
 pub(crate) fn parse(buf: &mut Vec<u8>, mut on_frame: impl FnMut(u8, &[u8])) -> anyhow::Result<()> {
+    parse_raw(buf, |first, payload| on_frame(first & 0x0f, payload))
+}
+
+/// [`parse`], calling `on_frame` with the frame's whole first byte (FIN, RSV bits, opcode).
+pub(crate) fn parse_raw(buf: &mut Vec<u8>, mut on_frame: impl FnMut(u8, &[u8])) -> anyhow::Result<()> {
     let mut at = 0;
     loop {
         let rest = &buf[at..];
         if rest.len() < 2 {
             break;
         }
-        let opcode = rest[0] & 0x0f;
+        let first = rest[0];
         if rest[1] & 0x80 != 0 {
             bail!("masked server frame");
         }
@@ -92,7 +97,7 @@ pub(crate) fn parse(buf: &mut Vec<u8>, mut on_frame: impl FnMut(u8, &[u8])) -> a
         if rest.len() < head + len {
             break;
         }
-        on_frame(opcode, &rest[head..head + len]);
+        on_frame(first, &rest[head..head + len]);
         at += head + len;
     }
     buf.drain(..at);

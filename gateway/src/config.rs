@@ -140,6 +140,11 @@ pub struct Cli {
     /// with reason `too_many`.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_RECOVERY_MAX", default_value = "10000")]
     pub recovery_max: usize,
+    /// Negotiate permessage-deflate (RFC 7692) with clients that offer it (browsers do):
+    /// publications compressed once and shared, client messages inflated up to
+    /// `--max-message-bytes`. `--permessage-deflate=false` answers every offer without it.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_PERMESSAGE_DEFLATE", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub permessage_deflate: bool,
     /// Serve `/echo`: a token-less WebSocket echo through the session code, for conformance suites.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_ECHO_ROUTE")]
     pub echo_route: bool,

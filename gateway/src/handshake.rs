@@ -258,13 +258,33 @@ fn upgrade(
             &ua[..end]
         })
         .into();
+    // RFC 7692: the first offer we can honour, or none (answered without the extension).
+    // (The answer is ASCII, always a valid header value.)
+    let deflate = if server.node.config.permessage_deflate {
+        crate::deflate::negotiate(
+            req.headers().get_all(header::SEC_WEBSOCKET_EXTENSIONS).iter().filter_map(|v| v.to_str().ok()),
+        )
+        .and_then(|d| Some((HeaderValue::from_str(&d.response).ok()?, d.window_bits)))
+    } else {
+        None
+    };
     let on_upgrade = hyper::upgrade::on(&mut req);
     let conn_id = server.next_conn_id.fetch_add(1, Ordering::Relaxed);
     let tracker = server.tracker.clone();
     // Unwrapped here, not in the session: both forms would be kept in every session's future.
     let awaiting_connect = identity.is_none();
     let identity = identity.unwrap_or_else(session::nobody);
-    tracker.spawn(start_session(server, on_upgrade, identity, awaiting_connect, conn_id, client_info, slot, mode));
+    let window = deflate.as_ref().map_or(0, |(_, bits)| *bits);
+    tracker.spawn(start_session(
+        server,
+        on_upgrade,
+        identity,
+        awaiting_connect,
+        conn_id,
+        client_info,
+        slot,
+        (mode, window),
+    ));
 
     let mut resp = Response::new(Full::new(Bytes::new()));
     *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
@@ -275,6 +295,10 @@ fn upgrade(
     h.insert(header::SEC_WEBSOCKET_ACCEPT, HeaderValue::from_str(&accept).unwrap_or(HeaderValue::from_static("")));
     if answer_protocol {
         h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static(SUBPROTOCOL));
+    }
+    if let Some((answer, _)) = deflate {
+        metrics::counter!(m::DEFLATE_SESSIONS).increment(1);
+        h.insert(header::SEC_WEBSOCKET_EXTENSIONS, answer);
     }
     Ok(resp)
 }
@@ -288,7 +312,7 @@ async fn start_session(
     conn_id: u64,
     client_info: Arc<str>,
     slot: SessionSlot,
-    mode: Mode,
+    (mode, deflate): (Mode, u8),
 ) {
     let upgraded = match on_upgrade.await {
         Ok(u) => u,
@@ -318,6 +342,7 @@ async fn start_session(
         stream,
         leftover,
         mode,
+        deflate,
         server.stop_sessions.clone(),
     )
     .await;

@@ -34,6 +34,7 @@ use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 use tokio::sync::Notify;
 
+use crate::deflate::Twin;
 use crate::outbox::{Outbox, Queued, SendError};
 
 use crate::history::{Item, Lost, Page, Position};
@@ -50,9 +51,23 @@ pub struct SessionCtl {
     close: AtomicU8,
     reason: parking_lot::Mutex<Option<Box<str>>>,
     notify: Notify,
+    /// permessage-deflate: 0 not negotiated, else the window bits allowed (in the
+    /// padding after `close`: the block is no larger for it).
+    deflate: u8,
 }
 
 impl SessionCtl {
+    /// The control block of a session that negotiated permessage-deflate with this
+    /// window (`0`: it did not).
+    pub fn with_deflate(deflate: u8) -> Self {
+        Self { deflate, ..Self::default() }
+    }
+
+    /// permessage-deflate: 0 not negotiated, else the server window bits allowed.
+    pub fn deflate(&self) -> u8 {
+        self.deflate
+    }
+
     /// Asks the session to close; the first reason wins.
     pub fn close(&self, reason: CloseReason, text: Option<&str>) {
         if self.close.compare_exchange(0, reason.to_u8(), Ordering::AcqRel, Ordering::Acquire).is_ok() {
@@ -158,15 +173,16 @@ impl ChannelState {
         let mut delivered = 0;
         let floors = &self.floors;
         let fresh = |sub: &SessionHandle| floors.iter().all(|&(id, floor)| id != sub.id || seq > floor);
+        let twin = Twin::new(frame);
         match congested {
             Some(c) => {
                 for sub in self.subs.values().filter(|s| fresh(s)) {
-                    delivered += u64::from(sub.deliver_paced(frame, c));
+                    delivered += u64::from(sub.deliver_paced(twin.pick(sub.ctl.deflate), c));
                 }
             }
             None => {
                 for sub in self.subs.values().filter(|s| fresh(s)) {
-                    delivered += u64::from(sub.deliver(frame));
+                    delivered += u64::from(sub.deliver(twin.pick(sub.ctl.deflate)));
                 }
             }
         }
@@ -867,9 +883,11 @@ impl Hub {
     /// Queues a frame to every session of `user`; returns how many took it. Sessions
     /// whose queue is congested afterwards are added to `congested`.
     pub fn send_to_user(&self, user: &str, frame: &Bytes, congested: &mut Vec<SessionHandle>) -> u64 {
+        let twin = Twin::new(frame);
         let users = self.users[self.shard(user)].read();
-        let delivered =
-            users.get(user).map_or(0, |list| list.iter().map(|h| u64::from(h.deliver_paced(frame, congested))).sum());
+        let delivered = users.get(user).map_or(0, |list| {
+            list.iter().map(|h| u64::from(h.deliver_paced(twin.pick(h.ctl.deflate), congested))).sum()
+        });
         drop(users);
         metrics::counter!(m::MESSAGES_OUT, "kind" => "direct").increment(delivered);
         delivered
@@ -879,8 +897,13 @@ impl Hub {
     /// afterwards are added to `congested`.
     pub fn broadcast(&self, frame: &Bytes, congested: &mut Vec<SessionHandle>) -> u64 {
         let mut delivered = 0;
+        let twin = Twin::new(frame);
         for shard in self.sessions.iter() {
-            delivered += shard.read().values().map(|h| u64::from(h.deliver_paced(frame, congested))).sum::<u64>();
+            delivered += shard
+                .read()
+                .values()
+                .map(|h| u64::from(h.deliver_paced(twin.pick(h.ctl.deflate), congested)))
+                .sum::<u64>();
         }
         metrics::counter!(m::MESSAGES_OUT, "kind" => "broadcast").increment(delivered);
         delivered
@@ -955,6 +978,13 @@ pub(crate) mod tests {
         };
         hub.register(h.clone());
         (h, rx)
+    }
+
+    #[test]
+    fn the_deflate_flag_costs_a_session_nothing() {
+        // It sits in the control block's padding.
+        type Without = (AtomicU8, parking_lot::Mutex<Option<Box<str>>>, Notify);
+        assert_eq!(std::mem::size_of::<SessionCtl>(), std::mem::size_of::<Without>());
     }
 
     fn text_of(frame: &Bytes) -> serde_json::Value {

@@ -10,13 +10,14 @@
 //! - [`bus`] (publish): the seam where messages leave the session ([`bus::LocalBus`] here);
 //! - [`delivery`] (deliver, cluster mode): messages streamed in by broker-bridge;
 //! - [`hub`] (fanout): sharded channels and users, encode once, bounded queues ([`outbox`]);
-//! - [`wire`] and [`protocol`]: server frames and the JSON client protocol;
+//! - [`wire`] and [`protocol`]: server frames and the JSON client protocol; [`deflate`]: permessage-deflate;
 //! - [`presence`]: the presence seam (local hub, or remote replicas over gRPC);
 //! - [`push`]: the gRPC Push API; [`demo`]: the embedded chat page.
 
 pub mod auth;
 pub mod bus;
 pub mod config;
+pub mod deflate;
 pub mod delivery;
 pub mod demo;
 pub mod handshake;

@@ -36,6 +36,8 @@ pub const RECOVERIES: &str = "switchboard_gateway_recoveries_total";
 pub const RECOVERY_GAPS: &str = "switchboard_gateway_recovery_gaps_total";
 pub const AUTH_REFRESH: &str = "switchboard_gateway_auth_refresh_total";
 pub const CONNECT: &str = "switchboard_gateway_connect_total";
+pub const DEFLATE_SESSIONS: &str = "switchboard_gateway_deflate_sessions_total";
+pub const DEFLATE_FRAMES: &str = "switchboard_gateway_deflate_frames_total";
 
 /// Histogram buckets, by metric-name suffix (any other histogram gets kit's defaults).
 pub const BUCKETS: &[(&str, &[f64])] = &[
@@ -86,6 +88,8 @@ fn register_zeroes() {
         PRESENCE_RESYNCS,
         PRESENCE_FALLBACKS,
         STALLS,
+        DEFLATE_SESSIONS,
+        DEFLATE_FRAMES,
     ] {
         metrics::counter!(c).increment(0);
     }
@@ -145,6 +149,8 @@ pub fn describe() {
     describe_counter!(CONNECTIONS_OPENED, "WebSocket sessions opened.");
     describe_counter!(CONNECTIONS_CLOSED, "WebSocket sessions closed, by reason.");
     describe_counter!(HANDSHAKE_REJECTED, "Upgrade requests refused before the upgrade, by reason.");
+    describe_counter!(DEFLATE_SESSIONS, "Upgrades that negotiated permessage-deflate.");
+    describe_counter!(DEFLATE_FRAMES, "Frames compressed for permessage-deflate (at most one per publication).");
     describe_counter!(MESSAGES_IN, "Client commands received, by op.");
     describe_counter!(MESSAGES_OUT, "Frames queued to sessions, by kind (message, direct, broadcast).");
     describe_counter!(COMMAND_ERRORS, "Client commands answered with an error, by code.");

@@ -167,6 +167,7 @@ impl Settings {
                 slow_consumer_timeout: cli.slow_consumer_timeout,
                 recovery_max: cli.recovery_max,
                 connect_timeout: cli.connect_timeout,
+                permessage_deflate: cli.permessage_deflate,
             },
             history: kit::history::Rules::new(cli.history.clone()),
             history_memory: cli.history_memory,

@@ -165,6 +165,9 @@ async fn demo_page_in_headless_chromium() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "browser test failed:\n{stdout}\n{stderr}");
+    // Chromium offers permessage-deflate: both pages talked compressed (and the test passed).
+    let (_, page) = http_get(gw.admin, "/metrics").await;
+    assert!(metric(&page, "switchboard_gateway_deflate_sessions_total", "") >= 2.0, "Chromium negotiated deflate");
 }
 
 /// The JS client (gateway/static/switchboard.js) in Node against this binary:

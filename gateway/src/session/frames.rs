@@ -24,6 +24,8 @@ const CHUNK: usize = 4096;
 #[derive(Debug, PartialEq, Eq)]
 pub(super) struct Frame {
     pub(super) fin: bool,
+    /// RSV1: a compressed message's first frame (permessage-deflate only).
+    pub(super) rsv1: bool,
     pub(super) opcode: u8,
     pub(super) payload: Vec<u8>,
 }
@@ -43,6 +45,7 @@ pub(super) enum ReadError {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Head {
     fin: bool,
+    rsv1: bool,
     opcode: u8,
     mask: [u8; 4],
     header: usize,
@@ -51,12 +54,15 @@ struct Head {
 
 /// Parses the header at the start of `buf`; `Ok(None)` when more bytes are needed.
 /// `limit` is the largest payload this frame may have if it is a data frame.
-fn head(buf: &[u8], limit: usize) -> Result<Option<Head>, ReadError> {
+/// `deflate`: permessage-deflate was negotiated, so RSV1 may mark the first frame
+/// of a data message (RFC 7692 §6: never a control frame or a continuation).
+fn head(buf: &[u8], limit: usize, deflate: bool) -> Result<Option<Head>, ReadError> {
     let [b0, b1, ..] = *buf else { return Ok(None) };
-    if b0 & 0x70 != 0 {
+    let opcode = b0 & 0x0f;
+    let rsv1 = b0 & 0x40 != 0;
+    if b0 & 0x30 != 0 || (rsv1 && !(deflate && matches!(opcode, TEXT | BINARY))) {
         return Err(ReadError::Protocol("reserved bits set"));
     }
-    let opcode = b0 & 0x0f;
     if !matches!(opcode, CONTINUATION | TEXT | BINARY | CLOSE | PING | PONG) {
         return Err(ReadError::Protocol("reserved opcode"));
     }
@@ -89,7 +95,7 @@ fn head(buf: &[u8], limit: usize) -> Result<Option<Head>, ReadError> {
     }
     let Some(mask) = buf.get(at..at + 4) else { return Ok(None) };
     let mask = [mask[0], mask[1], mask[2], mask[3]];
-    Ok(Some(Head { fin, opcode, mask, header: at + 4, len: len as usize }))
+    Ok(Some(Head { fin, rsv1, opcode, mask, header: at + 4, len: len as usize }))
 }
 
 fn unmask(payload: &mut [u8], mask: [u8; 4]) {
@@ -105,9 +111,9 @@ fn unmask(payload: &mut [u8], mask: [u8; 4]) {
 }
 
 /// Takes the first complete frame off `buf[*pos..]`, advancing `pos`.
-fn take(buf: &[u8], pos: &mut usize, limit: usize) -> Result<Option<Frame>, ReadError> {
+fn take(buf: &[u8], pos: &mut usize, limit: usize, deflate: bool) -> Result<Option<Frame>, ReadError> {
     let rest = &buf[*pos..];
-    let Some(h) = head(rest, limit)? else { return Ok(None) };
+    let Some(h) = head(rest, limit, deflate)? else { return Ok(None) };
     let end = h.header + h.len;
     if rest.len() < end {
         return Ok(None);
@@ -115,7 +121,7 @@ fn take(buf: &[u8], pos: &mut usize, limit: usize) -> Result<Option<Frame>, Read
     let mut payload = rest[h.header..end].to_vec();
     unmask(&mut payload, h.mask);
     *pos += end;
-    Ok(Some(Frame { fin: h.fin, opcode: h.opcode, payload }))
+    Ok(Some(Frame { fin: h.fin, rsv1: h.rsv1, opcode: h.opcode, payload }))
 }
 
 /// Reads frames from the client half of a session.
@@ -133,10 +139,11 @@ impl Reader {
         Self { read, buf: leftover.to_vec(), pos: 0 }
     }
 
-    /// The next frame, whose payload may be at most `limit` bytes.
-    pub(super) async fn next(&mut self, limit: usize) -> Result<Frame, ReadError> {
+    /// The next frame, whose payload may be at most `limit` bytes; `deflate`: RSV1
+    /// may be set (permessage-deflate was negotiated).
+    pub(super) async fn next(&mut self, limit: usize, deflate: bool) -> Result<Frame, ReadError> {
         loop {
-            if let Some(f) = take(&self.buf, &mut self.pos, limit)? {
+            if let Some(f) = take(&self.buf, &mut self.pos, limit, deflate)? {
                 if self.pos == self.buf.len() {
                     // Nothing buffered: give the memory back.
                     self.buf = Vec::new();
@@ -206,7 +213,7 @@ mod tests {
     fn all(buf: &[u8], limit: usize) -> Result<Vec<Frame>, ReadError> {
         let mut pos = 0;
         let mut out = Vec::new();
-        while let Some(f) = take(buf, &mut pos, limit)? {
+        while let Some(f) = take(buf, &mut pos, limit, false)? {
             out.push(f);
         }
         Ok(out)
@@ -218,7 +225,7 @@ mod tests {
             let payload: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let buf = masked(0x81, &payload, [1, 2, 3, 0xfe]);
             let f = all(&buf, 1 << 20).unwrap();
-            assert_eq!(f, vec![Frame { fin: true, opcode: TEXT, payload }], "len {len}");
+            assert_eq!(f, vec![Frame { fin: true, rsv1: false, opcode: TEXT, payload }], "len {len}");
         }
     }
 
@@ -229,10 +236,10 @@ mod tests {
         let third = masked(0x89, b"ping", [1, 1, 1, 1]);
         buf.extend_from_slice(&third[..3]);
         let mut pos = 0;
-        assert_eq!(take(&buf, &mut pos, 100).unwrap().unwrap().payload, b"ab");
-        let f = take(&buf, &mut pos, 100).unwrap().unwrap();
+        assert_eq!(take(&buf, &mut pos, 100, false).unwrap().unwrap().payload, b"ab");
+        let f = take(&buf, &mut pos, 100, false).unwrap().unwrap();
         assert_eq!((f.fin, f.opcode, f.payload.as_slice()), (true, CONTINUATION, &b"cd"[..]));
-        assert_eq!(take(&buf, &mut pos, 100).unwrap(), None);
+        assert_eq!(take(&buf, &mut pos, 100, false).unwrap(), None);
         assert_eq!(buf.len() - pos, 3);
     }
 
@@ -251,7 +258,13 @@ mod tests {
         ];
         for (buf, want) in cases {
             // Only the header: nothing of the payload is needed to decide.
-            assert_eq!(head(&buf, 1024), Err(want), "{buf:02x?}");
+            assert_eq!(head(&buf, 1024, false), Err(want), "{buf:02x?}");
+        }
+        // With permessage-deflate, RSV1 is allowed on a data message's first frame only.
+        assert!(head(&[0xC1, 0x80, 0, 0, 0, 0], 1024, true).unwrap().unwrap().rsv1);
+        assert!(head(&[0x42, 0x80, 0, 0, 0, 0], 1024, true).unwrap().unwrap().rsv1);
+        for buf in [[0xC0, 0x80], [0xC9, 0x80], [0xA1, 0x80], [0x91, 0x80]] {
+            assert_eq!(head(&buf, 1024, true), Err(ReadError::Protocol("reserved bits set")), "{buf:02x?}");
         }
         // Exactly the limit is fine.
         assert!(all(&masked(0x81, &[b' '; 1024], [0; 4]), 1024).is_ok());
@@ -260,7 +273,7 @@ mod tests {
     #[test]
     fn incomplete_headers_wait() {
         for buf in [&[][..], &[0x81], &[0x81, 0x80 | 126, 0], &[0x81, 0x80 | 127, 0, 0, 0], &[0x81, 0x85, 1, 2]] {
-            assert_eq!(head(buf, 1024), Ok(None), "{buf:02x?}");
+            assert_eq!(head(buf, 1024, false), Ok(None), "{buf:02x?}");
         }
     }
 }

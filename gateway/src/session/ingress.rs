@@ -11,6 +11,7 @@ use super::frames::{BINARY, CLOSE, PING, PONG, ReadError, Reader, TEXT};
 use super::{Mode, Node};
 use crate::auth::{AuthError, Identity};
 use crate::bus::BusError;
+use crate::deflate::{InflateError, Twin};
 use crate::hub::SessionHandle;
 use crate::metrics as m;
 use crate::policy::{AuthDeadline, AuthLimit, CloseReason, RateDecision, TokenBucket};
@@ -25,8 +26,9 @@ const PRESENCE_REPLY_MAX: usize = 1000;
 pub(super) struct State {
     pub(super) subscriptions: HashSet<Arc<str>>,
     pub(super) bucket: TokenBucket,
-    /// A fragmented message being reassembled: (is_text, bytes so far).
-    pub(super) fragments: Option<(bool, Vec<u8>)>,
+    /// A fragmented message being reassembled: (is_text, is_compressed, bytes so far;
+    /// compressed bytes are inflated once the message is complete).
+    pub(super) fragments: Option<(bool, bool, Vec<u8>)>,
 }
 
 /// Reads and runs commands until the session ends. True when the peer is done
@@ -48,10 +50,12 @@ pub(super) async fn run(
     let cfg = &node.config;
     // Owned: `connect` sets the handle's user.
     let ctl = Arc::clone(&handle.ctl);
+    let deflate = ctl.deflate() != 0;
     loop {
-        // A continuation may only bring the message up to the limit.
-        let limit = cfg.max_message_bytes - state.fragments.as_ref().map_or(0, |(_, b)| b.len());
-        let frame = match reader.next(limit).await {
+        // A continuation may only bring the message up to the limit (a compressed
+        // message: on the wire, and again once inflated).
+        let limit = cfg.max_message_bytes - state.fragments.as_ref().map_or(0, |(_, _, b)| b.len());
+        let frame = match reader.next(limit, deflate).await {
             Ok(f) => f,
             Err(e) => {
                 let (reason, why) = match e {
@@ -91,13 +95,13 @@ pub(super) async fn run(
                 return false;
             }
             TEXT | BINARY if !frame.fin => {
-                state.fragments = Some((frame.opcode == TEXT, frame.payload));
+                state.fragments = Some((frame.opcode == TEXT, frame.rsv1, frame.payload));
                 continue;
             }
-            TEXT | BINARY => (frame.opcode == TEXT, Bytes::from(frame.payload)),
+            TEXT | BINARY => (frame.opcode == TEXT, frame.rsv1, frame.payload),
             _ => {
                 // CONTINUATION (the reader refuses every other opcode).
-                let Some((_, buf)) = state.fragments.as_mut() else {
+                let Some((_, _, buf)) = state.fragments.as_mut() else {
                     ctl.close(CloseReason::Protocol, Some("continuation without a message"));
                     return false;
                 };
@@ -105,11 +109,25 @@ pub(super) async fn run(
                 if !frame.fin {
                     continue;
                 }
-                let Some((text, buf)) = state.fragments.take() else {
+                let Some(message) = state.fragments.take() else {
                     return false;
                 };
-                (text, Bytes::from(buf))
+                message
             }
+        };
+        let message = match message {
+            (text, false, buf) => (text, Bytes::from(buf)),
+            (text, true, buf) => match crate::deflate::inflate(&buf, cfg.max_message_bytes) {
+                Ok(plain) => (text, Bytes::from(plain)),
+                Err(e) => {
+                    let (reason, why) = match e {
+                        InflateError::TooBig => (CloseReason::TooBig, None),
+                        InflateError::Invalid => (CloseReason::Protocol, Some("invalid compressed data")),
+                    };
+                    ctl.close(reason, why);
+                    return false;
+                }
+            },
         };
         match message {
             (true, bytes) => {
@@ -119,7 +137,7 @@ pub(super) async fn run(
                 };
                 match mode {
                     Mode::Echo => {
-                        handle.deliver(&wire::text(text.as_bytes()));
+                        handle.deliver(Twin::new(&wire::text(text.as_bytes())).pick(ctl.deflate()));
                     }
                     Mode::Protocol => {
                         if !room_for_reply(handle).await {
@@ -143,7 +161,7 @@ pub(super) async fn run(
             }
             (false, bytes) => match mode {
                 Mode::Echo => {
-                    handle.deliver(&wire::binary(&bytes));
+                    handle.deliver(Twin::new(&wire::binary(&bytes)).pick(ctl.deflate()));
                 }
                 Mode::Protocol if auth.awaiting_connect() => {
                     metrics::counter!(m::CONNECT, "outcome" => "connect_required").increment(1);

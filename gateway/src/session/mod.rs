@@ -47,6 +47,8 @@ pub struct SessionConfig {
     pub recovery_max: usize,
     /// How long a session opened without a token may take to send `connect`.
     pub connect_timeout: Duration,
+    /// Negotiate permessage-deflate with clients that offer it.
+    pub permessage_deflate: bool,
 }
 
 /// What a session needs from the node.
@@ -82,6 +84,7 @@ pub fn nobody() -> Identity {
 /// `leftover` holds bytes the HTTP layer read past the upgrade request.
 /// `stop` closes the session as part of a drain (the paced drain reaches
 /// registered sessions one by one first; `stop` is the final sweep).
+/// `deflate`: permessage-deflate was negotiated with this server window (bits), 0: not.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     node: Arc<Node>,
@@ -92,11 +95,12 @@ pub async fn run(
     stream: TcpStream,
     leftover: Bytes,
     mode: Mode,
+    deflate: u8,
     stop: CancellationToken,
 ) {
     let cfg = &node.config;
     let (tx, rx) = crate::outbox::outbox(cfg.send_queue, cfg.slow_consumer_timeout);
-    let ctl = Arc::new(SessionCtl::default());
+    let ctl = Arc::new(SessionCtl::with_deflate(deflate));
     let connected_at_ms =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
     let mut handle = SessionHandle {
