@@ -28,7 +28,7 @@ cases=("$@")
 
 out="$dir/gateway.out"
 # 16 MiB messages (cases 9.*), and room for a whole case's burst in the send queue.
-"$bin" --listen 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
+SWITCHBOARD_LOG=warn "$bin" --listen 127.0.0.1:0 --grpc-addr 127.0.0.1:0 --admin-addr 127.0.0.1:0 \
   --anonymous --echo-route --max-message-bytes 16777216 --send-queue 100000 >"$out" &
 gw=$!
 trap 'kill "$gw" 2>/dev/null || true' EXIT
