@@ -10,7 +10,7 @@
 
 use std::cell::{OnceCell, RefCell};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use flate2::{Compress, Compression, Decompress, FlushCompress, FlushDecompress, Status};
 
 /// The extension's name in `Sec-WebSocket-Extensions`.
@@ -191,21 +191,7 @@ pub fn deflate_frame(frame: &[u8]) -> Option<Bytes> {
     if z.len() + header >= frame.len() {
         return None;
     }
-    let mut buf = BytesMut::with_capacity(z.len() + header);
-    buf.put_u8(0xC0 | (b0 & 0x0f));
-    match z.len() {
-        n if n < 126 => buf.put_u8(n as u8),
-        n if n < 65536 => {
-            buf.put_u8(126);
-            buf.put_u16(n as u16);
-        }
-        n => {
-            buf.put_u8(127);
-            buf.put_u64(n as u64);
-        }
-    }
-    buf.put_slice(&z);
-    Some(buf.freeze())
+    Some(crate::wire::framed(0xC0 | (b0 & 0x0f), &z))
 }
 
 /// A frame and its compressed twin, computed at most once, on the first

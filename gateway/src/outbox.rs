@@ -15,7 +15,7 @@
 //! [`STALLED_AFTER`] while congested is stalled: nobody waits for it.
 //!
 //! Corked writes. A sender running inside a [`corked`] scope (the publishing
-//! session's ingress, a delivery stream) does not wake the receivers of the
+//! session's ingress) does not wake the receivers of the
 //! queues it fills: it notes them, and at [`flush_cork`] (when it has processed
 //! every command or item it had at hand) writes each one's frames to its socket
 //! itself, from its own thread: one `writev` per session per burst, no task

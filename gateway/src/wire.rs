@@ -10,8 +10,14 @@ const OP_PING: u8 = 0x9;
 const OP_PONG: u8 = 0xA;
 
 fn frame(opcode: u8, payload: &[u8]) -> Bytes {
+    framed(0x80 | opcode, payload)
+}
+
+/// A complete frame: first byte `b0` (FIN, RSV bits, opcode), then the length and
+/// `payload` (unmasked).
+pub(crate) fn framed(b0: u8, payload: &[u8]) -> Bytes {
     let mut buf = BytesMut::with_capacity(payload.len() + 10);
-    buf.put_u8(0x80 | opcode);
+    buf.put_u8(b0);
     match payload.len() {
         n if n < 126 => buf.put_u8(n as u8),
         n if n < 65536 => {

@@ -20,23 +20,8 @@ const ANSWER: &str = "permessage-deflate; server_no_context_takeover; client_no_
 /// Upgrades with these extension offers (none when empty); returns the stream and the
 /// response's `Sec-WebSocket-Extensions` value, if any.
 async fn upgrade(gw: &Gateway, user: &str, offers: &[&str]) -> (TcpStream, Option<String>) {
-    let t = token(json!({"sub": user, "exp": now() + 600}));
-    let mut s = TcpStream::connect(gw.client).await.unwrap();
-    let mut req = format!(
-        "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
-    );
-    for o in offers {
-        req.push_str(&format!("Sec-WebSocket-Extensions: {o}\r\n"));
-    }
-    req.push_str("\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut head = Vec::new();
-    while !head.ends_with(b"\r\n\r\n") {
-        head.push(s.read_u8().await.unwrap());
-    }
-    let head = String::from_utf8(head).unwrap();
-    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    let headers: Vec<String> = offers.iter().map(|o| format!("Sec-WebSocket-Extensions: {o}")).collect();
+    let (s, head) = raw_upgrade(gw, user, 600, &headers).await;
     let ext = head.lines().find_map(|l| {
         let (k, v) = l.split_once(':')?;
         k.eq_ignore_ascii_case("sec-websocket-extensions").then(|| v.trim().to_owned())

@@ -108,13 +108,26 @@ impl Drop for Gateway {
 
 /// Upgrades a raw TCP stream by hand, for frames no WebSocket library will send.
 pub async fn raw_session(gw: &Gateway) -> tokio::net::TcpStream {
+    let (s, head) = raw_upgrade(gw, "raw", 60, &[]).await;
+    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455 sample accept key: {head}");
+    s
+}
+
+/// Upgrades a raw TCP stream as `user` (a token valid for `secs`), with these extra
+/// request header lines; returns the stream and the 101 response's head.
+pub async fn raw_upgrade(gw: &Gateway, user: &str, secs: u64, headers: &[String]) -> (tokio::net::TcpStream, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let t = token(json!({"sub":"raw","exp":now()+60}));
+    let t = token(json!({"sub": user, "exp": now() + secs}));
     let mut s = tokio::net::TcpStream::connect(gw.client).await.unwrap();
-    let req = format!(
+    let mut req = format!(
         "GET /ws?token={t} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"
     );
+    for h in headers {
+        req.push_str(h);
+        req.push_str("\r\n");
+    }
+    req.push_str("\r\n");
     s.write_all(req.as_bytes()).await.unwrap();
     let mut head = Vec::new();
     while !head.ends_with(b"\r\n\r\n") {
@@ -122,8 +135,7 @@ pub async fn raw_session(gw: &Gateway) -> tokio::net::TcpStream {
     }
     let head = String::from_utf8(head).unwrap();
     assert!(head.starts_with("HTTP/1.1 101"), "{head}");
-    assert!(head.contains("s3pPLMBiTxaQ9kYGzzhZRbK+xOo="), "RFC 6455 sample accept key: {head}");
-    s
+    (s, head)
 }
 
 /// Reads server frames from a raw stream until a close frame; returns its code.
