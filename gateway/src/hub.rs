@@ -992,6 +992,11 @@ pub(crate) mod tests {
         serde_json::from_slice(&frame[2..]).unwrap()
     }
 
+    /// The seqs of every message frame queued for a session, in order.
+    fn seqs(rx: &mut OutboxRx) -> Vec<u64> {
+        std::iter::from_fn(|| rx.try_recv()).map(|f| text_of(&f)["seq"].as_u64().unwrap()).collect()
+    }
+
     #[test]
     fn publish_reaches_subscribers_in_one_order() {
         let hub = Hub::new(vec![], 1000);
@@ -1203,9 +1208,6 @@ pub(crate) mod tests {
         for seq in [15, 20, 21] {
             hub.publish_at("c", "m", "x", seq, "k.0", "1", &mut Vec::new());
         }
-        let seqs = |rx: &mut OutboxRx| {
-            std::iter::from_fn(|| rx.try_recv()).map(|f| text_of(&f)["seq"].as_u64().unwrap()).collect::<Vec<_>>()
-        };
         assert_eq!(seqs(&mut ra), [10, 15, 20, 21]);
         assert_eq!(seqs(&mut rb), [21], "15 and 20 were in its history");
     }
@@ -1221,9 +1223,7 @@ pub(crate) mod tests {
         for seq in [1, 3, 5] {
             hub.publish_at("c", "m", "x", seq, "k.0", "1", &mut Vec::new());
         }
-        let got: Vec<u64> =
-            std::iter::from_fn(|| rb.try_recv()).map(|f| text_of(&f)["seq"].as_u64().unwrap()).collect();
-        assert_eq!(got, [5], "1 and 3 were in its history");
+        assert_eq!(seqs(&mut rb), [5], "1 and 3 were in its history");
         // A live stream in another epoch than the one read is new: nothing of it is suppressed.
         let (a, mut ra) = session(&hub, 3, "a", 64);
         let other: Arc<str> = "d".into();
@@ -1246,9 +1246,7 @@ pub(crate) mod tests {
         }
         assert!(matches!(hub.finish_recovery(2, "c", (1050, Some("k.0")), false, true), Finish::EpochChanged));
         hub.abandon_recovery(2, "c", (1050, Some("k.0")));
-        let got: Vec<u64> =
-            std::iter::from_fn(|| rb.try_recv()).map(|f| text_of(&f)["seq"].as_u64().unwrap()).collect();
-        assert_eq!(got, [1, 2, 3], "the new epoch's frames, none suppressed by the old position");
+        assert_eq!(seqs(&mut rb), [1, 2, 3], "the new epoch's frames, none suppressed by the old position");
         hub.publish_at("c", "new", "x", 4, "k.1", "1", &mut Vec::new());
         assert_eq!(text_of(&rb.try_recv().unwrap())["seq"], 4, "no floor from the old epoch");
     }
