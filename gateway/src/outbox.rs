@@ -41,12 +41,17 @@ use tokio::time::Instant;
 /// A congested queue whose receiver has taken nothing for this long is not waited for.
 pub const STALLED_AFTER: Duration = Duration::from_secs(1);
 
+/// How many unanswered pings keep their pong; an older one is dropped for a newer.
+pub const PONG_SLOTS: usize = 16;
+
 #[derive(Debug)]
 struct Queue {
     items: VecDeque<Bytes>,
-    /// The pong for the latest ping not yet answered (one slot: RFC 6455 lets a
-    /// server answer only the most recent ping). Written before queued frames.
-    pong: Option<Bytes>,
+    /// Pongs for the latest [`PONG_SLOTS`] pings not yet answered, oldest first (RFC
+    /// 6455 lets a server answer only the most recent ping; a few back-to-back pings
+    /// each get theirs, a flood loses its oldest). Written before queued frames;
+    /// outside the queue's bound. Allocates only while pongs wait.
+    pongs: VecDeque<Bytes>,
     /// The receiver is gone: nothing more is accepted.
     closed: bool,
     /// Since when the queue has held `cap` frames or more.
@@ -77,11 +82,11 @@ impl Queue {
     fn write_now(&mut self) -> usize {
         const SLICES: usize = 64;
         let Some(socket) = self.socket.clone() else { return 0 };
-        // The pong joins the queue here, so that a partly written one is finished
+        // The pongs join the queue here, so that a partly written one is finished
         // before anything else (and a newer pong cannot replace its rest).
-        if let Some(p) = self.pong.take() {
-            let at = usize::from(self.partial);
-            self.items.insert(at, p);
+        let at = usize::from(self.partial);
+        for (i, p) in std::mem::take(&mut self.pongs).into_iter().enumerate() {
+            self.items.insert(at + i, p);
         }
         let mut whole = 0;
         while !self.items.is_empty() {
@@ -110,7 +115,7 @@ impl Queue {
         whole
     }
 
-    /// Moves up to `limit` frames (a pending pong first) into `out`. Returns how many,
+    /// Moves up to `limit` frames (pending pongs first) into `out`. Returns how many,
     /// and whether queued frames (not only a pong) were taken, so that waiting senders
     /// are told.
     fn take_into(&mut self, out: &mut Vec<Bytes>, limit: usize, cap: usize) -> (usize, bool) {
@@ -124,16 +129,11 @@ impl Queue {
             _ => 0,
         };
         let limit = limit - rest;
-        let pongs = match self.pong.take() {
-            Some(p) if limit > 0 => {
-                out.push(p);
-                1
-            }
-            p => {
-                self.pong = p;
-                0
-            }
-        };
+        let pongs = self.pongs.len().min(limit);
+        out.extend(self.pongs.drain(..pongs));
+        if self.pongs.is_empty() && self.pongs.capacity() > 0 {
+            self.pongs = VecDeque::new();
+        }
         let n = self.items.len().min(limit - pongs);
         out.extend(self.items.drain(..n));
         if n > 0 {
@@ -263,7 +263,7 @@ pub fn outbox(cap: usize, timeout: Duration) -> (Outbox, OutboxRx) {
     let shared = Arc::new(Shared {
         queue: Mutex::new(Queue {
             items: VecDeque::new(),
-            pong: None,
+            pongs: VecDeque::new(),
             closed: false,
             congested_since: None,
             last_take: Instant::now(),
@@ -300,7 +300,7 @@ impl Outbox {
                 }
             }
             q.items.push_back(frame);
-            let was_empty = len == 0 && q.pong.is_none();
+            let was_empty = len == 0 && q.pongs.is_empty();
             // Already noted in a cork, whose flush writes this too; or noted now.
             let idle = !q.egress_writing && q.socket.is_some();
             let corked = q.corked || (was_empty && idle && self.cork());
@@ -337,7 +337,7 @@ impl Outbox {
                 q.items = VecDeque::new();
             }
         }
-        let wake = !q.items.is_empty() || q.pong.is_some();
+        let wake = !q.items.is_empty() || !q.pongs.is_empty();
         drop(q);
         if took > 0 {
             shared.room.notify_waiters();
@@ -390,16 +390,20 @@ impl Outbox {
         }
     }
 
-    /// Sets the pong to send next, replacing one still unsent. Control frames are
-    /// outside the queue's bound: a ping flood cannot fill the queue.
+    /// Queues a pong to send before queued frames; with [`PONG_SLOTS`] already
+    /// waiting, the oldest is dropped. Control frames are outside the queue's bound:
+    /// a ping flood cannot fill the queue.
     pub fn set_pong(&self, frame: Bytes) {
         let was_idle = {
             let mut q = self.shared.queue.lock();
             if q.closed {
                 return;
             }
-            let idle = q.items.is_empty() && q.pong.is_none();
-            q.pong = Some(frame);
+            let idle = q.items.is_empty() && q.pongs.is_empty();
+            if q.pongs.len() == PONG_SLOTS {
+                q.pongs.pop_front();
+            }
+            q.pongs.push_back(frame);
             idle
         };
         if was_idle {
@@ -505,7 +509,7 @@ impl OutboxRx {
         one.pop()
     }
 
-    /// Moves up to `limit` frames into `out` without waiting (a pending pong first).
+    /// Moves up to `limit` frames into `out` without waiting (pending pongs first).
     pub fn take(&mut self, out: &mut Vec<Bytes>, limit: usize) -> usize {
         let mut q = self.shared.queue.lock();
         let (n, took) = q.take_into(out, limit, self.shared.cap);
@@ -522,7 +526,7 @@ impl Drop for OutboxRx {
         let mut q = self.shared.queue.lock();
         q.closed = true;
         q.items = VecDeque::new();
-        q.pong = None;
+        q.pongs = VecDeque::new();
         q.socket = None;
         drop(q);
         self.shared.room.notify_waiters();
@@ -608,17 +612,28 @@ mod tests {
     }
 
     #[test]
-    fn only_the_latest_pong_waits_and_it_goes_first() {
+    fn the_latest_pongs_wait_in_order_and_go_first() {
         let (tx, mut rx) = outbox(2, T);
+        tx.try_send(b("m1")).unwrap();
+        // Ten back-to-back pings (Autobahn 2.10) each get their pong.
+        for i in 0..10 {
+            tx.set_pong(Bytes::from(format!("pong{i}")));
+        }
+        let mut out = Vec::new();
+        assert_eq!(rx.take(&mut out, 100), 11);
+        let want: Vec<Bytes> = (0..10).map(|i| Bytes::from(format!("pong{i}"))).chain([b("m1")]).collect();
+        assert_eq!(out, want);
+        // A flood keeps only the latest PONG_SLOTS, outside the queue's bound.
+        out.clear();
         tx.try_send(b("m1")).unwrap();
         for i in 0..10_000 {
             tx.set_pong(Bytes::from(format!("pong{i}")));
         }
-        // The queue's bound is for messages: still room for one more.
         assert_eq!(tx.try_send(b("m2")), Ok(Queued::Congested));
-        let mut out = Vec::new();
-        assert_eq!(rx.take(&mut out, 10), 3);
-        assert_eq!(out, vec![Bytes::from("pong9999"), b("m1"), b("m2")]);
+        assert_eq!(rx.take(&mut out, 100), PONG_SLOTS + 2);
+        let want: Vec<Bytes> =
+            (10_000 - PONG_SLOTS..10_000).map(|i| Bytes::from(format!("pong{i}"))).chain([b("m1"), b("m2")]).collect();
+        assert_eq!(out, want);
         assert_eq!(rx.take(&mut out, 10), 0);
     }
 
