@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 dir=target/autobahn
 mkdir -p "$dir"
 
-# Python 2.7: env PYTHON2, else python2.7 on PATH, else Debian 11's packages unpacked into
+# Python 2.7: env PYTHON2, else a python2.7 on PATH that runs, else Debian 11's packages unpacked into
 # $dir/python2.7 (Debian 12 has no Python 2.7), fetched with apt from the machine's own
 # Debian mirror with a private apt state (nothing is installed system-wide).
 unpacked_python2() {
@@ -47,9 +47,12 @@ EOS
   fi
   echo "$root/python"
 }
+is_python27() { "$1" -c 'import sys; assert sys.version_info[:2] == (2, 7)' >/dev/null 2>&1; }
 py="${PYTHON2:-}"
 if [ -z "$py" ]; then
-  if command -v python2.7 >/dev/null; then py=python2.7; else py="$(unpacked_python2)"; fi
+  # A `python2.7` on PATH counts only if it runs: a pyenv shim for a version that is
+  # installed but not selected is on PATH and fails.
+  if is_python27 python2.7; then py=python2.7; else py="$(unpacked_python2)"; fi
 fi
 "$py" -c 'import sys; assert sys.version_info[:2] == (2, 7), sys.version' \
   || { echo "autobahn: needs Python 2.7 (set PYTHON2)"; exit 2; }

@@ -37,11 +37,25 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
-pub(crate) async fn run(per_gw: usize, rates: Vec<u64>, seconds: u64, concurrency: usize) -> anyhow::Result<()> {
-    let c = Cluster::builder()
+pub(crate) async fn run(
+    per_gw: usize,
+    rates: Vec<u64>,
+    seconds: u64,
+    concurrency: usize,
+    kafka_options: Vec<String>,
+    brokers: Option<String>,
+) -> anyhow::Result<()> {
+    let bridge_args: Vec<String> =
+        kafka_options.iter().flat_map(|o| ["--kafka-option".to_owned(), o.clone()]).collect();
+    let bridge_args: Vec<&str> = bridge_args.iter().map(String::as_str).collect();
+    let builder = Cluster::builder().bridge_args(&bridge_args);
+    let builder = match &brokers {
+        Some(b) => builder.external_kafka(b),
+        None => builder.kafka(),
+    };
+    let c = builder
         .gateway_args(&["--publish-rate", "1000000", "--publish-burst", "1000000", "--send-queue", "65536"])
         .presence(1)
-        .kafka()
         .bridges(1)
         .gateways(3)
         .start()
@@ -106,7 +120,7 @@ pub(crate) async fn run(per_gw: usize, rates: Vec<u64>, seconds: u64, concurrenc
     tokio::time::sleep(Duration::from_millis(500)).await;
     let subs = tallies.len();
     println!(
-        "scenario          rate_target  sent   acked  deliveries  lost  dups  p50_ms  p99_ms  max_ms  subscribers"
+        "scenario          rate_target  sent   acked  deliveries  lost  dups  p50_ms  p99_ms  max_ms  subscribers  ack_p50_ms  ack_p99_ms"
     );
     let mut json_rows = Vec::new();
     let mut base = 0u64;
@@ -120,6 +134,7 @@ pub(crate) async fn run(per_gw: usize, rates: Vec<u64>, seconds: u64, concurrenc
         let stop_at = started + Duration::from_secs(seconds);
         let sem = Arc::new(Semaphore::new(if rate == 0 { concurrency } else { 4096 }));
         let acked = Arc::new(AtomicU64::new(0));
+        let ack_us = Arc::new(std::sync::Mutex::new(Vec::new()));
         let mut sent = 0u64;
         let tick = Duration::from_millis(5);
         let mut ticker = tokio::time::interval(tick);
@@ -134,7 +149,9 @@ pub(crate) async fn run(per_gw: usize, rates: Vec<u64>, seconds: u64, concurrenc
                 sent += 1;
                 let mut p = push.clone();
                 let acked = acked.clone();
+                let ack_us = ack_us.clone();
                 tokio::spawn(async move {
+                    let t0 = Instant::now();
                     let req = pb::PublishRequest {
                         channel: "bench".into(),
                         data_json: format!("{{\"n\":{n},\"t\":{}}}", now_us()),
@@ -143,6 +160,7 @@ pub(crate) async fn run(per_gw: usize, rates: Vec<u64>, seconds: u64, concurrenc
                     };
                     if p.publish(req).await.is_ok() {
                         acked.fetch_add(1, Ordering::Relaxed);
+                        ack_us.lock().unwrap_or_else(|e| e.into_inner()).push(t0.elapsed().as_micros() as u64);
                     }
                     drop(permit);
                 });
@@ -174,14 +192,18 @@ pub(crate) async fn run(per_gw: usize, rates: Vec<u64>, seconds: u64, concurrenc
         }
         all.sort_unstable();
         let (p50, p99, max) = (pct(&all, 0.5), pct(&all, 0.99), all.last().map_or(f64::NAN, |m| *m as f64 / 1000.0));
+        let mut acks = std::mem::take(&mut *ack_us.lock().unwrap_or_else(|e| e.into_inner()));
+        acks.sort_unstable();
+        let (ack_p50, ack_p99) = (pct(&acks, 0.5), pct(&acks, 0.99));
         let name = if rate == 0 { "max-throughput" } else { "fixed-rate" };
         let target = if rate == 0 { "max".to_owned() } else { rate.to_string() };
         println!(
-            "{name:<16}  {target:>11}  {sent:>5}  {acked_n:>6}  {deliveries:>10}  {lost:>4}  {dups:>4}  {p50:>6.1}  {p99:>6.1}  {max:>6.1}  {subs:>11}"
+            "{name:<16}  {target:>11}  {sent:>5}  {acked_n:>6}  {deliveries:>10}  {lost:>4}  {dups:>4}  {p50:>6.1}  {p99:>6.1}  {max:>6.1}  {subs:>11}  {ack_p50:>10.1}  {ack_p99:>10.1}"
         );
         json_rows.push(serde_json::json!({"scenario":name,"rate_target":rate,"sent":sent,"acked":acked_n,
             "acked_per_s": acked_n as f64 / elapsed, "deliveries":deliveries,"lost":lost,"dups":dups,
-            "p50_ms":p50,"p99_ms":p99,"max_ms":max,"subscribers":subs}));
+            "p50_ms":p50,"p99_ms":p99,"max_ms":max,"subscribers":subs,
+            "ack_p50_ms":ack_p50,"ack_p99_ms":ack_p99}));
         if rate == 0 {
             println!(
                 "bridge sustained {:.0} publishes/s ({:.0} socket deliveries/s)",

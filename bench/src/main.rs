@@ -83,6 +83,12 @@ enum Scenario {
         /// Concurrent publishes in flight for the throughput run.
         #[arg(long, default_value = "512")]
         concurrency: usize,
+        /// Extra librdkafka settings for the bridge, `key=value` (repeatable).
+        #[arg(long = "kafka-option")]
+        kafka_options: Vec<String>,
+        /// A Kafka to use instead of starting tansu (e.g. `bench mock-kafka`'s bootstrap).
+        #[arg(long)]
+        brokers: Option<String>,
     },
     /// A bounded soak: steady load with connection churn; RSS slope, open files, tasks.
     Soak {
@@ -436,9 +442,8 @@ fn main() -> anyhow::Result<()> {
                 std::thread::park();
             }
         }
-        Scenario::Cluster { subscribers_per_gateway, rates, seconds, concurrency } => {
-            rt.block_on(cluster_bench::run(subscribers_per_gateway, rates, seconds, concurrency))
-        }
+        Scenario::Cluster { subscribers_per_gateway, rates, seconds, concurrency, kafka_options, brokers } => rt
+            .block_on(cluster_bench::run(subscribers_per_gateway, rates, seconds, concurrency, kafka_options, brokers)),
         Scenario::Presence { connections, nodes, presence_bin, concurrency, batch, seconds } => {
             rt.block_on(presence_bench::run(connections, nodes, presence_bin, concurrency, batch, seconds))
         }

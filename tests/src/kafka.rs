@@ -116,6 +116,11 @@ impl Proxy {
                 let mut cut = state.subscribe();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(target).await else { return };
+                    // Without these, Nagle's algorithm in the proxy holds small writes
+                    // behind unacknowledged ones (a delayed ACK: up to 40 ms), a delay
+                    // that the direct connection it stands in for does not have.
+                    let _ = client.set_nodelay(true);
+                    let _ = server.set_nodelay(true);
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     let pipe = async {
