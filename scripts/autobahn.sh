@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Autobahn|Testsuite (fuzzingclient) against the gateway's `/echo` route: by default the
 # permessage-deflate cases 12.* and 13.*; other cases as arguments (e.g. '1.*' '9.*').
-# Needs Python 2.7 (the suite's last release runs on it only): env PYTHON2, `python2.7` on
-# PATH, or else Debian 11's Python 2.7 packages unpacked into target/autobahn. Installs
-# autobahntestsuite from PyPI into target/autobahn/py, builds and starts the gateway
+# Needs Python 2.7 (the suite's last release runs on it only): env PYTHON2, or else
+# Debian 11's Python 2.7 packages unpacked into target/autobahn. Installs autobahntestsuite from PyPI into target/autobahn/py, builds and starts the gateway
 # binary, writes the report to target/autobahn/report, and fails unless every case's
 # behaviour is OK, NON-STRICT or INFORMATIONAL (close: OK or INFORMATIONAL).
 # scripts/test.sh runs every case but the long deflate groups 12.2-12.5 and 13.2-13.7.
@@ -12,7 +11,7 @@ cd "$(dirname "$0")/.."
 dir=target/autobahn
 mkdir -p "$dir"
 
-# Python 2.7: env PYTHON2, else a python2.7 on PATH that runs, else Debian 11's packages unpacked into
+# Python 2.7: env PYTHON2, else Debian 11's packages unpacked into
 # $dir/python2.7 (Debian 12 has no Python 2.7), fetched with apt from the machine's own
 # Debian mirror with a private apt state (nothing is installed system-wide).
 unpacked_python2() {
@@ -38,7 +37,7 @@ unpacked_python2() {
 #!/bin/sh
 export LD_LIBRARY_PATH="$f/usr/lib/x86_64-linux-gnu:$f/lib/x86_64-linux-gnu" PYTHONHOME="$f/usr"
 export PYTHONPATH="\${PYTHONPATH:+\$PYTHONPATH:}$root/base" PYTHONWARNINGS=ignore
-export CFLAGS="-I$f/usr/include/python2.7 -I$f/usr/include/x86_64-linux-gnu/python2.7" LDFLAGS="-L$f/usr/lib/x86_64-linux-gnu"
+export CFLAGS="-I$f/usr/include -I$f/usr/include/python2.7 -I$f/usr/include/x86_64-linux-gnu/python2.7" LDFLAGS="-L$f/usr/lib/x86_64-linux-gnu"
 exec "$f/usr/bin/python2.7" "\$@"
 EOS
     chmod +x "$root/python"
@@ -47,13 +46,11 @@ EOS
   fi
   echo "$root/python"
 }
-is_python27() { "$1" -c 'import sys; assert sys.version_info[:2] == (2, 7)' >/dev/null 2>&1; }
+# Only the unpacked one unless PYTHON2 names another: a `python2.7` found on PATH may be a
+# pyenv shim of a version not selected (CI's is, and fails), or lack `wheel`, which
+# autobahntestsuite's wsaccel needs to build.
 py="${PYTHON2:-}"
-if [ -z "$py" ]; then
-  # A `python2.7` on PATH counts only if it runs: a pyenv shim for a version that is
-  # installed but not selected is on PATH and fails.
-  if is_python27 python2.7; then py=python2.7; else py="$(unpacked_python2)"; fi
-fi
+[ -n "$py" ] || py="$(unpacked_python2)"
 "$py" -c 'import sys; assert sys.version_info[:2] == (2, 7), sys.version' \
   || { echo "autobahn: needs Python 2.7 (set PYTHON2)"; exit 2; }
 if [ ! -d "$dir/py/autobahntestsuite" ]; then

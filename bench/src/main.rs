@@ -24,6 +24,18 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    /// Chaos: a seeded workload and nemesis over a whole cluster (tansu, presence, two
+    /// bridges, three gateways, the binaries beside this one), judged by the history
+    /// checker; fails when it finds a violation. A seed replays its schedule.
+    Chaos {
+        #[arg(long, default_value = "60")]
+        minutes: u64,
+        #[arg(long, default_value = "1")]
+        seed: u64,
+        /// Where the history goes (one event per line).
+        #[arg(long, default_value = "target/chaos-history.jsonl")]
+        history: PathBuf,
+    },
     /// RSS per idle authenticated connection with one subscription.
     Idle {
         /// Connections to open (one process holds at most ~19.9k sockets here).
@@ -373,6 +385,15 @@ fn main() -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.scenario {
+        Scenario::Chaos { minutes, seed, history } => rt.block_on(async {
+            use switchboard_tests::chaos;
+            let cfg = chaos::Config::new(seed, std::time::Duration::from_secs(minutes * 60));
+            let summary = chaos::run(&cfg).await;
+            std::fs::write(&history, &summary.history).with_context(|| format!("write {}", history.display()))?;
+            println!("{summary}history: {}", history.display());
+            anyhow::ensure!(summary.report.is_clean(), "seed {seed}: {} violations", summary.report.violations.len());
+            Ok(())
+        }),
         Scenario::Idle { connections, gateway_bin, concurrency } => {
             rt.block_on(idle(connections, gateway_bin, concurrency))
         }

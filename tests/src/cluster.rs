@@ -232,6 +232,11 @@ impl Cluster {
 
     /// Starts one more broker-bridge and returns its index.
     pub fn start_bridge(&mut self) -> usize {
+        self.start_bridge_with(&[])
+    }
+
+    /// Starts one more broker-bridge with extra flags (later flags win) and returns its index.
+    pub fn start_bridge_with(&mut self, extra: &[String]) -> usize {
         let i = self.bridges.len();
         let bootstrap = match (&self.builder.external_kafka, &self.broker) {
             (Some(b), _) => b.clone(),
@@ -261,6 +266,7 @@ impl Cluster {
         ];
         args.extend(self.builder.bridge_args.iter().cloned());
         args.extend(self.token_args());
+        args.extend(extra.iter().cloned());
         self.bridges.push(Proc::spawn(&format!("br{i}"), "broker-bridge", &args));
         i
     }

@@ -2,6 +2,8 @@
 //!
 //! - [`ws`]: WebSocket client helpers over tokio-tungstenite (an independent
 //!   implementation, not our framing code), tokens, HTTP and metrics helpers;
+//! - [`chaos`]: a seeded workload and nemesis over a whole cluster, whose history the checker judges;
+//! - [`checker`]: the history checker of the chaos runs (what a workload did and saw, judged against the promises);
 //! - [`cluster`]: the real binaries as child processes on free loopback ports,
 //!   torn down on drop: `Cluster::builder().presence(1).kafka().bridges(2).gateways(3).start().await`;
 //! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path;
@@ -10,6 +12,8 @@
 //! - [`monitoring`]: docs/metrics.md tables, Prometheus text and PromQL taken apart for the monitoring tests.
 #![allow(missing_debug_implementations)]
 
+pub mod chaos;
+pub mod checker;
 pub mod cluster;
 pub mod kafka;
 pub mod monitoring;

@@ -155,6 +155,9 @@ async fn direct_messages_and_pushes_reach_the_right_sockets() {
     let mut push = push_client(c.bridge_url(0)).await;
     let mut sub = subscribed(c.gateway(2), "dana", "alerts").await;
     let deadline = tokio::time::Instant::now() + LONG;
+    // Every publish of the warm-up is routed once the route is known, and an earlier one
+    // may arrive after the 500 ms wait: the first message shown is one of them.
+    let mut ids = Vec::new();
     loop {
         assert!(tokio::time::Instant::now() < deadline, "push never reached the subscriber");
         let r = push
@@ -168,8 +171,10 @@ async fn direct_messages_and_pushes_reach_the_right_sockets() {
             .expect("push publish")
             .into_inner();
         assert!(r.seq > 0);
+        ids.push(r.id);
         if let Ok(m) = tokio::time::timeout(Duration::from_millis(500), recv_type(&mut sub, "message")).await {
-            assert_eq!((m["from"].as_str(), m["id"].as_str()), (Some("ops"), Some(r.id.as_str())));
+            assert_eq!(m["from"].as_str(), Some("ops"), "{m}");
+            assert!(ids.iter().any(|id| m["id"].as_str() == Some(id.as_str())), "{m} is none of the pushes {ids:?}");
             break;
         }
     }

@@ -1,0 +1,676 @@
+//! Chaos runs: a workload of independent clients on every gateway, a nemesis that injects
+//! faults on a seeded schedule, and the [`checker`](crate::checker) that judges what the
+//! clients were shown.
+//!
+//! - **Workload**: subscribers (one logical client each, following two channels, moving
+//!   to the next gateway whenever its socket ends and resubscribing with `since`; now and
+//!   then one unsubscribes and subscribes again), and publishers (each publish and direct
+//!   send carries an idempotency key; an `unavailable` answer or a lost connection is
+//!   retried with the same key, on the next gateway when the socket is gone). Every
+//!   command, its answer and every frame shown goes into the history.
+//! - **Nemesis**: kill -9 and restart of a gateway, a bridge, the presence replica; a
+//!   drain (SIGTERM) and restart of a gateway; a pause (SIGSTOP, then SIGCONT) of a
+//!   gateway or of a bridge for longer than the consumer group's session; the broker path
+//!   cut, then restored. The schedule comes from the seed alone ([`schedule`]), so a
+//!   failing seed replays the same faults in the same order at the same offsets.
+//! - At the end the faults stop, the workload waits until every subscriber has been
+//!   shown the newest acknowledged message of its channels (or a bound passes), marks the
+//!   quiet point, asks presence until it agrees with who is there (or a bound passes),
+//!   and the checker reads the history.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{SinkExt, StreamExt};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::checker::{self, Event, Outcome, Pos, Report, SubOutcome};
+use crate::cluster::{Cluster, free_port};
+use crate::ws::{Ws, http_get, now, token};
+
+/// The shape of a run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub seed: u64,
+    /// How long faults are injected.
+    pub duration: Duration,
+    pub gateways: usize,
+    pub bridges: usize,
+    pub subscribers: usize,
+    pub publishers: usize,
+    pub channels: usize,
+    /// Time between one publisher's operations.
+    pub every: Duration,
+}
+
+impl Config {
+    pub fn new(seed: u64, duration: Duration) -> Config {
+        Config {
+            seed,
+            duration,
+            gateways: 3,
+            bridges: 2,
+            subscribers: 6,
+            publishers: 2,
+            channels: 4,
+            every: Duration::from_millis(40),
+        }
+    }
+}
+
+/// One fault the nemesis injects.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Fault {
+    KillGateway(usize),
+    DrainGateway(usize),
+    PauseGateway(usize, Duration),
+    KillBridge(usize),
+    PauseBridge(usize, Duration),
+    KillPresence,
+    CutBroker(Duration),
+}
+
+impl Fault {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Fault::KillGateway(_) => "kill_gateway",
+            Fault::DrainGateway(_) => "drain_gateway",
+            Fault::PauseGateway(..) => "pause_gateway",
+            Fault::KillBridge(_) => "kill_bridge",
+            Fault::PauseBridge(..) => "pause_bridge",
+            Fault::KillPresence => "kill_presence",
+            Fault::CutBroker(_) => "cut_broker",
+        }
+    }
+}
+
+/// The faults of a run and when each may start (offsets from the start of the faults),
+/// from the seed alone: every kind once in a shuffled first round, then kinds at random,
+/// each 2-6 s after the previous one may have ended.
+pub fn schedule(seed: u64, duration: Duration, gateways: usize, bridges: usize) -> Vec<(Duration, Fault)> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pick = |rng: &mut StdRng, kind: usize| match kind {
+        0 => Fault::KillGateway(rng.random_range(0..gateways)),
+        1 => Fault::DrainGateway(rng.random_range(0..gateways)),
+        2 => Fault::PauseGateway(rng.random_range(0..gateways), Duration::from_millis(rng.random_range(2000..8000))),
+        3 => Fault::KillBridge(rng.random_range(0..bridges)),
+        // Longer than the group's 10 s session, so the others take its partitions.
+        4 => Fault::PauseBridge(rng.random_range(0..bridges), Duration::from_millis(rng.random_range(11_000..15_000))),
+        5 => Fault::KillPresence,
+        _ => Fault::CutBroker(Duration::from_millis(rng.random_range(1000..5000))),
+    };
+    let mut first: Vec<usize> = (0..7).collect();
+    for i in (1..first.len()).rev() {
+        first.swap(i, rng.random_range(0..=i));
+    }
+    let (mut at, mut out) = (Duration::from_secs(2), Vec::new());
+    let mut n = 0;
+    while n < first.len() || at < duration {
+        let kind = if n < first.len() { first[n] } else { rng.random_range(0..7) };
+        let fault = pick(&mut rng, kind);
+        let takes = match &fault {
+            Fault::PauseGateway(_, d) | Fault::PauseBridge(_, d) | Fault::CutBroker(d) => *d,
+            _ => Duration::from_secs(2),
+        };
+        out.push((at, fault));
+        at += takes + Duration::from_millis(rng.random_range(2000..6000));
+        n += 1;
+    }
+    out
+}
+
+/// The history being written, shared by every actor.
+#[derive(Clone)]
+pub struct Recorder {
+    start: Instant,
+    events: Arc<Mutex<Vec<Event>>>,
+}
+
+impl Recorder {
+    fn new() -> Recorder {
+        Recorder { start: Instant::now(), events: Arc::default() }
+    }
+    fn t(&self) -> u64 {
+        self.start.elapsed().as_millis() as u64
+    }
+    fn push(&self, e: Event) {
+        self.events.lock().unwrap().push(e);
+    }
+    fn events(&self) -> Vec<Event> {
+        self.events.lock().unwrap().clone()
+    }
+}
+
+/// What a run did and found.
+#[derive(Debug)]
+pub struct Summary {
+    pub seed: u64,
+    pub faults: BTreeMap<&'static str, u64>,
+    pub report: Report,
+    /// The history, one event per line.
+    pub history: String,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let faults: Vec<String> = self.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
+        writeln!(f, "seed {}", self.seed)?;
+        writeln!(f, "faults: {}", faults.join(" "))?;
+        write!(f, "{}", self.report)
+    }
+}
+
+/// Starts a cluster (tansu, one presence replica, `bridges` bridges, `gateways` gateways,
+/// every service on a fixed port so that a restarted one is found where it was), runs the
+/// workload and the nemesis, and judges the history.
+pub async fn run(cfg: &Config) -> Summary {
+    let mut c = Cluster::builder().kafka().bridges(0).gateways(0).start().await;
+    for _ in 0..cfg.bridges {
+        c.start_bridge_with(&["--listen".into(), format!("127.0.0.1:{}", free_port())]);
+    }
+    let mut addrs = Vec::new();
+    for _ in 0..cfg.gateways {
+        let port = free_port();
+        c.start_gateway_with(&["--listen".into(), format!("127.0.0.1:{port}")]);
+        addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
+    }
+    for g in 0..cfg.gateways {
+        ready(&c, g).await;
+    }
+    let channels: Vec<String> = (0..cfg.channels).map(|i| format!("chaos:{i}")).collect();
+    let users: Vec<String> = (0..cfg.subscribers).map(|i| format!("u{i}")).collect();
+    let rec = Recorder::new();
+    let stop_pub = CancellationToken::new();
+    let stop_sub = CancellationToken::new();
+    let mut subs = Vec::new();
+    for i in 0..cfg.subscribers {
+        let follows = vec![channels[i % channels.len()].clone(), channels[(i + 1) % channels.len()].clone()];
+        let actor = Subscriber {
+            rec: rec.clone(),
+            name: format!("s{i}"),
+            user: users[i].clone(),
+            addrs: addrs.clone(),
+            channels: follows.clone(),
+            rng: StdRng::seed_from_u64(cfg.seed ^ (0x5u64 << 32 | i as u64)),
+            stop: stop_sub.clone(),
+            calm: stop_pub.clone(),
+            state: Arc::default(),
+        };
+        let state = actor.state.clone();
+        subs.push((actor.name.clone(), follows, state, tokio::spawn(actor.run(i))));
+    }
+    let mut pubs = Vec::new();
+    for i in 0..cfg.publishers {
+        let actor = Publisher {
+            rec: rec.clone(),
+            name: format!("p{i}"),
+            addrs: addrs.clone(),
+            channels: channels.clone(),
+            users: users.clone(),
+            rng: StdRng::seed_from_u64(cfg.seed ^ (0x9u64 << 32 | i as u64)),
+            every: cfg.every,
+            stop: stop_pub.clone(),
+        };
+        pubs.push(tokio::spawn(actor.run(i)));
+    }
+
+    // The nemesis, on the schedule.
+    let plan = schedule(cfg.seed, cfg.duration, cfg.gateways, cfg.bridges);
+    eprintln!("chaos seed {}: {} faults: {plan:?}", cfg.seed, plan.len());
+    let started = Instant::now();
+    let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
+    for (at, fault) in &plan {
+        if let Some(wait) = at.checked_sub(started.elapsed()) {
+            tokio::time::sleep(wait).await;
+        }
+        eprintln!("chaos {:>6} ms: {fault:?}", rec.t());
+        inject(&mut c, fault).await;
+        *faults.entry(fault.kind()).or_default() += 1;
+    }
+    for g in 0..cfg.gateways {
+        ready(&c, g).await;
+    }
+
+    // Quiet: publishers stop, then every subscriber catches up (or the bound passes).
+    stop_pub.cancel();
+    for p in pubs {
+        let _ = p.await;
+    }
+    let newest = newest_acked(&rec.events());
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        let caught_up = subs.iter().all(|(_, follows, state, _)| {
+            let s = state.lock().unwrap();
+            follows.iter().all(|ch| {
+                newest.get(ch).is_none_or(|(seq, m)| {
+                    s.shown.get(ch).is_some_and(|seen| seen.contains(m)) || s.floor.get(ch).is_some_and(|f| f >= seq)
+                })
+            })
+        });
+        if caught_up {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    rec.push(Event::Quiet { t: rec.t() });
+
+    // Presence: asked on one gateway until it names who is connected and subscribed.
+    let expected: HashMap<&String, Vec<String>> = channels
+        .iter()
+        .map(|ch| {
+            let mut who: Vec<String> = subs
+                .iter()
+                .filter(|(_, follows, state, _)| follows.contains(ch) && state.lock().unwrap().connected)
+                .map(|(name, _, _, _)| format!("u{}", &name[1..]))
+                .collect();
+            who.sort();
+            (ch, who)
+        })
+        .collect();
+    if let Some(mut ws) = open(addrs[0], "observer").await {
+        for ch in &channels {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            loop {
+                let reply = call(&mut ws, json!({"op":"presence","channel":ch,"ref":"p"})).await;
+                let mut members: Vec<String> = reply
+                    .as_ref()
+                    .and_then(|r| r["users"].as_array())
+                    .map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect())
+                    .unwrap_or_default();
+                members.sort();
+                if members == expected[ch] || Instant::now() > deadline {
+                    rec.push(Event::Presence { t: rec.t(), client: "observer".into(), channel: ch.clone(), members });
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    stop_sub.cancel();
+    for (_, _, _, task) in subs {
+        let _ = task.await;
+    }
+    let events = rec.events();
+    Summary { seed: cfg.seed, faults, report: checker::check(&events), history: checker::to_lines(&events) }
+}
+
+/// The newest acknowledged message per channel, with its seq.
+fn newest_acked(events: &[Event]) -> HashMap<String, (u64, String)> {
+    let mut newest: HashMap<String, (u64, String)> = HashMap::new();
+    for e in events {
+        if let Event::Publish { channel, msg, outcome: Outcome::Ack { pos: Some(p), .. }, .. } = e {
+            let n = newest.entry(channel.clone()).or_insert((0, String::new()));
+            if p.seq > n.0 {
+                *n = (p.seq, msg.clone());
+            }
+        }
+    }
+    newest
+}
+
+async fn inject(c: &mut Cluster, fault: &Fault) {
+    let pause = || tokio::time::sleep(Duration::from_millis(500));
+    match fault {
+        Fault::KillGateway(g) => {
+            c.gateways[*g].kill();
+            pause().await;
+            c.gateways[*g].restart();
+        }
+        Fault::DrainGateway(g) => {
+            c.gateways[*g].signal("-TERM");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while c.gateways[*g].child.try_wait().expect("try_wait").is_none() {
+                assert!(Instant::now() < deadline, "gateway {g} did not finish its drain");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            c.gateways[*g].restart();
+        }
+        Fault::PauseGateway(g, d) => {
+            c.gateways[*g].signal("-STOP");
+            tokio::time::sleep(*d).await;
+            c.gateways[*g].signal("-CONT");
+        }
+        Fault::KillBridge(b) => {
+            c.bridges[*b].kill();
+            pause().await;
+            c.bridges[*b].restart();
+        }
+        Fault::PauseBridge(b, d) => {
+            c.bridges[*b].signal("-STOP");
+            tokio::time::sleep(*d).await;
+            c.bridges[*b].signal("-CONT");
+        }
+        Fault::KillPresence => {
+            c.presence[0].kill();
+            pause().await;
+            c.start_presence(0);
+        }
+        Fault::CutBroker(d) => {
+            let proxy = &c.broker.as_ref().expect("a chaos cluster has a broker").proxy;
+            proxy.cut();
+            tokio::time::sleep(*d).await;
+            proxy.restore();
+        }
+    }
+}
+
+/// Waits until gateway `g` answers `/readyz` with 200.
+async fn ready(c: &Cluster, g: usize) {
+    let admin = c.gateways[g].addr("admin");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while http_get(admin, "/readyz").await.0 != 200 {
+        assert!(Instant::now() < deadline, "gateway {g} never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A session as `user`, once welcomed.
+async fn open(addr: SocketAddr, user: &str) -> Option<Ws> {
+    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
+    let t = token(json!({"sub": user, "exp": now() + 3600}));
+    let (mut ws, _) = tokio::time::timeout(
+        Duration::from_secs(5),
+        tokio_tungstenite::client_async(
+            format!("ws://{addr}/ws?token={t}"),
+            tokio_tungstenite::MaybeTlsStream::Plain(stream),
+        ),
+    )
+    .await
+    .ok()?
+    .ok()?;
+    let welcome = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok()??.ok()?;
+    welcome.into_text().ok().filter(|t| t.contains("\"welcome\""))?;
+    Some(ws)
+}
+
+/// Sends `cmd` and waits (at most 10 s) for the reply with its `ref`; None when the
+/// socket ended or nothing came.
+async fn call(ws: &mut Ws, cmd: Value) -> Option<Value> {
+    let r = cmd["ref"].clone();
+    ws.send(Message::text(cmd.to_string())).await.ok()?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await.ok()? {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(&t).ok()?;
+                if v["ref"] == r {
+                    return Some(v);
+                }
+            }
+            Some(Ok(Message::Close(_))) | Some(Err(_)) | None => return None,
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+fn pos_of(v: &Value) -> Option<Pos> {
+    Some(Pos { seq: v["seq"].as_u64()?, epoch: v["epoch"].as_str()?.to_owned() })
+}
+
+/// What the run's end reads of a subscriber.
+#[derive(Default)]
+struct SubState {
+    connected: bool,
+    /// Messages shown, per channel.
+    shown: HashMap<String, std::collections::HashSet<String>>,
+    /// Where each channel's stream started again last (a subscribe not recovered).
+    floor: HashMap<String, u64>,
+}
+
+struct Subscriber {
+    rec: Recorder,
+    name: String,
+    user: String,
+    addrs: Vec<SocketAddr>,
+    channels: Vec<String>,
+    rng: StdRng,
+    stop: CancellationToken,
+    /// Once cancelled (the quiet point nears), no more unsubscribes.
+    calm: CancellationToken,
+    state: Arc<Mutex<SubState>>,
+}
+
+impl Subscriber {
+    async fn run(mut self, first: usize) {
+        let mut positions: HashMap<String, Pos> = HashMap::new();
+        let mut at = first;
+        while !self.stop.is_cancelled() {
+            let addr = self.addrs[at % self.addrs.len()];
+            at += 1;
+            let Some(mut ws) = open(addr, &self.user).await else {
+                tokio::select! {
+                    () = self.stop.cancelled() => return,
+                    () = tokio::time::sleep(Duration::from_millis(200)) => continue,
+                }
+            };
+            self.rec.push(Event::Connected { t: self.rec.t(), client: self.name.clone(), user: self.user.clone() });
+            self.state.lock().unwrap().connected = true;
+            let code = self.session(&mut ws, &mut positions).await;
+            self.state.lock().unwrap().connected = false;
+            if let Some(code) = code {
+                self.rec.push(Event::Closed { t: self.rec.t(), client: self.name.clone(), code });
+            } else {
+                let _ = ws.close(None).await;
+                self.rec.push(Event::Closed { t: self.rec.t(), client: self.name.clone(), code: 1000 });
+                return;
+            }
+            tokio::select! {
+                () = self.stop.cancelled() => return,
+                () = tokio::time::sleep(Duration::from_millis(self.rng.random_range(50..300))) => {}
+            }
+        }
+    }
+
+    /// One session; the close code when it ended, None when told to stop.
+    async fn session(&mut self, ws: &mut Ws, positions: &mut HashMap<String, Pos>) -> Option<u16> {
+        // The `since` each subscribe in flight was sent with.
+        let mut asked: HashMap<String, Option<Pos>> = HashMap::new();
+        for ch in self.channels.clone() {
+            let since = positions.get(&ch).cloned();
+            if !self.subscribe(ws, &ch, since.clone()).await {
+                return Some(1006);
+            }
+            asked.insert(ch, since);
+        }
+        let mut retry: Vec<(tokio::time::Instant, String)> = Vec::new();
+        let mut churn = tokio::time::Instant::now() + Duration::from_millis(self.rng.random_range(4000..12000));
+        loop {
+            let next_retry = retry.iter().map(|(t, _)| *t).min().unwrap_or(churn);
+            let frame = tokio::select! {
+                () = self.stop.cancelled() => return None,
+                () = tokio::time::sleep_until(next_retry.min(churn)) => {
+                    let now = tokio::time::Instant::now();
+                    if now >= churn && !self.calm.is_cancelled() {
+                        churn = now + Duration::from_millis(self.rng.random_range(4000..12000));
+                        // Unsubscribe and subscribe again, with no `since`: a new chain.
+                        let ch = self.channels[self.rng.random_range(0..self.channels.len())].clone();
+                        let cmd = json!({"op":"unsubscribe","channel":ch,"ref":format!("u:{ch}")});
+                        if ws.send(Message::text(cmd.to_string())).await.is_err() {
+                            return Some(1006);
+                        }
+                        self.rec.push(Event::Unsubscribe { t: self.rec.t(), client: self.name.clone(), channel: ch.clone() });
+                        positions.remove(&ch);
+                        if !self.subscribe(ws, &ch, None).await {
+                            return Some(1006);
+                        }
+                        asked.insert(ch, None);
+                    }
+                    let due: Vec<String> = retry.iter().filter(|(t, _)| *t <= now).map(|(_, c)| c.clone()).collect();
+                    retry.retain(|(t, _)| *t > now);
+                    for ch in due {
+                        let since = positions.get(&ch).cloned();
+                        if !self.subscribe(ws, &ch, since.clone()).await {
+                            return Some(1006);
+                        }
+                        asked.insert(ch, since);
+                    }
+                    continue;
+                }
+                f = ws.next() => f,
+            };
+            let v: Value = match frame {
+                Some(Ok(Message::Text(t))) => match serde_json::from_str(&t) {
+                    Ok(v) => v,
+                    Err(_) => continue,
+                },
+                Some(Ok(Message::Close(c))) => return Some(c.map_or(1005, |c| u16::from(c.code))),
+                Some(Ok(_)) => continue,
+                _ => return Some(1006),
+            };
+            let t = self.rec.t();
+            let channel = v["channel"].as_str().unwrap_or_default().to_owned();
+            match v["type"].as_str() {
+                Some("message") => {
+                    let (Some(pos), Some(msg)) = (pos_of(&v), v["data"]["m"].as_str()) else { continue };
+                    positions.insert(channel.clone(), pos.clone());
+                    self.state.lock().unwrap().shown.entry(channel.clone()).or_default().insert(msg.to_owned());
+                    self.rec.push(Event::Deliver { t, client: self.name.clone(), channel, pos, msg: msg.to_owned() });
+                }
+                Some("gap") => {
+                    let Some(after) = pos_of(&v["after"]) else { continue };
+                    let reason = v["reason"].as_str().unwrap_or_default().to_owned();
+                    self.rec.push(Event::Gap { t, client: self.name.clone(), channel, after, reason });
+                }
+                Some("direct") => {
+                    let msg = v["data"]["m"].as_str().unwrap_or_default().to_owned();
+                    self.rec.push(Event::Direct { t, client: self.name.clone(), msg });
+                }
+                Some("ack") if v["ref"].as_str().is_some_and(|r| r.starts_with("s:")) => {
+                    let Some(pos) = pos_of(&v["position"]) else { continue };
+                    let recovered = v["recovered"].as_bool();
+                    if recovered != Some(true) {
+                        positions.insert(channel.clone(), pos.clone());
+                        self.state.lock().unwrap().floor.insert(channel.clone(), pos.seq);
+                    }
+                    let since = asked.remove(&channel).flatten();
+                    let reason = v["reason"].as_str().map(str::to_owned);
+                    let outcome = SubOutcome::Ack { pos, recovered, reason };
+                    self.rec.push(Event::Subscribe { t, client: self.name.clone(), channel, since, outcome });
+                }
+                Some("error") if v["ref"].as_str().is_some_and(|r| r.starts_with("s:")) => {
+                    let ch = v["ref"].as_str().unwrap_or_default()[2..].to_owned();
+                    let since = asked.remove(&ch).flatten();
+                    let code = v["code"].as_str().unwrap_or_default().to_owned();
+                    self.rec.push(Event::Subscribe {
+                        t,
+                        client: self.name.clone(),
+                        channel: ch.clone(),
+                        since,
+                        outcome: SubOutcome::Error { code },
+                    });
+                    retry.push((tokio::time::Instant::now() + Duration::from_millis(500), ch));
+                }
+                _ => {}
+            }
+        }
+    }
+
+    async fn subscribe(&self, ws: &mut Ws, ch: &str, since: Option<Pos>) -> bool {
+        let mut cmd = json!({"op":"subscribe","channel":ch,"ref":format!("s:{ch}")});
+        if let Some(p) = since {
+            cmd["since"] = json!({"seq": p.seq, "epoch": p.epoch});
+        }
+        ws.send(Message::text(cmd.to_string())).await.is_ok()
+    }
+}
+
+struct Publisher {
+    rec: Recorder,
+    name: String,
+    addrs: Vec<SocketAddr>,
+    channels: Vec<String>,
+    users: Vec<String>,
+    rng: StdRng,
+    every: Duration,
+    stop: CancellationToken,
+}
+
+impl Publisher {
+    async fn run(mut self, first: usize) {
+        let mut at = first;
+        let mut ws: Option<Ws> = None;
+        let mut tick = tokio::time::interval(self.every);
+        let user = format!("pub-{}", self.name);
+        for n in 0u64.. {
+            tokio::select! {
+                () = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let msg = format!("{}-{n}", self.name);
+            let direct = self.rng.random_bool(0.1);
+            let (channel, to) = if direct {
+                (String::new(), self.users[self.rng.random_range(0..self.users.len())].clone())
+            } else {
+                (self.channels[self.rng.random_range(0..self.channels.len())].clone(), String::new())
+            };
+            // The same key for every attempt of this message.
+            for attempt in 0..20 {
+                if self.stop.is_cancelled() {
+                    return;
+                }
+                if ws.is_none() {
+                    ws = open(self.addrs[at % self.addrs.len()], &user).await;
+                    at += 1;
+                    if ws.is_none() {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        continue;
+                    }
+                }
+                let socket = ws.as_mut().expect("connected above");
+                let r = format!("{n}.{attempt}");
+                let cmd = if direct {
+                    json!({"op":"send","user":to,"data":{"m":msg},"idempotency_key":msg,"ref":r})
+                } else {
+                    json!({"op":"publish","channel":channel,"data":{"m":msg},"idempotency_key":msg,"ref":r})
+                };
+                let t = self.rec.t();
+                let reply = call(socket, cmd).await;
+                let done = self.rec.t();
+                let (outcome, again) = match &reply {
+                    Some(v) if v["type"] == "ack" => {
+                        let pos = v["seq"].as_u64().map(|seq| Pos { seq, epoch: String::new() });
+                        let id = v["id"].as_str().map(str::to_owned);
+                        (Outcome::Ack { pos, id, duplicate: v["duplicate"] == true }, None)
+                    }
+                    Some(v) => {
+                        let code = v["code"].as_str().unwrap_or_default().to_owned();
+                        let wait = v["retry_after_ms"].as_u64().unwrap_or(200).clamp(50, 2000);
+                        let retry = matches!(code.as_str(), "unavailable" | "rate_limited").then_some(wait);
+                        (Outcome::Error { code, ambiguous: v["ambiguous"] == true }, retry)
+                    }
+                    None => {
+                        ws = None;
+                        (Outcome::Unknown, Some(100))
+                    }
+                };
+                let client = self.name.clone();
+                self.rec.push(if direct {
+                    Event::Send { t, done, client, user: to.clone(), msg: msg.clone(), outcome }
+                } else {
+                    Event::Publish {
+                        t,
+                        done,
+                        client,
+                        channel: channel.clone(),
+                        msg: msg.clone(),
+                        key: Some(msg.clone()),
+                        outcome,
+                    }
+                });
+                match again {
+                    None => break,
+                    Some(ms) => tokio::time::sleep(Duration::from_millis(ms)).await,
+                }
+            }
+        }
+        if let Some(mut s) = ws {
+            let _ = s.close(None).await;
+        }
+    }
+}
