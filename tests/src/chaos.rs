@@ -183,7 +183,9 @@ pub async fn run(cfg: &Config) -> Summary {
     for g in 0..cfg.gateways {
         ready(&c, g).await;
     }
-    let channels: Vec<String> = (0..cfg.channels).map(|i| format!("chaos:{i}")).collect();
+    // Presence channels (`room:*`, the default `--presence-channels`): their members are
+    // tracked cluster-wide, so the end can ask who follows them.
+    let channels: Vec<String> = (0..cfg.channels).map(|i| format!("room:chaos{i}")).collect();
     let users: Vec<String> = (0..cfg.subscribers).map(|i| format!("u{i}")).collect();
     let rec = Recorder::new();
     let stop_pub = CancellationToken::new();

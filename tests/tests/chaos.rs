@@ -7,6 +7,7 @@
 use std::time::Duration;
 
 use switchboard_tests::chaos::{Config, run, schedule};
+use switchboard_tests::checker::{self, Event, Kind};
 
 #[test]
 fn the_same_seed_gives_the_same_schedule_and_every_kind_of_fault() {
@@ -27,4 +28,14 @@ async fn a_seeded_chaos_run_keeps_every_promise() {
     assert!(summary.faults.len() >= 7, "every kind of fault was injected: {:?}", summary.faults);
     assert!(summary.report.operations.get("deliver").copied().unwrap_or(0) > 1000, "{summary}");
     assert!(summary.report.is_clean(), "seed {seed} broke a promise:\n{summary}history: {}", path.display());
+
+    // The checker is not blind to this history: without the last message shown before the
+    // quiet point (owed to a subscriber still there), it reports a loss.
+    let mut events = checker::parse(&summary.history).expect("the history parses");
+    let quiet = events.iter().position(|e| matches!(e, Event::Quiet { .. })).expect("a quiet point");
+    let last = events[..quiet].iter().rposition(|e| matches!(e, Event::Deliver { .. })).expect("messages were shown");
+    let dropped = events.remove(last);
+    let report = checker::check(&events);
+    let losses = report.of(Kind::Lost).count() + report.of(Kind::IncompleteRecovery).count();
+    assert!(losses >= 1, "dropping {dropped:?} went unnoticed:\n{report}");
 }
