@@ -24,6 +24,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Scenario {
+    /// Judges a history file (one event per line, as `chaos` writes) with the checker.
+    CheckHistory { path: PathBuf },
     /// Chaos: a seeded workload and nemesis over a whole cluster (tansu, presence, two
     /// bridges, three gateways, the binaries beside this one), judged by the history
     /// checker; fails when it finds a violation. A seed replays its schedule.
@@ -385,6 +387,14 @@ fn main() -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     match cli.scenario {
+        Scenario::CheckHistory { path } => {
+            use switchboard_tests::checker;
+            let text = std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+            let report = checker::check(&checker::parse(&text).map_err(anyhow::Error::msg)?);
+            print!("{report}");
+            anyhow::ensure!(report.is_clean(), "{} violations", report.violations.len());
+            Ok(())
+        }
         Scenario::Chaos { minutes, seed, history } => rt.block_on(async {
             use switchboard_tests::chaos;
             let cfg = chaos::Config::new(seed, std::time::Duration::from_secs(minutes * 60));

@@ -329,7 +329,19 @@ pub struct Hub {
     standalone: bool,
     /// Most live frames held for one recovering session.
     recovery_hold: usize,
+    /// Cluster: the last live position of channels whose last subscriber left recently
+    /// (kept [`LEFT_KEPT`]), so that one subscribing again soon starts after what was
+    /// shown here rather than at the bridge's older watermark.
+    left: Mutex<HashMap<Arc<str>, Left>>,
 }
+
+/// A channel's last live position (seq, epoch) and when its last subscriber left.
+type Left = (u64, Arc<str>, std::time::Instant);
+
+/// How long a channel's last live position is kept after its last subscriber left.
+pub const LEFT_KEPT: std::time::Duration = std::time::Duration::from_secs(2);
+/// Most channels remembered that way (older ones are forgotten first when over).
+const LEFT_MAX: usize = 65_536;
 
 /// One connection as presence sees it (for snapshots).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -366,6 +378,7 @@ impl Hub {
             forgotten_through: AtomicU64::new(0),
             standalone: false,
             recovery_hold: RECOVERY_HOLD,
+            left: Mutex::new(HashMap::new()),
         }
     }
 
@@ -433,9 +446,34 @@ impl Hub {
         self.join(handle, channel, true)
     }
 
+    /// A new channel entry; in a cluster, at the live position it had when its last
+    /// subscriber left, if that was less than [`LEFT_KEPT`] ago.
+    fn entry_after_leaving(&self, channel: &str) -> Arc<Channel> {
+        let ch = Arc::new(Channel::default());
+        if let Some((seq, epoch, at)) = self.left.lock().remove(channel)
+            && at.elapsed() < LEFT_KEPT
+        {
+            let mut st = ch.state.lock();
+            st.seq = seq;
+            st.epoch = Some(epoch);
+        }
+        ch
+    }
+
+    fn remember_left(&self, channel: &str, seq: u64, epoch: Arc<str>) {
+        let mut left = self.left.lock();
+        if left.len() >= LEFT_MAX {
+            left.retain(|_, (_, _, at)| at.elapsed() < LEFT_KEPT);
+            if left.len() >= LEFT_MAX {
+                left.clear();
+            }
+        }
+        left.insert(Arc::from(channel), (seq, epoch, std::time::Instant::now()));
+    }
+
     fn join(&self, handle: &SessionHandle, channel: &Arc<str>, recovering: bool) -> Option<Position> {
         let mut shard = self.channels[self.shard(&**channel)].write();
-        let ch = shard.entry(channel.clone()).or_default().clone();
+        let ch = shard.entry(channel.clone()).or_insert_with(|| self.entry_after_leaving(channel)).clone();
         let mut st = ch.state.lock();
         drop(shard);
         if st.subs.contains_key(&handle.id) || st.recovering.iter().any(|r| r.handle.id == handle.id) {
@@ -563,6 +601,9 @@ impl Hub {
         if st.idle() {
             self.forget(&st);
             shard.remove(channel);
+            if let (false, Some(epoch)) = (self.standalone, st.epoch.clone()) {
+                self.remember_left(channel, st.seq, epoch);
+            }
         }
         drop(shard);
         let large = st.users.len() > self.large_room;

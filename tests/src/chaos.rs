@@ -11,7 +11,10 @@
 //! - **Nemesis**: kill -9 and restart of a gateway, a bridge, the presence replica; a
 //!   drain (SIGTERM) and restart of a gateway; a pause (SIGSTOP, then SIGCONT) of a
 //!   gateway or of a bridge for longer than the consumer group's session; the broker path
-//!   cut, then restored. The schedule comes from the seed alone ([`schedule`]), so a
+//!   cut, then restored; and on any link between two services (gateway → bridge, bridges
+//!   → gateway, gateway → presence, bridge → presence, each a [`Link`]), a partition
+//!   (nothing passes, connections stay open: timeouts, not resets), a cut (resets), or
+//!   added latency, then restored. The schedule comes from the seed alone ([`schedule`]), so a
 //!   failing seed replays the same faults in the same order at the same offsets.
 //! - At the end the faults stop, the workload waits until every subscriber has been
 //!   shown the newest acknowledged message of its channels (or a bound passes), marks the
@@ -32,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::checker::{self, Event, Outcome, Pos, Report, SubOutcome};
 use crate::cluster::{Cluster, free_port};
+use crate::link::{Link, State};
 use crate::ws::{Ws, http_get, now, token};
 
 /// The shape of a run.
@@ -74,7 +78,26 @@ pub enum Fault {
     PauseBridge(usize, Duration),
     KillPresence,
     CutBroker(Duration),
+    Partition(LinkId, Duration),
+    CutLink(LinkId, Duration),
+    SlowLink(LinkId, Duration, Duration),
 }
+
+/// A link between two services.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LinkId {
+    /// Gateway `g`'s calls to bridge `b` (publishes, history).
+    GatewayToBridge(usize, usize),
+    /// Every bridge's delivery streams to gateway `g`.
+    BridgesToGateway(usize),
+    /// Gateway `g`'s presence link (its connections, lease, Watch stream).
+    GatewayToPresence(usize),
+    /// Bridge `b`'s presence link (its routing).
+    BridgeToPresence(usize),
+}
+
+/// How many kinds of fault [`schedule`] draws from.
+pub const FAULT_KINDS: usize = 10;
 
 impl Fault {
     pub fn kind(&self) -> &'static str {
@@ -86,6 +109,9 @@ impl Fault {
             Fault::PauseBridge(..) => "pause_bridge",
             Fault::KillPresence => "kill_presence",
             Fault::CutBroker(_) => "cut_broker",
+            Fault::Partition(..) => "partition",
+            Fault::CutLink(..) => "cut_link",
+            Fault::SlowLink(..) => "slow_link",
         }
     }
 }
@@ -95,6 +121,12 @@ impl Fault {
 /// each 2-6 s after the previous one may have ended.
 pub fn schedule(seed: u64, duration: Duration, gateways: usize, bridges: usize) -> Vec<(Duration, Fault)> {
     let mut rng = StdRng::seed_from_u64(seed);
+    let link = |rng: &mut StdRng| match rng.random_range(0..4) {
+        0 => LinkId::GatewayToBridge(rng.random_range(0..gateways), rng.random_range(0..bridges)),
+        1 => LinkId::BridgesToGateway(rng.random_range(0..gateways)),
+        2 => LinkId::GatewayToPresence(rng.random_range(0..gateways)),
+        _ => LinkId::BridgeToPresence(rng.random_range(0..bridges)),
+    };
     let pick = |rng: &mut StdRng, kind: usize| match kind {
         0 => Fault::KillGateway(rng.random_range(0..gateways)),
         1 => Fault::DrainGateway(rng.random_range(0..gateways)),
@@ -103,19 +135,31 @@ pub fn schedule(seed: u64, duration: Duration, gateways: usize, bridges: usize) 
         // Longer than the group's 10 s session, so the others take its partitions.
         4 => Fault::PauseBridge(rng.random_range(0..bridges), Duration::from_millis(rng.random_range(11_000..15_000))),
         5 => Fault::KillPresence,
-        _ => Fault::CutBroker(Duration::from_millis(rng.random_range(1000..5000))),
+        6 => Fault::CutBroker(Duration::from_millis(rng.random_range(1000..5000))),
+        7 => Fault::Partition(link(rng), Duration::from_millis(rng.random_range(3000..12_000))),
+        8 => Fault::CutLink(link(rng), Duration::from_millis(rng.random_range(1000..5000))),
+        _ => Fault::SlowLink(
+            link(rng),
+            Duration::from_millis(rng.random_range(20..200)),
+            Duration::from_millis(rng.random_range(3000..8000)),
+        ),
     };
-    let mut first: Vec<usize> = (0..7).collect();
+    let mut first: Vec<usize> = (0..FAULT_KINDS).collect();
     for i in (1..first.len()).rev() {
         first.swap(i, rng.random_range(0..=i));
     }
     let (mut at, mut out) = (Duration::from_secs(2), Vec::new());
     let mut n = 0;
     while n < first.len() || at < duration {
-        let kind = if n < first.len() { first[n] } else { rng.random_range(0..7) };
+        let kind = if n < first.len() { first[n] } else { rng.random_range(0..FAULT_KINDS) };
         let fault = pick(&mut rng, kind);
         let takes = match &fault {
-            Fault::PauseGateway(_, d) | Fault::PauseBridge(_, d) | Fault::CutBroker(d) => *d,
+            Fault::PauseGateway(_, d)
+            | Fault::PauseBridge(_, d)
+            | Fault::CutBroker(d)
+            | Fault::Partition(_, d)
+            | Fault::CutLink(_, d)
+            | Fault::SlowLink(_, _, d) => *d,
             _ => Duration::from_secs(2),
         };
         out.push((at, fault));
@@ -166,20 +210,77 @@ impl std::fmt::Display for Summary {
     }
 }
 
+/// The links of a chaos cluster, each between two services.
+struct Links {
+    gateway_bridge: Vec<Vec<Link>>,
+    bridges_gateway: Vec<Link>,
+    gateway_presence: Vec<Link>,
+    bridge_presence: Vec<Link>,
+}
+
+impl Links {
+    fn get(&self, id: LinkId) -> &Link {
+        match id {
+            LinkId::GatewayToBridge(g, b) => &self.gateway_bridge[g][b],
+            LinkId::BridgesToGateway(g) => &self.bridges_gateway[g],
+            LinkId::GatewayToPresence(g) => &self.gateway_presence[g],
+            LinkId::BridgeToPresence(b) => &self.bridge_presence[b],
+        }
+    }
+}
+
+fn local(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
 /// Starts a cluster (tansu, one presence replica, `bridges` bridges, `gateways` gateways,
-/// every service on a fixed port so that a restarted one is found where it was), runs the
-/// workload and the nemesis, and judges the history.
+/// every service on a fixed port so that a restarted one is found where it was, every
+/// internal connection through a [`Link`]), runs the workload and the nemesis, and judges
+/// the history.
 pub async fn run(cfg: &Config) -> Summary {
     let mut c = Cluster::builder().kafka().bridges(0).gateways(0).start().await;
+    let presence = local(c.presence_ports[0]);
+    let mut bridge_ports = Vec::new();
+    let mut bridge_presence = Vec::new();
     for _ in 0..cfg.bridges {
-        c.start_bridge_with(&["--listen".into(), format!("127.0.0.1:{}", free_port())]);
+        let (port, link) = (free_port(), Link::start(presence).await);
+        c.start_bridge_with(&[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--presence-addrs".into(),
+            format!("http://{}", link.addr),
+        ]);
+        bridge_ports.push(port);
+        bridge_presence.push(link);
     }
-    let mut addrs = Vec::new();
+    let (mut addrs, mut gateway_bridge, mut bridges_gateway, mut gateway_presence) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     for _ in 0..cfg.gateways {
-        let port = free_port();
-        c.start_gateway_with(&["--listen".into(), format!("127.0.0.1:{port}")]);
-        addrs.push(SocketAddr::from(([127, 0, 0, 1], port)));
+        let (port, grpc) = (free_port(), free_port());
+        let mut to_bridges = Vec::new();
+        for b in &bridge_ports {
+            to_bridges.push(Link::start(local(*b)).await);
+        }
+        let (delivery, to_presence) = (Link::start(local(grpc)).await, Link::start(presence).await);
+        let urls: Vec<String> = to_bridges.iter().map(|l| format!("http://{}", l.addr)).collect();
+        c.start_gateway_with(&[
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--grpc-addr".into(),
+            format!("127.0.0.1:{grpc}"),
+            "--delivery-addr".into(),
+            format!("http://{}", delivery.addr),
+            "--bridge-addrs".into(),
+            urls.join(","),
+            "--presence-addrs".into(),
+            format!("http://{}", to_presence.addr),
+        ]);
+        addrs.push(local(port));
+        gateway_bridge.push(to_bridges);
+        bridges_gateway.push(delivery);
+        gateway_presence.push(to_presence);
     }
+    let links = Links { gateway_bridge, bridges_gateway, gateway_presence, bridge_presence };
     for g in 0..cfg.gateways {
         ready(&c, g).await;
     }
@@ -232,7 +333,7 @@ pub async fn run(cfg: &Config) -> Summary {
             tokio::time::sleep(wait).await;
         }
         eprintln!("chaos {:>6} ms: {fault:?}", rec.t());
-        inject(&mut c, fault).await;
+        inject(&mut c, &links, fault).await;
         *faults.entry(fault.kind()).or_default() += 1;
     }
     for g in 0..cfg.gateways {
@@ -316,7 +417,7 @@ fn newest_acked(events: &[Event]) -> HashMap<String, (u64, String)> {
     newest
 }
 
-async fn inject(c: &mut Cluster, fault: &Fault) {
+async fn inject(c: &mut Cluster, links: &Links, fault: &Fault) {
     let pause = || tokio::time::sleep(Duration::from_millis(500));
     match fault {
         Fault::KillGateway(g) => {
@@ -359,7 +460,17 @@ async fn inject(c: &mut Cluster, fault: &Fault) {
             tokio::time::sleep(*d).await;
             proxy.restore();
         }
+        Fault::Partition(l, d) => hold(links.get(*l), State::Blackhole, *d).await,
+        Fault::CutLink(l, d) => hold(links.get(*l), State::Cut, *d).await,
+        Fault::SlowLink(l, delay, d) => hold(links.get(*l), State::Slow(*delay), *d).await,
     }
+}
+
+/// Puts `link` in `state` for `d`, then opens it again.
+async fn hold(link: &Link, state: State, d: Duration) {
+    link.set(state);
+    tokio::time::sleep(d).await;
+    link.set(State::Open);
 }
 
 /// Waits until gateway `g` answers `/readyz` with 200.

@@ -298,7 +298,14 @@ struct Acked {
 /// One subscription chain of a client to a channel.
 struct Chain {
     epoch: String,
+    /// A lower bound of where the chain's stream starts: a plain subscribe's `position` may
+    /// be a little older than the moment the subscription took effect (docs/design.md
+    /// "Positions for a plain subscribe"), so what lies between it and the first message
+    /// shown is owed only when published after the ack came (`acked_at`). A chain begun by
+    /// a resume starts exactly at its `since`.
     start: u64,
+    exact: bool,
+    acked_at: u64,
     /// Positions and messages shown, in order.
     shown: Vec<(u64, String)>,
     /// Ranges (lo, hi] the client was told it may miss; `hi` None: up to the first
@@ -311,10 +318,12 @@ struct Chain {
 }
 
 impl Chain {
-    fn new(pos: &Pos) -> Chain {
+    fn new(pos: &Pos, exact: bool, acked_at: u64) -> Chain {
         Chain {
             epoch: pos.epoch.clone(),
             start: pos.seq,
+            exact,
+            acked_at,
             shown: Vec::new(),
             excused: Vec::new(),
             promised: Vec::new(),
@@ -354,6 +363,15 @@ pub fn check(events: &[Event]) -> Report {
     let mut refused: HashSet<(String, String)> = HashSet::new();
     let mut maybe: HashSet<(String, String)> = HashSet::new();
     let quiet = events.iter().find_map(|e| if let Event::Quiet { t } = e { Some(*t) } else { None });
+    // When each message was first tried: a retry's ack (same key) is the first call's, so
+    // its real-time order is that of its first attempt.
+    let mut first_try: HashMap<(&str, &str), u64> = HashMap::new();
+    for e in events {
+        if let Event::Publish { t, channel, msg, .. } = e {
+            let f = first_try.entry((channel, msg)).or_insert(*t);
+            *f = (*f).min(*t);
+        }
+    }
     // The epochs each channel was seen in, for publish acks that name none.
     let mut epochs: HashMap<&str, BTreeSet<&str>> = HashMap::new();
     for e in events {
@@ -381,10 +399,16 @@ pub fn check(events: &[Event]) -> Report {
             let id = (channel.clone(), msg.clone());
             attempted.insert(id.clone());
             match outcome {
-                Outcome::Ack { pos: Some(p), id, .. } => acked
-                    .entry((channel.clone(), epoch_of(channel, p)))
-                    .or_default()
-                    .push(Acked { msg: msg.clone(), key: key.clone(), id: id.clone(), seq: p.seq, t: *t, done: *done }),
+                Outcome::Ack { pos: Some(p), id, .. } => {
+                    acked.entry((channel.clone(), epoch_of(channel, p))).or_default().push(Acked {
+                        msg: msg.clone(),
+                        key: key.clone(),
+                        id: id.clone(),
+                        seq: p.seq,
+                        t: first_try.get(&(channel.as_str(), msg.as_str())).copied().unwrap_or(*t),
+                        done: *done,
+                    })
+                }
                 Outcome::Ack { pos: None, .. } => {
                     v(Kind::Divergent, format!("publish {msg} on {channel} acknowledged without a position"))
                 }
@@ -461,7 +485,7 @@ pub fn check(events: &[Event]) -> Report {
     let mut open_conn: HashMap<String, String> = HashMap::new();
     for e in events {
         match e {
-            Event::Subscribe { client, channel, since, outcome: SubOutcome::Ack { pos, recovered, .. }, .. } => {
+            Event::Subscribe { t, client, channel, since, outcome: SubOutcome::Ack { pos, recovered, .. } } => {
                 let cc = clients.entry((client.clone(), channel.clone())).or_default();
                 cc.subscribed = true;
                 let resumes = since.is_some() && *recovered == Some(true);
@@ -475,13 +499,13 @@ pub fn check(events: &[Event]) -> Report {
                         // epoch's): it starts at `since`, with the promise.
                         cc.end_chain();
                         let s = since.clone().unwrap_or_else(|| pos.clone());
-                        let mut chain = Chain::new(&s);
+                        let mut chain = Chain::new(&s, true, *t);
                         chain.promised.push((s.seq, pos.seq));
                         cc.current = Some(chain);
                     }
                     (false, _) => {
                         cc.end_chain();
-                        cc.current = Some(Chain::new(pos));
+                        cc.current = Some(Chain::new(pos, false, *t));
                     }
                 }
             }
@@ -616,7 +640,20 @@ pub fn check(events: &[Event]) -> Report {
             let shown_msg: HashSet<&str> = chain.shown.iter().map(|(_, m)| m.as_str()).collect();
             let open = chain.at_quiet;
             let reach = if open { u64::MAX } else { chain.shown.iter().map(|(s, _)| *s).max().unwrap_or(chain.start) };
+            let first = chain.shown.iter().map(|(s, _)| *s).min();
+            // After the start, what is owed: everything when the start is exact, or after a
+            // resume's `since`; else what follows the first message shown (the stream is a
+            // suffix from where the subscription took effect), or was published after the ack.
+            let owed = |a: &Acked| {
+                chain.exact
+                    || chain.promised.iter().any(|(s, _)| a.seq > *s)
+                    || first.is_some_and(|f| a.seq > f)
+                    || a.t > chain.acked_at
+            };
             for a in list {
+                if !owed(a) {
+                    continue;
+                }
                 // Owed once per message: a copy at another position (a retry stored by another
                 // bridge) is the same message.
                 if a.seq <= chain.start || a.seq > reach || shown.contains(&a.seq) || shown_msg.contains(a.msg.as_str())
@@ -911,6 +948,33 @@ mod tests {
     }
 
     #[test]
+    fn a_plain_subscribe_position_may_be_older_than_what_was_shown_before() {
+        // `a` leaves after 6 and subscribes again; the ack's position (2) is an older
+        // watermark: 4 and 6, published before, are not owed again; 8, after, is.
+        let mut h = H::default();
+        h.connect("a", "ua");
+        h.sub("a", 0);
+        for (m, seq) in [("m1", 2), ("m2", 4), ("m3", 6)] {
+            h.publish(m, seq);
+            h.deliver("a", seq, m);
+        }
+        let t = h.t();
+        h.ev.push(Event::Unsubscribe { t, client: "a".into(), channel: "c".into() });
+        h.sub("a", 2);
+        h.publish("m4", 8);
+        h.deliver("a", 8, "m4");
+        h.quiet();
+        assert!(h.kinds().is_empty(), "{:?}", h.kinds());
+        // What follows the first message shown in the new stream is owed, whenever published.
+        h.drop_first(|e| matches!(e, Event::Quiet { .. }));
+        h.publish("m5", 10);
+        h.publish("m6", 12);
+        h.deliver("a", 12, "m6");
+        h.quiet();
+        assert_eq!(h.kinds(), BTreeMap::from([("lost", 1)]));
+    }
+
+    #[test]
     fn recovered_false_and_gap_excuse_what_they_name_and_nothing_after() {
         let mut h = clean();
         // `a`'s gap after 10 excuses 12 (shown to `b` only) because 14 followed it; with
@@ -971,6 +1035,26 @@ mod tests {
     fn a_publish_begun_after_an_ack_with_a_lower_position_is_out_of_order() {
         let mut h = clean();
         h.publish("m9", 13);
+        assert_eq!(h.kinds(), BTreeMap::from([("order", 1)]));
+    }
+
+    #[test]
+    fn a_retry_is_ordered_by_its_first_attempt() {
+        // r1's first attempt got no answer; m9 was acknowledged meanwhile at 16; r1's retry
+        // (same key) is answered with the first call's seq, 15: not out of order.
+        let mut h = H::default();
+        h.connect("a", "ua");
+        h.sub("a", 0);
+        h.publish_as("r1", Some("kr"), Outcome::Unknown);
+        h.publish("m9", 16);
+        h.publish_as("r1", Some("kr"), Outcome::Ack { pos: Some(pos(15)), id: Some("id-r1".into()), duplicate: true });
+        h.deliver("a", 15, "r1");
+        h.deliver("a", 16, "m9");
+        h.quiet();
+        assert!(h.kinds().is_empty(), "{:?}", h.kinds());
+        // A new message begun after m9's ack that gets 15 is out of order.
+        let i = h.ev.iter().position(|e| matches!(e, Event::Publish { outcome: Outcome::Unknown, .. })).unwrap();
+        h.ev.remove(i);
         assert_eq!(h.kinds(), BTreeMap::from([("order", 1)]));
     }
 

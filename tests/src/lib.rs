@@ -6,6 +6,7 @@
 //! - [`checker`]: the history checker of the chaos runs (what a workload did and saw, judged against the promises);
 //! - [`cluster`]: the real binaries as child processes on free loopback ports,
 //!   torn down on drop: `Cluster::builder().presence(1).kafka().bridges(2).gateways(3).start().await`;
+//! - [`link`]: a TCP link between two services that can be cut, black-holed (a partition) or slowed;
 //! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path;
 //! - [`tls`]: a throw-away PKI for mutual-TLS tests;
 //! - [`resume`]: an independent client that resumes with `since` across gateways, recording what it is shown;
@@ -16,6 +17,7 @@ pub mod chaos;
 pub mod checker;
 pub mod cluster;
 pub mod kafka;
+pub mod link;
 pub mod monitoring;
 pub mod resume;
 pub mod tls;

@@ -1,12 +1,12 @@
 //! A short seeded chaos run over a whole cluster (tansu, presence, two bridges, three
 //! gateways): the nemesis kills, drains and pauses services and cuts the broker path on
-//! the seed's schedule while subscribers, publishers and direct sends run; the history
+//! the seed's schedule (and partitions, cuts and slows the links between them) while subscribers, publishers and direct sends run; the history
 //! checker must find no violation. `SWITCHBOARD_CHAOS_SEED` replays another seed
 //! (`bench chaos` runs long ones).
 
 use std::time::Duration;
 
-use switchboard_tests::chaos::{Config, run, schedule};
+use switchboard_tests::chaos::{Config, FAULT_KINDS, run, schedule};
 use switchboard_tests::checker::{self, Event, Kind};
 
 #[test]
@@ -14,8 +14,8 @@ fn the_same_seed_gives_the_same_schedule_and_every_kind_of_fault() {
     let a = schedule(7, Duration::from_secs(90), 3, 2);
     assert_eq!(a, schedule(7, Duration::from_secs(90), 3, 2));
     assert_ne!(a, schedule(8, Duration::from_secs(90), 3, 2));
-    let kinds: std::collections::BTreeSet<&str> = a.iter().take(7).map(|(_, f)| f.kind()).collect();
-    assert_eq!(kinds.len(), 7, "the first round holds every kind: {a:?}");
+    let kinds: std::collections::BTreeSet<&str> = a.iter().take(FAULT_KINDS).map(|(_, f)| f.kind()).collect();
+    assert_eq!(kinds.len(), FAULT_KINDS, "the first round holds every kind: {a:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,7 +25,7 @@ async fn a_seeded_chaos_run_keeps_every_promise() {
     let path = std::env::temp_dir().join(format!("switchboard-chaos-{seed}-{}.jsonl", std::process::id()));
     std::fs::write(&path, &summary.history).expect("write the history");
     eprintln!("{summary}history: {}", path.display());
-    assert!(summary.faults.len() >= 7, "every kind of fault was injected: {:?}", summary.faults);
+    assert_eq!(summary.faults.len(), FAULT_KINDS, "every kind of fault was injected: {:?}", summary.faults);
     assert!(summary.report.operations.get("deliver").copied().unwrap_or(0) > 1000, "{summary}");
     assert!(summary.report.is_clean(), "seed {seed} broke a promise:\n{summary}history: {}", path.display());
 

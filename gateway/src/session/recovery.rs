@@ -52,8 +52,11 @@ pub(super) async fn subscribe(
     let max = node.config.recovery_max;
     let (items, mut position, lost) = match &since {
         None if gapless => (Vec::new(), Some(local.clone()), None),
+        // The bridge's position may be a watermark up to 250 ms old; the channel's last live
+        // frame here, when newer, is closer to where the subscription took effect (and what
+        // this session was shown before, if it was subscribed then, is not shown again).
         None => match node.bus.history(channel, None, 0, true).await {
-            Ok(page) => (Vec::new(), page.position, None),
+            Ok(page) => (Vec::new(), page.position.map(|p| newest(p, &local)), None),
             Err(_) => (Vec::new(), None, None),
         },
         Some(since) => read_all(&*node.bus, max, channel, since).await,
@@ -107,6 +110,11 @@ pub(super) async fn subscribe(
             handover.run(true).await;
         });
     }
+}
+
+/// The later of two positions of one stream (`a` when their epochs differ).
+fn newest(a: Position, b: &Position) -> Position {
+    if a.epoch == b.epoch && b.seq > a.seq { b.clone() } else { a }
 }
 
 /// The end of a recovery: lining the held live frames up with what was sent.
