@@ -14,7 +14,8 @@
 //!   cut, then restored; and on any link between two services (gateway → bridge, bridges
 //!   → gateway, gateway → presence, bridge → presence, each a [`Link`]), a partition
 //!   (nothing passes, connections stay open: timeouts, not resets), a cut (resets), or
-//!   added latency, then restored. The schedule comes from the seed alone ([`schedule`]), so a
+//!   added latency, then restored. Gateway 0 runs in a network namespace of its own
+//!   ([`Netns`]), and a partition of it drops every packet on its veth pair both ways. The schedule comes from the seed alone ([`schedule`]), so a
 //!   failing seed replays the same faults in the same order at the same offsets.
 //! - At the end the faults stop, the workload waits until every subscriber has been
 //!   shown the newest acknowledged message of its channels (or a bound passes), marks the
@@ -36,6 +37,7 @@ use tokio_util::sync::CancellationToken;
 use crate::checker::{self, Event, Outcome, Pos, Report, SubOutcome};
 use crate::cluster::{Cluster, free_port};
 use crate::link::{Link, State};
+use crate::netns::Netns;
 use crate::ws::{Ws, http_get, now, token};
 
 /// The shape of a run.
@@ -79,6 +81,8 @@ pub enum Fault {
     KillPresence,
     CutBroker(Duration),
     Partition(LinkId, Duration),
+    /// Gateway 0's namespace drops every packet, both ways.
+    IsolateGateway(Duration),
     CutLink(LinkId, Duration),
     SlowLink(LinkId, Duration, Duration),
 }
@@ -97,7 +101,7 @@ pub enum LinkId {
 }
 
 /// How many kinds of fault [`schedule`] draws from.
-pub const FAULT_KINDS: usize = 10;
+pub const FAULT_KINDS: usize = 11;
 
 impl Fault {
     pub fn kind(&self) -> &'static str {
@@ -110,6 +114,7 @@ impl Fault {
             Fault::KillPresence => "kill_presence",
             Fault::CutBroker(_) => "cut_broker",
             Fault::Partition(..) => "partition",
+            Fault::IsolateGateway(_) => "isolate_gateway",
             Fault::CutLink(..) => "cut_link",
             Fault::SlowLink(..) => "slow_link",
         }
@@ -138,6 +143,7 @@ pub fn schedule(seed: u64, duration: Duration, gateways: usize, bridges: usize) 
         6 => Fault::CutBroker(Duration::from_millis(rng.random_range(1000..5000))),
         7 => Fault::Partition(link(rng), Duration::from_millis(rng.random_range(3000..12_000))),
         8 => Fault::CutLink(link(rng), Duration::from_millis(rng.random_range(1000..5000))),
+        9 => Fault::IsolateGateway(Duration::from_millis(rng.random_range(3000..12_000))),
         _ => Fault::SlowLink(
             link(rng),
             Duration::from_millis(rng.random_range(20..200)),
@@ -158,6 +164,7 @@ pub fn schedule(seed: u64, duration: Duration, gateways: usize, bridges: usize) 
             | Fault::PauseBridge(_, d)
             | Fault::CutBroker(d)
             | Fault::Partition(_, d)
+            | Fault::IsolateGateway(d)
             | Fault::CutLink(_, d)
             | Fault::SlowLink(_, _, d) => *d,
             _ => Duration::from_secs(2),
@@ -255,27 +262,44 @@ pub async fn run(cfg: &Config) -> Summary {
     }
     let (mut addrs, mut gateway_bridge, mut bridges_gateway, mut gateway_presence) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    for _ in 0..cfg.gateways {
+    // Gateway 0 lives in a namespace: it listens on the namespace's address, and its links
+    // to the bridges and presence listen on this side's end of the veth pair.
+    let netns = Netns::create();
+    for g in 0..cfg.gateways {
+        let (host, own) = if g == 0 {
+            (netns.host_ip, netns.ns_ip)
+        } else {
+            (std::net::Ipv4Addr::LOCALHOST, std::net::Ipv4Addr::LOCALHOST)
+        };
         let (port, grpc) = (free_port(), free_port());
         let mut to_bridges = Vec::new();
         for b in &bridge_ports {
-            to_bridges.push(Link::start(local(*b)).await);
+            to_bridges.push(Link::start_on(host, local(*b)).await);
         }
-        let (delivery, to_presence) = (Link::start(local(grpc)).await, Link::start(presence).await);
+        let delivery = Link::start(SocketAddr::from((own, grpc))).await;
+        let to_presence = Link::start_on(host, presence).await;
         let urls: Vec<String> = to_bridges.iter().map(|l| format!("http://{}", l.addr)).collect();
-        c.start_gateway_with(&[
+        let args: Vec<String> = vec![
             "--listen".into(),
-            format!("127.0.0.1:{port}"),
+            format!("{own}:{port}"),
             "--grpc-addr".into(),
-            format!("127.0.0.1:{grpc}"),
+            format!("{own}:{grpc}"),
+            "--admin-addr".into(),
+            format!("{own}:0"),
+            "--jwt-hs256-secret".into(),
+            crate::ws::SECRET.into(),
+            "--node-id".into(),
+            format!("gw{g}"),
             "--delivery-addr".into(),
             format!("http://{}", delivery.addr),
             "--bridge-addrs".into(),
             urls.join(","),
             "--presence-addrs".into(),
             format!("http://{}", to_presence.addr),
-        ]);
-        addrs.push(local(port));
+        ];
+        let wrap = if g == 0 { netns.exec() } else { Vec::new() };
+        c.gateways.push(crate::cluster::Proc::spawn_wrapped(&format!("gw{g}"), &wrap, "gateway", &args));
+        addrs.push(SocketAddr::from((own, port)));
         gateway_bridge.push(to_bridges);
         bridges_gateway.push(delivery);
         gateway_presence.push(to_presence);
@@ -333,7 +357,7 @@ pub async fn run(cfg: &Config) -> Summary {
             tokio::time::sleep(wait).await;
         }
         eprintln!("chaos {:>6} ms: {fault:?}", rec.t());
-        inject(&mut c, &links, fault).await;
+        inject(&mut c, &links, &netns, fault).await;
         *faults.entry(fault.kind()).or_default() += 1;
     }
     for g in 0..cfg.gateways {
@@ -417,7 +441,7 @@ fn newest_acked(events: &[Event]) -> HashMap<String, (u64, String)> {
     newest
 }
 
-async fn inject(c: &mut Cluster, links: &Links, fault: &Fault) {
+async fn inject(c: &mut Cluster, links: &Links, netns: &Netns, fault: &Fault) {
     let pause = || tokio::time::sleep(Duration::from_millis(500));
     match fault {
         Fault::KillGateway(g) => {
@@ -462,6 +486,11 @@ async fn inject(c: &mut Cluster, links: &Links, fault: &Fault) {
         }
         Fault::Partition(l, d) => hold(links.get(*l), State::Blackhole, *d).await,
         Fault::CutLink(l, d) => hold(links.get(*l), State::Cut, *d).await,
+        Fault::IsolateGateway(d) => {
+            netns.partition();
+            tokio::time::sleep(*d).await;
+            netns.heal();
+        }
         Fault::SlowLink(l, delay, d) => hold(links.get(*l), State::Slow(*delay), *d).await,
     }
 }

@@ -53,6 +53,8 @@ pub struct Proc {
     pub name: String,
     bin: String,
     args: Vec<String>,
+    /// A command the binary runs under (e.g. `ip netns exec <ns>`), empty for none.
+    wrap: Vec<String>,
     pub child: Child,
     /// Fields of its `LISTENING k=v ...` line.
     pub addrs: Vec<(String, SocketAddr)>,
@@ -61,7 +63,20 @@ pub struct Proc {
 impl Proc {
     /// Starts `bin` with `args` and waits for its `LISTENING` line.
     pub fn spawn(name: &str, bin: &str, args: &[String]) -> Self {
-        let mut child = Command::new(binary(bin))
+        Self::spawn_wrapped(name, &[], bin, args)
+    }
+
+    /// Starts `bin` under `wrap` (a command that execs it, such as `ip netns exec <ns>`).
+    pub fn spawn_wrapped(name: &str, wrap: &[String], bin: &str, args: &[String]) -> Self {
+        let mut cmd = match wrap.split_first() {
+            Some((first, rest)) => {
+                let mut c = Command::new(first);
+                c.args(rest).arg(binary(bin));
+                c
+            }
+            None => Command::new(binary(bin)),
+        };
+        let mut child = cmd
             .args(args)
             .env("SWITCHBOARD_LOG", std::env::var("SWITCHBOARD_TEST_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::piped())
@@ -77,13 +92,13 @@ impl Proc {
             .filter_map(|kv| kv.split_once('='))
             .map(|(k, v)| (k.to_owned(), v.parse().expect("socket address")))
             .collect();
-        Self { name: name.to_owned(), bin: bin.to_owned(), args: args.to_vec(), child, addrs }
+        Self { name: name.to_owned(), bin: bin.to_owned(), args: args.to_vec(), wrap: wrap.to_vec(), child, addrs }
     }
 
     /// kill -9, then start again with the same arguments (ports given as 0 change).
     pub fn restart(&mut self) {
         self.kill();
-        *self = Proc::spawn(&self.name.clone(), &self.bin.clone(), &self.args.clone());
+        *self = Proc::spawn_wrapped(&self.name.clone(), &self.wrap.clone(), &self.bin.clone(), &self.args.clone());
     }
 
     pub fn addr(&self, key: &str) -> SocketAddr {

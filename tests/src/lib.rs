@@ -7,6 +7,7 @@
 //! - [`cluster`]: the real binaries as child processes on free loopback ports,
 //!   torn down on drop: `Cluster::builder().presence(1).kafka().bridges(2).gateways(3).start().await`;
 //! - [`link`]: a TCP link between two services that can be cut, black-holed (a partition) or slowed;
+//! - [`netns`]: a network namespace with a veth pair whose packets can all be dropped (a partition);
 //! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path;
 //! - [`tls`]: a throw-away PKI for mutual-TLS tests;
 //! - [`resume`]: an independent client that resumes with `since` across gateways, recording what it is shown;
@@ -19,6 +20,7 @@ pub mod cluster;
 pub mod kafka;
 pub mod link;
 pub mod monitoring;
+pub mod netns;
 pub mod resume;
 pub mod tls;
 pub mod ws;

@@ -33,7 +33,12 @@ pub struct Link {
 impl Link {
     /// A link on a free loopback port to `target`.
     pub async fn start(target: SocketAddr) -> Link {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a link");
+        Link::start_on(std::net::Ipv4Addr::LOCALHOST, target).await
+    }
+
+    /// A link on a free port of `ip` (e.g. a veth end, for a service in a namespace).
+    pub async fn start_on(ip: std::net::Ipv4Addr, target: SocketAddr) -> Link {
+        let listener = TcpListener::bind((ip, 0)).await.expect("bind a link");
         let addr = listener.local_addr().expect("link address");
         let (state, _) = watch::channel(State::Open);
         let states = state.clone();
