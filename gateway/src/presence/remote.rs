@@ -5,6 +5,12 @@
 //! While a replica is unreachable its deltas are dropped, not buffered: every
 //! (re)connection starts with a fresh snapshot of the hub, which supersedes
 //! them. A full delta queue (presence too slow) triggers the same resync.
+//!
+//! A replica that has acknowledged nothing for longer than its lease may have expired
+//! this node (a partition, not a crash: the stream stays open and nothing comes back), and
+//! then the bridges stop routing here: every session is closed with 1001 `resync
+//! retry_ms=…` (clients resume elsewhere, recovering with `since`), and again once the
+//! link is back and the replica has this node's snapshot, for sessions opened meanwhile.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -290,6 +296,61 @@ enum LinkError {
     Status(#[from] tonic::Status),
     #[error("stream closed")]
     Closed,
+    #[error("nothing acknowledged for most of a lease")]
+    Stale,
+}
+
+/// The lease assumed until a replica names its own (presence's default).
+const DEFAULT_LEASE: Duration = Duration::from_secs(10);
+
+/// What a link knows of its replica's view of this node across reconnects.
+struct LeaseWatch {
+    /// The last acknowledgement from the replica (or the link's start).
+    last_ack: tokio::time::Instant,
+    lease: Duration,
+    /// The replica may have expired this node: sessions were told to resync, and are
+    /// told again once the replica has this node's snapshot.
+    lapsed: bool,
+}
+
+impl LeaseWatch {
+    /// Silence after which the replica may have expired this node: it expires a node that
+    /// sent it nothing for a lease, and this node sends every third of one, so a gap of
+    /// acknowledgements this long (a margin below the lease) may hide one.
+    fn lapse(&self) -> Duration {
+        self.lease * 4 / 5
+    }
+
+    fn silent(&self) -> bool {
+        self.last_ack.elapsed() > self.lapse()
+    }
+
+    /// Tells every session to resync, once per lapse (and once more after it).
+    fn check(&mut self, hub: &Hub, addr: &str) {
+        if !self.lapsed && self.silent() {
+            self.lapsed = true;
+            tracing::warn!(presence = %addr, lease = ?self.lease, "presence acknowledged nothing for a lease; asking clients to reconnect");
+            resync_sessions(hub);
+        }
+    }
+
+    fn acked(&mut self, hub: &Hub, snapshot_sent: bool) {
+        self.last_ack = tokio::time::Instant::now();
+        if self.lapsed && snapshot_sent {
+            self.lapsed = false;
+            tracing::warn!("presence link back after a lapsed lease; asking clients to reconnect");
+            resync_sessions(hub);
+        }
+    }
+}
+
+/// Closes every session with 1001 `resync retry_ms=…` (as after a stall).
+fn resync_sessions(hub: &Hub) {
+    metrics::counter!(m::STALLS).increment(1);
+    for s in hub.sessions() {
+        let reason = format!("resync retry_ms={}", rand::random_range(250..2000u32));
+        s.ctl.close(crate::policy::CloseReason::Stalled, Some(&reason));
+    }
 }
 
 async fn link_task(
@@ -303,6 +364,7 @@ async fn link_task(
 ) {
     let mut backoff = Backoff::new();
     let mut seq = 0u64;
+    let mut watch = LeaseWatch { last_ack: tokio::time::Instant::now(), lease: DEFAULT_LEASE, lapsed: false };
     loop {
         let result = link_session(
             (&addr, server_name.as_deref()),
@@ -311,10 +373,10 @@ async fn link_task(
             &mut deltas,
             &resync,
             &stop,
-            &mut seq,
-            &mut backoff,
+            (&mut seq, &mut backoff, &mut watch),
         )
         .await;
+        watch.check(&hub, &addr);
         metrics::gauge!(m::PRESENCE_LINKS_UP).decrement(1.0);
         match result {
             Ok(()) => return,
@@ -329,10 +391,10 @@ async fn link_task(
             () = stop.cancelled() => return,
             () = tokio::time::sleep(backoff.next()) => {}
         }
+        watch.check(&hub, &addr);
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn link_session(
     (addr, server_name): (&str, Option<&str>),
     hub: &Hub,
@@ -340,8 +402,7 @@ async fn link_session(
     deltas: &mut mpsc::Receiver<pb::Delta>,
     resync: &AtomicBool,
     stop: &CancellationToken,
-    seq: &mut u64,
-    backoff: &mut Backoff,
+    (seq, backoff, watch): (&mut u64, &mut Backoff, &mut LeaseWatch),
 ) -> Result<(), LinkError> {
     use pb::gateway_message::Msg;
     metrics::gauge!(m::PRESENCE_LINKS_UP).increment(1.0);
@@ -361,9 +422,15 @@ async fn link_session(
     let mut acks = client.sync(ReceiverStream::new(out_rx)).await?.into_inner();
     let first = acks.message().await?.ok_or(LinkError::Closed)?;
     let lease = Duration::from_millis(first.lease_ms.max(300));
+    watch.lease = lease;
+    // The hello's answer says the replica is there, not that it has this node's state.
+    watch.check(hub, addr);
+    watch.acked(hub, false);
     let mut keepalive = tokio::time::interval(lease / 3);
     let mut batch: Vec<pb::Delta> = Vec::new();
     let mut need_snapshot = true;
+    // The seq of the last snapshot: an ack of it or later means the replica has this node.
+    let mut snapshot_seq = u64::MAX;
     loop {
         if need_snapshot || resync.load(Ordering::Relaxed) {
             // Drop queued deltas first: the snapshot taken after covers them, and
@@ -379,6 +446,7 @@ async fn link_session(
                 let connections = chunk.iter().map(conn_pb).collect();
                 send(Msg::Snapshot(pb::SnapshotChunk { connections, last: i == last, seq: *seq })).await?;
             }
+            snapshot_seq = *seq;
             tracing::info!(presence = %addr, connections = snapshot.len(), "snapshot sent");
             if !need_snapshot {
                 metrics::counter!(m::PRESENCE_RESYNCS).increment(1);
@@ -395,7 +463,16 @@ async fn link_session(
                 return Ok(());
             }
             ack = acks.message() => match ack? {
-                Some(a) => metrics::gauge!(m::PRESENCE_ACKED_SEQ).set(a.seq as f64),
+                Some(a) => {
+                    metrics::gauge!(m::PRESENCE_ACKED_SEQ).set(a.seq as f64);
+                    if watch.silent() {
+                        // Back after a silence the replica may have expired this node in:
+                        // start over with a fresh link and snapshot.
+                        watch.check(hub, addr);
+                        return Err(LinkError::Stale);
+                    }
+                    watch.acked(hub, a.seq >= snapshot_seq);
+                }
                 None => return Err(LinkError::Closed),
             },
             n = deltas.recv_many(&mut batch, BATCH) => {
@@ -412,6 +489,9 @@ async fn link_session(
                 metrics::gauge!(m::PRESENCE_SENT_SEQ).set(*seq as f64);
             }
             _ = keepalive.tick() => {
+                if watch.silent() {
+                    return Err(LinkError::Stale);
+                }
                 *seq += 1;
                 send(Msg::Deltas(pb::DeltaBatch { seq: *seq, deltas: Vec::new() })).await?;
             }

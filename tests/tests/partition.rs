@@ -1,0 +1,75 @@
+//! A gateway cut off from presence by a partition (the link black-holed: nothing passes,
+//! no reset) for longer than the lease may have been expired there, and the bridges then
+//! stop routing to it: its clients must be told (1001 `resync`) rather than left connected
+//! and shown nothing (found by a chaos run). A short partition leaves them alone.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use serde_json::json;
+use switchboard_tests::cluster::{Cluster, free_port};
+use switchboard_tests::link::{Link, State};
+use switchboard_tests::ws::*;
+use tokio_tungstenite::tungstenite::Message;
+
+/// A cluster whose gateway 0 reaches presence through `link`; returns gateway 0's client address.
+async fn cluster() -> (Cluster, Link) {
+    let mut c = Cluster::builder().presence(1).kafka().bridges(1).gateways(0).start().await;
+    let link = Link::start(SocketAddr::from(([127, 0, 0, 1], c.presence_ports[0]))).await;
+    let port = free_port();
+    c.start_gateway_with(&[
+        "--listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--presence-addrs".into(),
+        format!("http://{}", link.addr),
+    ]);
+    (c, link)
+}
+
+#[tokio::test]
+async fn a_partition_from_presence_longer_than_the_lease_tells_clients_to_resync() {
+    let (c, link) = cluster().await;
+    let (mut ws, _) = connect(c.gateway(0), "alice").await;
+    let ack = call(&mut ws, json!({"op":"subscribe","channel":"room:p"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    link.set(State::Blackhole);
+    // Presence's lease is 10 s: within it plus the gateway's keepalive tick the client is told.
+    let close = tokio::time::timeout(Duration::from_secs(20), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(_)) => continue,
+                other => panic!("the session ended without a close frame: {other:?}"),
+            }
+        }
+    })
+    .await
+    .expect("told within 20 s")
+    .expect("a close code");
+    assert_eq!(u16::from(close.code), 1001, "{close:?}");
+    assert!(close.reason.starts_with("resync retry_ms="), "{close:?}");
+    link.set(State::Open);
+    // Back, the gateway serves again; a session opened now is kept.
+    let (mut ws, _) = connect(c.gateway(0), "alice").await;
+    let pong = call(&mut ws, json!({"op":"ping"})).await;
+    assert_eq!(pong["type"], "pong");
+}
+
+#[tokio::test]
+async fn a_partition_shorter_than_most_of_the_lease_leaves_sessions_alone() {
+    let (c, link) = cluster().await;
+    let (mut ws, _) = connect(c.gateway(0), "bob").await;
+    let ack = call(&mut ws, json!({"op":"subscribe","channel":"room:q"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    // Let a keepalive be acknowledged, then 3 s of silence (well under 4/5 of 10 s).
+    link.set(State::Blackhole);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    link.set(State::Open);
+    // Past the point where a lapse would have been noticed, the session still answers.
+    for _ in 0..4 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let pong = call(&mut ws, json!({"op":"ping"})).await;
+        assert_eq!(pong["type"], "pong", "the session was closed: {pong}");
+    }
+}
