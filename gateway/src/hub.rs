@@ -165,6 +165,10 @@ struct ChannelState {
     /// here yet (the log is read ahead of the delivery stream): live frames up to
     /// their floor are not sent to them again. Emptied as the live stream passes.
     floors: Vec<(u64, u64)>,
+    /// Cluster: the live position (seq, epoch) this channel had here when its last
+    /// subscriber left, less than [`LEFT_KEPT`] before this entry was made: a subscribe
+    /// starts after it. Only positions use it: it proves no route (that is `seq`).
+    left: Option<(u64, Arc<str>)>,
 }
 
 impl ChannelState {
@@ -453,9 +457,7 @@ impl Hub {
         if let Some((seq, epoch, at)) = self.left.lock().remove(channel)
             && at.elapsed() < LEFT_KEPT
         {
-            let mut st = ch.state.lock();
-            st.seq = seq;
-            st.epoch = Some(epoch);
+            ch.state.lock().left = Some((seq, epoch));
         }
         ch
     }
@@ -482,7 +484,10 @@ impl Hub {
         let position = if self.standalone {
             Position { seq: self.last_seq.load(Ordering::Relaxed), epoch: self.epoch.clone() }
         } else {
-            Position { seq: st.seq, epoch: st.epoch.clone().unwrap_or_else(|| Arc::from("")) }
+            match (&st.epoch, &st.left) {
+                (None, Some((seq, epoch))) => Position { seq: *seq, epoch: epoch.clone() },
+                _ => Position { seq: st.seq, epoch: st.epoch.clone().unwrap_or_else(|| Arc::from("")) },
+            }
         };
         if recovering {
             st.recovering.push(Recovery {
@@ -601,8 +606,12 @@ impl Hub {
         if st.idle() {
             self.forget(&st);
             shard.remove(channel);
-            if let (false, Some(epoch)) = (self.standalone, st.epoch.clone()) {
-                self.remember_left(channel, st.seq, epoch);
+            let last = match (&st.epoch, &st.left) {
+                (Some(epoch), _) => Some((st.seq, epoch.clone())),
+                (None, left) => left.clone(),
+            };
+            if let (false, Some((seq, epoch))) = (self.standalone, last) {
+                self.remember_left(channel, seq, epoch);
             }
         }
         drop(shard);
@@ -1211,6 +1220,21 @@ pub(crate) mod tests {
         // Another epoch starts the channel's seqs over.
         assert_eq!(hub.publish_at("c", "m", "x", 3, "k.1", "1", &mut Vec::new()), Some(1));
         assert_eq!(text_of(&ra.try_recv().unwrap())["epoch"], "k.1");
+    }
+
+    #[test]
+    fn a_channel_subscribed_again_soon_starts_after_its_last_frame_but_still_proves_its_route() {
+        let hub = Hub::new(vec![], 1000);
+        let (a, _ra) = session(&hub, 1, "a", 64);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe(&a, &ch);
+        hub.publish_at("c", "m", "x", 20, "k.0", "1", &mut Vec::new());
+        assert!(hub.unsubscribe(1, &a.user, "c"));
+        // The last subscriber left: the route here may be withdrawn. Subscribing again
+        // within LEFT_KEPT starts after 20 (not shown again), yet waits for the route.
+        let position = hub.subscribe_recovering(&a, &ch).expect("subscribed again");
+        assert_eq!((position.seq, &*position.epoch), (20, "k.0"));
+        assert!(matches!(hub.finish_recovery(1, "c", (20, Some("k.0")), false, false), Finish::Wait(_)));
     }
 
     #[test]
