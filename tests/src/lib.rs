@@ -4,12 +4,15 @@
 //!   implementation, not our framing code), tokens, HTTP and metrics helpers;
 //! - [`cluster`]: the real binaries as child processes on free loopback ports,
 //!   torn down on drop: `Cluster::builder().presence(1).kafka().bridges(2).gateways(3).start().await`;
+//! - [`backbone`]: the backbones (Kafka, NATS, Redis), their servers for tests, and
+//!   [`per_backbone!`] (one test body, a test per backbone);
 //! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path;
 //! - [`tls`]: a throw-away PKI for mutual-TLS tests;
 //! - [`resume`]: an independent client that resumes with `since` across gateways, recording what it is shown;
 //! - [`monitoring`]: docs/metrics.md tables, Prometheus text and PromQL taken apart for the monitoring tests.
 #![allow(missing_debug_implementations)]
 
+pub mod backbone;
 pub mod cluster;
 pub mod kafka;
 pub mod monitoring;
