@@ -52,6 +52,46 @@ fn id_from(b: &[u8]) -> Option<[u8; 16]> {
     Some(id)
 }
 
+/// A KV bucket, its stream created here when missing: async-nats's own `create_key_value`
+/// first asks for the account info in a form nats-server 2.9 does not answer.
+async fn bucket(
+    js: &jetstream::Context,
+    bucket: String,
+    max_age: Duration,
+    replicas: usize,
+    create: bool,
+) -> Result<kv::Store, String> {
+    if let Ok(kv) = js.get_key_value(&bucket).await {
+        return Ok(kv);
+    }
+    if !create {
+        return Err(format!("nats: bucket {bucket} is missing (start with --create-topics)"));
+    }
+    let config = stream::Config {
+        name: format!("KV_{bucket}"),
+        subjects: vec![format!("$KV.{bucket}.>")],
+        max_messages_per_subject: 1,
+        allow_rollup: true,
+        deny_delete: true,
+        allow_direct: true,
+        discard: stream::DiscardPolicy::New,
+        max_age,
+        storage: stream::StorageType::File,
+        num_replicas: replicas,
+        max_bytes: -1,
+        max_messages: -1,
+        max_message_size: -1,
+        ..Default::default()
+    };
+    if let Err(e) = js.create_stream(config).await {
+        // Another bridge may have created it meanwhile.
+        if js.get_key_value(&bucket).await.is_err() {
+            return Err(format!("nats: create bucket {bucket}: {e}"));
+        }
+    }
+    js.get_key_value(&bucket).await.map_err(|e| format!("nats: bucket {bucket}: {e}"))
+}
+
 impl NatsLog {
     /// Connects, creates the buckets (and, with `--create-topics`, the streams) when missing.
     pub async fn connect(url: &str, cli: &Cli) -> Result<Self, String> {
@@ -66,29 +106,9 @@ impl NatsLog {
             .map_err(|e| format!("nats {url}: {e}"))?;
         let js = jetstream::new(client);
         let name = safe_name(&cli.topic);
-        let bucket = |bucket: String, max_age: Duration, history: i64| kv::Config {
-            bucket,
-            history,
-            max_age,
-            storage: stream::StorageType::File,
-            num_replicas: cli.replication.max(1) as usize,
-            ..Default::default()
-        };
-        let meta = match js.get_key_value(format!("{name}_bridge")).await {
-            Ok(kv) => kv,
-            Err(_) if cli.create_topics => js
-                .create_key_value(bucket(format!("{name}_bridge"), Duration::ZERO, 1))
-                .await
-                .map_err(|e| format!("nats: create bucket {name}_bridge: {e}"))?,
-            Err(e) => return Err(format!("nats: bucket {name}_bridge: {e} (start with --create-topics)")),
-        };
-        let members = match js.get_key_value(format!("{name}_members")).await {
-            Ok(kv) => kv,
-            Err(_) => js
-                .create_key_value(bucket(format!("{name}_members"), cli.lease, 1))
-                .await
-                .map_err(|e| format!("nats: create bucket {name}_members: {e}"))?,
-        };
+        let replicas = cli.replication.max(1) as usize;
+        let meta = bucket(&js, format!("{name}_bridge"), Duration::ZERO, replicas, cli.create_topics).await?;
+        let members = bucket(&js, format!("{name}_members"), cli.lease, replicas, true).await?;
         let mut log = Self {
             js,
             topic: cli.topic.clone(),
@@ -123,7 +143,9 @@ impl NatsLog {
                         .await
                         .map_err(|e| format!("nats: create stream {}: {e}", log.stream(p)))?;
                 }
-                Err(e) => return Err(format!("nats: stream {}: {e} (start with --create-topics)", log.stream(p))),
+                Err(_) => {
+                    return Err(format!("nats: stream {} is missing (start with --create-topics)", log.stream(p)));
+                }
             }
         }
         Ok(log)
@@ -199,7 +221,12 @@ impl NatsLog {
             })
             .await
             .map_err(text)?;
-        Ok(Reader { messages: consumer.messages().await.map_err(text)? })
+        Ok(Reader {
+            messages: consumer.messages().await.map_err(text)?,
+            js: self.js.clone(),
+            stream: self.stream(p),
+            next: from.max(0),
+        })
     }
 
     pub async fn scan(&self, p: i32, from: i64, to: i64, mut c: Collector) -> Result<Collector, String> {
@@ -278,6 +305,10 @@ impl NatsLog {
 /// An ordered consumer of one partition.
 pub struct Reader {
     messages: consumer::pull::Ordered,
+    js: jetstream::Context,
+    stream: String,
+    /// The next offset expected.
+    next: i64,
 }
 
 impl std::fmt::Debug for Reader {
@@ -287,10 +318,25 @@ impl std::fmt::Debug for Reader {
 }
 
 impl Reader {
-    /// The next records (at least one), in offset order.
+    /// The next records (none after a second without any), in offset order. A consumer
+    /// that delivers nothing for a second while the stream holds more (it did not come
+    /// back after the server restarted) is an error: the caller opens a new one.
     pub async fn next(&mut self) -> Result<Vec<(i64, Bytes)>, String> {
-        let m = self.messages.next().await.ok_or("nats: the consumer ended")?.map_err(text)?;
-        let seq = m.info().map_err(text)?.stream_sequence;
-        Ok(vec![(seq as i64 - 1, m.message.payload.clone())])
+        match tokio::time::timeout(Duration::from_secs(1), self.messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                let seq = m.info().map_err(text)?.stream_sequence;
+                self.next = seq as i64;
+                Ok(vec![(seq as i64 - 1, m.message.payload.clone())])
+            }
+            Ok(Some(Err(e))) => Err(text(e)),
+            Ok(None) => Err("nats: the consumer ended".into()),
+            Err(_) => {
+                let s = self.js.get_stream(&self.stream).await.map_err(text)?;
+                if s.cached_info().state.last_sequence as i64 > self.next {
+                    return Err("nats: the consumer stalled".into());
+                }
+                Ok(Vec::new())
+            }
+        }
     }
 }
