@@ -129,6 +129,27 @@ impl Drop for Proc {
     }
 }
 
+/// Waits (at most 60 s) until `p` answers `/readyz` on its admin port with 200.
+fn wait_ready(p: &Proc) {
+    use std::io::{Read, Write};
+    let admin = p.addr("admin");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).is_ok_and(|mut s| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut head = [0u8; 12];
+            s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").is_ok()
+                && s.read_exact(&mut head).is_ok()
+                && head.ends_with(b"200")
+        });
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} never became ready", p.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Builder for a [`Cluster`].
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
@@ -277,7 +298,11 @@ impl Cluster {
         ];
         args.extend(self.builder.bridge_args.iter().cloned());
         args.extend(self.token_args());
-        self.bridges.push(Proc::spawn(&format!("br{i}"), "broker-bridge", &args));
+        let bridge = Proc::spawn(&format!("br{i}"), "broker-bridge", &args);
+        // It binds before it reaches its backbone: wait until it serves, so that a gateway
+        // started next finds it (a subscribe asks it for the channel's position).
+        wait_ready(&bridge);
+        self.bridges.push(bridge);
         i
     }
 
