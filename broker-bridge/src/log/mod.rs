@@ -67,7 +67,7 @@ impl Backbone {
         }
     }
 
-    /// The letter epochs of this backbone start with (`k`, `n`, `r`; `g` for Kafka without topic ids).
+    /// The backbone's name (logs).
     pub fn name(&self) -> &'static str {
         match self {
             Self::Kafka(_) => "kafka",
@@ -162,8 +162,8 @@ impl Log {
     pub async fn scan(&self, partition: i32, from: i64, to: i64, c: Collector) -> Result<Collector, Status> {
         match self {
             Self::Kafka { readers, .. } => readers.scan(partition, from, to, c).await,
-            Self::Nats(n) => n.scan(partition, from, to, c).await.map_err(unavailable),
-            Self::Redis(r) => r.scan(partition, from, to, c).await.map_err(unavailable),
+            Self::Nats(n) => n.reads.run(n.scan(partition, from, to, c)).await,
+            Self::Redis(r) => r.reads.run(r.scan(partition, from, to, c)).await,
         }
     }
 
@@ -208,6 +208,46 @@ impl Log {
     }
 }
 
+/// Bounds History reads from a NATS or Redis log as Kafka's `Readers` do: at most
+/// [`CONCURRENT_READS`](crate::history::CONCURRENT_READS) at once and
+/// [`QUEUED_READS`](crate::history::QUEUED_READS) waiting; beyond that, UNAVAILABLE at once.
+#[derive(Debug)]
+pub struct Reads {
+    slots: tokio::sync::Semaphore,
+    waiting: std::sync::atomic::AtomicUsize,
+}
+
+impl Default for Reads {
+    fn default() -> Self {
+        Self {
+            slots: tokio::sync::Semaphore::new(crate::history::CONCURRENT_READS),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+}
+
+impl Reads {
+    async fn run<T>(&self, read: impl std::future::Future<Output = Result<T, String>>) -> Result<T, Status> {
+        use std::sync::atomic::Ordering;
+        /// Counts a caller waiting for a slot, also when its future is dropped while waiting.
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let waiting = Waiting(&self.waiting);
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= crate::history::QUEUED_READS {
+            return Err(Status::unavailable("history: too many reads in progress; retry in 1 s"));
+        }
+        let permit = self.slots.acquire().await.map_err(|e| unavailable(e.to_string()))?;
+        drop(waiting);
+        let out = read.await.map_err(unavailable);
+        drop(permit);
+        out
+    }
+}
+
 fn unavailable(e: String) -> Status {
     Status::unavailable(format!("history: {e}"))
 }
@@ -222,7 +262,7 @@ pub fn safe_name(topic: &str) -> String {
     topic.chars().map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' }).collect()
 }
 
-/// Milliseconds a wait may take before the caller gets an error (never zero).
+/// A wait for the backbone, at least 100 ms (a zero timeout would refuse everything).
 pub fn bounded(d: Duration) -> Duration {
     d.max(Duration::from_millis(100))
 }

@@ -31,6 +31,8 @@ pub struct NatsLog {
     members: kv::Store,
     id: [u8; 16],
     read_timeout: Duration,
+    /// History reads running and waiting.
+    pub reads: super::Reads,
 }
 
 impl std::fmt::Debug for NatsLog {
@@ -118,6 +120,7 @@ impl NatsLog {
             members,
             id: [0; 16],
             read_timeout: crate::history::READ_TIMEOUT,
+            reads: super::Reads::default(),
         };
         let (partitions, id) = log.ensure_meta(cli.partitions).await?;
         log.partitions = partitions;

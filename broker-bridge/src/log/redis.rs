@@ -58,6 +58,8 @@ pub struct RedisLog {
     append: redis::Script,
     cas: redis::Script,
     beat: redis::Script,
+    /// History reads running and waiting.
+    pub reads: super::Reads,
 }
 
 impl std::fmt::Debug for RedisLog {
@@ -116,6 +118,7 @@ impl RedisLog {
             append: redis::Script::new(APPEND),
             cas: redis::Script::new(CAS),
             beat: redis::Script::new(BEAT),
+            reads: super::Reads::default(),
         };
         let (partitions, _) = log.ensure_meta(cli.partitions, cli.create_topics).await?;
         log.partitions = partitions;
