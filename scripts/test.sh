@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh Debian 12 machine with Rust:
-# installs what the tests need (Chromium, Node packages, tansu, Prometheus,
+# installs what the tests need (Chromium, Node packages, tansu, nats-server, redis-server, Prometheus,
 # manifest validators, grpcio, cargo-nextest; Python 2.7 for Autobahn|Testsuite, unpacked into target/),
 # then checks formatting and lints and runs every test.
 set -euo pipefail
@@ -19,6 +19,9 @@ command -v promtool >/dev/null || missing+=(prometheus)
 command -v make >/dev/null || missing+=(make)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
+# The other backbones' servers: the cluster tests start their own per test (JetStream, Redis Streams).
+command -v nats-server >/dev/null || missing+=(nats-server)
+command -v redis-server >/dev/null || missing+=(redis-server)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root apt-get update -qq

@@ -1,6 +1,6 @@
-//! `bench cluster`: end-to-end latency and bridge throughput through Kafka.
+//! `bench cluster`: end-to-end latency and bridge throughput through the backbone.
 //!
-//! Starts tansu (behind the harness proxy), presence, one broker-bridge and three
+//! Starts the backbone (`--backbone`: tansu, nats-server or redis-server, behind the harness proxy), presence, one broker-bridge and three
 //! gateways (release binaries next to this one), puts subscribers on one channel
 //! spread over the gateways, publishes through the bridge's Push API with a send
 //! timestamp, and measures at each subscriber: latency, lost, duplicated.
@@ -44,15 +44,20 @@ pub(crate) async fn run(
     concurrency: usize,
     kafka_options: Vec<String>,
     brokers: Option<String>,
+    backbone: &str,
 ) -> anyhow::Result<()> {
+    use switchboard_tests::backbone::Backbone;
     let bridge_args: Vec<String> =
         kafka_options.iter().flat_map(|o| ["--kafka-option".to_owned(), o.clone()]).collect();
     let bridge_args: Vec<&str> = bridge_args.iter().map(String::as_str).collect();
     let builder = Cluster::builder().bridge_args(&bridge_args);
-    let builder = match &brokers {
-        Some(b) => builder.external_kafka(b),
-        None => builder.kafka(),
+    let builder = match (backbone, &brokers) {
+        ("nats", _) => builder.backbone(Backbone::Nats),
+        ("redis", _) => builder.backbone(Backbone::Redis),
+        (_, Some(b)) => builder.external_kafka(b),
+        (_, None) => builder.kafka(),
     };
+    println!("backbone: {backbone}");
     let c = builder
         .gateway_args(&["--publish-rate", "1000000", "--publish-burst", "1000000", "--send-queue", "65536"])
         .presence(1)

@@ -82,7 +82,7 @@ enum Scenario {
         #[arg(long)]
         cluster: bool,
     },
-    /// Cluster: tansu + presence + 1 bridge + 3 gateways; publish-to-socket latency at
+    /// Cluster: a backbone + presence + 1 bridge + 3 gateways; publish-to-socket latency at
     /// set rates, then the publish rate one bridge sustains.
     Cluster {
         /// Subscribers per gateway (all on one channel).
@@ -103,6 +103,10 @@ enum Scenario {
         /// A Kafka to use instead of starting tansu (e.g. `bench mock-kafka`'s bootstrap).
         #[arg(long)]
         brokers: Option<String>,
+        /// The backbone the bridge runs on: kafka (tansu, or `--brokers`), nats (a
+        /// nats-server with JetStream) or redis (a redis-server with the AOF on).
+        #[arg(long, default_value = "kafka", value_parser = ["kafka", "nats", "redis"])]
+        backbone: String,
     },
     /// A bounded soak: steady load with connection churn; RSS slope, open files, tasks.
     Soak {
@@ -473,8 +477,23 @@ fn main() -> anyhow::Result<()> {
                 std::thread::park();
             }
         }
-        Scenario::Cluster { subscribers_per_gateway, rates, seconds, concurrency, kafka_options, brokers } => rt
-            .block_on(cluster_bench::run(subscribers_per_gateway, rates, seconds, concurrency, kafka_options, brokers)),
+        Scenario::Cluster {
+            subscribers_per_gateway,
+            rates,
+            seconds,
+            concurrency,
+            kafka_options,
+            brokers,
+            backbone,
+        } => rt.block_on(cluster_bench::run(
+            subscribers_per_gateway,
+            rates,
+            seconds,
+            concurrency,
+            kafka_options,
+            brokers,
+            &backbone,
+        )),
         Scenario::Presence { connections, nodes, presence_bin, concurrency, batch, seconds } => {
             rt.block_on(presence_bench::run(connections, nodes, presence_bin, concurrency, batch, seconds))
         }

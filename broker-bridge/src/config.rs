@@ -16,6 +16,20 @@ pub struct Cli {
     /// This bridge's id (in message ids and logs). Default: hostname-pid.
     #[arg(long, env = "SWITCHBOARD_BRIDGE_ID")]
     pub bridge_id: Option<String>,
+    /// The backbone: `kafka://host:port,...`, `nats://host:port` (JetStream) or
+    /// `redis://host:port[/db]` (Streams). Without it: Kafka at `--brokers`.
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_BACKBONE")]
+    pub backbone: Option<String>,
+    /// NATS and Redis: how long a bridge's partition lease lasts without renewal (a dead
+    /// bridge's partitions are taken over after it; Kafka uses its consumer group instead).
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_LEASE", value_parser = parse_duration, default_value = "10s")]
+    pub lease: Duration,
+    /// Redis: entries kept per partition stream (`XADD MAXLEN ~`).
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_STREAM_MAX_LEN", default_value = "1000000")]
+    pub stream_max_len: u64,
+    /// NATS: bytes kept per partition stream (-1: no limit; `--retention` bounds the age).
+    #[arg(long, env = "SWITCHBOARD_BRIDGE_STREAM_MAX_BYTES", default_value = "-1", allow_hyphen_values = true)]
+    pub stream_max_bytes: i64,
     /// Kafka bootstrap servers.
     #[arg(long, env = "SWITCHBOARD_BRIDGE_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
@@ -28,13 +42,13 @@ pub struct Cli {
     /// Create the topic at start if it is missing.
     #[arg(long, env = "SWITCHBOARD_BRIDGE_CREATE_TOPICS", default_value = "true", action = clap::ArgAction::Set)]
     pub create_topics: bool,
-    /// Partitions of a created topic.
+    /// Partitions of a created topic (NATS, Redis: of a created log; then fixed).
     #[arg(long, env = "SWITCHBOARD_BRIDGE_PARTITIONS", default_value = "12")]
     pub partitions: i32,
-    /// Replication factor of a created topic.
+    /// Replication factor of a created topic (NATS: stream and bucket replicas).
     #[arg(long, env = "SWITCHBOARD_BRIDGE_REPLICATION", default_value = "1")]
     pub replication: i32,
-    /// Retention of a created topic.
+    /// Retention of a created topic (NATS: stream max age).
     #[arg(long, env = "SWITCHBOARD_BRIDGE_RETENTION", value_parser = parse_duration, default_value = "1h")]
     pub retention: Duration,
     /// Extra librdkafka settings, `key=value`, repeatable (e.g. fetch.wait.max.ms=10).

@@ -11,11 +11,13 @@ use proto::bridge::v1::{Envelope, envelope};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::message::Message as _;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::deliver::{Completer, Item, Links};
 use crate::epoch::Epochs;
 use crate::hot::HotWindows;
+use crate::log::Record;
 use crate::metrics as m;
 use crate::offsets::{Continuity as Gap, Gaps, Tracker};
 use crate::route::Routes;
@@ -105,10 +107,46 @@ impl Continuity {
     }
 }
 
+/// Where consumed records come from: Kafka's consumer group, or the readers of the
+/// partitions this bridge holds leases for (NATS, Redis; `log::leased`).
+pub enum Source {
+    Kafka(Arc<StreamConsumer<Ctx>>),
+    Leased(mpsc::Receiver<Record>),
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Kafka(_) => "Source::Kafka",
+            Self::Leased(_) => "Source::Leased",
+        })
+    }
+}
+
+/// One consumed record: partition, offset, the lease generation it was read under
+/// (leased sources), and its decoded envelope.
+type Received = (i32, i64, Option<u64>, Option<Result<Envelope, prost::DecodeError>>);
+
+impl Source {
+    async fn recv(&mut self) -> Result<Received, String> {
+        match self {
+            Self::Kafka(consumer) => consumer
+                .recv()
+                .await
+                .map(|msg| (msg.partition(), msg.offset(), None, msg.payload().map(Envelope::decode)))
+                .map_err(|e| format!("kafka consume error: {e}")),
+            Self::Leased(rx) => match rx.recv().await {
+                Some(r) => Ok((r.partition, r.offset, Some(r.generation), Some(Envelope::decode(r.payload)))),
+                None => std::future::pending().await,
+            },
+        }
+    }
+}
+
 /// The consume loop; returns when `stop` is cancelled.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    consumer: Arc<StreamConsumer<Ctx>>,
+    mut source: Source,
     topic: String,
     routes: Arc<Routes>,
     links: Arc<Links>,
@@ -129,25 +167,40 @@ pub async fn run(
         }
         let received = tokio::select! {
             () = stop.cancelled() => return,
-            m = consumer.recv() => m.map(|msg| (msg.partition(), msg.offset(), msg.payload().map(Envelope::decode))),
+            m = source.recv() => m,
         };
-        let (partition, offset, decoded) = match received {
+        let (partition, offset, leased, decoded) = match received {
             Ok(r) => r,
             Err(e) => {
-                tracing::warn!(error = %e, "kafka consume error");
+                tracing::warn!(error = %e, "consume error");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
+        let generation = completer.tracker.lock().generation(partition);
+        if let Some(read_under) = leased {
+            // Read under a lease since lost or taken again: its reader is stopped.
+            if generation != Some(read_under) {
+                continue;
+            }
+        }
         metrics::counter!(m::CONSUMED).increment(1);
-        let generation = completer.tracker.lock().generation(partition).unwrap_or(0);
-        match gaps.check(partition, generation, offset, std::time::Instant::now()) {
+        let generation = generation.unwrap_or(0);
+        // A leased reader reads one partition in order from one position: no holes to re-fetch.
+        let check = if leased.is_some() {
+            Gap::Accept
+        } else {
+            gaps.check(partition, generation, offset, std::time::Instant::now())
+        };
+        match check {
             Gap::Accept => {}
             Gap::Skip => continue,
             Gap::Refetch(from) => {
                 tracing::warn!(partition, offset, from, "records missing before this offset; fetching again");
                 metrics::counter!(m::OFFSET_GAPS, "outcome" => "refetched").increment(1);
-                if let Err(e) = consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(1)) {
+                if let Source::Kafka(consumer) = &source
+                    && let Err(e) = consumer.seek(&topic, partition, Offset::Offset(from), Duration::from_secs(1))
+                {
                     tracing::warn!(partition, error = %e, "seek for a re-fetch failed");
                 }
                 continue;

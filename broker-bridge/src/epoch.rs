@@ -69,6 +69,8 @@ pub enum Incarnation {
     TopicId([u8; 16]),
     /// The broker reports no topic id: a generation marker (see docs/design.md).
     Generation(String),
+    /// A leased backbone's log id (created with the log): `n` NATS JetStream, `r` Redis Streams.
+    Log(char, [u8; 16]),
 }
 
 /// The epochs of one topic's partitions.
@@ -88,6 +90,7 @@ impl Epochs {
         let prefix = match &incarnation {
             Incarnation::TopicId(id) => format!("k{}", topic_id_string(*id)),
             Incarnation::Generation(g) => format!("g{g}"),
+            Incarnation::Log(letter, id) => format!("{letter}{}", topic_id_string(*id)),
         };
         let names = (0..partitions.max(0)).map(|p| std::sync::Arc::from(format!("{prefix}.{p}"))).collect();
         Self { incarnation, partitions, names }

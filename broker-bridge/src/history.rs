@@ -333,7 +333,8 @@ fn gone(e: &KafkaError) -> bool {
 pub struct History {
     pub hot: Arc<Mutex<HotWindows>>,
     pub epochs: Arc<RwLock<Epochs>>,
-    pub readers: Arc<Readers>,
+    /// The backbone's log (reads and watermarks).
+    pub log: Arc<crate::log::Log>,
     pub max_scan: u64,
 }
 
@@ -371,12 +372,12 @@ impl History {
             }
         }
         if position_only {
-            let high = self.readers.recent_high(partition).await.inspect_err(|_| count("log", "error"))?;
+            let high = self.log.recent_high(partition).await.inspect_err(|_| count("log", "error"))?;
             count("log", "ok");
             let position = pb::Position { seq: high.max(0) as u64, epoch: epoch.to_string() };
             return Ok(pb::HistoryResponse { position: Some(position), ..Default::default() });
         }
-        let (low, high) = match self.readers.watermarks(partition).await {
+        let (low, high) = match self.log.watermarks(partition).await {
             Ok(w) => w,
             Err(e) => {
                 count("log", "error");
@@ -399,7 +400,7 @@ impl History {
                 (from, to, Collector::newest(channel, limit.min(rule.max_messages), cutoff))
             }
         };
-        let c = match self.readers.scan(partition, from, to, collector).await {
+        let c = match self.log.scan(partition, from, to, collector).await {
             Ok(c) => c,
             Err(e) => {
                 count("log", if e.message().contains("too many reads") { "busy" } else { "error" });
@@ -448,35 +449,50 @@ pub fn discover(readers: &Readers, topic: &str) -> Result<(i32, Option<[u8; 16]>
 
 /// The epochs from a discovery; `current` keeps its incarnation when the id is unknown now.
 pub fn epochs_from(partitions: i32, id: Option<[u8; 16]>, generation: &str, current: Option<&Epochs>) -> Epochs {
-    match (id, current) {
-        (Some(id), _) => Epochs::from_topic_id(id, partitions, || generation.to_owned()),
+    let incarnation = id.map(|id| {
+        if id == [0; 16] {
+            crate::epoch::Incarnation::Generation(generation.to_owned())
+        } else {
+            crate::epoch::Incarnation::TopicId(id)
+        }
+    });
+    epochs_of(partitions, incarnation, generation, current)
+}
+
+/// The epochs for what the log reported: its identity when it has one, else the one
+/// known (a failed look-up changes nothing), else the generation.
+pub fn epochs_of(
+    partitions: i32,
+    incarnation: Option<crate::epoch::Incarnation>,
+    generation: &str,
+    current: Option<&Epochs>,
+) -> Epochs {
+    match (incarnation, current) {
+        (Some(i), _) => Epochs::new(i, partitions),
         (None, Some(c)) => Epochs::new(c.incarnation.clone(), partitions),
         (None, None) => Epochs::new(crate::epoch::Incarnation::Generation(generation.to_owned()), partitions),
     }
 }
 
-/// Asks again every 30 s; a changed topic id or partition count changes the epochs
-/// and drops the hot windows (their positions belong to the old epochs).
+/// Looks at the log's partitions and identity every 30 s (every second while unknown);
+/// new epochs (a re-created or re-partitioned log) drop the hot windows.
 pub async fn refresh_epochs(
-    readers: Arc<Readers>,
+    log: Arc<crate::log::Log>,
     epochs: Arc<RwLock<Epochs>>,
     hot: Arc<Mutex<HotWindows>>,
-    topic: String,
     generation: String,
     stop: tokio_util::sync::CancellationToken,
 ) {
     loop {
-        // Every 30 s; every second while the partitions are not known yet.
         let period = if epochs.read().partitions < 1 { Duration::from_secs(1) } else { Duration::from_secs(30) };
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(period) => {}
         }
-        let (r, t) = (readers.clone(), topic.clone());
-        let Ok(Ok((partitions, id))) = tokio::task::spawn_blocking(move || discover(&r, &t)).await else { continue };
-        let next = epochs_from(partitions, id, &generation, Some(&epochs.read()));
+        let Ok((partitions, incarnation)) = log.discover(&generation).await else { continue };
+        let next = epochs_of(partitions, incarnation, &generation, Some(&epochs.read()));
         if *epochs.read() != next {
-            tracing::warn!(?next, "the topic's epochs changed (re-created or re-partitioned); history windows dropped");
+            tracing::warn!(?next, "the log's epochs changed (re-created or re-partitioned); history windows dropped");
             *epochs.write() = next;
             hot.lock().clear();
         }

@@ -90,6 +90,33 @@ impl Producer {
 }
 
 /// Errors after which an idempotent producer cannot be used again.
+impl Producer {
+    /// Produces one record to `topic` keyed `key`; its offset once Kafka acknowledged it.
+    pub async fn append(
+        &self,
+        topic: &str,
+        key: &str,
+        payload: &[u8],
+        timeout: Duration,
+    ) -> Result<i64, crate::log::AppendError> {
+        use crate::log::AppendError;
+        let record = FutureRecord::to(topic).key(key).payload(payload);
+        let (generation, producer) = self.get();
+        // librdkafka bounds the wait with message.timeout.ms; the outer timeout is a safety net.
+        let sent = tokio::time::timeout(timeout + Duration::from_secs(1), producer.send(record, timeout)).await;
+        if let Ok(Err((e, _))) = &sent
+            && is_fatal(e, &producer)
+        {
+            self.recreate(generation);
+        }
+        match sent {
+            Ok(Ok(delivery)) => Ok(delivery.offset),
+            Ok(Err((e, _))) => Err(AppendError::Failed("kafka", e.to_string())),
+            Err(_) => Err(AppendError::TimedOut("kafka")),
+        }
+    }
+}
+
 fn is_fatal(e: &rdkafka::error::KafkaError, producer: &FutureProducer) -> bool {
     use rdkafka::error::RDKafkaErrorCode as C;
     use rdkafka::producer::Producer as _;
@@ -109,7 +136,8 @@ fn is_fatal(e: &rdkafka::error::KafkaError, producer: &FutureProducer) -> bool {
 /// The Push service over Kafka.
 #[derive(Clone)]
 pub struct PushIngest {
-    pub producer: Arc<Producer>,
+    /// The backbone's log (appends).
+    pub log: Arc<crate::log::Log>,
     pub topic: String,
     pub ids: Arc<Ids>,
     pub produce_timeout: Duration,
@@ -185,42 +213,23 @@ impl PushIngest {
             Some(envelope::Target::User(_)) => "user",
             _ => "broadcast",
         };
+        let dedup = env.idempotent.then(|| env.id.clone());
         let payload = env.encode_to_vec();
-        let record = FutureRecord::to(&self.topic).key(&key).payload(&payload);
         let started = Instant::now();
-        let (generation, producer) = self.producer.get();
-        // librdkafka bounds the wait with message.timeout.ms; the outer timeout is a safety net.
-        let sent = tokio::time::timeout(
-            self.produce_timeout + Duration::from_secs(1),
-            producer.send(record, self.produce_timeout),
-        )
-        .await;
-        if let Ok(Err((e, _))) = &sent
-            && is_fatal(e, &producer)
-        {
-            self.producer.recreate(generation);
-        }
-        match sent {
-            Ok(Ok(delivery)) => {
+        match self.log.append(&key, payload, dedup.as_deref(), self.produce_timeout).await {
+            Ok(offset) => {
                 metrics::histogram!(m::PRODUCE_DURATION).record(started.elapsed().as_secs_f64());
                 metrics::counter!(m::PRODUCED, "target" => kind).increment(1);
                 count(method, "ok");
-                Ok((id, delivery.offset))
+                Ok((id, offset))
             }
-            Ok(Err((e, _))) => {
+            Err(e) => {
                 metrics::counter!(m::PRODUCE_ERRORS).increment(1);
                 count(method, "unavailable");
-                tracing::warn!(error = %e, "kafka did not acknowledge a message");
+                tracing::warn!(error = %e, "the backbone did not acknowledge a message");
                 Err(Status::unavailable(format!(
-                    "kafka did not acknowledge the message ({e}); it may have been stored: retry with the same idempotency_key"
+                    "{e}; the message may have been stored: retry with the same idempotency_key"
                 )))
-            }
-            Err(_) => {
-                metrics::counter!(m::PRODUCE_ERRORS).increment(1);
-                count(method, "unavailable");
-                Err(Status::unavailable(
-                    "kafka did not answer in time; the message may have been stored: retry with the same idempotency_key",
-                ))
             }
         }
     }

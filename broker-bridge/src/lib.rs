@@ -1,5 +1,8 @@
-//! broker-bridge: the only Kafka client in Switchboard.
+//! broker-bridge: the only client of the backbone (Kafka, NATS JetStream or Redis
+//! Streams) in Switchboard.
 //!
+//! - [`log`]: the seam between the bridge and its backbone (append, read, commit,
+//!   identity), and the partition leases of the backbones without a consumer group;
 //! - [`ingest`] (publish): the Push API; ids, Kafka produce, ack after storage;
 //! - [`consume`] (consume): the consumer group loop, commits after acknowledgement;
 //! - [`route`] (route): the presence-fed routing cache;
@@ -17,6 +20,7 @@ pub mod history;
 pub mod hot;
 pub mod ingest;
 pub mod kafka;
+pub mod log;
 pub mod metrics;
 pub mod offsets;
 pub mod route;

@@ -15,6 +15,14 @@ fn main() {
         );
         std::process::exit(kit::EXIT_CONFIG);
     }
+    if let Err(e) = broker_bridge::log::Backbone::parse(cli.backbone.as_deref(), &cli.brokers) {
+        eprintln!("broker-bridge: {e}");
+        std::process::exit(kit::EXIT_CONFIG);
+    }
+    if cli.lease < std::time::Duration::from_millis(500) {
+        eprintln!("broker-bridge: --lease must be at least 500ms");
+        std::process::exit(kit::EXIT_CONFIG);
+    }
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(r) => r,
         Err(e) => {

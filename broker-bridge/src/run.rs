@@ -18,6 +18,8 @@ use crate::deliver::{Completer, Links};
 use crate::history::{self, History, Readers};
 use crate::hot::HotWindows;
 use crate::ingest::{Ids, Producer, PushIngest};
+use crate::log::leased::Leases;
+use crate::log::{Backbone, Log};
 use crate::offsets::Tracker;
 use crate::route::{self, Routes};
 use crate::{kafka, metrics as m};
@@ -25,7 +27,7 @@ use crate::{kafka, metrics as m};
 /// Why the bridge could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    #[error("kafka configuration: {0}")]
+    #[error("configuration: {0}")]
     Config(String),
     #[error("kafka: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
@@ -63,40 +65,56 @@ pub async fn run(
         stop_admin.clone(),
     ));
 
-    if cli.create_topics {
-        kafka::ensure_topic(&cli).await.map_err(RunError::Config)?;
+    let backbone = Backbone::parse(cli.backbone.as_deref(), &cli.brokers).map_err(RunError::Config)?;
+    let mut cli = cli;
+    if let Backbone::Kafka(brokers) = &backbone {
+        cli.brokers = brokers.clone();
     }
-    let producer = Arc::new(Producer::new(kafka::producer_config(&cli).map_err(RunError::Config)?)?);
     let tracker = Arc::new(Mutex::new(Tracker::default()));
     // History: the hot windows the consumer feeds, the epochs it stamps, the log readers.
     let hot = Arc::new(Mutex::new(HotWindows::new(kit::history::Rules::new(cli.history.clone()), cli.history_memory)));
     metrics::gauge!(m::HISTORY_BUDGET).set(cli.history_memory as f64);
-    let readers = Arc::new(Readers::new(kafka::reader_config(&cli).map_err(RunError::Config)?, &cli.topic)?);
+    let (log, source, kafka_consumer, leased_tx) = match &backbone {
+        Backbone::Kafka(_) => {
+            if cli.create_topics {
+                kafka::ensure_topic(&cli).await.map_err(RunError::Config)?;
+            }
+            let producer = Arc::new(Producer::new(kafka::producer_config(&cli).map_err(RunError::Config)?)?);
+            let readers = Arc::new(Readers::new(kafka::reader_config(&cli).map_err(RunError::Config)?, &cli.topic)?);
+            let ctx = Ctx { tracker: tracker.clone(), hot: hot.clone(), topic: cli.topic.clone() };
+            let consumer: Arc<StreamConsumer<Ctx>> =
+                Arc::new(kafka::consumer_config(&cli).map_err(RunError::Config)?.create_with_context(ctx)?);
+            consumer.subscribe(&[&cli.topic])?;
+            let log = Log::Kafka { producer, readers, topic: cli.topic.clone() };
+            (log, consume::Source::Kafka(consumer.clone()), Some(consumer), None)
+        }
+        other => {
+            let log = Log::connect(other, &cli).await.map_err(RunError::Config)?;
+            let (tx, rx) = tokio::sync::mpsc::channel(4096);
+            (log, consume::Source::Leased(rx), None, Some(tx))
+        }
+    };
+    let log = Arc::new(log);
     let epochs = {
         // A few tries; without an answer the bridge starts anyway (History is UNAVAILABLE
         // and deliveries carry no epoch until `refresh_epochs` learns the partitions).
         let mut found = None;
         for _ in 0..10 {
-            let (r, t) = (readers.clone(), cli.topic.clone());
-            match tokio::task::spawn_blocking(move || history::discover(&r, &t)).await {
-                Ok(Ok(d)) => {
+            match log.discover(&cli.topic_generation).await {
+                Ok(d) => {
                     found = Some(d);
                     break;
                 }
-                Ok(Err(e)) => tracing::warn!(error = %e, "topic metadata not available yet"),
-                Err(e) => tracing::warn!(error = %e, "topic discovery failed"),
+                Err(e) => tracing::warn!(error = %e, "log metadata not available yet"),
             }
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let (partitions, id) = found.unwrap_or((0, None));
-        let e = history::epochs_from(partitions, id, &cli.topic_generation, None);
+        let (partitions, incarnation) = found.unwrap_or((0, None));
+        let e = history::epochs_of(partitions, incarnation, &cli.topic_generation, None);
         tracing::info!(epochs = ?e, "history epochs");
         Arc::new(parking_lot::RwLock::new(e))
     };
-    let ctx = Ctx { tracker: tracker.clone(), hot: hot.clone(), topic: cli.topic.clone() };
-    let consumer: Arc<StreamConsumer<Ctx>> =
-        Arc::new(kafka::consumer_config(&cli).map_err(RunError::Config)?.create_with_context(ctx)?);
-    consumer.subscribe(&[&cli.topic])?;
+    let bridge_id = cli.bridge_id.clone().unwrap_or_else(default_id);
 
     let stop = CancellationToken::new();
     let routes = Arc::new(Routes::default());
@@ -130,7 +148,7 @@ pub async fn run(
     };
     let consume_stop = CancellationToken::new();
     let consumer_task = tokio::spawn(consume::run(
-        consumer.clone(),
+        source,
         cli.topic.clone(),
         routes,
         links,
@@ -140,15 +158,34 @@ pub async fn run(
         consume_stop.clone(),
     ));
     let epochs_task = tokio::spawn(history::refresh_epochs(
-        readers.clone(),
+        log.clone(),
         epochs.clone(),
         hot.clone(),
-        cli.topic.clone(),
         cli.topic_generation.clone(),
         stop.clone(),
     ));
-    let commit_task = tokio::spawn(consume::commit_loop(consumer.clone(), tracker, cli.topic.clone(), stop.clone()));
-    let lag_task = tokio::spawn(consume::lag_loop(consumer.clone(), cli.topic.clone(), stop.clone()));
+    // Commits: to the consumer group (Kafka), or in the partitions' leases (NATS, Redis).
+    let commit_task = match (&kafka_consumer, leased_tx) {
+        (Some(consumer), _) => {
+            tokio::spawn(consume::commit_loop(consumer.clone(), tracker, cli.topic.clone(), stop.clone()))
+        }
+        (None, Some(records)) => {
+            let leases = Leases {
+                log: log.clone(),
+                me: bridge_id.clone(),
+                lease: cli.lease,
+                tracker,
+                hot: hot.clone(),
+                records,
+            };
+            tokio::spawn(leases.run(stop.clone()))
+        }
+        (None, None) => tokio::spawn(async {}),
+    };
+    let lag_task = match &kafka_consumer {
+        Some(consumer) => tokio::spawn(consume::lag_loop(consumer.clone(), cli.topic.clone(), stop.clone())),
+        None => tokio::spawn(async {}),
+    };
 
     let mut presence = Vec::new();
     for addr in &cli.presence_addrs {
@@ -156,9 +193,9 @@ pub async fn run(
         presence.push(PresenceClient::new(bearer.channel(ep.connect_timeout(Duration::from_secs(2)).connect_lazy())));
     }
     let ingest = PushIngest {
-        producer,
+        log: log.clone(),
         topic: cli.topic.clone(),
-        ids: Arc::new(Ids::new(&cli.bridge_id.clone().unwrap_or_else(default_id))),
+        ids: Arc::new(Ids::new(&bridge_id)),
         produce_timeout: cli.produce_timeout,
         max_message_bytes: cli.max_message_bytes,
         presence,
@@ -166,13 +203,13 @@ pub async fn run(
             crate::ingest::IDEMPOTENCY_WINDOW,
             crate::ingest::IDEMPOTENCY_KEYS,
         )),
-        history: Some(Arc::new(History { hot, epochs, readers, max_scan: cli.history_max_scan })),
+        history: Some(Arc::new(History { hot, epochs, log, max_scan: cli.history_max_scan })),
     };
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<PushServer<PushIngest>>().await;
     let (r1, r1a) = proto::reflection();
     readiness.set(true);
-    tracing::info!(topic = %cli.topic, group = %cli.group, "broker-bridge ready");
+    tracing::info!(backbone = backbone.name(), topic = %cli.topic, group = %cli.group, "broker-bridge ready");
     let serve_stop = shutdown.clone();
     let mut server = tonic::transport::Server::builder();
     if let Some(tls) = tls {
@@ -202,7 +239,9 @@ pub async fn run(
     let _ = tokio::join!(watch, lag_task, epochs_task);
     node_changes.abort();
     sampler.abort();
-    consumer.unsubscribe();
+    if let Some(consumer) = kafka_consumer {
+        consumer.unsubscribe();
+    }
     stop_admin.cancel();
     let _ = admin_task.await;
     served.map_err(RunError::Serve)

@@ -62,10 +62,16 @@ fn bridge(bootstrap: &str, extra: &[&str]) -> Bridge {
     let hot = Arc::new(Mutex::new(HotWindows::new(kit::history::Rules::new(cli.history.clone()), cli.history_memory)));
     let epochs = Arc::new(RwLock::new(epochs()));
     let readers = Arc::new(Readers::new(kafka::reader_config(&cli).unwrap(), TOPIC).unwrap());
-    let history =
-        Arc::new(History { hot: hot.clone(), epochs: epochs.clone(), readers, max_scan: cli.history_max_scan });
+    let producer = Arc::new(Producer::new(kafka::producer_config(&cli).unwrap()).unwrap());
+    let log = Arc::new(broker_bridge::log::Log::Kafka { producer, readers, topic: TOPIC.into() });
+    let history = Arc::new(History {
+        hot: hot.clone(),
+        epochs: epochs.clone(),
+        log: log.clone(),
+        max_scan: cli.history_max_scan,
+    });
     let ingest = PushIngest {
-        producer: Arc::new(Producer::new(kafka::producer_config(&cli).unwrap()).unwrap()),
+        log,
         topic: TOPIC.into(),
         ids: Arc::new(Ids::new("h")),
         produce_timeout: Duration::from_secs(5),
@@ -96,7 +102,7 @@ impl Bridge {
             kit::grpc::Bearer::new(None).unwrap(),
         ));
         tokio::spawn(consume::run(
-            consumer,
+            consume::Source::Kafka(consumer),
             TOPIC.into(),
             Arc::new(Routes::default()),
             links,

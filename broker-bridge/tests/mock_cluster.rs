@@ -36,8 +36,10 @@ fn ingest(bootstrap: &str, timeout: &str) -> PushIngest {
         timeout,
     ])
     .unwrap();
+    let producer = Arc::new(Producer::new(kafka::producer_config(&cli).unwrap()).unwrap());
+    let readers = Arc::new(broker_bridge::history::Readers::new(kafka::reader_config(&cli).unwrap(), TOPIC).unwrap());
     PushIngest {
-        producer: Arc::new(Producer::new(kafka::producer_config(&cli).unwrap()).unwrap()),
+        log: Arc::new(broker_bridge::log::Log::Kafka { producer, readers, topic: TOPIC.into() }),
         topic: TOPIC.into(),
         ids: Arc::new(Ids::new("mock")),
         produce_timeout: cli.produce_timeout,

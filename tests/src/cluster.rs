@@ -144,12 +144,35 @@ impl Drop for Proc {
     }
 }
 
+/// Waits (at most 60 s) until `p` answers `/readyz` on its admin port with 200.
+fn wait_ready(p: &Proc) {
+    use std::io::{Read, Write};
+    let admin = p.addr("admin");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let ok = std::net::TcpStream::connect_timeout(&admin, Duration::from_secs(1)).is_ok_and(|mut s| {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut head = [0u8; 12];
+            s.write_all(b"GET /readyz HTTP/1.0\r\nHost: x\r\n\r\n").is_ok()
+                && s.read_exact(&mut head).is_ok()
+                && head.ends_with(b"200")
+        });
+        if ok {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{} never became ready", p.name);
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 /// Builder for a [`Cluster`].
 #[derive(Debug, Clone)]
 pub struct ClusterBuilder {
     presence: usize,
     gateways: usize,
     kafka: bool,
+    /// The bridges' backbone (Kafka unless `.backbone(..)`).
+    backbone: crate::backbone::Backbone,
     /// A broker started elsewhere (e.g. `bench mock-kafka`), used instead of tansu.
     external_kafka: Option<String>,
     bridges: usize,
@@ -168,6 +191,8 @@ pub struct Cluster {
     pub bridges: Vec<Proc>,
     pub gateways: Vec<Proc>,
     pub broker: Option<crate::kafka::Broker>,
+    /// The NATS or Redis server of a cluster on that backbone.
+    pub server: Option<crate::backbone::Server>,
     /// Topic and consumer group of this cluster (unique per cluster: tansu cannot delete topics).
     pub topic: String,
     builder: ClusterBuilder,
@@ -179,6 +204,7 @@ impl Cluster {
             presence: 1,
             gateways: 2,
             kafka: false,
+            backbone: crate::backbone::Backbone::Kafka,
             external_kafka: None,
             bridges: 0,
             bridge_args: Vec::new(),
@@ -187,6 +213,16 @@ impl Cluster {
             gateway_args: Vec::new(),
             internal_token: None,
             tls: None,
+        }
+    }
+
+    /// The proxy in front of the backbone (tansu, nats-server or redis-server): cut it to
+    /// make the backbone unreachable.
+    pub fn backbone_proxy(&self) -> &crate::kafka::Proxy {
+        match (&self.broker, &self.server) {
+            (Some(b), _) => &b.proxy,
+            (None, Some(s)) => &s.proxy,
+            (None, None) => panic!("this cluster has no backbone"),
         }
     }
 
@@ -253,10 +289,11 @@ impl Cluster {
     /// Starts one more broker-bridge with extra flags (later flags win) and returns its index.
     pub fn start_bridge_with(&mut self, extra: &[String]) -> usize {
         let i = self.bridges.len();
-        let bootstrap = match (&self.builder.external_kafka, &self.broker) {
-            (Some(b), _) => b.clone(),
-            (None, Some(broker)) => broker.bootstrap(),
-            (None, None) => panic!("bridges need .kafka() or .external_kafka()"),
+        let (flag, bootstrap) = match (&self.builder.external_kafka, &self.broker, &self.server) {
+            (_, _, Some(server)) => ("--backbone", server.url()),
+            (Some(b), _, _) => ("--brokers", b.clone()),
+            (None, Some(broker), _) => ("--brokers", broker.bootstrap()),
+            (None, None, None) => panic!("bridges need .kafka(), .backbone(..) or .external_kafka()"),
         };
         let urls: Vec<String> = (0..self.presence_ports.len()).map(|p| self.presence_url(p)).collect();
         let mut args: Vec<String> = vec![
@@ -266,7 +303,7 @@ impl Cluster {
             "127.0.0.1:0".into(),
             "--bridge-id".into(),
             format!("br{i}"),
-            "--brokers".into(),
+            flag.into(),
             bootstrap,
             "--topic".into(),
             self.topic.clone(),
@@ -282,7 +319,11 @@ impl Cluster {
         args.extend(self.builder.bridge_args.iter().cloned());
         args.extend(self.token_args());
         args.extend(extra.iter().cloned());
-        self.bridges.push(Proc::spawn(&format!("br{i}"), "broker-bridge", &args));
+        let bridge = Proc::spawn(&format!("br{i}"), "broker-bridge", &args);
+        // It binds before it reaches its backbone: wait until it serves, so that a gateway
+        // started next finds it (a subscribe asks it for the channel's position).
+        wait_ready(&bridge);
+        self.bridges.push(bridge);
         i
     }
 
@@ -357,6 +398,13 @@ impl ClusterBuilder {
         self.kafka = true;
         self
     }
+    /// Run the bridges on `backbone`: tansu for Kafka, else a nats-server or redis-server of
+    /// this cluster's own.
+    pub fn backbone(mut self, backbone: crate::backbone::Backbone) -> Self {
+        self.backbone = backbone;
+        self.kafka = backbone == crate::backbone::Backbone::Kafka;
+        self
+    }
     /// Use a broker already running at `bootstrap` instead of starting tansu.
     pub fn external_kafka(mut self, bootstrap: &str) -> Self {
         self.external_kafka = Some(bootstrap.to_owned());
@@ -386,6 +434,10 @@ impl ClusterBuilder {
         let presence_ports = (0..self.presence).map(|_| free_port()).collect();
         let (gateways, bridges) = (self.gateways, self.bridges);
         let broker = if self.kafka { Some(crate::kafka::Broker::start().await) } else { None };
+        let server = match self.backbone {
+            crate::backbone::Backbone::Kafka => None,
+            other => Some(crate::backbone::Server::start(other).await),
+        };
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let topic = format!(
             "sb.test.{}.{}.{nanos}",
@@ -398,6 +450,7 @@ impl ClusterBuilder {
             bridges: Vec::new(),
             gateways: Vec::new(),
             broker,
+            server,
             topic,
             builder: self,
         };

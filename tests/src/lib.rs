@@ -6,6 +6,8 @@
 //! - [`checker`]: the history checker of the chaos runs (what a workload did and saw, judged against the promises);
 //! - [`cluster`]: the real binaries as child processes on free loopback ports,
 //!   torn down on drop: `Cluster::builder().presence(1).kafka().bridges(2).gateways(3).start().await`;
+//! - [`backbone`]: the backbones (Kafka, NATS, Redis), their servers for tests, and
+//!   [`per_backbone!`] (one test body, a test per backbone);
 //! - [`link`]: a TCP link between two services that can be cut, black-holed (a partition) or slowed;
 //! - [`netns`]: a network namespace with a veth pair whose packets can all be dropped (a partition);
 //! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path;
@@ -14,6 +16,7 @@
 //! - [`monitoring`]: docs/metrics.md tables, Prometheus text and PromQL taken apart for the monitoring tests.
 #![allow(missing_debug_implementations)]
 
+pub mod backbone;
 pub mod chaos;
 pub mod checker;
 pub mod cluster;

@@ -1,5 +1,7 @@
-//! End to end through Kafka: tansu, presence, broker-bridges and three gateways
-//! as real processes, driven by WebSocket clients and a gRPC "internal service".
+//! End to end through the backbone: presence, broker-bridges and three gateways as
+//! real processes, driven by WebSocket clients and a gRPC "internal service". Every
+//! test runs on each backbone (tansu for Kafka, nats-server, redis-server): a module
+//! per test with the tests `kafka`, `nats` and `redis` (`per_backbone!`).
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -10,7 +12,9 @@ use futures_util::future::join_all;
 use proto::push::v1 as pb;
 use proto::push::v1::push_client::PushClient;
 use serde_json::{Value, json};
+use switchboard_tests::backbone::Backbone;
 use switchboard_tests::cluster::Cluster;
+use switchboard_tests::per_backbone;
 use switchboard_tests::ws::*;
 use tokio::sync::Mutex;
 use tonic::transport::Channel;
@@ -61,9 +65,8 @@ fn order(msgs: &[Value]) -> Vec<(String, u64)> {
     msgs.iter().map(|m| (m["id"].as_str().unwrap().to_owned(), m["seq"].as_u64().unwrap())).collect()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn three_gateways_one_channel_same_order_for_everyone() {
-    let c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(1).gateways(3).start().await;
+async fn three_gateways_one_channel_same_order_for_everyone(backbone: Backbone) {
+    let c = Cluster::builder().gateway_args(FAST).presence(1).backbone(backbone).bridges(1).gateways(3).start().await;
     let mut subs = Vec::new();
     for g in 0..3 {
         for k in 0..2 {
@@ -114,9 +117,8 @@ async fn three_gateways_one_channel_same_order_for_everyone() {
     assert_eq!(acked, reference.into_iter().collect::<HashSet<_>>(), "acks carry the delivered id and seq");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn direct_messages_and_pushes_reach_the_right_sockets() {
-    let c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(1).gateways(3).start().await;
+async fn direct_messages_and_pushes_reach_the_right_sockets(backbone: Backbone) {
+    let c = Cluster::builder().gateway_args(FAST).presence(1).backbone(backbone).bridges(1).gateways(3).start().await;
     let (mut bob0, _) = connect(c.gateway(0), "bob").await;
     let (mut bob2, _) = connect(c.gateway(2), "bob").await;
     let (mut carol, _) = connect(c.gateway(1), "carol").await;
@@ -237,9 +239,9 @@ async fn collect_until(ws: &mut Ws, want: &HashSet<String>, stop: Arc<Mutex<bool
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn clients_of_a_killed_gateway_reconnect_elsewhere_and_get_later_messages() {
-    let mut c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(1).gateways(3).start().await;
+async fn clients_of_a_killed_gateway_reconnect_elsewhere_and_get_later_messages(backbone: Backbone) {
+    let mut c =
+        Cluster::builder().gateway_args(FAST).presence(1).backbone(backbone).bridges(1).gateways(3).start().await;
     let addrs: Vec<SocketAddr> = (0..3).map(|g| c.gateway(g)).collect();
     let mut victim = subscribed(addrs[1], "victim", "news").await;
     let (mut publisher, _) = connect(addrs[0], "pub").await;
@@ -287,12 +289,11 @@ fn rand_factor(attempt: usize) -> f64 {
     0.5 + ((attempt * 7919) % 1000) as f64 / 1000.0
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn broker_unreachable_gives_retryable_errors_then_recovers_without_loss() {
+async fn broker_unreachable_gives_retryable_errors_then_recovers_without_loss(backbone: Backbone) {
     let c = Cluster::builder()
         .gateway_args(FAST)
         .presence(1)
-        .kafka()
+        .backbone(backbone)
         .bridges(1)
         .bridge_args(&["--produce-timeout", "2s"])
         .gateways(1)
@@ -307,8 +308,8 @@ async fn broker_unreachable_gives_retryable_errors_then_recovers_without_loss() 
         assert_eq!(a["type"], "ack", "{a}");
         acked.insert(a["id"].as_str().unwrap().into(), n);
     }
-    let broker = c.broker.as_ref().unwrap();
-    broker.proxy.cut();
+    let proxy = c.backbone_proxy();
+    proxy.cut();
     let started = tokio::time::Instant::now();
     let e = call(&mut publisher, json!({"op":"publish","channel":"feed","data":{"during":"cut"}})).await;
     assert_eq!((e["type"].as_str(), e["code"].as_str()), (Some("error"), Some("unavailable")), "{e}");
@@ -316,7 +317,7 @@ async fn broker_unreachable_gives_retryable_errors_then_recovers_without_loss() 
     // The bridge got it and Kafka did not answer: it may be stored, and the client is told.
     assert_eq!(e["ambiguous"], true, "{e}");
     assert!(started.elapsed() < Duration::from_secs(10), "error took {:?}", started.elapsed());
-    broker.proxy.restore();
+    proxy.restore();
     // Publishes succeed again once the path is back.
     let deadline = tokio::time::Instant::now() + LONG;
     let mut n = 100;
@@ -335,9 +336,8 @@ async fn broker_unreachable_gives_retryable_errors_then_recovers_without_loss() 
     collect_until(&mut sub, &want, Arc::new(Mutex::new(true))).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_gateway_tells_its_clients_to_reconnect_and_they_catch_up_elsewhere() {
-    let c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(1).gateways(2).start().await;
+async fn a_frozen_gateway_tells_its_clients_to_reconnect_and_they_catch_up_elsewhere(backbone: Backbone) {
+    let c = Cluster::builder().gateway_args(FAST).presence(1).backbone(backbone).bridges(1).gateways(2).start().await;
     let mut victim = subscribed(c.gateway(1), "victim", "news").await;
     let (mut publisher, _) = connect(c.gateway(0), "pub").await;
     settle(&mut publisher, &mut [&mut victim], "news").await;
@@ -373,9 +373,8 @@ async fn a_frozen_gateway_tells_its_clients_to_reconnect_and_they_catch_up_elsew
     settle(&mut publisher, &mut [&mut again], "news").await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_idempotency_key_retried_on_another_bridge_is_shown_once() {
-    let c = Cluster::builder().gateway_args(FAST).presence(1).kafka().bridges(2).gateways(2).start().await;
+async fn an_idempotency_key_retried_on_another_bridge_is_shown_once(backbone: Backbone) {
+    let c = Cluster::builder().gateway_args(FAST).presence(1).backbone(backbone).bridges(2).gateways(2).start().await;
     let mut subs = [subscribed(c.gateway(0), "s0", "orders").await, subscribed(c.gateway(1), "s1", "orders").await];
     {
         let (mut p, _) = connect(c.gateway(0), "warm").await;
@@ -434,3 +433,12 @@ async fn an_idempotency_key_retried_on_another_bridge_is_shown_once() {
         assert_eq!(m["id"].as_str(), Some(marker.id.as_str()), "{m}");
     }
 }
+
+per_backbone!(
+    three_gateways_one_channel_same_order_for_everyone,
+    direct_messages_and_pushes_reach_the_right_sockets,
+    clients_of_a_killed_gateway_reconnect_elsewhere_and_get_later_messages,
+    broker_unreachable_gives_retryable_errors_then_recovers_without_loss,
+    a_frozen_gateway_tells_its_clients_to_reconnect_and_they_catch_up_elsewhere,
+    an_idempotency_key_retried_on_another_bridge_is_shown_once,
+);

@@ -2,7 +2,7 @@
 //! gateways): clients resume with `since` on whichever gateway they reach and must
 //! be shown every acknowledged message of their channels exactly once, in channel
 //! order, with no gap: through a rolling deploy of every gateway, and after a kill -9
-//! of the gateway a client is on, mid-burst.
+//! of the gateway a client is on, mid-burst (that one on every backbone).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -11,15 +11,17 @@ use std::time::Duration;
 use proto::push::v1 as pb;
 use proto::push::v1::push_client::PushClient;
 use serde_json::json;
+use switchboard_tests::backbone::Backbone;
 use switchboard_tests::cluster::{Cluster, free_port};
+use switchboard_tests::per_backbone;
 use switchboard_tests::resume::{self, Record};
 use switchboard_tests::ws::*;
 use tokio_util::sync::CancellationToken;
 
 /// A cluster whose three gateways listen on fixed ports, so a restarted gateway is
 /// found where it was.
-async fn cluster() -> (Cluster, Vec<SocketAddr>) {
-    let mut c = Cluster::builder().kafka().bridges(1).gateways(0).start().await;
+async fn cluster(backbone: Backbone) -> (Cluster, Vec<SocketAddr>) {
+    let mut c = Cluster::builder().backbone(backbone).bridges(1).gateways(0).start().await;
     let mut addrs = Vec::new();
     for _ in 0..3 {
         let port = free_port();
@@ -215,7 +217,7 @@ fn all_caught_up(clients: &[Client], acked: &Acked) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolling_deploy_of_every_gateway_loses_nothing_and_shows_nothing_twice() {
-    let (mut c, addrs) = cluster().await;
+    let (mut c, addrs) = cluster(Backbone::Kafka).await;
     let channels: Vec<String> = (0..3).map(|i| format!("room:deploy{i}")).collect();
     // 30 clients: 6 Chromium pages and 6 Node clients running switchboard.js, 18 independent ones.
     let mut js = JsClients::start(&addrs, &channels, 6, 6).await;
@@ -268,9 +270,9 @@ async fn a_rolling_deploy_of_every_gateway_loses_nothing_and_shows_nothing_twice
     assert!(faults.is_empty(), "{faults:#?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_a_clients_gateway_mid_burst_is_recovered_on_another() {
-    let (mut c, addrs) = cluster().await;
+/// On every backbone (`per_backbone!`): recovery reads the backbone's log.
+async fn kill_9_of_a_clients_gateway_mid_burst_is_recovered_on_another(backbone: Backbone) {
+    let (mut c, addrs) = cluster(backbone).await;
     let channel = "room:burst".to_owned();
     let stop_clients = CancellationToken::new();
     let ready = Arc::new(tokio::sync::Notify::new());
@@ -310,3 +312,5 @@ async fn kill_9_of_a_clients_gateway_mid_burst_is_recovered_on_another() {
     let faults = verdict(&clients, &acked);
     assert!(faults.is_empty(), "{faults:#?}");
 }
+
+per_backbone!(kill_9_of_a_clients_gateway_mid_burst_is_recovered_on_another);

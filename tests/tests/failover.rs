@@ -5,7 +5,8 @@
 //! must get every acknowledged message exactly once, in seq order: the burst is
 //! paced by what their sessions absorb, not refused with 4002. Publishes carry
 //! idempotency keys and one that fails on the dying bridge is retried on the other.
-//! Ten runs, each on a fresh cluster.
+//! Ten runs on Kafka, each on a fresh cluster; two on NATS JetStream and two on Redis
+//! Streams, where the partition moves when the dead bridge's lease expires.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -16,12 +17,15 @@ use futures_util::StreamExt;
 use proto::push::v1 as pb;
 use proto::push::v1::push_client::PushClient;
 use serde_json::{Value, json};
+use switchboard_tests::backbone::Backbone;
 use switchboard_tests::cluster::Cluster;
 use switchboard_tests::ws::*;
 use tokio_tungstenite::tungstenite::Message;
 
 const CHANNEL: &str = "ticker";
 const RUNS: usize = 10;
+/// Runs on each leased backbone (NATS, Redis).
+const LEASED_RUNS: usize = 2;
 const PER_RUN: usize = 3000;
 const PUBLISHERS: usize = 3;
 
@@ -133,8 +137,8 @@ async fn probe(c: &Cluster, bridge: usize, seen: &[Arc<Mutex<Seen>>], k: usize) 
 /// One run of the scenario on a fresh cluster: subscribers, load, kill -9 of the
 /// partition's owner, then every acknowledged message must reach every subscriber
 /// exactly once, in order. Returns how many were acknowledged.
-async fn one_failover(run: usize) -> usize {
-    let mut c = Cluster::builder().presence(1).kafka().bridges(2).gateways(3).start().await;
+async fn one_failover(run: usize, backbone: Backbone) -> usize {
+    let mut c = Cluster::builder().presence(1).backbone(backbone).bridges(2).gateways(3).start().await;
     let mut seen = Vec::new();
     let mut readers = Vec::new();
     for g in 0..3 {
@@ -237,11 +241,28 @@ async fn one_failover(run: usize) -> usize {
     want.len()
 }
 
+/// `runs` failovers in a row on `backbone`, each on a fresh cluster.
+async fn failovers(backbone: Backbone, runs: usize) {
+    let mut acked = 0;
+    for run in 0..runs {
+        acked += one_failover(run, backbone).await;
+    }
+    assert!(acked >= runs * PER_RUN / 2, "{acked} acknowledged in all");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killing_the_partition_owner_loses_nothing_at_default_send_queues_ten_times() {
-    let mut acked = 0;
-    for run in 0..RUNS {
-        acked += one_failover(run).await;
-    }
-    assert!(acked >= RUNS * PER_RUN / 2, "{acked} acknowledged in all");
+    failovers(Backbone::Kafka, RUNS).await;
+}
+
+/// NATS and Redis: the survivor takes the partition when the dead bridge's lease
+/// expires (10 s unrenewed), not through a consumer group. Two runs each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_partition_owner_loses_nothing_on_nats_jetstream() {
+    failovers(Backbone::Nats, LEASED_RUNS).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_partition_owner_loses_nothing_on_redis_streams() {
+    failovers(Backbone::Redis, LEASED_RUNS).await;
 }
