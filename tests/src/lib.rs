@@ -6,11 +6,13 @@
 //!   torn down on drop: `Cluster::builder().presence(1).kafka().bridges(2).gateways(3).start().await`;
 //! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path;
 //! - [`tls`]: a throw-away PKI for mutual-TLS tests;
+//! - [`http`]: plain HTTP/1.1 requests and a Server-Sent Events reader for the fallback transports;
 //! - [`resume`]: an independent client that resumes with `since` across gateways, recording what it is shown;
 //! - [`monitoring`]: docs/metrics.md tables, Prometheus text and PromQL taken apart for the monitoring tests.
 #![allow(missing_debug_implementations)]
 
 pub mod cluster;
+pub mod http;
 pub mod kafka;
 pub mod monitoring;
 pub mod resume;
