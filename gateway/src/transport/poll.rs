@@ -148,8 +148,11 @@ pub(crate) async fn poll(
                     }
                     let json = Bytes::copy_from_slice(super::sse::payload(&frame));
                     cursor.observe(&json);
-                    answer |= news(&json);
-                    events.push(json);
+                    // A complete recovery's ack says nothing the answer does not show.
+                    if news(&json) {
+                        answer = true;
+                        events.push(json);
+                    }
                 }
                 if events.len() >= POLL_MAX_EVENTS {
                     break "events";
@@ -166,7 +169,9 @@ pub(crate) async fn poll(
         if frame.first().map(|b| b & 0x0f) == Some(0x1) {
             let json = Bytes::copy_from_slice(super::sse::payload(&frame));
             cursor.observe(&json);
-            events.push(json);
+            if news(&json) {
+                events.push(json);
+            }
         }
     }
     cleanup.done = true;
