@@ -103,6 +103,10 @@ pub struct Cli {
     /// closed as a slow consumer (4002).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_SLOW_CONSUMER_TIMEOUT", value_parser = parse_duration, default_value = "5s")]
     pub slow_consumer_timeout: Duration,
+    /// Longest a long-poll (`GET /poll`) waits for a message before it is answered
+    /// empty; a poll's `timeout_ms` may ask for less.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_POLL_TIMEOUT", value_parser = parse_duration, default_value = "25s")]
+    pub poll_timeout: Duration,
     /// Channel patterns whose subscribers get join/leave events (comma-separated).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_PRESENCE_CHANNELS", value_delimiter = ',', default_value = "room:*")]
     pub presence_channels: Vec<String>,

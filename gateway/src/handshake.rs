@@ -1,5 +1,6 @@
-//! Handshake: route the HTTP request, and for `/ws` decide before the upgrade
-//! (drain, connection cap, upgrade headers, Origin, token), then upgrade.
+//! Handshake: route the HTTP request (`/ws`, `/sse`, `/poll`, `/command`, the demo
+//! page), and for `/ws` decide before the upgrade (drain, connection cap, upgrade
+//! headers, Origin, token), then upgrade.
 //! One mapping from [`HandshakeError`] to an HTTP status.
 
 use std::sync::Arc;
@@ -8,7 +9,7 @@ use std::sync::atomic::Ordering;
 use base64::Engine;
 use bytes::Bytes;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use sha1::{Digest, Sha1};
@@ -17,8 +18,9 @@ use tokio::net::TcpStream;
 use crate::auth::{AuthError, Identity, valid_anonymous_name};
 use crate::demo;
 use crate::metrics as m;
-use crate::server::{NoSlot, Server, SessionSlot};
+use crate::server::{Conn, NoSlot, Server, SessionSlot};
 use crate::session::{self, Mode};
+use crate::transport::{self, http::Body};
 
 /// Subprotocol a browser offers alongside `bearer.<jwt>`.
 pub const SUBPROTOCOL: &str = "switchboard.v1";
@@ -64,7 +66,7 @@ impl HandshakeError {
         }
     }
 
-    fn into_response(self) -> Response<Full<Bytes>> {
+    pub(crate) fn into_response(self) -> Response<Full<Bytes>> {
         metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => self.label()).increment(1);
         let mut resp = text(self.status(), format!("{self}\n"));
         if matches!(self, Self::Full | Self::Draining | Self::PerIp) {
@@ -83,15 +85,24 @@ fn text(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 /// Serves one HTTP request on the client port.
-pub async fn handle(server: Arc<Server>, req: Request<Incoming>, peer: std::net::IpAddr) -> Response<Full<Bytes>> {
+pub async fn handle(
+    server: Arc<Server>,
+    req: Request<Incoming>,
+    peer: std::net::IpAddr,
+    conn: &Arc<Conn>,
+) -> Response<Body> {
+    let boxed = |r: Response<Full<Bytes>>| r.map(|b| b.boxed_unsync());
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/ws") => {
-            upgrade(server, req, peer, Mode::Protocol).unwrap_or_else(HandshakeError::into_response)
+            boxed(upgrade(server, req, peer, Mode::Protocol).unwrap_or_else(HandshakeError::into_response))
         }
         (&Method::GET, "/echo") if server.echo_route => {
-            upgrade(server, req, peer, Mode::Echo).unwrap_or_else(HandshakeError::into_response)
+            boxed(upgrade(server, req, peer, Mode::Echo).unwrap_or_else(HandshakeError::into_response))
         }
-        (&Method::GET, path) => demo::asset(path).map_or_else(
+        (&Method::GET, "/sse") => transport::sse::open(server, req, peer, conn),
+        (&Method::GET | &Method::POST, "/poll") => transport::poll::poll(server, req, peer, conn).await,
+        (&Method::POST, "/command") => transport::http::command(server, req).await,
+        (&Method::GET, path) => boxed(demo::asset(path).map_or_else(
             || text(StatusCode::NOT_FOUND, "not found\n"),
             |(ct, body)| {
                 let mut resp = Response::new(Full::new(Bytes::from_static(body)));
@@ -99,8 +110,8 @@ pub async fn handle(server: Arc<Server>, req: Request<Incoming>, peer: std::net:
                 resp.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
                 resp
             },
-        ),
-        _ => text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n"),
+        )),
+        _ => boxed(text(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n")),
     }
 }
 
@@ -127,7 +138,7 @@ fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<std::borrow:
     })
 }
 
-fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
     if !s.contains(['%', '+']) {
         return s.into();
     }
@@ -151,6 +162,30 @@ fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned().into()
+}
+
+/// The token of a plain HTTP request (SSE, long-poll, commands): `Authorization:
+/// Bearer`, then the `switchboard_token` cookie, then `?token=`.
+pub(crate) fn http_token(req: &Request<Incoming>) -> Option<String> {
+    let bearer = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")));
+    if let Some(t) = bearer {
+        return Some(t.trim().to_owned());
+    }
+    let cookie = req
+        .headers()
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|c| c.trim().strip_prefix("switchboard_token="));
+    if let Some(t) = cookie {
+        return Some(t.to_owned());
+    }
+    query_param(req, "token").map(|t| t.into_owned())
 }
 
 /// The token, the subprotocol to answer with, from header, subprotocol or query.
@@ -180,7 +215,7 @@ fn find_token(req: &Request<Incoming>) -> (Option<String>, bool) {
 
 /// The identity a request proves; `None`: no token at all, so the session must send
 /// `connect` first (unless the gateway is anonymous). A token present but invalid is a 401.
-fn authenticate(
+pub(crate) fn authenticate(
     server: &Server,
     req: &Request<Incoming>,
     token: Option<String>,
@@ -197,6 +232,21 @@ fn authenticate(
         }
         None => Ok(None),
     }
+}
+
+/// The client's `User-Agent`, at most 128 bytes (presence shows it).
+pub(crate) fn client_info(req: &Request<Incoming>) -> Arc<str> {
+    req.headers()
+        .get(header::USER_AGENT)
+        .and_then(|v| v.to_str().ok())
+        .map_or("", |ua| {
+            let mut end = ua.len().min(128);
+            while !ua.is_char_boundary(end) {
+                end -= 1;
+            }
+            &ua[..end]
+        })
+        .into()
 }
 
 fn upgrade(
@@ -246,18 +296,7 @@ fn upgrade(
         }
     };
 
-    let client_info: Arc<str> = req
-        .headers()
-        .get(header::USER_AGENT)
-        .and_then(|v| v.to_str().ok())
-        .map_or("", |ua| {
-            let mut end = ua.len().min(128);
-            while !ua.is_char_boundary(end) {
-                end -= 1;
-            }
-            &ua[..end]
-        })
-        .into();
+    let client_info = client_info(&req);
     // RFC 7692: the first offer we can honour, or none (answered without the extension).
     // (The answer is ASCII, always a valid header value.)
     let deflate = if server.node.config.permessage_deflate {
@@ -333,7 +372,7 @@ async fn start_session(
     // (usually none) so that buffer is freed now rather than held per session.
     let leftover = Bytes::copy_from_slice(&parts.read_buf);
     drop(parts.read_buf);
-    session::run(
+    crate::transport::ws::run(
         server.node.clone(),
         identity,
         awaiting_connect,

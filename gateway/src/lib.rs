@@ -4,9 +4,11 @@
 //! direct messages, presence queries and the Push API, all in-process. The
 //! message path, one module per stage:
 //!
-//! - [`server`] (accept): listener, connection caps, HTTP/1 with slowloris timeout, drain;
+//! - [`server`] (accept): listener, connection caps, HTTP/1 or HTTP/2 (h2c) with slowloris timeout, drain;
 //! - [`handshake`]: routing, Origin allow-list, JWT auth ([`auth`]), the upgrade;
-//! - [`session`] (ingress/egress): framing rules, commands, limits ([`policy`]), heartbeats;
+//! - [`session`]: the session core (commands, limits ([`policy`]), recovery), whatever the transport;
+//! - [`transport`] (ingress/egress): WebSocket, Server-Sent Events, long-polling: each frames
+//!   and carries what the session produces;
 //! - [`bus`] (publish): the seam where messages leave the session ([`bus::LocalBus`] here);
 //! - [`delivery`] (deliver, cluster mode): messages streamed in by broker-bridge;
 //! - [`hub`] (fanout): sharded channels and users, encode once, bounded queues ([`outbox`]);
@@ -33,6 +35,7 @@ pub mod protocol;
 pub mod push;
 pub mod server;
 pub mod session;
+pub mod transport;
 pub mod wire;
 
 mod run;

@@ -38,6 +38,9 @@ pub const AUTH_REFRESH: &str = "switchboard_gateway_auth_refresh_total";
 pub const CONNECT: &str = "switchboard_gateway_connect_total";
 pub const DEFLATE_SESSIONS: &str = "switchboard_gateway_deflate_sessions_total";
 pub const DEFLATE_FRAMES: &str = "switchboard_gateway_deflate_frames_total";
+pub const TRANSPORT_SESSIONS_ACTIVE: &str = "switchboard_gateway_transport_sessions_active";
+pub const TRANSPORT_SESSIONS_OPENED: &str = "switchboard_gateway_transport_sessions_opened_total";
+pub const POLLS: &str = "switchboard_gateway_polls_total";
 
 /// Histogram buckets, by metric-name suffix (any other histogram gets kit's defaults).
 pub const BUCKETS: &[(&str, &[f64])] = &[
@@ -65,7 +68,12 @@ pub const ERROR_CODES: &[&str] = &[
     "rate_limited",
     "unavailable",
     "unauthorized",
+    "too_big",
+    "unknown_stream",
 ];
+/// How a long-poll ended: with events, empty at its timeout, cut by a drain, or the
+/// client went away.
+pub const POLL_OUTCOMES: &[&str] = &["events", "timeout", "drain", "gone"];
 pub const PUSH_METHODS: &[&str] =
     &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members", "history"];
 pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument"];
@@ -116,6 +124,11 @@ fn register_zeroes() {
     kit::telemetry::zero_counters(COMMAND_ERRORS, "code", ERROR_CODES);
     kit::telemetry::zero_counters(AUTH_REFRESH, "outcome", REFRESH_OUTCOMES);
     kit::telemetry::zero_counters(CONNECT, "outcome", CONNECT_OUTCOMES);
+    kit::telemetry::zero_counters(POLLS, "outcome", POLL_OUTCOMES);
+    for t in crate::transport::Transport::ALL {
+        metrics::counter!(TRANSPORT_SESSIONS_OPENED, "transport" => t.label()).increment(0);
+        metrics::gauge!(TRANSPORT_SESSIONS_ACTIVE, "transport" => t.label()).increment(0.0);
+    }
     for method in PUSH_METHODS {
         for outcome in PUSH_OUTCOMES {
             metrics::counter!(PUSH_REQUESTS, "method" => *method, "outcome" => *outcome).increment(0);
@@ -144,10 +157,16 @@ fn register_zeroes() {
 /// Registers help text and units for every metric, and the zero series.
 pub fn describe() {
     register_zeroes();
-    describe_gauge!(CONNECTIONS_ACTIVE, "WebSocket sessions open now.");
+    describe_gauge!(CONNECTIONS_ACTIVE, "Sessions open now (WebSocket and SSE streams).");
+    describe_gauge!(
+        TRANSPORT_SESSIONS_ACTIVE,
+        "Sessions open now, by transport (websocket, sse, poll: waiting polls)."
+    );
+    describe_counter!(TRANSPORT_SESSIONS_OPENED, "Sessions opened, by transport (poll: every poll request admitted).");
+    describe_counter!(POLLS, "Long-poll requests answered, by outcome.");
     describe_gauge!(CONNECTIONS_LIMIT, "Maximum concurrent sessions (connection cap).");
-    describe_counter!(CONNECTIONS_OPENED, "WebSocket sessions opened.");
-    describe_counter!(CONNECTIONS_CLOSED, "WebSocket sessions closed, by reason.");
+    describe_counter!(CONNECTIONS_OPENED, "Sessions opened (WebSocket and SSE streams).");
+    describe_counter!(CONNECTIONS_CLOSED, "Sessions closed (WebSocket and SSE streams), by reason.");
     describe_counter!(HANDSHAKE_REJECTED, "Upgrade requests refused before the upgrade, by reason.");
     describe_counter!(DEFLATE_SESSIONS, "Upgrades that negotiated permessage-deflate.");
     describe_counter!(DEFLATE_FRAMES, "Frames compressed for permessage-deflate (at most one per publication).");

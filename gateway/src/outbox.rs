@@ -700,7 +700,7 @@ mod tests {
         assert_eq!(rx.recv_many(&mut batch, 8).await, 1);
         corked(async { tx.try_send(b("e")).unwrap() }).await;
         assert_eq!(rx.shared.queue.lock().items.len(), 1, "e waits behind the egress's d");
-        crate::session::try_write_now(rx.shared.queue.lock().socket.as_ref().unwrap(), &mut batch).unwrap();
+        crate::transport::ws::try_write_now(rx.shared.queue.lock().socket.as_ref().unwrap(), &mut batch).unwrap();
         rx.written();
         let mut rest = Vec::new();
         assert_eq!(rx.recv_many(&mut rest, 8).await, 1);
@@ -726,7 +726,7 @@ mod tests {
         let reader = tokio::spawn(async move { read_exactly(&mut client, 16_000 * 1024).await });
         let mut batch = Vec::new();
         while rx.take(&mut batch, usize::MAX) > 0 {
-            while !crate::session::try_write_now(&server, &mut batch).unwrap() {
+            while !crate::transport::ws::try_write_now(&server, &mut batch).unwrap() {
                 server.writable().await.unwrap();
             }
         }
@@ -776,7 +776,7 @@ mod tests {
             let reader = tokio::spawn(async move { read_exactly(&mut client, total).await });
             let mut batch = Vec::new();
             while rx.take(&mut batch, 64) > 0 {
-                while !crate::session::try_write_now(&server, &mut batch).unwrap() {
+                while !crate::transport::ws::try_write_now(&server, &mut batch).unwrap() {
                     server.writable().await.unwrap();
                 }
             }

@@ -165,6 +165,12 @@ impl TokenBucket {
         let missing = 1.0 - self.tokens;
         RateDecision::Refuse { retry_after: Duration::from_secs_f64(missing / self.rate_per_sec) }
     }
+
+    /// Refilled to its burst by `now`, nothing refused since: the same as a new bucket.
+    pub fn is_full(&self, now: Instant) -> bool {
+        let elapsed = now.saturating_duration_since(self.last).as_secs_f64();
+        self.tokens + elapsed * self.rate_per_sec >= self.burst && self.refused_in_row == 0
+    }
 }
 
 /// Heartbeat state of one session: when to ping, when to give up.

@@ -90,6 +90,10 @@ pub enum ErrorCode {
     RateLimited,
     Unavailable,
     Unauthorized,
+    /// HTTP transports: a request body over `limits.max_message_bytes`.
+    TooBig,
+    /// HTTP transports: `?stream=` names no stream of this user on this gateway.
+    UnknownStream,
 }
 
 impl ErrorCode {
@@ -104,6 +108,8 @@ impl ErrorCode {
             Self::RateLimited => "rate_limited",
             Self::Unavailable => "unavailable",
             Self::Unauthorized => "unauthorized",
+            Self::TooBig => "too_big",
+            Self::UnknownStream => "unknown_stream",
         }
     }
 }

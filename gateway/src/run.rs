@@ -168,6 +168,7 @@ impl Settings {
                 recovery_max: cli.recovery_max,
                 connect_timeout: cli.connect_timeout,
                 permessage_deflate: cli.permessage_deflate,
+                poll_timeout: cli.poll_timeout,
             },
             history: kit::history::Rules::new(cli.history.clone()),
             history_memory: cli.history_memory,

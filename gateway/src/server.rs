@@ -1,4 +1,5 @@
-//! Accept: the client listener, the socket and session caps, hyper's HTTP/1
+//! Accept: the client listener, the socket and session caps, hyper's HTTP/1 or
+//! HTTP/2 (cleartext, prior knowledge: chosen by the connection's first bytes)
 //! connection with a header-read timeout (slowloris), and the drain.
 
 use std::convert::Infallible;
@@ -7,7 +8,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -58,6 +59,10 @@ pub struct Server {
     /// Cancelled at the end of the drain window: every remaining session closes.
     pub stop_sessions: CancellationToken,
     pub tracker: TaskTracker,
+    /// Open SSE streams, for `POST /command?stream=`.
+    pub streams: crate::transport::sse::Streams,
+    /// Publish buckets of commands sent without a stream, per user.
+    pub buckets: crate::transport::http::Buckets,
 }
 
 /// A reserved session slot (global and per client address), released on drop.
@@ -88,12 +93,98 @@ pub enum NoSlot {
     PerIp,
 }
 
-struct SocketSlot(Arc<Server>);
+/// A client connection's place in the budgets. A connection in plain HTTP counts
+/// against the pending budget; while it carries sessions (SSE streams, waiting
+/// polls: [`Conn::hold`]) each holds a session slot and the socket leaves the pending
+/// budget, as an upgraded WebSocket's does.
+#[derive(Debug)]
+pub struct Conn {
+    server: Arc<Server>,
+    /// Sessions held on this connection; the connection's task has ended.
+    state: parking_lot::Mutex<(usize, bool)>,
+    /// Cancelled to drop an HTTP/1 connection whose client stopped reading.
+    abort: CancellationToken,
+    h2: bool,
+}
 
-impl Drop for SocketSlot {
+/// A session slot held by a request on a connection; released on drop.
+#[derive(Debug)]
+pub struct Held {
+    conn: Arc<Conn>,
+    _slot: SessionSlot,
+}
+
+impl Conn {
+    /// Reserves a session slot for a request of this connection.
+    pub fn hold(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<Held, NoSlot> {
+        let slot = self.server.try_reserve_session(ip)?;
+        let mut st = self.state.lock();
+        st.0 += 1;
+        if st.0 == 1 && !st.1 {
+            self.server.pending.fetch_sub(1, Ordering::AcqRel);
+            self.server.socket_freed.notify_one();
+        }
+        Ok(Held { conn: self.clone(), _slot: slot })
+    }
+
+    /// A stream's client stopped reading: drop its HTTP/1 connection (an HTTP/2 one
+    /// carries other streams; its flow control stops that stream alone).
+    pub fn abort_stalled(&self) {
+        if !self.h2 {
+            self.abort.cancel();
+        }
+    }
+
+    fn gone(&self) {
+        let mut st = self.state.lock();
+        st.1 = true;
+        if st.0 == 0 {
+            self.server.pending.fetch_sub(1, Ordering::AcqRel);
+            self.server.socket_freed.notify_one();
+        }
+    }
+}
+
+impl Drop for Held {
     fn drop(&mut self) {
-        self.0.pending.fetch_sub(1, Ordering::AcqRel);
-        self.0.socket_freed.notify_one();
+        let mut st = self.conn.state.lock();
+        st.0 -= 1;
+        if st.0 == 0 && !st.1 {
+            // Plain HTTP again (keep-alive): back in the pending budget.
+            self.conn.server.pending.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// Ends a connection's place in the budgets when its task ends.
+struct ConnGuard(Arc<Conn>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        self.0.gone();
+    }
+}
+
+/// The HTTP/2 connection preface (RFC 9113 §3.4).
+const H2_PREFACE: &[u8; 24] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// Whether the client opens with the HTTP/2 preface (prior knowledge, h2c). Peeks:
+/// nothing is consumed.
+async fn is_h2(stream: &tokio::net::TcpStream) -> bool {
+    let mut buf = [0u8; 24];
+    loop {
+        let n = match stream.peek(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => n,
+        };
+        if buf[..n] != H2_PREFACE[..n] {
+            return false;
+        }
+        if n == H2_PREFACE.len() {
+            return true;
+        }
+        // A preface split across packets (rare): look again shortly.
+        tokio::time::sleep(Duration::from_millis(5)).await;
     }
 }
 
@@ -148,6 +239,8 @@ impl Server {
             draining: CancellationToken::new(),
             stop_sessions: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            streams: Default::default(),
+            buckets: Default::default(),
         }
     }
 
@@ -211,7 +304,6 @@ impl Server {
                 },
             };
             let node_full = self.pending.fetch_add(1, Ordering::AcqRel) >= self.max_pending;
-            let guard = SocketSlot(self.clone());
             let shed_me = CancellationToken::new();
             let (half_open_id, shed) = self.half_open.lock().admit(peer.ip(), shed_me.clone(), node_full);
             if let Some(shed) = shed {
@@ -220,26 +312,58 @@ impl Server {
             let half_open = HalfOpenSlot(self.clone(), half_open_id);
             let server = self.clone();
             self.tracker.spawn(async move {
-                let _guard = guard;
+                let h2 = tokio::select! {
+                    h2 = tokio::time::timeout(server.handshake_timeout, is_h2(&stream)) => h2.unwrap_or_default(),
+                    () = shed_me.cancelled() => {
+                        server.pending.fetch_sub(1, Ordering::AcqRel);
+                        server.socket_freed.notify_one();
+                        return;
+                    }
+                };
+                let conn = Arc::new(Conn {
+                    server: server.clone(),
+                    state: parking_lot::Mutex::new((0, false)),
+                    abort: CancellationToken::new(),
+                    h2,
+                });
+                let _guard = ConnGuard(conn.clone());
                 let svc_server = server.clone();
                 let half_open = Arc::new(half_open);
+                let svc_conn = conn.clone();
                 let service = service_fn(move |req| {
                     let s = svc_server.clone();
+                    let c = svc_conn.clone();
                     // A complete request: no longer half-open (no longer sheddable).
                     s.half_open.lock().done(half_open.1);
-                    async move { Ok::<_, Infallible>(handshake::handle(s, req, peer.ip()).await) }
+                    async move { Ok::<_, Infallible>(handshake::handle(s, req, peer.ip(), &c).await) }
                 });
-                let conn = hyper::server::conn::http1::Builder::new()
+                let io = TokioIo::new(stream);
+                if h2 {
+                    let serve = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                        .timer(TokioTimer::new())
+                        .max_concurrent_streams(256)
+                        .max_header_list_size(64 * 1024)
+                        .serve_connection(io, service);
+                    tokio::select! {
+                        r = serve => if let Err(e) = r {
+                            tracing::debug!(error = %e, "http/2 connection ended");
+                        },
+                        () = shed_me.cancelled() => tracing::debug!("half-open connection shed"),
+                    }
+                    return;
+                }
+                let serve = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(server.handshake_timeout)
                     .max_buf_size(64 * 1024)
-                    .serve_connection(TokioIo::new(stream), service)
+                    .serve_connection(io, service)
                     .with_upgrades();
                 tokio::select! {
-                    r = conn => if let Err(e) = r {
+                    r = serve => if let Err(e) = r {
                         tracing::debug!(error = %e, "http connection ended");
                     },
                     () = shed_me.cancelled() => tracing::debug!("half-open connection shed"),
+                    () = conn.abort.cancelled() => tracing::debug!("stalled stream's connection dropped"),
                 }
                 // Once upgraded, the socket counts against the session slot instead.
             });

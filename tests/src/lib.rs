@@ -12,6 +12,7 @@
 //! - [`netns`]: a network namespace with a veth pair whose packets can all be dropped (a partition);
 //! - [`kafka`]: tansu (a Kafka-protocol broker) behind a TCP proxy that can cut the path;
 //! - [`tls`]: a throw-away PKI for mutual-TLS tests;
+//! - [`http`]: plain HTTP/1.1 requests and a Server-Sent Events reader for the fallback transports;
 //! - [`resume`]: an independent client that resumes with `since` across gateways, recording what it is shown;
 //! - [`monitoring`]: docs/metrics.md tables, Prometheus text and PromQL taken apart for the monitoring tests.
 #![allow(missing_debug_implementations)]
@@ -20,6 +21,7 @@ pub mod backbone;
 pub mod chaos;
 pub mod checker;
 pub mod cluster;
+pub mod http;
 pub mod kafka;
 pub mod link;
 pub mod monitoring;

@@ -19,6 +19,7 @@ use std::time::Duration;
 use serde_json::value::RawValue;
 
 use super::Node;
+use super::commands::Out;
 use crate::history::{Item, Lost, Page, Position};
 use crate::hub::{Finish, SessionHandle};
 use crate::metrics as m;
@@ -35,15 +36,16 @@ const FINISH_ROUNDS: usize = 16;
 
 /// Subscribes `handle` to `channel` (already counted in the session's state),
 /// recovering from `since` when given, and sends the ack.
-pub(super) async fn subscribe(
+pub(crate) async fn subscribe(
     node: &Node,
-    handle: &SessionHandle,
+    out: &Out<'_>,
     r: Option<&RawValue>,
     channel: &Arc<str>,
     since: Option<Since>,
 ) {
+    let handle = out.handle;
     let Some(local) = node.hub.subscribe_recovering(handle, channel) else {
-        reply(handle, protocol::subscribed(r, channel, None, None));
+        out.reply(protocol::subscribed(r, channel, None, None));
         return;
     };
     node.presence.subscribed(handle.id, channel);
@@ -75,7 +77,7 @@ pub(super) async fn subscribe(
         (Some(_), Some(l)) => l.as_str(),
     };
     metrics::counter!(m::RECOVERIES, "outcome" => outcome).increment(1);
-    reply(handle, protocol::subscribed(r, channel, position.as_ref(), since.as_ref().map(|_| lost)));
+    out.reply(protocol::subscribed(r, channel, position.as_ref(), since.as_ref().map(|_| lost)));
     // What the session was sent is complete through `through`: its since plus what
     // was recovered, or the position it was given.
     let through = match (&since, lost) {

@@ -11,11 +11,11 @@ use tokio::net::TcpStream;
 use tokio::time::{Instant, sleep_until};
 use tokio_util::sync::CancellationToken;
 
-use super::SessionConfig;
 use crate::hub::SessionCtl;
 use crate::metrics as m;
 use crate::outbox::OutboxRx;
 use crate::policy::{AuthDeadline, AuthLimit, CloseReason, Heartbeat, HeartbeatAction};
+use crate::session::SessionConfig;
 use crate::wire;
 
 /// Frames taken from the queue per write.
@@ -151,7 +151,7 @@ pub(super) async fn run(
             biased;
             () = &mut closing => break true,
             () = &mut draining => {
-                ctl.close(CloseReason::Drain, Some(&super::drain_reason()));
+                ctl.close(CloseReason::Drain, Some(&crate::session::drain_reason()));
                 break true;
             }
             _ = rx.recv_many(&mut batch, BATCH) => {

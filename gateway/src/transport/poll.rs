@@ -1,0 +1,219 @@
+//! Long-polling: `GET /poll?channels=a,b&cursor=…` (or `POST /poll` with the same
+//! form in the body). Each poll is a short session of its own: it subscribes to
+//! every channel at the cursor's position through the same recovery as a
+//! WebSocket resubscribe (`crate::session::subscribe`), so what it answers is
+//! everything after the cursor, in order, once, on any gateway (a cluster's history
+//! comes from broker-bridge); when nothing is newer it waits, up to
+//! `--poll-timeout`, for the next message. Nothing is kept between polls: the
+//! answer's `cursor` is the next poll's.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use super::event_id::Cursor;
+use super::http::{self as h, Body};
+use super::{Opened, Transport};
+use crate::handshake::HandshakeError;
+use crate::hub::{SessionCtl, SessionHandle};
+use crate::metrics as m;
+use crate::policy::CloseReason;
+use crate::protocol::ErrorCode;
+use crate::server::{Conn, NoSlot, Server};
+use crate::session::{self, commands::Out};
+
+/// Most events one answer carries; the cursor says where the next poll goes on.
+pub const POLL_MAX_EVENTS: usize = 1000;
+/// Largest `POST /poll` body (the form of a poll over many channels).
+const POLL_BODY_MAX: usize = 256 << 10;
+
+/// Is this frame news (the poll is answered), or only a complete recovery's ack?
+fn news(json: &[u8]) -> bool {
+    #[derive(serde::Deserialize)]
+    struct Peek<'a> {
+        #[serde(rename = "type", borrow)]
+        kind: std::borrow::Cow<'a, str>,
+        #[serde(default)]
+        recovered: Option<bool>,
+    }
+    !matches!(serde_json::from_slice::<Peek<'_>>(json), Ok(p) if p.kind == "ack" && p.recovered == Some(true))
+}
+
+/// `GET`/`POST /poll`.
+pub(crate) async fn poll(
+    server: Arc<Server>,
+    req: Request<Incoming>,
+    peer: std::net::IpAddr,
+    conn: &Arc<Conn>,
+) -> Response<Body> {
+    let refuse = |e: HandshakeError| e.into_response().map(|b| b.boxed_unsync());
+    if server.draining.is_cancelled() {
+        return refuse(HandshakeError::Draining);
+    }
+    let identity = match h::admit(&server, &req) {
+        Ok(id) => id,
+        Err(e) => return refuse(e),
+    };
+    let header_cursor = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
+    let form: String = if req.method() == Method::POST {
+        match h::read_body(req, POLL_BODY_MAX).await {
+            Ok(b) => match String::from_utf8(b.to_vec()) {
+                Ok(s) => s,
+                Err(_) => return h::error(ErrorCode::BadRequest, "the body is not UTF-8"),
+            },
+            Err(resp) => return resp,
+        }
+    } else {
+        req.uri().query().unwrap_or("").to_owned()
+    };
+    let cfg = &server.node.config;
+    let channels = match h::channels(h::raw_param(Some(&form), "channels"), cfg.max_subscriptions, &identity, false) {
+        Ok(c) => c,
+        Err(e) => return e.response(),
+    };
+    let raw_cursor = h::raw_param(Some(&form), "cursor").map(|c| crate::handshake::percent_decode(c).into_owned());
+    let given = match raw_cursor.or(header_cursor).as_deref().map(Cursor::parse).transpose() {
+        Ok(c) => c.unwrap_or_default(),
+        Err(e) => return h::error(ErrorCode::BadRequest, &format!("cursor: {e}")),
+    };
+    let wait = match h::raw_param(Some(&form), "timeout_ms").map(str::parse::<u64>) {
+        None => cfg.poll_timeout,
+        Some(Ok(ms)) => Duration::from_millis(ms).min(cfg.poll_timeout),
+        Some(Err(_)) => return h::error(ErrorCode::BadRequest, "timeout_ms must be an integer"),
+    };
+    // A waiting poll is a session: it holds a slot of the connection cap.
+    let held = match conn.hold(peer) {
+        Ok(held) => held,
+        Err(NoSlot::Full) => return refuse(HandshakeError::Full),
+        Err(NoSlot::PerIp) => return refuse(HandshakeError::PerIp),
+    };
+    let _open = Opened::new(Transport::Poll);
+    let conn_id = server.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (tx, mut rx) = crate::outbox::outbox(cfg.send_queue, cfg.slow_consumer_timeout);
+    let handle = SessionHandle {
+        id: conn_id,
+        user: identity.user.clone(),
+        connected_at_ms: 0,
+        client_info: Arc::from(""),
+        outbox: tx,
+        ctl: Arc::new(SessionCtl::with_deflate(0)),
+    };
+    let node = server.node.clone();
+    let mut cursor = Cursor::new(&channels);
+    for ch in &channels {
+        if let Some(s) = given.get(ch) {
+            cursor.set(ch, s.seq, &s.epoch);
+        }
+    }
+    let subscribed: Vec<Arc<str>> = channels.iter().map(|c| Arc::from(c.as_str())).collect();
+    // Also when the request is dropped (the client went away): the poll's subscriptions end.
+    let mut cleanup = Cleanup {
+        node: node.clone(),
+        id: conn_id,
+        user: identity.user.clone(),
+        channels: subscribed.clone(),
+        done: false,
+    };
+    let subscribe = async {
+        let out = Out::queue(&handle);
+        for channel in &subscribed {
+            session::subscribe(&node, &out, None, channel, given.get(channel).cloned()).await;
+        }
+    };
+    tokio::pin!(subscribe);
+    let mut subscribing = true;
+    let mut events: Vec<Bytes> = Vec::new();
+    let mut batch: Vec<Bytes> = Vec::new();
+    let mut answer = false;
+    let deadline = tokio::time::sleep_until(Instant::now() + wait);
+    tokio::pin!(deadline);
+    let outcome = loop {
+        if answer && !subscribing {
+            break "events";
+        }
+        tokio::select! {
+            biased;
+            () = &mut subscribe, if subscribing => subscribing = false,
+            _ = rx.recv_many(&mut batch, 64) => {
+                rx.written();
+                for frame in batch.drain(..) {
+                    if frame.first().map(|b| b & 0x0f) != Some(0x1) {
+                        continue;
+                    }
+                    let json = Bytes::copy_from_slice(super::sse::payload(&frame));
+                    cursor.observe(&json);
+                    // A complete recovery's ack says nothing the answer does not show.
+                    if news(&json) {
+                        answer = true;
+                        events.push(json);
+                    }
+                }
+                if events.len() >= POLL_MAX_EVENTS {
+                    break "events";
+                }
+            }
+            () = handle.ctl.wait() => break "events",
+            () = server.draining.cancelled() => break "drain",
+            () = &mut deadline => break if answer { "events" } else { "timeout" },
+        }
+    };
+    // What is queued by now goes in the answer too.
+    rx.take(&mut batch, POLL_MAX_EVENTS.saturating_sub(events.len()));
+    for frame in batch.drain(..) {
+        if frame.first().map(|b| b & 0x0f) == Some(0x1) {
+            let json = Bytes::copy_from_slice(super::sse::payload(&frame));
+            cursor.observe(&json);
+            if news(&json) {
+                events.push(json);
+            }
+        }
+    }
+    cleanup.done = true;
+    drop(cleanup);
+    drop(held);
+    if outcome == "drain" {
+        let text = session::drain_reason();
+        events.push(super::sse::close_event(CloseReason::Drain, Some(&text)).into());
+    }
+    metrics::counter!(m::POLLS, "outcome" => outcome).increment(1);
+    h::json(StatusCode::OK, body(&cursor.encode(), &events))
+}
+
+/// `{"type":"poll","cursor":"…","events":[…]}`: the events are the frames a WebSocket
+/// session would have got, in order.
+fn body(cursor: &str, events: &[Bytes]) -> Vec<u8> {
+    let raw: Vec<&RawValue> = events
+        .iter()
+        .filter_map(|e| std::str::from_utf8(e).ok())
+        .filter_map(|s| serde_json::from_str(s).ok())
+        .collect();
+    serde_json::json!({"type": "poll", "cursor": cursor, "events": raw}).to_string().into_bytes()
+}
+
+/// Ends a poll's subscriptions, however the poll ends.
+struct Cleanup {
+    node: Arc<session::Node>,
+    id: u64,
+    user: Arc<str>,
+    channels: Vec<Arc<str>>,
+    /// Answered (else the client went away first).
+    done: bool,
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.node.hub.unregister(self.id, &self.user, self.channels.iter().cloned());
+        for channel in &self.channels {
+            self.node.presence.unsubscribed(self.id, channel);
+        }
+        if !self.done {
+            metrics::counter!(m::POLLS, "outcome" => "gone").increment(1);
+        }
+    }
+}
