@@ -1,5 +1,4 @@
-// Switchboard browser client (protocol v1, docs/protocol.md): JSON text frames on GET /ws,
-// falling back to Server-Sent Events and long-polling where WebSockets are refused.
+// Switchboard browser client (protocol v1, docs/protocol.md): JSON text frames on GET /ws.
 // Dependency-free ES module: `import { Switchboard } from './switchboard.js'`.
 // Runs in browsers and in Node 20 (pass the `ws` package's class as option `WebSocket`).
 
@@ -24,224 +23,6 @@ const fail = (code, message, extra) => Object.assign(new Error(message || code),
 const jitter = (ms) => Math.round(ms * (0.5 + Math.random())); // factor in [0.5, 1.5]
 const copy = (p) => (p ? { seq: p.seq, epoch: p.epoch } : null);
 const isPosition = (p) => !!p && typeof p === 'object' && Number.isFinite(p.seq) && typeof p.epoch === 'string' && p.epoch !== '';
-
-// --- Fallback transports (docs/protocol.md "Fallback transports") -------------------------
-// Each adapter looks like a WebSocket to the client above (readyState, onopen, onmessage,
-// onerror, onclose, send, close), so that recovery, positions, gaps and the command queue are
-// the same code whatever carries the frames.
-
-/** The HTTP origin of a ws:// or wss:// URL of /ws. */
-function httpBase(wsUrl) {
-  const u = new URL(wsUrl);
-  u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
-  u.pathname = u.pathname.replace(/\/ws$/, '');
-  u.search = '';
-  return u.href.replace(/\/$/, '');
-}
-
-/** Seconds of a JWT's `exp`, or undefined. */
-function jwtExp(token) {
-  try {
-    const b64 = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
-    return JSON.parse(globalThis.atob(b64)).exp;
-  } catch { return undefined; }
-}
-
-class HttpSocket {
-  constructor(wsUrl, token, user) {
-    this.base = httpBase(wsUrl);
-    this.token = token;
-    this.user = user;
-    this.readyState = 0;
-    this.onopen = this.onmessage = this.onerror = this.onclose = null;
-  }
-
-  _deliver(frame) {
-    if (this.readyState === OPEN && this.onmessage) this.onmessage({ data: typeof frame === 'string' ? frame : JSON.stringify(frame) });
-  }
-
-  _headers() {
-    const h = { 'Content-Type': 'application/json' };
-    if (this.token) h.Authorization = `Bearer ${this.token}`;
-    return h;
-  }
-
-  _query(params) {
-    const q = new URLSearchParams(params);
-    if (this.user && !this.token) q.set('user', this.user);
-    return q.toString();
-  }
-
-  /** POST /command; the reply (or the error frame) comes back as a frame. */
-  _post(text, stream) {
-    const q = this._query(stream ? { stream } : {});
-    fetch(`${this.base}/command?${q}`, { method: 'POST', headers: this._headers(), body: text }).then(async (r) => {
-      const body = await r.text();
-      try { JSON.parse(body); this._deliver(body); } catch { this._deliver({ type: 'error', code: 'unavailable', message: body.trim(), ref: JSON.parse(text).ref }); }
-    }, () => {
-      let ref;
-      try { ref = JSON.parse(text).ref; } catch { /* not ours */ }
-      this._deliver({ type: 'error', code: 'unavailable', message: 'request failed', retry_after_ms: 1000, ref });
-    });
-  }
-
-  _closed(code, reason) {
-    if (this.readyState === 3) return;
-    this.readyState = 3;
-    this._stop();
-    if (this.onclose) this.onclose({ code, reason });
-  }
-
-  close(code = 1000, reason = '') { this._closed(code, reason); }
-}
-
-/** Server-Sent Events: `GET /sse` for the server's frames, `POST /command?stream=` for ours. */
-export class SseSocket extends HttpSocket {
-  constructor(wsUrl, token, user) {
-    super(wsUrl, token, user);
-    const q = this._query(token ? { token } : {});
-    this.es = new globalThis.EventSource(`${this.base}/sse?${q}`);
-    this.es.onmessage = (ev) => {
-      let msg;
-      try { msg = JSON.parse(ev.data); } catch { return; }
-      if (msg.type === 'close') return this._closed(msg.code, msg.message || msg.reason || '');
-      if (msg.type === 'welcome') {
-        this.stream = msg.conn_id;
-        if (this.readyState === 0) {
-          this.readyState = OPEN;
-          if (this.onopen) this.onopen({});
-        }
-      }
-      this._deliver(ev.data);
-    };
-    // EventSource would reconnect by itself; the client above reconnects with its positions.
-    this.es.onerror = () => {
-      if (this.onerror && this.readyState === 0) this.onerror({});
-      this._closed(1006, 'event stream failed');
-    };
-  }
-
-  _stop() { this.es.close(); }
-
-  send(text) {
-    const op = JSON.parse(text).op;
-    if (op === 'refresh') this.token = JSON.parse(text).token;
-    this._post(text, ['subscribe', 'unsubscribe', 'refresh'].includes(op) ? this.stream : undefined);
-  }
-}
-
-/** Long-polling: one `GET /poll` at a time over every channel subscribed, with the cursor. */
-export class PollSocket extends HttpSocket {
-  constructor(wsUrl, token, user, { welcomeTimeoutMs } = {}) {
-    super(wsUrl, token, user);
-    this.timeoutMs = welcomeTimeoutMs;
-    this.cursor = new Map(); // channel -> "seq@epoch" | null (as the server writes it, escaped)
-    this.abort = null;
-    this._loop = null;
-    // The token is checked by a ping; then the client gets a welcome of its own making.
-    fetch(`${this.base}/command?${this._query({})}`, { method: 'POST', headers: this._headers(), body: '{"op":"ping"}' }).then(async (r) => {
-      if (this.readyState === 3) return;
-      if (r.status === 401) return this._closed(4005, `unauthorized: ${(await r.text()).trim()}`);
-      if (!r.ok) return this._closed(1006, `poll refused (${r.status})`);
-      this.readyState = OPEN;
-      if (this.onopen) this.onopen({});
-      this._deliver({ type: 'welcome', conn_id: 'poll', transport: 'poll', user: this.user || null,
-        heartbeat_ms: 60_000, heartbeat_timeout_ms: 30_000, expires_at: token ? jwtExp(token) : undefined });
-    }, () => {
-      if (this.onerror && this.readyState === 0) this.onerror({});
-      this._closed(1006, 'poll failed');
-    });
-  }
-
-  _stop() { this.abort?.abort(); }
-
-  _encodedCursor() {
-    const esc = (s) => s.replace(/%/g, '%25').replace(/,/g, '%2C').replace(/=/g, '%3D').replace(/@/g, '%40');
-    return [...this.cursor].map(([c, p]) => `${esc(c)}=${p || '-'}`).join(',');
-  }
-
-  _channels() {
-    return [...this.cursor.keys()].map((c) => encodeURIComponent(c)).join(',');
-  }
-
-  /** One poll; its events become frames; the next cursor is the answer's. */
-  async _poll(params) {
-    const r = await fetch(`${this.base}/poll`, {
-      method: 'POST',
-      headers: { ...this._headers(), 'Content-Type': 'application/x-www-form-urlencoded' },
-      body: this._query(params),
-      signal: params.signal,
-    });
-    const v = await r.json();
-    if (!r.ok) throw Object.assign(new Error(v.message || 'poll refused'), { frame: v, status: r.status });
-    return v;
-  }
-
-  _takeCursor(text, channels) {
-    for (const part of text ? text.split(',') : []) {
-      const eq = part.indexOf('=');
-      const name = decodeURIComponent(part.slice(0, eq));
-      const pos = part.slice(eq + 1);
-      if (channels.includes(name) && this.cursor.has(name)) this.cursor.set(name, pos === '-' ? null : pos);
-    }
-  }
-
-  _restart() {
-    this.abort?.abort();
-    if (this.readyState !== OPEN || this.cursor.size === 0) return;
-    const abort = (this.abort = new AbortController());
-    const channels = [...this.cursor.keys()];
-    const run = async () => {
-      let failures = 0;
-      while (this.abort === abort && this.readyState === OPEN) {
-        try {
-          const v = await this._poll({ channels: this._channels(), cursor: this._encodedCursor(), signal: abort.signal });
-          failures = 0;
-          if (this.abort !== abort) return;
-          this._takeCursor(v.cursor, channels);
-          for (const e of v.events) {
-            if (e.type === 'close') return this._closed(e.code, e.message || e.reason || '');
-            this._deliver(e);
-          }
-        } catch (err) {
-          if (this.abort !== abort) return;
-          if (++failures >= 3) return this._closed(1006, `polls failed: ${err.message}`);
-          await new Promise((done) => setTimeout(done, 250 * 2 ** failures));
-        }
-      }
-    };
-    this._loop = run();
-  }
-
-  send(text) {
-    const frame = JSON.parse(text);
-    if (frame.op === 'subscribe') {
-      // One poll at once for this channel at `since`: the ack (or `recovered: true`) and what
-      // it recovers; then the channel joins the long poll.
-      const esc = (s) => s.replace(/%/g, '%25').replace(/,/g, '%2C').replace(/=/g, '%3D').replace(/@/g, '%40');
-      const cursor = frame.since ? `${esc(frame.channel)}=${frame.since.seq}@${esc(frame.since.epoch)}` : '';
-      this._poll({ channels: encodeURIComponent(frame.channel), cursor, timeout_ms: '0' }).then((v) => {
-        const events = v.events;
-        const ack = events.find((e) => e.type === 'ack' && e.channel === frame.channel);
-        const reply = ack ? { ...ack, ref: frame.ref } : { type: 'ack', ref: frame.ref, channel: frame.channel, position: frame.since, recovered: true };
-        this._deliver(reply);
-        for (const e of events) if (e !== ack) this._deliver(e);
-        const eq = v.cursor.indexOf('=');
-        this.cursor.set(frame.channel, eq >= 0 && v.cursor.slice(eq + 1) !== '-' ? v.cursor.slice(eq + 1) : null);
-        this._restart();
-      }, (err) => this._deliver({ ...(err.frame || { type: 'error', code: 'unavailable', message: err.message, retry_after_ms: 1000 }), ref: frame.ref }));
-    } else if (frame.op === 'unsubscribe') {
-      this.cursor.delete(frame.channel);
-      this._deliver({ type: 'ack', ref: frame.ref });
-      this._restart();
-    } else if (frame.op === 'refresh') {
-      this.token = frame.token;
-      this._deliver({ type: 'ack', ref: frame.ref, expires_at: jwtExp(frame.token) });
-    } else {
-      this._post(text);
-    }
-  }
-}
 
 function defaultUrl() {
   const loc = globalThis.location;
@@ -288,23 +69,9 @@ export class Switchboard {
    *   before it is reported as a 'gap'.
    * @param {Function} [options.WebSocket] WebSocket class (default: the global one), e.g. the
    *   `ws` package's in Node.
-   * @param {string[]} [options.transports=['websocket','sse','poll']] tried in this order: the
-   *   next one after `fallbackAfter` sessions in a row that never got their welcome (upgrade
-   *   refused, nothing within `welcomeTimeoutMs`); WebSocket is tried again every
-   *   `probeWebSocketMs` while on a fallback. `client.transport` names the current one.
-   * @param {number} [options.fallbackAfter=2] @param {number} [options.welcomeTimeoutMs=5000]
-   * @param {number} [options.probeWebSocketMs=60000]
    */
   constructor({ url, urls, token, getToken, auth = 'auto', user, maxQueue = 1000, autoConnect = true,
-    recoveryRetries = 5, WebSocket: WebSocketImpl, transports = ['websocket', 'sse', 'poll'], fallbackAfter = 2,
-    welcomeTimeoutMs = 5000, probeWebSocketMs = 60_000 } = {}) {
-    this.transports = transports.filter((t) => t !== 'sse' || globalThis.EventSource)
-      .filter((t) => t === 'websocket' ? !!(WebSocketImpl || globalThis.WebSocket) : !!globalThis.fetch);
-    this.fallbackAfter = fallbackAfter;
-    this.welcomeTimeoutMs = welcomeTimeoutMs;
-    this.probeWebSocketMs = probeWebSocketMs;
-    this._transportIndex = 0;
-    this._failures = 0;
+    recoveryRetries = 5, WebSocket: WebSocketImpl } = {}) {
     this.recoveryRetries = recoveryRetries;
     const list = [].concat(urls || url || []).filter(Boolean);
     this.urls = list.length ? list : [defaultUrl()];
@@ -314,7 +81,7 @@ export class Switchboard {
     this.user = user;
     this.maxQueue = maxQueue;
     this.WebSocket = WebSocketImpl || globalThis.WebSocket;
-    if (!this.transports.length) throw new Error('Switchboard: no transport (pass option `WebSocket`)');
+    if (!this.WebSocket) throw new Error('Switchboard: no WebSocket class (pass option `WebSocket`)');
     /** 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed' */
     this.state = 'idle';
     /** The last `welcome` frame (user, conn_id, limits, expires_at, …), or null before the first one. */
@@ -345,11 +112,6 @@ export class Switchboard {
     this._retryTimers = new Set();
     this._listeners = new Map();
     if (autoConnect) this.connect();
-  }
-
-  /** The transport of the current (or next) connection: 'websocket' | 'sse' | 'poll'. */
-  get transport() {
-    return this.transports[this._transportIndex % this.transports.length];
   }
 
   /** The URL of the current (or next) connection. */
@@ -571,24 +333,11 @@ export class Switchboard {
     this.state = 'connecting';
     const url = new URL(base, globalThis.location?.href);
     if (this.user) url.searchParams.set('user', this.user);
-    const transport = this.transport;
-    const mode = token && transport === 'websocket' ? this._authMode(base) : null;
+    const mode = token ? this._authMode(base) : null;
     let protocols;
     if (mode === 'query') url.searchParams.set('token', token);
     if (mode === 'protocol') protocols = ['switchboard.v1', `bearer.${token}`];
-    let ws;
-    if (transport === 'sse') ws = new SseSocket(url.href, token, this.user);
-    else if (transport === 'poll') ws = new PollSocket(url.href, token, this.user);
-    else ws = protocols ? new this.WebSocket(url.href, protocols) : new this.WebSocket(url.href);
-    this._ws = ws;
-    // No welcome in time (a proxy that holds the upgrade, or buffers a stream): a failure.
-    clearTimeout(this._welcomeTimer);
-    this._welcomeTimer = setTimeout(() => {
-      if (ws !== this._ws || this._ready) return;
-      this._ws = null;
-      try { ws.close(4000, 'no welcome'); } catch { /* closing */ }
-      this._onClose(1006, 'no welcome in time');
-    }, this.welcomeTimeoutMs);
+    const ws = (this._ws = protocols ? new this.WebSocket(url.href, protocols) : new this.WebSocket(url.href));
     this._ready = false;
     this._connectRef = null;
     this._tokenSession = !!token;
@@ -623,9 +372,6 @@ export class Switchboard {
     this._ready = true;
     this.state = 'open';
     this.welcome = msg;
-    clearTimeout(this._welcomeTimer);
-    this._failures = 0;
-    this._scheduleProbe();
     this._startWatchdog(msg);
     for (const channel of this._subs) {
       const known = this._positions.has(channel);
@@ -806,17 +552,6 @@ export class Switchboard {
     const lived = this._openedAt ? Date.now() - this._openedAt : 0;
     const opened = !!this._openedAt;
     const welcomed = this._ready;
-    clearTimeout(this._welcomeTimer);
-    let fellBack = false;
-    if (!welcomed && !this._stopped && code !== 4005 && code !== 4001) {
-      // Refused or silent before the welcome: after `fallbackAfter` of these, the next transport.
-      if (++this._failures >= this.fallbackAfter && this._transportIndex < this.transports.length - 1) {
-        this._transportIndex++;
-        this._failures = 0;
-        fellBack = true;
-        this._emit('transport', { transport: this.transport, reason: 'fallback' });
-      }
-    }
     this._ws = null;
     this._ready = false;
     this._openedAt = 0;
@@ -843,9 +578,8 @@ export class Switchboard {
       this._scheduleReconnect(delayMs);
     } else if (retry) {
       delayMs = code === 4001 && welcomed ? 0 : this._nextDelay(code, reason);
-      if (fellBack) delayMs = 0;
       // Another gateway of the list when this one seems gone; the same one otherwise.
-      else if (!opened || ROTATE.has(code)) this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+      if (!opened || ROTATE.has(code)) this._urlIndex = (this._urlIndex + 1) % this.urls.length;
       this._scheduleReconnect(delayMs);
     } else {
       this.state = 'closed';
@@ -853,22 +587,6 @@ export class Switchboard {
       this._rejectAll(this._queue.splice(0), 'closed', `connection closed (${code})`);
     }
     this._emit('close', { code, reason, willReconnect: retry || probe, delayMs, opened });
-  }
-
-  /** On a fallback, WebSocket is tried again later (one refusal sends the client back). */
-  _scheduleProbe() {
-    clearTimeout(this._probeTimer);
-    if (this._transportIndex === 0 || !this.probeWebSocketMs) return;
-    this._probeTimer = setTimeout(() => {
-      if (this._stopped || !this._ready) return;
-      const ws = this._ws;
-      this._transportIndex = 0;
-      this._failures = this.fallbackAfter - 1;
-      this._emit('transport', { transport: this.transport, reason: 'probe' });
-      this._ws = null;
-      try { ws.close(1000, 'probe websocket'); } catch { /* closing */ }
-      this._onClose(1012, 'probing websocket');
-    }, this.probeWebSocketMs);
   }
 
   _scheduleReconnect(delayMs) {

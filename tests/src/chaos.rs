@@ -38,7 +38,8 @@ use crate::checker::{self, Event, Outcome, Pos, Report, SubOutcome};
 use crate::cluster::{Cluster, free_port};
 use crate::link::{Link, State};
 use crate::netns::Netns;
-use crate::ws::{Ws, http_get, now, token};
+use crate::resume::open;
+use crate::ws::{Ws, http_get};
 
 /// The shape of a run.
 #[derive(Debug, Clone)]
@@ -510,25 +511,6 @@ async fn ready(c: &Cluster, g: usize) {
         assert!(Instant::now() < deadline, "gateway {g} never became ready");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-}
-
-/// A session as `user`, once welcomed.
-async fn open(addr: SocketAddr, user: &str) -> Option<Ws> {
-    let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
-    let t = token(json!({"sub": user, "exp": now() + 3600}));
-    let (mut ws, _) = tokio::time::timeout(
-        Duration::from_secs(5),
-        tokio_tungstenite::client_async(
-            format!("ws://{addr}/ws?token={t}"),
-            tokio_tungstenite::MaybeTlsStream::Plain(stream),
-        ),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let welcome = tokio::time::timeout(Duration::from_secs(5), ws.next()).await.ok()??.ok()?;
-    welcome.into_text().ok().filter(|t| t.contains("\"welcome\""))?;
-    Some(ws)
 }
 
 /// Sends `cmd` and waits (at most 10 s) for the reply with its `ref`; None when the

@@ -145,6 +145,9 @@ impl Drop for Proc {
 }
 
 /// Waits (at most 60 s) until `p` answers `/readyz` on its admin port with 200.
+/// Blocks the calling thread (the harness's start functions are not async): a test whose
+/// cluster has an in-process broker proxy needs a multi-thread runtime, or the proxy cannot
+/// run meanwhile and the bridge never reaches its broker.
 fn wait_ready(p: &Proc) {
     use std::io::{Read, Write};
     let admin = p.addr("admin");

@@ -152,7 +152,9 @@ pub fn spawn(
     (record, task)
 }
 
-async fn open(addr: SocketAddr, user: &str) -> Option<Ws> {
+/// A session as `user` (token in the URL), once welcomed; None when any step fails or
+/// takes too long.
+pub(crate) async fn open(addr: SocketAddr, user: &str) -> Option<Ws> {
     let stream = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await.ok()?.ok()?;
     let t = token(json!({"sub": user, "exp": now() + 3600}));
     let (mut ws, _) = tokio::time::timeout(

@@ -27,7 +27,7 @@ async fn cluster() -> (Cluster, Link) {
     (c, link)
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_from_presence_longer_than_the_lease_tells_clients_to_resync() {
     let (c, link) = cluster().await;
     let (mut ws, _) = connect(c.gateway(0), "alice").await;
@@ -56,7 +56,7 @@ async fn a_partition_from_presence_longer_than_the_lease_tells_clients_to_resync
     assert_eq!(pong["type"], "pong");
 }
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_shorter_than_most_of_the_lease_leaves_sessions_alone() {
     let (c, link) = cluster().await;
     let (mut ws, _) = connect(c.gateway(0), "bob").await;

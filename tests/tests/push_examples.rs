@@ -6,24 +6,12 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use serde_json::{Value, json};
-use switchboard_tests::cluster::Proc;
+use switchboard_tests::cluster::Cluster;
 use switchboard_tests::ws::*;
 
-fn gateway() -> Proc {
-    let args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--jwt-hs256-secret",
-        SECRET,
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    Proc::spawn("gw", "gateway", &args)
+/// A standalone gateway (no presence, no bridge), torn down on drop.
+async fn gateway() -> Cluster {
+    Cluster::builder().presence(0).gateways(1).start().await
 }
 
 fn repo() -> PathBuf {
@@ -44,11 +32,11 @@ fn run(program: &str, script: &str, grpc: &str) -> Value {
 }
 
 async fn example(program: &str, script: &str, lang: &str) {
-    let gw = gateway();
-    let (mut alice, _) = connect(gw.addr("client"), "alice").await;
+    let gw = gateway().await;
+    let (mut alice, _) = connect(gw.gateway(0), "alice").await;
     let ack = call(&mut alice, json!({"op":"subscribe","channel":"room:1","ref":"s"})).await;
     assert_eq!(ack["type"], "ack", "{ack}");
-    let grpc = gw.addr("grpc").to_string();
+    let grpc = gw.gateways[0].addr("grpc").to_string();
     let said = tokio::task::spawn_blocking({
         let (p, s) = (program.to_owned(), script.to_owned());
         move || run(&p, &s, &grpc)

@@ -9,7 +9,7 @@ use serde_json::json;
 use switchboard_tests::cluster::Cluster;
 use switchboard_tests::ws::*;
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_resubscribe_starts_after_what_was_shown_before() {
     let c = Cluster::builder().presence(1).kafka().bridges(1).gateways(1).start().await;
     let (mut publisher, _) = connect(c.gateway(0), "pub").await;

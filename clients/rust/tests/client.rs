@@ -8,28 +8,16 @@ use std::time::Duration;
 
 use serde_json::json;
 use switchboard_client::{Client, Error, Event, Options};
-use switchboard_tests::cluster::{Proc, free_port};
+use switchboard_tests::cluster::{Cluster, free_port};
 use switchboard_tests::kafka::Proxy;
-use switchboard_tests::ws::{SECRET, now, token};
+use switchboard_tests::ws::{now, token};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const WAIT: Duration = Duration::from_secs(10);
 
-fn gateway() -> Proc {
-    let args: Vec<String> = [
-        "--listen",
-        "127.0.0.1:0",
-        "--grpc-addr",
-        "127.0.0.1:0",
-        "--admin-addr",
-        "127.0.0.1:0",
-        "--jwt-hs256-secret",
-        SECRET,
-    ]
-    .iter()
-    .map(|s| (*s).to_owned())
-    .collect();
-    Proc::spawn("gw", "gateway", &args)
+/// A standalone gateway (no presence, no bridge), torn down on drop.
+async fn gateway() -> Cluster {
+    Cluster::builder().presence(0).gateways(1).start().await
 }
 
 fn options(addr: SocketAddr, user: &'static str, exp: u64, calls: Arc<AtomicU32>) -> Options {
@@ -61,8 +49,8 @@ async fn connected(events: &mut UnboundedReceiver<Event>) {
 
 #[tokio::test]
 async fn channels_direct_messages_presence_and_history() {
-    let gw = gateway();
-    let addr = gw.addr("client");
+    let gw = gateway().await;
+    let addr = gw.gateway(0);
     let (alice, mut a) = Client::connect(options(addr, "alice", 3600, Arc::default()));
     let (bob, mut b) = Client::connect(options(addr, "bob", 3600, Arc::default()));
     connected(&mut a).await;
@@ -106,10 +94,10 @@ async fn channels_direct_messages_presence_and_history() {
 
 #[tokio::test]
 async fn a_cut_connection_reconnects_and_recovers_what_it_missed_once() {
-    let gw = gateway();
-    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], free_port())), gw.addr("client")).await;
+    let gw = gateway().await;
+    let proxy = Proxy::start(SocketAddr::from(([127, 0, 0, 1], free_port())), gw.gateway(0)).await;
     let (sub, mut s) = Client::connect(options(proxy.addr, "sub", 3600, Arc::default()));
-    let (publ, mut p) = Client::connect(options(gw.addr("client"), "pub", 3600, Arc::default()));
+    let (publ, mut p) = Client::connect(options(gw.gateway(0), "pub", 3600, Arc::default()));
     connected(&mut s).await;
     connected(&mut p).await;
     sub.subscribe("news").await.expect("subscribe");
@@ -155,10 +143,10 @@ async fn a_cut_connection_reconnects_and_recovers_what_it_missed_once() {
 
 #[tokio::test]
 async fn the_token_is_refreshed_before_it_expires_and_the_session_stays() {
-    let gw = gateway();
+    let gw = gateway().await;
     let calls = Arc::new(AtomicU32::new(0));
     // Tokens live 4 s; the client refreshes 3 s before expiry.
-    let mut o = options(gw.addr("client"), "carol", 4, calls.clone());
+    let mut o = options(gw.gateway(0), "carol", 4, calls.clone());
     o.refresh_before = Duration::from_secs(3);
     let (c, mut e) = Client::connect(o);
     connected(&mut e).await;
