@@ -17,6 +17,8 @@ command -v npm >/dev/null || missing+=(npm)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 command -v promtool >/dev/null || missing+=(prometheus)
 command -v make >/dev/null || missing+=(make)
+# ip and tc: the chaos run puts a gateway in a network namespace (tests/src/netns.rs).
+{ command -v ip && command -v tc; } >/dev/null || missing+=(iproute2)
 command -v python3 >/dev/null || missing+=(python3 python3-pip)
 [ -e /usr/include/zlib.h ] || missing+=(zlib1g-dev)
 # The other backbones' servers: the cluster tests start their own per test (JetStream, Redis Streams).
