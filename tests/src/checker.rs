@@ -167,6 +167,25 @@ pub enum Event {
     },
 }
 
+impl Event {
+    /// Its `op`, as in the history file.
+    pub fn op(&self) -> &'static str {
+        match self {
+            Event::Connected { .. } => "connected",
+            Event::Closed { .. } => "closed",
+            Event::Publish { .. } => "publish",
+            Event::Subscribe { .. } => "subscribe",
+            Event::Unsubscribe { .. } => "unsubscribe",
+            Event::Deliver { .. } => "deliver",
+            Event::Gap { .. } => "gap",
+            Event::Send { .. } => "send",
+            Event::Direct { .. } => "direct",
+            Event::Quiet { .. } => "quiet",
+            Event::Presence { .. } => "presence",
+        }
+    }
+}
+
 /// The kinds of violation, as counted in the report.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -393,8 +412,7 @@ pub fn check(events: &[Event]) -> Report {
     };
 
     for e in events {
-        let name = serde_json::to_value(e).ok().and_then(|j| j["op"].as_str().map(str::to_owned)).unwrap_or_default();
-        *ops.entry(name).or_default() += 1;
+        *ops.entry(e.op().to_owned()).or_default() += 1;
         if let Event::Publish { t, done, channel, msg, key, outcome, .. } = e {
             let id = (channel.clone(), msg.clone());
             attempted.insert(id.clone());
@@ -1110,6 +1128,13 @@ mod tests {
         let mut h = clean();
         h.presence(&["ua"]);
         assert_eq!(h.kinds(), BTreeMap::from([("presence", 1)]));
+    }
+
+    #[test]
+    fn every_op_name_is_the_one_in_the_file() {
+        for e in clean().ev {
+            assert_eq!(serde_json::to_value(&e).unwrap()["op"], e.op(), "{e:?}");
+        }
     }
 
     #[test]
