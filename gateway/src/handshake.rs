@@ -99,9 +99,19 @@ pub async fn handle(
         (&Method::GET, "/echo") if server.echo_route => {
             boxed(upgrade(server, req, peer, Mode::Echo).unwrap_or_else(HandshakeError::into_response))
         }
-        (&Method::GET, "/sse") => transport::sse::open(server, req, peer, conn),
-        (&Method::GET | &Method::POST, "/poll") => transport::poll::poll(server, req, peer, conn).await,
-        (&Method::POST, "/command") => transport::http::command(server, req).await,
+        (&Method::OPTIONS, "/sse" | "/poll" | "/command") => transport::http::preflight(&server, &req),
+        (&Method::GET, "/sse") => {
+            let cors = transport::http::Cors::of(&server, &req);
+            cors.apply(transport::sse::open(server, req, peer, conn))
+        }
+        (&Method::GET | &Method::POST, "/poll") => {
+            let cors = transport::http::Cors::of(&server, &req);
+            cors.apply(transport::poll::poll(server, req, peer, conn).await)
+        }
+        (&Method::POST, "/command") => {
+            let cors = transport::http::Cors::of(&server, &req);
+            cors.apply(transport::http::command(server, req).await)
+        }
         (&Method::GET, path) => boxed(demo::asset(path).map_or_else(
             || text(StatusCode::NOT_FOUND, "not found\n"),
             |(ct, body)| {

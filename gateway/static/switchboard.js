@@ -1,4 +1,6 @@
-// Switchboard browser client (protocol v1, docs/protocol.md): JSON text frames on GET /ws.
+// Switchboard browser client (protocol v1, docs/protocol.md): JSON text frames on GET /ws,
+// or, where WebSockets are refused, Server-Sent Events (GET /sse) or long-polling (/poll)
+// with commands over POST /command.
 // Dependency-free ES module: `import { Switchboard } from './switchboard.js'`.
 // Runs in browsers and in Node 20 (pass the `ws` package's class as option `WebSocket`).
 
@@ -18,6 +20,9 @@ const ROTATE = new Set([1001, 1006, 1011, 1012, 1013, 1014, 4000]);
 const REFRESH_UNSUPPORTED = new Set(['unknown_op', 'bad_request']); // no refresh on this session
 const REPLIES = new Set(['ack', 'error', 'presence', 'pong', 'history']);
 const OPEN = 1; // WebSocket.OPEN
+const TRANSPORTS = ['websocket', 'sse', 'poll'];
+const CONNECT_TIMEOUT_MS = 10_000; // a connection that gave no session by then failed
+const UPGRADE_RETRY_MS = 60_000; // on a fallback transport, WebSocket is tried again after this
 
 const fail = (code, message, extra) => Object.assign(new Error(message || code), { code }, extra);
 const jitter = (ms) => Math.round(ms * (0.5 + Math.random())); // factor in [0.5, 1.5]
@@ -69,10 +74,31 @@ export class Switchboard {
    *   before it is reported as a 'gap'.
    * @param {Function} [options.WebSocket] WebSocket class (default: the global one), e.g. the
    *   `ws` package's in Node.
+   * @param {('websocket'|'sse'|'poll')[]} [options.transports=['websocket','sse','poll']] the
+   *   transports to try, in order. When a connection fails before it opened (the upgrade
+   *   refused or dropped, or nothing within `connectTimeoutMs`), the next one is tried at
+   *   once on the same gateway; when all failed, the first again after a backoff. A session
+   *   on a fallback transport tries WebSocket again every `upgradeRetryMs` (and on every
+   *   reconnect) and moves back to it when an upgrade succeeds. The API and the events are
+   *   the same on every transport ('open' and 'welcome' name it: `transport`).
+   * @param {number} [options.connectTimeoutMs=10000] a connection attempt that gave no
+   *   session by then failed (e.g. a proxy that holds the upgrade, or buffers the SSE stream).
+   * @param {number} [options.upgradeRetryMs=60000] see `transports`.
+   * @param {Function} [options.fetch] fetch function for the HTTP transports (default: the global one).
    */
   constructor({ url, urls, token, getToken, auth = 'auto', user, maxQueue = 1000, autoConnect = true,
-    recoveryRetries = 5, WebSocket: WebSocketImpl } = {}) {
+    recoveryRetries = 5, WebSocket: WebSocketImpl, transports = TRANSPORTS, connectTimeoutMs = CONNECT_TIMEOUT_MS,
+    upgradeRetryMs = UPGRADE_RETRY_MS, fetch: fetchImpl } = {}) {
     this.recoveryRetries = recoveryRetries;
+    this.transports = [].concat(transports).filter((t) => TRANSPORTS.includes(t));
+    if (!this.transports.length) throw new Error(`Switchboard: transports must name some of ${TRANSPORTS.join(', ')}`);
+    this.connectTimeoutMs = connectTimeoutMs;
+    this.upgradeRetryMs = upgradeRetryMs;
+    this.fetch = fetchImpl || globalThis.fetch?.bind(globalThis);
+    /** The transport of the current (or next) connection. */
+    this.transport = this.transports[0];
+    this._failedTransports = []; // transports that failed before the current one, this try
+    this._broken = new Map(); // `${url} ${transport}` -> until when it is skipped
     const list = [].concat(urls || url || []).filter(Boolean);
     this.urls = list.length ? list : [defaultUrl()];
     this.token = token;
@@ -81,7 +107,12 @@ export class Switchboard {
     this.user = user;
     this.maxQueue = maxQueue;
     this.WebSocket = WebSocketImpl || globalThis.WebSocket;
-    if (!this.WebSocket) throw new Error('Switchboard: no WebSocket class (pass option `WebSocket`)');
+    if (!this.WebSocket && this.transports.includes('websocket')) {
+      throw new Error('Switchboard: no WebSocket class (pass option `WebSocket`)');
+    }
+    if (!this.fetch && this.transports.some((t) => t !== 'websocket')) {
+      throw new Error('Switchboard: no fetch function for the HTTP transports (pass option `fetch`)');
+    }
     /** 'idle' | 'connecting' | 'open' | 'reconnecting' | 'closed' */
     this.state = 'idle';
     /** The last `welcome` frame (user, conn_id, limits, expires_at, …), or null before the first one. */
@@ -333,21 +364,39 @@ export class Switchboard {
     this.state = 'connecting';
     const url = new URL(base, globalThis.location?.href);
     if (this.user) url.searchParams.set('user', this.user);
-    const mode = token ? this._authMode(base) : null;
-    let protocols;
-    if (mode === 'query') url.searchParams.set('token', token);
-    if (mode === 'protocol') protocols = ['switchboard.v1', `bearer.${token}`];
-    const ws = (this._ws = protocols ? new this.WebSocket(url.href, protocols) : new this.WebSocket(url.href));
+    const transport = this.transport;
+    let ws;
+    let mode = null;
+    if (transport === 'websocket') {
+      mode = token ? this._authMode(base) : null;
+      let protocols;
+      if (mode === 'query') url.searchParams.set('token', token);
+      if (mode === 'protocol') protocols = ['switchboard.v1', `bearer.${token}`];
+      ws = protocols ? new this.WebSocket(url.href, protocols) : new this.WebSocket(url.href);
+    } else {
+      const Link = transport === 'sse' ? SseLink : PollLink;
+      ws = new Link(this, url, token);
+    }
+    this._ws = ws;
     this._ready = false;
     this._connectRef = null;
     this._tokenSession = !!token;
     this._sessionUrl = base;
     this._sessionMode = mode;
     const live = (fn) => (ev) => ws === this._ws && fn(ev); // ignore a socket left by close()
+    clearTimeout(this._connectTimer);
+    this._connectTimer = setTimeout(live(() => {
+      if (this._ready) return;
+      // No session in time: a failure of this transport (not opened, whatever the socket says).
+      this._ws = null;
+      this._openedAt = 0;
+      try { ws.close(1000, 'connect timeout'); } catch { /* closing */ }
+      this._onClose(1006, 'connect timeout');
+    }), this.connectTimeoutMs);
     ws.onopen = live(() => {
       this._openedAt = Date.now();
       if (this._everOpened) this.reconnects++;
-      this._emit('open', { reconnect: this._everOpened, url: base });
+      this._emit('open', { reconnect: this._everOpened, url: base, transport });
       this._everOpened = true;
       if (mode === 'connect') {
         this._connectRef = `c${++this._ref}`;
@@ -369,10 +418,16 @@ export class Switchboard {
       this._authModes.set(this._sessionUrl, this._sessionMode);
       if (this._sessionMode === 'connect') this._defaultMode = 'connect';
     }
+    clearTimeout(this._connectTimer);
     this._ready = true;
     this.state = 'open';
     this.welcome = msg;
     this._startWatchdog(msg);
+    // The transports that failed before this one are skipped on this gateway's reconnects
+    // until the next upgrade probe (they would fail again, a timeout each time).
+    for (const t of this._failedTransports) this._broken.set(`${this._sessionUrl} ${t}`, Date.now() + this.upgradeRetryMs);
+    this._failedTransports = [];
+    this._planUpgrade();
     for (const channel of this._subs) {
       const known = this._positions.has(channel);
       this.subscribe(channel).then((ack) => {
@@ -545,8 +600,48 @@ export class Switchboard {
     this._open();
   }
 
+  /** The first transport of the list not known to fail on `url` (else the first). */
+  _firstTransport(url) {
+    const now = Date.now();
+    const ok = this.transports.find((t) => !((this._broken.get(`${url} ${t}`) || 0) > now));
+    return ok || this.transports[0];
+  }
+
+  /**
+   * On a fallback transport: every `upgradeRetryMs`, a token-less WebSocket upgrade to the
+   * same gateway; when it opens, this session is closed and the client reconnects at once
+   * over WebSocket (resuming every channel, so nothing is lost or shown twice).
+   */
+  _planUpgrade() {
+    clearTimeout(this._upgradeTimer);
+    const link = this._ws;
+    if (this.transport === this.transports[0] || this.transports[0] !== 'websocket' || !this.WebSocket) return;
+    this._upgradeTimer = setTimeout(() => {
+      if (link !== this._ws || !this._ready) return;
+      const url = new URL(this._sessionUrl, globalThis.location?.href);
+      if (this.user) url.searchParams.set('user', this.user);
+      let probe;
+      try { probe = new this.WebSocket(url.href); } catch { return this._planUpgrade(); }
+      const done = (opened) => {
+        probe.onopen = probe.onclose = probe.onerror = null;
+        try { probe.close(1000, 'probe'); } catch { /* closing */ }
+        if (link !== this._ws || !this._ready) return;
+        if (!opened) return this._planUpgrade();
+        for (const t of this.transports) this._broken.delete(`${this._sessionUrl} ${t}`);
+        this.transport = this.transports[0];
+        this._ws = null;
+        try { link.close(1000, 'upgrade'); } catch { /* closing */ }
+        this._onClose(4000, 'upgrade to websocket');
+      };
+      probe.onopen = () => done(true);
+      probe.onclose = probe.onerror = () => done(false);
+    }, jitter(this.upgradeRetryMs));
+  }
+
   _onClose(code, reason) {
     clearInterval(this._watchdog);
+    clearTimeout(this._connectTimer);
+    clearTimeout(this._upgradeTimer);
     for (const timer of this._retryTimers) clearTimeout(timer);
     this._retryTimers.clear();
     const lived = this._openedAt ? Date.now() - this._openedAt : 0;
@@ -573,13 +668,27 @@ export class Switchboard {
       else retry = !NO_RECONNECT.has(code);
     }
     let delayMs = null;
+    // A transport that gave no session (not opened): the next one of the list, at once, on
+    // the same gateway; after the last, the first again with the usual backoff. One that
+    // did: the next connection tries the first one again.
+    const index = this.transports.indexOf(this.transport);
+    const fallback = retry && !probe && !opened && index + 1 < this.transports.length;
+    if (retry && !probe) {
+      if (fallback) this._failedTransports.push(this.transport);
+      else this._failedTransports = [];
+      if (fallback) this.transport = this.transports[index + 1];
+    }
     if (probe) {
+      delayMs = 0;
+      this._scheduleReconnect(delayMs);
+    } else if (fallback) {
       delayMs = 0;
       this._scheduleReconnect(delayMs);
     } else if (retry) {
       delayMs = code === 4001 && welcomed ? 0 : this._nextDelay(code, reason);
       // Another gateway of the list when this one seems gone; the same one otherwise.
       if (!opened || ROTATE.has(code)) this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+      this.transport = this._firstTransport(this.url);
       this._scheduleReconnect(delayMs);
     } else {
       this.state = 'closed';
@@ -648,6 +757,503 @@ export class Switchboard {
 
   _rejectAll(cmds, code, message = 'Switchboard client is closed') {
     for (const cmd of cmds) cmd.reject(fail(code, message));
+  }
+}
+
+// ---- HTTP transports -------------------------------------------------------------------
+// SseLink and PollLink look like a WebSocket to the client above (readyState, send, close,
+// onopen/onmessage/onclose/onerror): the client's commands go in as JSON text, the frames a
+// WebSocket session would get come out, in order. What differs per transport stays here.
+
+const CONNECTING = 0;
+const CLOSED = 3;
+const HTTP_RETRY_MS = 1_000; // a poll that failed (network, 429, 503) is tried again after this…
+const HTTP_RETRIES = 2; // …this many times before the link closes (the client reconnects)
+const POLL_WAIT_MS = 25_000; // how long a poll may wait on the server (its --poll-timeout caps it)
+const POLL_GRACE_MS = 10_000; // a poll not answered this long after its wait is abandoned
+
+/** `ws://host/prefix/ws?…` → `http://host/prefix<path>?<the same query>`. */
+function endpoint(wsUrl, path) {
+  const u = new URL(wsUrl.href);
+  u.protocol = u.protocol === 'wss:' ? 'https:' : 'http:';
+  u.pathname = u.pathname.replace(/\/ws$/, '').replace(/\/$/, '') + path;
+  return u;
+}
+
+/** The claims of a JWT (unverified: only to read `sub` and `exp`), or {}. */
+function claims(token) {
+  try {
+    const part = token.split('.')[1].replace(/-/g, '+').replace(/_/g, '/');
+    return JSON.parse(decodeURIComponent(escape(atob(part.padEnd(part.length + ((4 - (part.length % 4)) % 4), '=')))));
+  } catch {
+    return {};
+  }
+}
+
+// Positions as text (docs/protocol.md "Positions as text"): `channel=seq@epoch` or `channel=-`.
+const escapePos = (s) => s.replace(/[%,=@]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase().padStart(2, '0')}`);
+const unescapePos = (s) => decodeURIComponent(s);
+/** `channels=` of an HTTP transport: names joined by literal commas, each percent-encoded. */
+function channelList(entries) {
+  return entries.map(([ch]) => encodeURIComponent(ch)).join(',');
+}
+function encodeCursor(entries) {
+  return entries.map(([ch, p]) => `${escapePos(ch)}=${p ? `${p.seq}@${escapePos(p.epoch)}` : '-'}`).join(',');
+}
+function parseCursor(text) {
+  const out = new Map();
+  for (const part of String(text || '').split(',').filter(Boolean)) {
+    const i = part.lastIndexOf('=');
+    if (i < 0) continue;
+    const ch = unescapePos(part.slice(0, i));
+    const v = part.slice(i + 1);
+    const at = v.indexOf('@');
+    out.set(ch, at < 0 ? null : { seq: Number(v.slice(0, at)), epoch: unescapePos(v.slice(at + 1)) });
+  }
+  return out;
+}
+
+/** What the link shares between SSE and long-polling: requests, replies, the socket face. */
+class HttpLink {
+  constructor(client, url, token) {
+    this.client = client;
+    this.url = url; // the /ws URL (with ?user= in anonymous mode)
+    this.token = token;
+    this.readyState = CONNECTING;
+    this.onopen = this.onmessage = this.onclose = this.onerror = null;
+    this._abort = new AbortController(); // ends every request of this link
+  }
+
+  _headers(extra = {}) {
+    const h = { ...extra };
+    if (this.token) h.Authorization = `Bearer ${this.token}`;
+    return h;
+  }
+
+  _deliver(frame) {
+    if (this.readyState !== OPEN) return;
+    this.onmessage?.({ data: typeof frame === 'string' ? frame : JSON.stringify(frame) });
+  }
+
+  /** Ends the link from this side (no onclose: the client calls it itself). */
+  close() {
+    this.readyState = CLOSED;
+    this._abort.abort();
+  }
+
+  /** Ends the link from the other side, with a WebSocket close code. */
+  _end(code, reason = '') {
+    if (this.readyState === CLOSED) return;
+    const opened = this.readyState === OPEN;
+    this.readyState = CLOSED;
+    this._abort.abort();
+    if (!opened) this.onerror?.({});
+    this.onclose?.({ code, reason });
+  }
+
+  /**
+   * POST /command (with `?stream=` for SSE stream commands): resolves with the reply frame;
+   * an answer that is not JSON (the handshake's text answers: 401, 403, 429, 503) becomes an
+   * error frame with the command's ref; a network failure is `disconnected`.
+   */
+  async _post(cmd, stream = null, token = this.token) {
+    const u = endpoint(this.url, '/command');
+    if (stream) u.searchParams.set('stream', stream);
+    let res;
+    try {
+      res = await this.client.fetch(u.href, {
+        method: 'POST',
+        headers: { 'Content-Type': 'application/json', ...(token ? { Authorization: `Bearer ${token}` } : {}) },
+        body: JSON.stringify(cmd),
+        signal: this._abort.signal,
+      });
+    } catch (err) {
+      return { type: 'error', ref: cmd.ref, code: 'disconnected', message: `request failed: ${err?.message || err}` };
+    }
+    const text = await res.text().catch(() => '');
+    try {
+      const frame = JSON.parse(text);
+      if (frame && typeof frame === 'object') return frame;
+    } catch { /* not JSON */ }
+    const code = { 401: 'unauthorized', 403: 'forbidden', 429: 'rate_limited', 503: 'unavailable' }[res.status] || 'bad_request';
+    const retry = Number(res.headers.get('retry-after'));
+    return { type: 'error', ref: cmd.ref, code, message: text.trim() || `HTTP ${res.status}`, ...(retry ? { retry_after_ms: retry * 1000 } : {}) };
+  }
+
+  /** The client's watchdog probes liveness with `ping`s; each link watches its own. */
+  _watchdogPing(cmd) {
+    if (cmd.op === 'ping' && /^w\d+$/.test(String(cmd.ref))) {
+      this._deliver({ type: 'pong', ref: cmd.ref });
+      return true;
+    }
+    return false;
+  }
+
+  /** A subscribe ack the stream or a poll gave without a ref, for a channel the client follows. */
+  _unasked(ack) {
+    if (ack.recovered === false) {
+      // Resumed by the link (no subscribe of the client's waits for it): say what was lost.
+      this._deliver({ type: 'gap', channel: ack.channel, reason: ack.reason || 'unknown', after: ack.position });
+    }
+  }
+}
+
+/**
+ * Server-Sent Events: `GET /sse` read with fetch (so the token goes in `Authorization`, and
+ * a proxy that buffers the stream shows as no welcome within `connectTimeoutMs`). The
+ * channels the client follows and their positions go in the URL, so the stream resumes
+ * them itself on any gateway. Later subscribes, unsubscribes and refreshes go to
+ * `POST /command?stream=`; when that gateway does not know the stream (a load balancer
+ * without affinity), the link opens a new stream with the new channel list instead.
+ */
+class SseLink extends HttpLink {
+  constructor(client, url, token) {
+    super(client, url, token);
+    this.bound = new Map(); // channel -> position to resume from (null: none) for the next stream
+    for (const ch of client._subs) this.bound.set(ch, copy(client._positions.get(ch)) || null);
+    this.pending = new Map(); // channel -> ref of the client's subscribe its stream ack answers
+    this.refreshRef = null; // a refresh answered by the next stream's welcome
+    this.streamId = null;
+    this._acked = new Set(); // channels whose stream ack came (for a subscribe or not)
+    this._stream = null; // AbortController of the current stream
+    this._lastByteAt = Date.now();
+    this._open(false);
+  }
+
+  close() {
+    clearInterval(this._silence);
+    super.close();
+  }
+
+  _end(code, reason) {
+    clearInterval(this._silence);
+    super._end(code, reason);
+  }
+
+  async _open(rebind) {
+    this._stream?.abort();
+    const ctl = (this._stream = new AbortController());
+    const onAbort = () => ctl.abort();
+    this._abort.signal.addEventListener('abort', onAbort, { once: true });
+    const u = endpoint(this.url, '/sse');
+    // A channel being subscribed resumes where its subscribe says; the others where the
+    // client is now.
+    const positions = [...this.bound].map(([ch, p]) => [ch, this.pending.has(ch) ? p : copy(this.client._positions.get(ch)) || p]);
+    if (positions.length) {
+      const known = positions.filter(([, p]) => p);
+      if (known.length) u.searchParams.set('last_event_id', encodeCursor(known));
+      u.search += `${u.search ? '&' : '?'}channels=${channelList(positions)}`;
+    }
+    let res;
+    try {
+      res = await this.client.fetch(u.href, { headers: this._headers({ Accept: 'text/event-stream' }), signal: ctl.signal, cache: 'no-store' });
+    } catch {
+      if (ctl === this._stream) this._end(1006, 'stream failed');
+      return;
+    }
+    if (ctl !== this._stream) return;
+    if (!res.ok || !res.body || !/text\/event-stream/.test(res.headers.get('content-type') || '')) {
+      const text = await res.text().catch(() => '');
+      return this._end(res.status === 401 && rebind ? 4001 : 1006, `${res.status} ${text.trim()}`);
+    }
+    if (!rebind) {
+      this.readyState = OPEN;
+      this._lastByteAt = Date.now();
+      this.onopen?.({});
+    }
+    const reader = res.body.getReader();
+    const decoder = new TextDecoder();
+    let buf = '';
+    let data = [];
+    let first = true;
+    try {
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done || ctl !== this._stream) break;
+        this._lastByteAt = Date.now();
+        buf += decoder.decode(value, { stream: true });
+        let nl;
+        while ((nl = buf.indexOf('\n')) >= 0) {
+          const line = buf.slice(0, nl).replace(/\r$/, '');
+          buf = buf.slice(nl + 1);
+          if (line === '') {
+            if (data.length) {
+              const frame = data.join('\n');
+              data = [];
+              const ended = this._event(frame, first && rebind);
+              first = false;
+              if (ended || ctl !== this._stream) return;
+            }
+          } else if (line.startsWith('data:')) {
+            data.push(line.slice(line[5] === ' ' ? 6 : 5));
+          } // `id:`, `retry:`, comments (heartbeats): the positions are kept per message
+        }
+      }
+    } catch { /* aborted or cut */ }
+    if (ctl === this._stream) this._end(1006, 'stream ended');
+  }
+
+  /** One event of the stream; true when it ended the link. */
+  _event(text, rebindWelcome) {
+    let msg;
+    try { msg = JSON.parse(text); } catch { return false; }
+    switch (msg?.type) {
+      case 'welcome':
+        this.streamId = msg.conn_id;
+        this._watchSilence(msg);
+        if (!rebindWelcome) {
+          this._deliver(msg);
+        } else if (this.refreshRef) {
+          this._deliver({ type: 'ack', ref: this.refreshRef, expires_at: msg.expires_at });
+          this.refreshRef = null;
+        }
+        return false;
+      case 'ack':
+        if (typeof msg.channel !== 'string') return this._deliver(msg), false;
+        if (msg.ref == null) {
+          this._acked.add(msg.channel);
+          const ref = this.pending.get(msg.channel);
+          this.pending.delete(msg.channel);
+          if (ref != null) this._deliver({ ...msg, ref });
+          else this._unasked(msg);
+        } else {
+          this._deliver(msg); // the stream's copy of a POST subscribe's ack, in stream order
+        }
+        return false;
+      case 'unsubscribed':
+        return false;
+      case 'close':
+        this._end(Number(msg.code) || 1006, msg.message || msg.reason || '');
+        return true;
+      default:
+        this._deliver(msg);
+        return false;
+    }
+  }
+
+  /** No byte (not even a heartbeat comment) for heartbeat + timeout: the stream is dead. */
+  _watchSilence(welcome) {
+    clearInterval(this._silence);
+    const limit = (Number(welcome.heartbeat_ms) || 25_000) + (Number(welcome.heartbeat_timeout_ms) || 10_000);
+    this._silence = setInterval(() => {
+      if (Date.now() - this._lastByteAt > limit) this._end(4000, 'no traffic on the stream');
+    }, Math.min(limit / 4, 5_000));
+  }
+
+  send(text) {
+    const cmd = JSON.parse(text);
+    if (this._watchdogPing(cmd)) return;
+    const ch = cmd.channel;
+    switch (cmd.op) {
+      case 'subscribe':
+        if (this.bound.has(ch) && !this._acked.has(ch) && !this.pending.has(ch)) {
+          this.pending.set(ch, cmd.ref); // the stream's own ack for the channel answers it
+          return;
+        }
+        return this._streamCommand(cmd, () => {
+          this.bound.set(ch, cmd.since || null);
+          this.pending.set(ch, cmd.ref);
+        });
+      case 'unsubscribe':
+        return this._streamCommand(cmd, () => {
+          this.bound.delete(ch);
+          this._deliver({ type: 'ack', ref: cmd.ref });
+        }, () => this.bound.delete(ch));
+      case 'refresh':
+        return this._streamCommand(cmd, () => {
+          this.token = cmd.token;
+          this.refreshRef = cmd.ref;
+        }, () => { this.token = cmd.token; });
+      default:
+        this._post(cmd).then((reply) => this._deliver(reply));
+    }
+  }
+
+  /**
+   * A command on the stream: `POST /command?stream=`; `rebind()` when the gateway does not
+   * know the stream (then a new stream carries the change), `done()` after a success.
+   */
+  _streamCommand(cmd, rebind, done = () => {}) {
+    this._post(cmd, this.streamId).then((reply) => {
+      if (reply.type === 'error' && reply.code === 'unknown_stream') {
+        rebind();
+        return this._open(true);
+      }
+      if (reply.type !== 'error') done();
+      // A subscribe's ack also comes on the stream, in order with what it recovers: that copy
+      // is the one delivered. Everything else is answered here.
+      if (cmd.op === 'subscribe' && reply.type === 'ack' && reply.position) {
+        this.bound.set(cmd.channel, null);
+        return;
+      }
+      this._deliver(reply);
+    });
+  }
+}
+
+/**
+ * Long-polling: each poll names every channel followed and its position (`cursor`) and is
+ * answered with what is newer, or after the next message, or empty after its wait; no state
+ * on the server between polls, so each may reach another gateway. Subscribes change the
+ * channel list of the next poll (the one waiting is abandoned: what it would have answered
+ * comes again from history).
+ */
+class PollLink extends HttpLink {
+  constructor(client, url, token) {
+    super(client, url, token);
+    this.cursor = new Map(); // channel -> position (null: none yet)
+    for (const ch of client._subs) this.cursor.set(ch, copy(client._positions.get(ch)) || null);
+    this.pending = new Map(); // channel -> ref of a subscribe not answered yet
+    this.fresh = new Set(); // channels whose subscribe (with a position) the next poll answers
+    this._poll = null; // AbortController of the poll in flight
+    this._failures = 0;
+    this._start();
+  }
+
+  async _start() {
+    // A ping says the gateway answers and takes the token; then the session is "open".
+    const reply = await this._post({ op: 'ping', ref: 'open' });
+    if (this.readyState === CLOSED) return;
+    if (reply.type !== 'pong') return this._end(reply.code === 'unauthorized' ? 4001 : 1006, `${reply.code}: ${reply.message}`);
+    this.readyState = OPEN;
+    this.onopen?.({});
+    const c = this.token ? claims(this.token) : {};
+    this._deliver({
+      type: 'welcome', transport: 'poll', conn_id: null, user: c.sub || this.client.user || null,
+      ...(Number.isFinite(c.exp) ? { expires_at: c.exp } : {}),
+    });
+    this._loop();
+  }
+
+  /** Starts the next poll now (the one in flight, if any, is abandoned). */
+  _kick() {
+    if (this._poll) this._poll.abort();
+    else if (this._idle) this._idle();
+  }
+
+  async _loop() {
+    while (this.readyState === OPEN) {
+      if (!this.cursor.size) {
+        await new Promise((r) => (this._idle = r));
+        this._idle = null;
+        continue;
+      }
+      const ctl = (this._poll = new AbortController());
+      const onAbort = () => ctl.abort();
+      this._abort.signal.addEventListener('abort', onAbort, { once: true });
+      const asked = [...this.cursor];
+      const answering = new Set([...this.pending.keys()].filter((ch) => this.cursor.has(ch)));
+      const wait = [...answering].some((ch) => this.fresh.has(ch)) ? 0 : POLL_WAIT_MS;
+      const form = new URLSearchParams();
+      form.set('cursor', encodeCursor(asked));
+      form.set('timeout_ms', String(wait));
+      const timer = setTimeout(() => ctl.abort(), wait + POLL_GRACE_MS);
+      let res = null;
+      let body = null;
+      try {
+        res = await this.client.fetch(endpoint(this.url, '/poll').href, {
+          method: 'POST',
+          headers: this._headers({ 'Content-Type': 'application/x-www-form-urlencoded' }),
+          body: `channels=${channelList(asked)}&${form}`,
+          signal: ctl.signal,
+        });
+        body = await res.text();
+      } catch {
+        res = null;
+      } finally {
+        clearTimeout(timer);
+        this._abort.signal.removeEventListener('abort', onAbort);
+        this._poll = null;
+      }
+      if (this.readyState !== OPEN) return;
+      if (ctl.signal.aborted && !res) continue; // kicked: the channel list changed
+      if (!res || res.status === 429 || res.status === 503) {
+        if (++this._failures > HTTP_RETRIES) return this._end(res ? 1013 : 1006, res ? `poll answered ${res.status}` : 'poll failed');
+        const retry = Number(res?.headers.get('retry-after')) * 1000;
+        await new Promise((r) => setTimeout(r, jitter(retry || HTTP_RETRY_MS)));
+        continue;
+      }
+      let answer;
+      try { answer = JSON.parse(body); } catch { answer = null; }
+      if (res.status === 401) return this._end(4001, answer?.message || 'unauthorized');
+      if (!res.ok || answer?.type !== 'poll') {
+        // The list was refused (a channel forbidden, too many, …): the subscribes that changed
+        // it get the error; with none, the link cannot go on.
+        if (!answering.size) return this._end(1011, `poll refused: ${body}`);
+        for (const ch of answering) {
+          this._deliver({ ...(answer || { type: 'error', code: 'bad_request', message: body }), ref: this.pending.get(ch) });
+          this.pending.delete(ch);
+          this.fresh.delete(ch);
+          this.cursor.delete(ch);
+        }
+        continue;
+      }
+      this._failures = 0;
+      this._answer(answer, answering);
+      if (this._pause) {
+        await new Promise((r) => setTimeout(r, jitter(this._pause)));
+        this._pause = 0;
+      }
+    }
+  }
+
+  _answer(answer, answering) {
+    const next = parseCursor(answer.cursor);
+    const events = Array.isArray(answer.events) ? answer.events : [];
+    const acked = new Set(events.filter((e) => e?.type === 'ack' && typeof e.channel === 'string').map((e) => e.channel));
+    // A complete recovery has no ack in the answer: its messages (if any) follow.
+    for (const ch of answering) {
+      if (acked.has(ch) || !this.fresh.has(ch)) continue;
+      this._deliver({ type: 'ack', ref: this.pending.get(ch), channel: ch, recovered: true });
+      this.pending.delete(ch);
+      this.fresh.delete(ch);
+    }
+    for (const ev of events) {
+      if (!ev || typeof ev !== 'object') continue;
+      if (ev.type === 'ack' && typeof ev.channel === 'string') {
+        const ref = this.pending.get(ev.channel);
+        this.pending.delete(ev.channel);
+        this.fresh.delete(ev.channel);
+        if (ref != null) this._deliver({ ...ev, ref });
+        else this._unasked(ev);
+      } else if (ev.type === 'close') {
+        // A drain: the next poll goes on (through the load balancer, to another gateway).
+        if (ev.retry_ms == null) return this._end(Number(ev.code) || 1000, ev.message || '');
+        this._pause = Number(ev.retry_ms);
+      } else {
+        this._deliver(ev);
+      }
+    }
+    for (const [ch, p] of next) if (this.cursor.has(ch) && p) this.cursor.set(ch, p);
+  }
+
+  send(text) {
+    const cmd = JSON.parse(text);
+    if (this._watchdogPing(cmd)) return;
+    const ch = cmd.channel;
+    switch (cmd.op) {
+      case 'subscribe':
+        this.cursor.set(ch, isPosition(cmd.since) ? copy(cmd.since) : this.cursor.get(ch) || null);
+        this.pending.set(ch, cmd.ref);
+        if (this.cursor.get(ch)) this.fresh.add(ch);
+        return this._kick();
+      case 'unsubscribe':
+        this.cursor.delete(ch);
+        this.pending.delete(ch);
+        this.fresh.delete(ch);
+        this._deliver({ type: 'ack', ref: cmd.ref });
+        return this._kick();
+      case 'refresh':
+        // Polls carry the token each time: check the new one with a ping, then use it.
+        return this._post({ op: 'ping', ref: cmd.ref }, null, cmd.token).then((reply) => {
+          if (reply.type !== 'pong') return this._deliver(reply);
+          this.token = cmd.token;
+          const exp = claims(cmd.token).exp;
+          this._deliver({ type: 'ack', ref: cmd.ref, ...(Number.isFinite(exp) ? { expires_at: exp } : {}) });
+        });
+      default:
+        this._post(cmd).then((reply) => this._deliver(reply));
+    }
   }
 }
 

@@ -190,6 +190,27 @@ async fn js_client_node_tests() {
     assert!(out.status.success(), "node --test tests/browser/resume.mjs failed:\n{stdout}\n{stderr}");
 }
 
+/// The JS client's fallback transports against this binary: tests/browser/fallback.mjs
+/// (SSE behind a proxy that refuses or drops upgrades, long-polling behind one that also
+/// buffers, each with recovery and a gap after a restart, in Node and in Chromium; back to
+/// WebSocket; a restarting gateway is not a blocked network; CORS).
+#[tokio::test]
+async fn js_client_fallback_tests() {
+    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
+    let out = tokio::process::Command::new("node")
+        .args(["--test", "--test-concurrency=1", "tests/browser/fallback.mjs"])
+        .env("GATEWAY_BIN", env!("CARGO_BIN_EXE_gateway"))
+        .current_dir(root)
+        .output();
+    let out = tokio::time::timeout(Duration::from_secs(240), out)
+        .await
+        .expect("node tests hung")
+        .expect("node must be installed (with ws and playwright-core: npm ci)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "node --test tests/browser/fallback.mjs failed:\n{stdout}\n{stderr}");
+}
+
 /// `--anonymous` with no JWT key: there is no token to refresh, and the session goes on.
 #[tokio::test]
 async fn a_gateway_without_keys_refuses_refresh() {

@@ -3,6 +3,7 @@
 import { spawn } from 'node:child_process';
 import { createHmac } from 'node:crypto';
 import { createInterface } from 'node:readline';
+import http from 'node:http';
 import net from 'node:net';
 import path from 'node:path';
 import { fileURLToPath } from 'node:url';
@@ -114,4 +115,86 @@ export function next(client, event, pred = () => true, ms = 10_000) {
     };
     client.on(event, fn);
   });
+}
+
+/**
+ * An HTTP proxy to `target` ("host:port", settable later: `proxy.target = …`) that behaves
+ * like the proxies of networks that refuse WebSockets:
+ * - `upgrade`: 'pass' forwards upgrades, 'refuse' answers them 403, 'drop' closes the connection;
+ * - `buffer`: holds every response until it ended, then sends it whole (an SSE stream never gets
+ *   through; a long-poll answer does).
+ * `cut()` destroys every connection; while `down` is true new connections are refused.
+ * Counts what it saw: `upgrades` (refused or passed) and `requests` by path.
+ */
+export function startHttpProxy(target, { upgrade = 'refuse', buffer = false } = {}) {
+  const sockets = new Set();
+  const track = (s) => { sockets.add(s); s.on('close', () => sockets.delete(s)); };
+  const split = () => {
+    const t = proxy.target;
+    return [t.slice(0, t.lastIndexOf(':')), Number(t.slice(t.lastIndexOf(':') + 1))];
+  };
+  const proxy = {
+    target,
+    upgrade,
+    buffer,
+    down: false,
+    upgrades: 0,
+    requests: new Map(),
+    cut() { for (const s of sockets) s.destroy(); sockets.clear(); },
+    close() { proxy.cut(); return new Promise((done) => server.close(() => done())); },
+  };
+  const server = http.createServer((req, res) => {
+    const path = req.url.split('?')[0];
+    proxy.requests.set(path, (proxy.requests.get(path) || 0) + 1);
+    const [host, port] = split();
+    const up = http.request({ host, port, method: req.method, path: req.url, headers: req.headers, agent: false }, (ures) => {
+      track(ures.socket);
+      if (proxy.buffer) {
+        const chunks = [];
+        ures.on('data', (c) => chunks.push(c));
+        ures.on('end', () => {
+          const body = Buffer.concat(chunks);
+          const headers = { ...ures.headers, 'content-length': String(body.length) };
+          delete headers['transfer-encoding'];
+          res.writeHead(ures.statusCode, headers);
+          res.end(body);
+        });
+      } else {
+        res.writeHead(ures.statusCode, ures.headers);
+        res.flushHeaders();
+        ures.pipe(res);
+      }
+      ures.on('error', () => res.destroy());
+    });
+    up.on('error', () => { if (!res.headersSent) res.writeHead(502).end('bad gateway\n'); else res.destroy(); });
+    req.pipe(up);
+    res.on('close', () => up.destroy());
+  });
+  server.on('connection', (s) => { if (proxy.down) return s.destroy(); track(s); });
+  server.on('upgrade', (req, socket, head) => {
+    proxy.upgrades++;
+    if (proxy.upgrade === 'drop') return socket.destroy();
+    if (proxy.upgrade === 'refuse') {
+      return socket.end('HTTP/1.1 403 Forbidden\r\ncontent-type: text/plain\r\ncontent-length: 22\r\nconnection: close\r\n\r\nwebsockets not allowed');
+    }
+    const [host, port] = split();
+    const up = net.connect(port, host, () => {
+      let raw = `${req.method} ${req.url} HTTP/1.1\r\n`;
+      for (let i = 0; i < req.rawHeaders.length; i += 2) raw += `${req.rawHeaders[i]}: ${req.rawHeaders[i + 1]}\r\n`;
+      up.write(`${raw}\r\n`);
+      if (head?.length) up.write(head);
+      socket.pipe(up);
+      up.pipe(socket);
+    });
+    track(up);
+    const end = () => { socket.destroy(); up.destroy(); };
+    up.on('error', end).on('close', end);
+    socket.on('error', end).on('close', end);
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => {
+    proxy.address = `127.0.0.1:${server.address().port}`;
+    proxy.url = `ws://${proxy.address}/ws`;
+    proxy.http = `http://${proxy.address}/`;
+    resolve(proxy);
+  }));
 }

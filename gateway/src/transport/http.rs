@@ -124,6 +124,65 @@ pub(crate) fn admit(server: &Server, req: &Request<Incoming>) -> Result<Identity
         .ok_or(HandshakeError::Unauthorized(AuthError::Missing))
 }
 
+/// Cross-origin answers for the HTTP transports (a page served from another origin
+/// than the gateway's, e.g. a list of gateways): an `Origin` the gateway admits
+/// (`--allowed-origins`, or any when that is empty, as on `/ws`) is echoed in
+/// `Access-Control-Allow-Origin`. Credentials (the `switchboard_token` cookie) are
+/// allowed only for origins listed explicitly; a token in `Authorization` works from
+/// any admitted origin. An origin that is not admitted gets no CORS headers (and the
+/// request itself is refused 403 by [`admit`]).
+#[derive(Debug, Default)]
+pub(crate) struct Cors {
+    origin: Option<HeaderValue>,
+    credentials: bool,
+}
+
+/// Headers a cross-origin client may send and read.
+const CORS_ALLOW_HEADERS: &str = "authorization, content-type, last-event-id";
+const CORS_EXPOSE_HEADERS: &str = "retry-after";
+/// How long a browser may cache a preflight answer, in seconds.
+const CORS_MAX_AGE: &str = "600";
+
+impl Cors {
+    pub(crate) fn of(server: &Server, req: &Request<Incoming>) -> Self {
+        let Some(origin) = req.headers().get(header::ORIGIN) else { return Self::default() };
+        let listed = server.allowed_origins.iter().any(|a| a.as_bytes() == origin.as_bytes());
+        if !listed && !server.allowed_origins.is_empty() {
+            return Self::default();
+        }
+        Self { origin: Some(origin.clone()), credentials: listed }
+    }
+
+    pub(crate) fn apply(self, mut resp: Response<Body>) -> Response<Body> {
+        let Some(origin) = self.origin else { return resp };
+        let headers = resp.headers_mut();
+        headers.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin);
+        headers.insert(header::ACCESS_CONTROL_EXPOSE_HEADERS, HeaderValue::from_static(CORS_EXPOSE_HEADERS));
+        if self.credentials {
+            headers.insert(header::ACCESS_CONTROL_ALLOW_CREDENTIALS, HeaderValue::from_static("true"));
+        }
+        headers.append(header::VARY, HeaderValue::from_static("Origin"));
+        resp
+    }
+}
+
+/// `OPTIONS` on `/sse`, `/poll`, `/command`: the CORS preflight (a cross-origin request
+/// with `Authorization` or a JSON body is preceded by one). 204 with what may be sent
+/// for an admitted origin; 403 for one that is not.
+pub(crate) fn preflight(server: &Server, req: &Request<Incoming>) -> Response<Body> {
+    let cors = Cors::of(server, req);
+    if cors.origin.is_none() && req.headers().contains_key(header::ORIGIN) {
+        return HandshakeError::Origin.into_response().map(|b| b.boxed_unsync());
+    }
+    let mut resp = Response::new(full(Bytes::new()));
+    *resp.status_mut() = StatusCode::NO_CONTENT;
+    let headers = resp.headers_mut();
+    headers.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("GET, POST"));
+    headers.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static(CORS_ALLOW_HEADERS));
+    headers.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static(CORS_MAX_AGE));
+    cors.apply(resp)
+}
+
 /// Why a channel list was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ChannelsError {
