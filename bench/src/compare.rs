@@ -25,7 +25,8 @@ impl Drop for Server {
     }
 }
 
-pub(crate) const SERVERS: &[&str] = &["switchboard", "fastwebsockets", "tungstenite", "node-ws", "bun", "floor"];
+pub(crate) const SERVERS: &[&str] =
+    &["switchboard", "fastwebsockets", "tungstenite", "node-ws", "bun", "floor", "switchboard-sse", "switchboard-poll"];
 
 /// Bun's binary, from the npm package the test command installs.
 const BUN: &str = "node_modules/@oven/bun-linux-x64/bin/bun";
@@ -38,12 +39,16 @@ fn spawn(name: &str, core: &str, realtime: bool) -> anyhow::Result<(Server, Kind
     }
     cmd.args(["-c", core]);
     let kind = match name {
-        "switchboard" => {
+        "switchboard" | "switchboard-sse" | "switchboard-poll" => {
             cmd.args(["target/release/gateway", "--listen", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
                 .args(["--admin-addr", "127.0.0.1:0", "--jwt-hs256-secret", crate::SECRET])
                 .args(["--publish-rate", "1000000", "--publish-burst", "1000000"])
                 .env("SWITCHBOARD_LOG", "warn");
-            Kind::Switchboard
+            match name {
+                "switchboard-sse" => Kind::Sse,
+                "switchboard-poll" => Kind::Poll,
+                _ => Kind::Switchboard,
+            }
         }
         "fastwebsockets" | "tungstenite" | "floor" => {
             cmd.args(["target/release/peer", name, "0"]);
@@ -164,6 +169,10 @@ pub(crate) async fn run(o: Options) -> anyhow::Result<()> {
         for sc in &scenarios {
             for s in &o.servers {
                 if sc.starts_with("direct-") && s != "switchboard" {
+                    continue;
+                }
+                // A waiting long-poll is measured idle only.
+                if sc != "idle" && s == "switchboard-poll" {
                     continue;
                 }
                 let f = scenario(sc, s, &o).await.with_context(|| format!("{sc} on {s}, run {run}"))?;

@@ -12,7 +12,11 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::sync::Semaphore;
 
+use crate::httpclient::{self, Chunked};
 use crate::wsclient::{self, CLOSE, PING, TEXT};
+
+/// How long an idle long-poll waits: the gateway's longest (`--poll-timeout`, 25 s).
+const POLL_WAIT_MS: u64 = 25_000;
 
 /// What the server speaks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +25,11 @@ pub(crate) enum Kind {
     Switchboard,
     /// A plain broadcast server: every text message goes to every client.
     Plain,
+    /// Switchboard's Server-Sent Events: subscribers are `GET /sse` streams (the
+    /// publisher a WebSocket session).
+    Sse,
+    /// Switchboard's long-polling (idle sessions only: a poll waiting for the next message).
+    Poll,
 }
 
 /// The server under load.
@@ -44,10 +53,32 @@ pub(crate) fn tokens(count: usize, prefix: &str) -> anyhow::Result<Vec<String>> 
         .collect()
 }
 
-/// A connected session, ready for traffic; `buf` holds bytes read past the last frame.
+/// A connected session, ready for traffic; `buf` holds bytes read past the last frame
+/// (for an SSE stream, past the last whole chunk header: `sse` decodes the body).
 struct Conn {
     stream: TcpStream,
     buf: Vec<u8>,
+    sse: Option<Chunked>,
+}
+
+impl Conn {
+    /// Splits what `buf` holds into text frames (or SSE events' data) for `on_text`;
+    /// pings go to `pings`. True when the server closed the session.
+    fn parse(&mut self, pings: &mut Vec<Vec<u8>>, mut on_text: impl FnMut(&[u8])) -> anyhow::Result<bool> {
+        if let Some(body) = &mut self.sse {
+            body.feed(&mut self.buf)?;
+            body.events(on_text);
+            return Ok(body.ended);
+        }
+        let mut closed = false;
+        wsclient::parse(&mut self.buf, |op, p| match op {
+            TEXT => on_text(p),
+            PING => pings.push(p.to_vec()),
+            CLOSE => closed = true,
+            _ => {}
+        })?;
+        Ok(closed)
+    }
 }
 
 /// Reads until a text frame satisfying `want` arrives (answering pings).
@@ -55,11 +86,14 @@ async fn read_until(c: &mut Conn, mut want: impl FnMut(&[u8]) -> bool) -> anyhow
     loop {
         let mut found = false;
         let mut pings = Vec::new();
-        wsclient::parse(&mut c.buf, |op, p| match op {
-            TEXT if !found => found = want(p),
-            PING => pings.push(p.to_vec()),
-            _ => {}
+        let closed = c.parse(&mut pings, |p| {
+            if !found {
+                found = want(p);
+            }
         })?;
+        if closed && !found {
+            bail!("closed by the server");
+        }
         for p in pings {
             c.stream.write_all(&wsclient::frame(0xA, &p)).await?;
         }
@@ -81,9 +115,22 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 /// set, subscribes and waits for the ack.
 async fn open(t: &Target, i: usize, token: Option<&str>, channel: Option<&str>) -> anyhow::Result<Conn> {
     let source = (!t.sources.is_empty()).then(|| t.sources[i % t.sources.len()]);
+    if t.kind == Kind::Poll {
+        let token = token.context("a poll needs a token")?;
+        let stream = httpclient::waiting_poll(t.addr, source, channel.unwrap_or("idle"), token, POLL_WAIT_MS).await?;
+        return Ok(Conn { stream, buf: Vec::new(), sse: None });
+    }
+    if t.kind == Kind::Sse {
+        let (stream, buf) = httpclient::sse(t.addr, source, channel, token).await?;
+        let mut c = Conn { stream, buf, sse: Some(Chunked::default()) };
+        // The welcome, then (one read may bring both) the subscribe ack.
+        let want: &[u8] = if channel.is_some() { br#""type":"ack""# } else { br#""type":"welcome""# };
+        read_until(&mut c, |p| contains(p, want)).await.context("welcome and subscribe ack")?;
+        return Ok(c);
+    }
     let path = if t.kind == Kind::Switchboard { "/ws" } else { "/" };
     let (stream, buf) = wsclient::connect(t.addr, source, path, token).await?;
-    let mut c = Conn { stream, buf };
+    let mut c = Conn { stream, buf, sse: None };
     if t.kind == Kind::Switchboard {
         read_until(&mut c, |p| contains(p, br#""type":"welcome""#)).await.context("welcome")?;
         if let Some(ch) = channel {
@@ -118,11 +165,23 @@ async fn open_many(
     }
     let mut conns = Vec::with_capacity(count);
     let mut failed = 0;
+    let mut first_error = None;
     for task in tasks {
         match task.await {
             Ok(Ok(Ok(c))) => conns.push(c),
-            _ => failed += 1,
+            other => {
+                failed += 1;
+                first_error.get_or_insert_with(|| match other {
+                    Ok(Ok(Err(e))) => format!("{e:#}"),
+                    Ok(Err(_)) => "timed out".to_owned(),
+                    Err(e) => e.to_string(),
+                    Ok(Ok(Ok(_))) => unreachable!(),
+                });
+            }
         }
+    }
+    if let Some(e) = first_error {
+        eprintln!("{failed} of {count} sessions failed to open, the first: {e}");
     }
     let rate = conns.len() as f64 / started.elapsed().as_secs_f64();
     (conns, rate, failed)
@@ -151,7 +210,7 @@ pub(crate) struct IdleResult {
 /// Opens `count` idle sessions (Switchboard: authenticated, one subscription),
 /// then reports the server's RSS growth per session and the connect rate.
 pub(crate) async fn idle(t: &Target, pid: u32, count: usize, concurrency: usize) -> anyhow::Result<IdleResult> {
-    let session_tokens = if t.kind == Kind::Switchboard { tokens(count, "idle")? } else { Vec::new() };
+    let session_tokens = if t.kind == Kind::Plain { Vec::new() } else { tokens(count, "idle")? };
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = crate::rss_kib(pid)?;
     let cpu0 = cpu_seconds(pid);
@@ -312,10 +371,12 @@ async fn publisher(
         for _ in 0..due {
             let body = wsclient::stamped(sent, payload);
             let msg = match kind {
-                Kind::Switchboard if direct => {
+                Kind::Switchboard | Kind::Sse | Kind::Poll if direct => {
                     format!(r#"{{"op":"send","user":"fan{}","data":"{body}"}}"#, sent % subscribers.max(1))
                 }
-                Kind::Switchboard => format!(r#"{{"op":"publish","channel":"bench","data":"{body}"}}"#),
+                Kind::Switchboard | Kind::Sse | Kind::Poll => {
+                    format!(r#"{{"op":"publish","channel":"bench","data":"{body}"}}"#)
+                }
                 Kind::Plain => body,
             };
             out.extend_from_slice(&wsclient::frame(TEXT, msg.as_bytes()));
@@ -350,19 +411,22 @@ pub(crate) async fn fanout(
     payload: usize,
     window_deliveries: u64,
 ) -> anyhow::Result<FanoutResult> {
-    let session_tokens = if t.kind == Kind::Switchboard { tokens(subscribers + 1, "fan")? } else { Vec::new() };
+    if t.kind == Kind::Poll {
+        bail!("fanout over long-polling is not measured");
+    }
+    let session_tokens = if t.kind == Kind::Plain { Vec::new() } else { tokens(subscribers + 1, "fan")? };
     let (mut conns, _, failed_connects) = open_many(t, subscribers + 1, 256, &session_tokens, Some("bench")).await;
     if conns.len() < subscribers + 1 {
         bail!("only {} of {} sessions opened", conns.len(), subscribers + 1);
     }
     // The publisher is a session that is not subscribed: for Switchboard a new one.
     let pub_conn = match t.kind {
-        Kind::Switchboard => {
+        Kind::Plain => conns.pop().context("publisher")?,
+        _ => {
             drop(conns.pop());
             let token = tokens(1, "publisher")?;
-            open(t, 0, Some(&token[0]), None).await?
+            open(&Target { kind: Kind::Switchboard, ..t.clone() }, 0, Some(&token[0]), None).await?
         }
-        Kind::Plain => conns.pop().context("publisher")?,
     };
     let hist = Arc::new(Histogram::default());
     let total = Arc::new(AtomicU64::new(0));
@@ -474,14 +538,8 @@ async fn drive(
     let mut held = Held::default();
     loop {
         let mut pings = Vec::new();
-        let mut closed = false;
-        let parsed = wsclient::parse(&mut c.buf, |op, p| match op {
-            TEXT => on_text(p),
-            PING => pings.push(p.to_vec()),
-            CLOSE => closed = true,
-            _ => {}
-        });
-        if parsed.is_err() || closed {
+        let parsed = c.parse(&mut pings, &mut on_text);
+        if !matches!(parsed, Ok(false)) {
             held.dropped = true;
             return held;
         }

@@ -133,7 +133,9 @@ enum Scenario {
     /// set rate. Run it pinned to the other core: `taskset -c 1 bench compare`.
     Compare {
         /// Servers to run (switchboard, fastwebsockets, tungstenite, node-ws, bun, and `floor`: one
-        /// write per delivery straight from the reading task, the kernel's cost), comma-separated.
+        /// write per delivery straight from the reading task, the kernel's cost; also
+        /// `switchboard-sse`, the gateway's subscribers on Server-Sent Events streams, and
+        /// `switchboard-poll`, idle sessions as waiting long-polls), comma-separated.
         #[arg(long, value_delimiter = ',', default_value = "switchboard,fastwebsockets,tungstenite,node-ws,bun,floor")]
         servers: Vec<String>,
         #[arg(long, default_value = "3")]
@@ -380,6 +382,7 @@ mod cluster_bench;
 mod compare;
 mod deflate_bench;
 mod history_bench;
+mod httpclient;
 mod load;
 mod presence_bench;
 mod soak;

@@ -22,6 +22,45 @@ pub(crate) async fn connect(
     path: &str,
     bearer: Option<&str>,
 ) -> anyhow::Result<(TcpStream, Vec<u8>)> {
+    let mut s = tcp(server, source).await?;
+    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    let req = format!(
+        "GET {path} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
+    );
+    s.write_all(req.as_bytes()).await?;
+    let (head, rest) = read_head(&mut s).await?;
+    if !head.starts_with(b"HTTP/1.1 101") {
+        let line = String::from_utf8_lossy(&head[..head.iter().position(|&b| b == b'\r').unwrap_or(0)]).into_owned();
+        bail!("upgrade refused: {line}");
+    }
+    // Frames that arrived with the response.
+    Ok((s, rest))
+}
+
+/// Reads an HTTP response head; returns it and the bytes read past it.
+pub(crate) async fn read_head(s: &mut TcpStream) -> anyhow::Result<(Vec<u8>, Vec<u8>)> {
+    let mut buf = Vec::with_capacity(512);
+    let end = loop {
+        let mut chunk = [0u8; 512];
+        let n = s.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("closed before the response head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        if buf.len() > 16 * 1024 {
+            bail!("response head too long");
+        }
+    };
+    let rest = buf.split_off(end);
+    Ok((buf, rest))
+}
+
+/// A TCP connection to `server` from `source` (any port), no Nagle, reset on close.
+pub(crate) async fn tcp(server: SocketAddr, source: Option<IpAddr>) -> anyhow::Result<TcpStream> {
     let socket = if server.is_ipv4() { TcpSocket::new_v4()? } else { TcpSocket::new_v6()? };
     // Load runs open and close tens of thousands of connections: ports still in
     // TIME_WAIT may be bound again, and closing resets the connection (linger 0) so
@@ -31,36 +70,10 @@ pub(crate) async fn connect(
     if let Some(ip) = source {
         socket.bind(SocketAddr::new(ip, 0))?;
     }
-    let mut s = socket.connect(server).await?;
+    let s = socket.connect(server).await?;
     s.set_nodelay(true)?;
     s.set_zero_linger()?;
-    let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    let req = format!(
-        "GET {path} HTTP/1.1\r\nHost: {server}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{auth}\r\n"
-    );
-    s.write_all(req.as_bytes()).await?;
-    let mut buf = Vec::with_capacity(512);
-    let end = loop {
-        let mut chunk = [0u8; 512];
-        let n = s.read(&mut chunk).await?;
-        if n == 0 {
-            bail!("closed during the upgrade");
-        }
-        buf.extend_from_slice(&chunk[..n]);
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        if buf.len() > 16 * 1024 {
-            bail!("upgrade response too long");
-        }
-    };
-    if !buf.starts_with(b"HTTP/1.1 101") {
-        let line = String::from_utf8_lossy(&buf[..buf.iter().position(|&b| b == b'\r').unwrap_or(0)]).into_owned();
-        bail!("upgrade refused: {line}");
-    }
-    // Frames that arrived with the response.
-    Ok((s, buf.split_off(end)))
+    Ok(s)
 }
 
 /// A masked client frame (mask key fixed: the server cannot tell, and the

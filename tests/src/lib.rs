@@ -27,6 +27,7 @@ pub mod link;
 pub mod monitoring;
 pub mod netns;
 pub mod resume;
+pub mod rr;
 pub mod tls;
 pub mod ws;
 
