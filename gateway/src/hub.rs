@@ -54,6 +54,9 @@ pub struct SessionCtl {
     /// permessage-deflate: 0 not negotiated, else the window bits allowed (in the
     /// padding after `close`: the block is no larger for it).
     deflate: u8,
+    /// A long-poll: presence knows its user through the node's pollers
+    /// (`transport::poll::Pollers`), not through this short session.
+    poll: bool,
 }
 
 impl SessionCtl {
@@ -66,6 +69,16 @@ impl SessionCtl {
     /// permessage-deflate: 0 not negotiated, else the server window bits allowed.
     pub fn deflate(&self) -> u8 {
         self.deflate
+    }
+
+    /// The control block of one long-poll.
+    pub fn for_poll() -> Self {
+        Self { poll: true, ..Self::default() }
+    }
+
+    /// Does presence hear of this session's subscriptions (every session but a poll)?
+    pub fn in_presence(&self) -> bool {
+        !self.poll
     }
 
     /// Asks the session to close; the first reason wins.

@@ -63,6 +63,8 @@ pub struct Server {
     pub streams: crate::transport::sse::Streams,
     /// Publish buckets of commands sent without a stream, per user.
     pub buckets: crate::transport::http::Buckets,
+    /// Users long-polling this node, as presence knows them.
+    pub pollers: crate::transport::poll::Pollers,
 }
 
 /// A reserved session slot (global and per client address), released on drop.
@@ -241,6 +243,7 @@ impl Server {
             tracker: TaskTracker::new(),
             streams: Default::default(),
             buckets: Default::default(),
+            pollers: Default::default(),
         }
     }
 

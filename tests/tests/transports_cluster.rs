@@ -441,3 +441,120 @@ async fn sse_reconnects_and_polls_alternating_gateways_show_every_message_once_i
     let total: Vec<usize> = (0..2).map(|g| proxies.iter().map(|p| p.counts()[g]).sum()).collect();
     assert!(total.iter().all(|&n| n > 0), "both gateways got connections: {total:?}");
 }
+
+/// A long-polling user in a cluster is known to presence like a WebSocket one: a poll
+/// waiting on one gateway is answered by a message published on the other (the cluster
+/// routes the channel to the poll's gateway), the user is a member of a presence channel
+/// while it keeps polling — one `join`, no `leave` between polls, on whichever gateway
+/// each poll lands — and leaves once it stops polling for longer than the heartbeat
+/// timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_polling_user_is_routed_to_and_present_between_polls() {
+    const ROOM: &str = "room:pollers";
+    let c = Cluster::builder().kafka().bridges(1).gateways(2).start().await;
+    ready(&c, 0).await;
+    ready(&c, 1).await;
+    let (g0, g1) = (c.gateway(0), c.gateway(1));
+    let (mut watcher, _) = connect(g0, "watcher").await;
+    assert_eq!(call(&mut watcher, json!({"op":"subscribe","channel":ROOM})).await["type"], "ack");
+    let (frames_tx, mut frames) = tokio::sync::mpsc::unbounded_channel::<Value>();
+    let (mut publisher, _) = connect(g0, "publisher").await;
+    // Everything the watcher is sent, in order (the reader ends with the test).
+    let reader = tokio::spawn(async move {
+        loop {
+            let v = recv_json_within(&mut watcher, RUN).await;
+            if frames_tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let auth = bearer("poller");
+    let poll = |addr: SocketAddr, cursor: Option<String>, wait_ms: Option<u64>| {
+        let mut path = format!("/poll?channels={}", urlencode(ROOM));
+        if let Some(c) = cursor {
+            path += &format!("&cursor={}", urlencode(&c));
+        }
+        if let Some(ms) = wait_ms {
+            path += &format!("&timeout_ms={ms}");
+        }
+        let auth = auth.clone();
+        async move {
+            let reply = request(addr, "GET", &path, &[("Authorization", auth.as_str())], b"").await;
+            assert_eq!(reply.status, 200, "{path}: {}", reply.body);
+            reply.json()
+        }
+    };
+    // The first poll, on gateway 1: the subscribe ack and a cursor.
+    let first = poll(g1, None, None).await;
+    assert_eq!(first["events"][0]["type"], "ack", "{first}");
+    let mut cursor = first["cursor"].as_str().expect("cursor").to_owned();
+    // The watcher on gateway 0 sees the poller join.
+    let join = tokio::time::timeout(WAIT, async {
+        loop {
+            let v = frames.recv().await.expect("watcher frames");
+            if v["type"] == "join" && v["user"] == "poller" {
+                return v;
+            }
+        }
+    })
+    .await
+    .expect("the poller's join reached the other gateway");
+    assert_eq!(join["channel"], ROOM);
+
+    // A poll waiting on gateway 1 (default wait, 25 s) is answered by a message published
+    // on gateway 0: the cluster routes the room to gateway 1 for the poller.
+    let waiting = tokio::spawn(poll(g1, Some(cursor.clone()), None));
+    let admin = c.gateways[1].addr("admin");
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let page = http_get(admin, "/metrics").await.1;
+        if metric(&page, "switchboard_gateway_transport_sessions_active", r#"transport="poll""#) >= 1.0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the poll never waited on gateway 1");
+        tokio::task::yield_now().await;
+    }
+    let ack = call(&mut publisher, json!({"op":"publish","channel":ROOM,"data":"to the poller"})).await;
+    assert_eq!(ack["type"], "ack", "{ack}");
+    let answer = tokio::time::timeout(Duration::from_secs(20), waiting)
+        .await
+        .expect("the waiting poll was answered by the message, not by its timeout")
+        .expect("poll task");
+    let got: Vec<&Value> =
+        answer["events"].as_array().expect("events").iter().filter(|e| e["type"] == "message").collect();
+    assert_eq!(got.len(), 1, "the message, once: {answer}");
+    assert_eq!(got[0]["seq"], ack["seq"], "{answer}");
+    cursor = answer["cursor"].as_str().expect("cursor").to_owned();
+
+    // Polls that return at once, alternating gateways: still a member, between them too.
+    let rr = RoundRobin::start_at(&[g0, g1], 0).await;
+    for _ in 0..6 {
+        let a = poll(rr.addr, Some(cursor.clone()), Some(0)).await;
+        cursor = a["cursor"].as_str().expect("cursor").to_owned();
+        let members = call(&mut publisher, json!({"op":"presence","channel":ROOM})).await;
+        assert!(
+            members["users"].as_array().is_some_and(|u| u.iter().any(|u| u == "poller")),
+            "the poller is a member between polls: {members}"
+        );
+    }
+    assert_eq!(rr.counts(), vec![3, 3], "the polls alternated gateways");
+
+    // It stops polling: after the heartbeat timeout (10 s by default) it leaves, once,
+    // with no other join or leave of it before.
+    let mut seen = Vec::new();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        loop {
+            let v = frames.recv().await.expect("watcher frames");
+            if v["user"] == "poller" {
+                seen.push(v["type"].as_str().unwrap_or_default().to_owned());
+                if v["type"] == "leave" {
+                    return;
+                }
+            }
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the poller never left: {seen:?}"));
+    assert_eq!(seen, ["leave"], "one leave after the polling stopped, no flicker before it");
+    reader.abort();
+}

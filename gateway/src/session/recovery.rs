@@ -48,7 +48,9 @@ pub(crate) async fn subscribe(
         out.reply(protocol::subscribed(r, channel, None, None));
         return;
     };
-    node.presence.subscribed(handle.id, channel);
+    if handle.ctl.in_presence() {
+        node.presence.subscribed(handle.id, channel);
+    }
     let gapless = node.bus.gapless();
     let since = since.map(|s| Position { seq: s.seq, epoch: Arc::from(s.epoch) });
     let max = node.config.recovery_max;

@@ -6,8 +6,17 @@
 //! comes from broker-bridge); when nothing is newer it waits, up to
 //! `--poll-timeout`, for the next message. Nothing is kept between polls: the
 //! answer's `cursor` is the next poll's.
+//!
+//! Presence is the exception, because a poller is not gone between two polls: the
+//! node keeps one presence connection per polling user ([`Pollers`]), subscribed to
+//! the channels its polls ask for, until no poll has asked for a channel for
+//! `heartbeat_timeout` (a WebSocket session that stops answering is gone after as
+//! long). A client that polls continuously stays a member of its presence channels
+//! with no leave/join between polls, and the cluster keeps routing its channels here.
 
+use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -21,7 +30,7 @@ use super::event_id::Cursor;
 use super::http::{self as h, Body};
 use super::{Opened, Transport};
 use crate::handshake::HandshakeError;
-use crate::hub::{SessionCtl, SessionHandle};
+use crate::hub::{ConnRecord, SessionCtl, SessionHandle};
 use crate::metrics as m;
 use crate::policy::CloseReason;
 use crate::protocol::ErrorCode;
@@ -43,6 +52,11 @@ fn news(json: &[u8]) -> bool {
         recovered: Option<bool>,
     }
     !matches!(serde_json::from_slice::<Peek<'_>>(json), Ok(p) if p.kind == "ack" && p.recovered == Some(true))
+}
+
+/// Is this frame a subscribe ack (the poll's own: it sends no other command)?
+fn is_ack(json: &[u8]) -> bool {
+    json.starts_with(br#"{"type":"ack""#)
 }
 
 /// `GET`/`POST /poll`.
@@ -102,7 +116,7 @@ pub(crate) async fn poll(
         connected_at_ms: 0,
         client_info: Arc::from(""),
         outbox: tx,
-        ctl: Arc::new(SessionCtl::with_deflate(0)),
+        ctl: Arc::new(SessionCtl::for_poll()),
     };
     let node = server.node.clone();
     let mut cursor = Cursor::new(&channels);
@@ -112,6 +126,7 @@ pub(crate) async fn poll(
         }
     }
     let subscribed: Vec<Arc<str>> = channels.iter().map(|c| Arc::from(c.as_str())).collect();
+    let _polling = Pollers::enter(&server, &identity.user, &subscribed);
     // Also when the request is dropped (the client went away): the poll's subscriptions end.
     let mut cleanup = Cleanup {
         node: node.clone(),
@@ -120,21 +135,29 @@ pub(crate) async fn poll(
         channels: subscribed.clone(),
         done: false,
     };
+    // Every channel at once: a channel's ack comes before its recovery lines up with the
+    // live stream, which may wait for the cluster's route or read history in rounds
+    // while messages keep coming; one channel's wait must not hold the others' acks.
     let subscribe = async {
         let out = Out::queue(&handle);
-        for channel in &subscribed {
-            session::subscribe(&node, &out, None, channel, given.get(channel).cloned()).await;
-        }
+        let out = &out;
+        futures_util::future::join_all(
+            subscribed.iter().map(|channel| session::subscribe(&node, out, None, channel, given.get(channel).cloned())),
+        )
+        .await;
     };
     tokio::pin!(subscribe);
     let mut subscribing = true;
     let mut events: Vec<Bytes> = Vec::new();
     let mut batch: Vec<Bytes> = Vec::new();
     let mut answer = false;
+    // Channels whose subscribe ack came: once all did, news is answered even while a
+    // recovery is still lining up (the cursor moves only with what the answer shows).
+    let mut acked = 0;
     let deadline = tokio::time::sleep_until(Instant::now() + wait);
     tokio::pin!(deadline);
     let outcome = loop {
-        if answer && !subscribing {
+        if answer && (!subscribing || acked >= subscribed.len()) {
             break "events";
         }
         tokio::select! {
@@ -148,6 +171,7 @@ pub(crate) async fn poll(
                     }
                     let json = Bytes::copy_from_slice(super::sse::payload(&frame));
                     cursor.observe(&json);
+                    acked += usize::from(is_ack(&json));
                     // A complete recovery's ack says nothing the answer does not show.
                     if news(&json) {
                         answer = true;
@@ -209,11 +233,120 @@ struct Cleanup {
 impl Drop for Cleanup {
     fn drop(&mut self) {
         self.node.hub.unregister(self.id, &self.user, self.channels.iter().cloned());
-        for channel in &self.channels {
-            self.node.presence.unsubscribed(self.id, channel);
-        }
         if !self.done {
             metrics::counter!(m::POLLS, "outcome" => "gone").increment(1);
         }
     }
+}
+
+/// The users long-polling this node, each one presence connection (see the module's
+/// documentation).
+#[derive(Debug, Default)]
+pub struct Pollers {
+    users: parking_lot::Mutex<HashMap<Arc<str>, Poller>>,
+    sweeping: AtomicBool,
+}
+
+/// One polling user's presence connection.
+#[derive(Debug)]
+struct Poller {
+    conn_id: u64,
+    /// Per channel: polls in flight that ask for it, and when the last one ended.
+    channels: HashMap<Arc<str>, (usize, Instant)>,
+}
+
+/// A poll in flight (for [`Pollers`]); its channels' linger starts when it drops.
+pub(crate) struct Polling {
+    server: Arc<Server>,
+    user: Arc<str>,
+    channels: Vec<Arc<str>>,
+}
+
+impl Pollers {
+    /// A poll of `user` for `channels` begins: the user's presence connection (made on
+    /// its first poll) is subscribed to them.
+    pub(crate) fn enter(server: &Arc<Server>, user: &Arc<str>, channels: &[Arc<str>]) -> Polling {
+        let presence = &server.node.presence;
+        if !server.pollers.sweeping.swap(true, Ordering::AcqRel) {
+            server.tracker.spawn(sweep(server.clone()));
+        }
+        let now = Instant::now();
+        let mut users = server.pollers.users.lock();
+        let poller = users.entry(user.clone()).or_insert_with(|| {
+            let conn_id = server.next_conn_id.fetch_add(1, Ordering::Relaxed);
+            presence.connected(&ConnRecord {
+                conn_id,
+                user: user.clone(),
+                connected_at_ms: crate::session::unix_now().as_millis() as u64,
+                client_info: Arc::from("long-polling"),
+                channels: Vec::new(),
+            });
+            Poller { conn_id, channels: HashMap::new() }
+        });
+        for ch in channels {
+            let entry = poller.channels.entry(ch.clone()).or_insert_with(|| {
+                presence.subscribed(poller.conn_id, ch);
+                (0, now)
+            });
+            entry.0 += 1;
+        }
+        Polling { server: server.clone(), user: user.clone(), channels: channels.to_vec() }
+    }
+
+    /// Ends the presence of what no poll asked for in `linger` (all of it with `linger`
+    /// zero); forgets users left with no channel.
+    fn sweep(&self, presence: &dyn crate::presence::PresenceBackend, linger: Duration) {
+        let now = Instant::now();
+        self.users.lock().retain(|_, p| {
+            p.channels.retain(|ch, (polls, ended)| {
+                let keep = !linger.is_zero() && (*polls > 0 || now.duration_since(*ended) < linger);
+                if !keep {
+                    presence.unsubscribed(p.conn_id, ch);
+                }
+                keep
+            });
+            if p.channels.is_empty() {
+                presence.disconnected(p.conn_id);
+            }
+            !p.channels.is_empty()
+        });
+    }
+
+    /// Users with a presence connection here (for tests and metrics).
+    pub fn len(&self) -> usize {
+        self.users.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl Drop for Polling {
+    fn drop(&mut self) {
+        let now = Instant::now();
+        let mut users = self.server.pollers.users.lock();
+        if let Some(p) = users.get_mut(&self.user) {
+            for ch in &self.channels {
+                if let Some(entry) = p.channels.get_mut(ch) {
+                    entry.0 -= 1;
+                    entry.1 = now;
+                }
+            }
+        }
+    }
+}
+
+/// Every second, the presence of pollers that stopped polling ends; all of it when the
+/// node stops.
+async fn sweep(server: Arc<Server>) {
+    let linger = server.node.config.heartbeat_timeout;
+    let mut tick = tokio::time::interval(Duration::from_secs(1).min(linger.max(Duration::from_millis(10))));
+    loop {
+        tokio::select! {
+            () = server.stop_sessions.cancelled() => break,
+            _ = tick.tick() => server.pollers.sweep(&*server.node.presence, linger),
+        }
+    }
+    server.pollers.sweep(&*server.node.presence, Duration::ZERO);
 }
