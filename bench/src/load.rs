@@ -415,7 +415,11 @@ pub(crate) async fn fanout(
         bail!("fanout over long-polling is not measured");
     }
     let session_tokens = if t.kind == Kind::Plain { Vec::new() } else { tokens(subscribers + 1, "fan")? };
-    let (mut conns, _, failed_connects) = open_many(t, subscribers + 1, 256, &session_tokens, Some("bench")).await;
+    // At most 48 connections in their handshake per source address, as for `idle`: the
+    // gateway sheds an address's oldest half-open connection beyond 64.
+    let concurrency = 48 * t.sources.len().max(1);
+    let (mut conns, _, failed_connects) =
+        open_many(t, subscribers + 1, concurrency, &session_tokens, Some("bench")).await;
     if conns.len() < subscribers + 1 {
         bail!("only {} of {} sessions opened", conns.len(), subscribers + 1);
     }
