@@ -24,6 +24,8 @@ command -v python3 >/dev/null || missing+=(python3 python3-pip)
 # The other backbones' servers: the cluster tests start their own per test (JetStream, Redis Streams).
 command -v nats-server >/dev/null || missing+=(nats-server)
 command -v redis-server >/dev/null || missing+=(redis-server)
+# openssl: the certificate of the TLS-terminating HTTP/2 proxy in tests/browser/fallback.mjs.
+command -v openssl >/dev/null || missing+=(openssl)
 if [ ${#missing[@]} -gt 0 ]; then
   echo "==> installing ${missing[*]}"
   as_root apt-get update -qq

@@ -3,7 +3,8 @@
 // Events, and behind one that also buffers responses over long-polling; the same API,
 // recovery and gaps; back to WebSocket when upgrades go through again; a restarting gateway
 // (refused connections) is not taken for a network that refuses WebSockets; cross-origin
-// pages get CORS answers.
+// pages get CORS answers; behind a TLS-terminating HTTP/2 proxy a page holds more than six
+// streams.
 //
 //   node --test tests/browser/fallback.mjs      (after `cargo build -p gateway --bins`)
 import { test, after } from 'node:test';
@@ -11,7 +12,7 @@ import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 import { existsSync, readFileSync } from 'node:fs';
 import { Switchboard } from '../../gateway/static/switchboard.js';
-import { startGateway, startHttpProxy, jwt, now, sleep, until, next } from './harness.mjs';
+import { startGateway, startHttpProxy, startTlsH2Proxy, jwt, now, sleep, until, next } from './harness.mjs';
 
 const SECRET = 'fallback-test-secret';
 const FAST = ['--publish-rate', '100000', '--publish-burst', '100000'];
@@ -313,4 +314,52 @@ test('in Chromium: over SSE behind a proxy that refuses upgrades (cross-origin),
     await page.evaluate(() => window.client.close());
     await page.close();
   }
+});
+
+test('in Chromium behind a TLS-terminating HTTP/2 proxy that does not pass WebSockets: more SSE streams than six on one origin', async () => {
+  const { chromium } = await import('playwright-core');
+  const executablePath = process.env.CHROMIUM || '/usr/bin/chromium';
+  const browser = await chromium.launch({
+    executablePath, headless: true, timeout: 30_000,
+    args: ['--headless', '--no-sandbox', '--disable-gpu', '--disable-quic', '--no-first-run', '--ignore-certificate-errors'],
+  });
+  cleanup.push(() => browser.close());
+  const gw = await gateway();
+  const tls = await startTlsH2Proxy(gw.client);
+  cleanup.push(() => tls.close());
+  const page = await browser.newPage();
+  const errors = [];
+  page.on('pageerror', (err) => errors.push(err.message));
+  await page.exposeFunction('token', (i) => token(`tab${i}`));
+  await page.goto(`${tls.https}switchboard.js`);
+  const src = readFileSync(new URL('../../gateway/static/switchboard.js', import.meta.url), 'utf8');
+  // Ten clients in one page: over HTTP/1.1 a browser holds at most six connections per
+  // origin, so the last four could neither stream nor poll; over HTTP/2 they share one.
+  const CLIENTS = 10;
+  await page.evaluate(async ({ src, url, n }) => {
+    const { Switchboard } = await import(URL.createObjectURL(new Blob([src], { type: 'text/javascript' })));
+    window.tabs = [];
+    await Promise.all(Array.from({ length: n }, async (_, i) => {
+      const c = new Switchboard({ url, getToken: () => window.token(i) });
+      const tab = { c, seqs: [] };
+      c.on('message', (m) => tab.seqs.push(m.seq));
+      window.tabs.push(tab);
+      await c.subscribe('h2');
+    }));
+  }, { src, url: tls.url, n: CLIENTS });
+  const state = () => page.evaluate(() => window.tabs.map((t) => ({ transport: t.c.transport, seqs: t.seqs })));
+  assert.deepEqual((await state()).map((t) => t.transport), Array(CLIENTS).fill('sse'), 'every client on SSE');
+  assert.ok(tls.upgrades >= 1, 'WebSocket was tried first (and refused by the proxy)');
+  const pub = client({ url: gw.url, user: 'pub' });
+  const sent = await publishN(pub, 'h2', 5, 'h2');
+  await until(async () => (await state()).every((t) => t.seqs.length >= 5), 10_000, 'every client got every message');
+  for (const t of await state()) assert.deepEqual(t.seqs, sent);
+  // A publish from the page goes over HTTP/2 too.
+  const ack = await page.evaluate(() => window.tabs[0].c.publish('h2', { from: 'page' }));
+  await until(async () => (await state()).every((t) => t.seqs.includes(ack.seq)), 10_000, 'the page publish reached every client');
+  assert.ok((tls.versions.get('2.0') || 0) >= CLIENTS + 1, `requests over HTTP/2: ${[...tls.versions]}`);
+  assert.equal(tls.versions.get('1.1') || 0, 0, `no request fell back to HTTP/1.1: ${[...tls.versions]}`);
+  assert.deepEqual(errors, []);
+  await page.evaluate(() => window.tabs.forEach((t) => t.c.close()));
+  await page.close();
 });

@@ -198,3 +198,60 @@ export function startHttpProxy(target, { upgrade = 'refuse', buffer = false } = 
     resolve(proxy);
   }));
 }
+
+/**
+ * A TLS-terminating HTTP/2 proxy to `target` ("host:port"), as browsers reach a gateway
+ * behind a load balancer: HTTP/2 over TLS (HTTP/1.1 too, by ALPN) towards the client, plain
+ * HTTP/1.1 towards the gateway, one upstream request per stream, responses streamed. It does
+ * not pass WebSocket upgrades (many such proxies do not). A self-signed certificate for
+ * 127.0.0.1 is made with `openssl` in a temporary directory. Counts requests by HTTP version.
+ */
+export async function startTlsH2Proxy(target) {
+  const { execFileSync } = await import('node:child_process');
+  const { mkdtempSync, readFileSync, rmSync } = await import('node:fs');
+  const { tmpdir } = await import('node:os');
+  const http2 = await import('node:http2');
+  const dir = mkdtempSync(path.join(tmpdir(), 'sb-tls-'));
+  execFileSync('openssl', ['req', '-x509', '-newkey', 'ec', '-pkeyopt', 'ec_paramgen_curve:prime256v1', '-nodes',
+    '-keyout', `${dir}/key.pem`, '-out', `${dir}/cert.pem`, '-days', '1', '-subj', '/CN=127.0.0.1',
+    '-addext', 'subjectAltName=IP:127.0.0.1'], { stdio: 'ignore' });
+  const key = readFileSync(`${dir}/key.pem`);
+  const cert = readFileSync(`${dir}/cert.pem`);
+  rmSync(dir, { recursive: true, force: true });
+  const [host, port] = [target.slice(0, target.lastIndexOf(':')), Number(target.slice(target.lastIndexOf(':') + 1))];
+  const proxy = { versions: new Map(), upgrades: 0 };
+  const sessions = new Set();
+  const server = http2.createSecureServer({ key, cert, allowHTTP1: true }, (req, res) => {
+    proxy.versions.set(req.httpVersion, (proxy.versions.get(req.httpVersion) || 0) + 1);
+    const headers = {};
+    for (const [k, v] of Object.entries(req.headers)) {
+      if (!k.startsWith(':') && !['connection', 'keep-alive', 'transfer-encoding', 'upgrade', 'http2-settings'].includes(k)) headers[k] = v;
+    }
+    headers.host = target;
+    const up = http.request({ host, port, method: req.method, path: req.url, headers, agent: false }, (ures) => {
+      const out = {};
+      for (const [k, v] of Object.entries(ures.headers)) {
+        if (!['connection', 'keep-alive', 'transfer-encoding'].includes(k)) out[k] = v;
+      }
+      res.writeHead(ures.statusCode, out);
+      if (res.flushHeaders) res.flushHeaders();
+      ures.pipe(res);
+      ures.on('error', () => res.destroy());
+    });
+    up.on('error', () => { if (!res.headersSent) res.writeHead(502).end('bad gateway\n'); else res.destroy(); });
+    req.pipe(up);
+    res.on('close', () => up.destroy());
+  });
+  server.on('session', (s) => { sessions.add(s); s.on('close', () => sessions.delete(s)); });
+  server.on('upgrade', (req, socket) => { proxy.upgrades++; socket.destroy(); });
+  proxy.close = () => new Promise((done) => {
+    for (const s of sessions) s.destroy();
+    server.close(() => done());
+  });
+  return new Promise((resolve) => server.listen(0, '127.0.0.1', () => {
+    proxy.address = `127.0.0.1:${server.address().port}`;
+    proxy.url = `wss://${proxy.address}/ws`;
+    proxy.https = `https://${proxy.address}/`;
+    resolve(proxy);
+  }));
+}
