@@ -15,6 +15,19 @@ pub const USABLE_SHARE: f64 = 0.8;
 /// a subscription (3.7 KB measured, docs/performance.md), for queues and buffers.
 pub const DEFAULT_PER_SESSION: u64 = 8192;
 
+/// What an HTTP/1.1 connection kept open by hyper holds beyond a WebSocket session's
+/// state: its read buffer and its buffer for response heads, 8 KiB each (hyper's
+/// `INIT_BUFFER_SIZE`). An SSE stream and a waiting poll pay it; an upgraded WebSocket
+/// session does not (docs/performance.md, "Fallback transports").
+pub const HTTP_CONNECTION_BYTES: u64 = 16 << 10;
+
+/// Session slots an SSE stream or a waiting poll takes of a cap set by memory at
+/// `per_session` bytes per slot (a WebSocket session takes one).
+pub fn http_session_weight(per_session: u64) -> usize {
+    let per = per_session.max(1);
+    (per + HTTP_CONNECTION_BYTES).div_ceil(per) as usize
+}
+
 /// Sessions a memory limit allows at `per_session` bytes each.
 pub fn sessions_for_memory(limit: u64, per_session: u64) -> usize {
     let usable = limit.saturating_sub(BASE_RESERVE) as f64 * USABLE_SHARE;

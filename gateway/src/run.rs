@@ -59,6 +59,9 @@ pub struct Settings {
     pub echo_route: bool,
     pub handshake_timeout: Duration,
     pub max_sessions: usize,
+    /// Slots of `max_sessions` an SSE stream or a waiting poll takes: more than one when
+    /// the memory limit set the cap (they hold hyper's buffers too), else one.
+    pub http_session_weight: usize,
     pub max_pending: usize,
     pub max_per_ip: u32,
     pub max_pending_per_ip: usize,
@@ -140,6 +143,10 @@ impl Settings {
         let by_memory =
             memory_limit.map(|limit| crate::limits::sessions_for_memory(limit, cli.memory_per_session.max(1)));
         let derived = by_memory.map_or(by_files, |m| m.min(by_files));
+        let http_session_weight = match by_memory {
+            Some(m) if m <= by_files => crate::limits::http_session_weight(cli.memory_per_session),
+            _ => 1,
+        };
         let why = match (memory_limit, by_memory) {
             (Some(limit), Some(m)) => format!(
                 "open files {nofile} allow {by_files}; memory limit {limit} B at {} B per session allows {m}",
@@ -178,6 +185,7 @@ impl Settings {
             echo_route: cli.echo_route,
             handshake_timeout: cli.handshake_timeout,
             max_sessions,
+            http_session_weight,
             max_pending,
             max_per_ip: cli.max_connections_per_ip,
             max_pending_per_ip: cli.max_pending_per_ip.max(1),
@@ -320,6 +328,7 @@ pub async fn run(
         settings.max_pending,
     );
     server.max_per_ip = settings.max_per_ip;
+    server.http_session_weight = settings.http_session_weight;
     server.set_max_pending_per_ip(settings.max_pending_per_ip);
     let server = Arc::new(server);
 

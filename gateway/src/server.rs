@@ -44,6 +44,8 @@ pub struct Server {
     pub echo_route: bool,
     pub handshake_timeout: Duration,
     pub max_sessions: usize,
+    /// Slots of `max_sessions` an SSE stream or a waiting poll takes (see `Settings`).
+    pub http_session_weight: usize,
     pub max_pending: usize,
     pub sessions: AtomicUsize,
     /// Sessions per client address, when `max_per_ip` is set (0: no per-address cap).
@@ -69,11 +71,11 @@ pub struct Server {
 
 /// A reserved session slot (global and per client address), released on drop.
 #[derive(Debug)]
-pub struct SessionSlot(Arc<Server>, Option<std::net::IpAddr>);
+pub struct SessionSlot(Arc<Server>, Option<std::net::IpAddr>, usize);
 
 impl Drop for SessionSlot {
     fn drop(&mut self) {
-        self.0.sessions.fetch_sub(1, Ordering::AcqRel);
+        self.0.sessions.fetch_sub(self.2, Ordering::AcqRel);
         if let Some(ip) = self.1 {
             let mut per_ip = self.0.per_ip.lock();
             if let Some(n) = per_ip.get_mut(&ip) {
@@ -119,7 +121,7 @@ pub struct Held {
 impl Conn {
     /// Reserves a session slot for a request of this connection.
     pub fn hold(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<Held, NoSlot> {
-        let slot = self.server.try_reserve_session(ip)?;
+        let slot = self.server.try_reserve_slots(ip, self.server.http_session_weight)?;
         let mut st = self.state.lock();
         st.0 += 1;
         if st.0 == 1 && !st.1 {
@@ -230,6 +232,7 @@ impl Server {
             echo_route,
             handshake_timeout,
             max_sessions,
+            http_session_weight: 1,
             max_pending,
             sessions: AtomicUsize::new(0),
             max_per_ip: 0,
@@ -254,9 +257,14 @@ impl Server {
 
     /// Reserves a session slot if the cap allows.
     pub fn try_reserve_session(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<SessionSlot, NoSlot> {
-        let prev = self.sessions.fetch_add(1, Ordering::AcqRel);
-        let slot = SessionSlot(self.clone(), None);
-        if prev >= self.max_sessions {
+        self.try_reserve_slots(ip, 1)
+    }
+
+    /// Reserves `weight` slots of the connection cap (and one of the address's).
+    fn try_reserve_slots(self: &Arc<Self>, ip: std::net::IpAddr, weight: usize) -> Result<SessionSlot, NoSlot> {
+        let prev = self.sessions.fetch_add(weight, Ordering::AcqRel);
+        let slot = SessionSlot(self.clone(), None, weight);
+        if prev + weight > self.max_sessions {
             return Err(NoSlot::Full);
         }
         if self.max_per_ip == 0 {

@@ -880,13 +880,15 @@ class HttpLink {
     return { type: 'error', ref: cmd.ref, code, message: text.trim() || `HTTP ${res.status}`, ...(retry ? { retry_after_ms: retry * 1000 } : {}) };
   }
 
-  /** The client's watchdog probes liveness with `ping`s; each link watches its own. */
-  _watchdogPing(cmd) {
+  /** A command of the client, as `WebSocket.send` takes it; the link's `_command` carries it. */
+  send(text) {
+    const cmd = JSON.parse(text);
+    // The client's watchdog probes liveness with `ping`s; each link watches its own.
     if (cmd.op === 'ping' && /^w\d+$/.test(String(cmd.ref))) {
       this._deliver({ type: 'pong', ref: cmd.ref });
-      return true;
+      return;
     }
-    return false;
+    this._command(cmd, cmd.channel);
   }
 
   /** A subscribe ack the stream or a poll gave without a ref, for a channel the client follows. */
@@ -1040,10 +1042,7 @@ class SseLink extends HttpLink {
     }, Math.min(limit / 4, 5_000));
   }
 
-  send(text) {
-    const cmd = JSON.parse(text);
-    if (this._watchdogPing(cmd)) return;
-    const ch = cmd.channel;
+  _command(cmd, ch) {
     switch (cmd.op) {
       case 'subscribe':
         if (this.bound.has(ch) && !this._acked.has(ch) && !this.pending.has(ch)) {
@@ -1227,10 +1226,7 @@ class PollLink extends HttpLink {
     for (const [ch, p] of next) if (this.cursor.has(ch) && p) this.cursor.set(ch, p);
   }
 
-  send(text) {
-    const cmd = JSON.parse(text);
-    if (this._watchdogPing(cmd)) return;
-    const ch = cmd.channel;
+  _command(cmd, ch) {
     switch (cmd.op) {
       case 'subscribe':
         this.cursor.set(ch, isPosition(cmd.since) ? copy(cmd.since) : this.cursor.get(ch) || null);

@@ -360,7 +360,13 @@ async fn a_cgroup_memory_limit_caps_sessions_below_it() {
     // (128 - 64) MiB * 0.8 / 8 KiB per session, well below the open-files cap here.
     assert_eq!(s.max_sessions, 6553);
     assert_eq!(parse(&["--memory-per-session", "4096"]).unwrap().max_sessions, 13107);
+    // An SSE stream or a waiting poll also holds hyper's 16 KiB of buffers.
+    assert_eq!(s.http_session_weight, 3);
+    assert_eq!(parse(&["--memory-per-session", "4096"]).unwrap().http_session_weight, 5);
     let err = parse(&["--max-connections", "7000"]).unwrap_err().to_string();
     assert!(err.contains("memory limit 134217728") && err.contains("6553"), "{err}");
+    // A cap set by open files counts every session as one socket.
+    std::fs::write(root.join("memory.max"), "max\n").unwrap();
+    assert_eq!(parse(&[]).unwrap().http_session_weight, 1);
     std::fs::remove_dir_all(&root).unwrap();
 }

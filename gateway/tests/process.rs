@@ -175,40 +175,36 @@ async fn demo_page_in_headless_chromium() {
 /// events, duplicates, URL lists, getToken, connect-first and refresh).
 #[tokio::test]
 async fn js_client_node_tests() {
-    let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
-    let out = tokio::process::Command::new("node")
-        .args(["--test", "tests/browser/resume.mjs"])
-        .env("GATEWAY_BIN", env!("CARGO_BIN_EXE_gateway"))
-        .current_dir(root)
-        .output();
-    let out = tokio::time::timeout(Duration::from_secs(120), out)
-        .await
-        .expect("node tests hung")
-        .expect("node must be installed (with the ws package: npm ci)");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "node --test tests/browser/resume.mjs failed:\n{stdout}\n{stderr}");
+    node_suite(&["tests/browser/resume.mjs"], Duration::from_secs(120)).await;
 }
 
-/// The JS client's fallback transports against this binary: tests/browser/fallback.mjs
-/// (SSE behind a proxy that refuses or drops upgrades, long-polling behind one that also
-/// buffers, each with recovery and a gap after a restart, in Node and in Chromium; back to
-/// WebSocket; a restarting gateway is not a blocked network; CORS).
-#[tokio::test]
-async fn js_client_fallback_tests() {
+/// Runs `node --test <args>` against this binary from the repository's root; fails with
+/// its output unless every test passed within `limit`.
+async fn node_suite(args: &[&str], limit: Duration) {
     let root = concat!(env!("CARGO_MANIFEST_DIR"), "/..");
     let out = tokio::process::Command::new("node")
-        .args(["--test", "--test-concurrency=1", "tests/browser/fallback.mjs"])
+        .arg("--test")
+        .args(args)
         .env("GATEWAY_BIN", env!("CARGO_BIN_EXE_gateway"))
         .current_dir(root)
         .output();
-    let out = tokio::time::timeout(Duration::from_secs(240), out)
+    let out = tokio::time::timeout(limit, out)
         .await
         .expect("node tests hung")
         .expect("node must be installed (with ws and playwright-core: npm ci)");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "node --test tests/browser/fallback.mjs failed:\n{stdout}\n{stderr}");
+    assert!(out.status.success(), "node --test {} failed:\n{stdout}\n{stderr}", args.join(" "));
+}
+
+/// The JS client's fallback transports against this binary: tests/browser/fallback.mjs
+/// (SSE behind a proxy that refuses or drops upgrades, long-polling behind one that also
+/// buffers, each with recovery and a gap after a restart, in Node and in Chromium; back to
+/// WebSocket; a restarting gateway is not a blocked network; CORS; Chromium behind a
+/// TLS-terminating HTTP/2 proxy).
+#[tokio::test]
+async fn js_client_fallback_tests() {
+    node_suite(&["--test-concurrency=1", "tests/browser/fallback.mjs"], Duration::from_secs(240)).await;
 }
 
 /// `--anonymous` with no JWT key: there is no token to refresh, and the session goes on.

@@ -371,6 +371,34 @@ async fn one_connection_cap_and_address_cap_count_every_transport() {
     assert_eq!(reopened.json().await["type"], "welcome");
 }
 
+/// Under a cap set by the cgroup memory limit, an SSE stream or a waiting poll takes the
+/// slots its memory needs (hyper's two 8 KiB buffers beside the session: 3 slots of the
+/// default 8 KiB), so a node full of streams stays inside its memory limit.
+#[tokio::test]
+async fn a_memory_cap_counts_an_http_session_at_its_memory() {
+    let root = std::env::temp_dir().join(format!("sb-cg-http-{}", std::process::id()));
+    std::fs::create_dir_all(&root).unwrap();
+    // 64 MiB kept for the process, then 10 sessions of 8 KiB in 80 % of the rest.
+    std::fs::write(root.join("memory.max"), format!("{}\n", (64 << 20) + 10 * 8192 * 10 / 8)).unwrap();
+    let gw = Gateway::start(&["--cgroup-root", root.to_str().unwrap()]).await;
+    let page = gw.admin_get("/metrics").await.1;
+    assert_eq!(metric(&page, "switchboard_gateway_connections_limit", ""), 10.0, "the memory cap");
+    // Three streams: 9 of the 10 slots.
+    let mut streams = Vec::new();
+    for user in ["a", "b", "c"] {
+        streams.push(stream(&gw, user, "").await);
+    }
+    let r = sse(&gw, "d", "", &[]).await.unwrap_err();
+    assert_eq!(r.status, 503, "a fourth stream does not fit: {}", r.body);
+    assert!(r.header("retry-after").is_some());
+    let r = poll(&gw, "d", "?channels=x").await;
+    assert_eq!(r.status, 503, "nor a poll");
+    // A WebSocket session (one slot) still fits, then nothing does.
+    let (_ws, _) = gw.ws("e").await;
+    assert!(gw.ws_with_header(&token(json!({"sub":"f","exp":now()+60}))).await.is_err(), "the cap is full");
+    std::fs::remove_dir_all(&root).unwrap();
+}
+
 #[tokio::test]
 async fn a_client_that_never_reads_its_stream_is_closed_as_a_slow_consumer() {
     let gw = Gateway::start(&[
