@@ -176,14 +176,14 @@ pub(crate) fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
 
 /// The token of a plain HTTP request (SSE, long-poll, commands): `Authorization:
 /// Bearer`, then the `switchboard_token` cookie, then `?token=`.
-pub(crate) fn http_token(req: &Request<Incoming>) -> Option<String> {
+pub(crate) fn http_token(req: &Request<Incoming>) -> (Option<String>, bool) {
     let bearer = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|a| a.strip_prefix("Bearer ").or_else(|| a.strip_prefix("bearer ")));
     if let Some(t) = bearer {
-        return Some(t.trim().to_owned());
+        return (Some(t.trim().to_owned()), false);
     }
     let cookie = req
         .headers()
@@ -193,9 +193,9 @@ pub(crate) fn http_token(req: &Request<Incoming>) -> Option<String> {
         .flat_map(|v| v.split(';'))
         .find_map(|c| c.trim().strip_prefix("switchboard_token="));
     if let Some(t) = cookie {
-        return Some(t.to_owned());
+        return (Some(t.to_owned()), true);
     }
-    query_param(req, "token").map(|t| t.into_owned())
+    (query_param(req, "token").map(|t| t.into_owned()), false)
 }
 
 /// The token, the subprotocol to answer with, from header, subprotocol or query.

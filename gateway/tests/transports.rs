@@ -371,6 +371,51 @@ async fn one_connection_cap_and_address_cap_count_every_transport() {
     assert_eq!(reopened.json().await["type"], "welcome");
 }
 
+/// The token also comes from the `switchboard_token` cookie (what an `EventSource`, which
+/// sets no headers, sends) or `?token=`; a cookie, which the browser attaches by itself,
+/// counts only from the gateway's own origin or one listed explicitly, even when the list is
+/// empty (a foreign page cannot read a token to put in a header or the URL).
+#[tokio::test]
+async fn a_cookie_token_works_from_its_own_origin_and_not_from_a_foreign_one() {
+    let gw = Gateway::start(&[]).await;
+    let jwt = token(json!({"sub":"kim","exp":now()+600}));
+    let cookie = format!("theme=dark; switchboard_token={jwt}");
+    let mut s = Sse::open(gw.client, "/sse?channels=c", &[("Cookie", cookie.as_str())]).await.expect("cookie stream");
+    assert_eq!(s.json().await["user"], "kim");
+    let r = poll(&gw, "ignored", "?channels=c").await; // the bearer helper: a header token
+    assert_eq!(r.status, 200);
+    let q = request(gw.client, "GET", &format!("/poll?channels=c&token={jwt}"), &[], b"").await;
+    assert_eq!(q.status, 200, "a token in the URL: {}", q.body);
+    let ping = br#"{"op":"ping","ref":"1"}"#;
+    // The gateway's own origin (the Host the request names) with the cookie: admitted.
+    let same = [("Cookie", cookie.as_str()), ("Origin", "http://test"), ("Content-Type", "text/plain")];
+    let r = request(gw.client, "POST", "/command", &same, ping).await;
+    assert_eq!((r.status, r.json()["type"].as_str()), (200, Some("pong")), "{}", r.body);
+    // Another site's page posting with the visitor's cookie: refused, as a foreign origin.
+    let foreign = [("Cookie", cookie.as_str()), ("Origin", "http://evil.example"), ("Content-Type", "text/plain")];
+    let publish = br#"{"op":"publish","channel":"c","data":"forged"}"#;
+    let r = request(gw.client, "POST", "/command", &foreign, publish).await;
+    assert_eq!(r.status, 403, "{}", r.body);
+    let r = Sse::open(gw.client, "/sse?channels=c", &foreign[..2]).await.unwrap_err();
+    assert_eq!(r.status, 403);
+    // From that origin a token it holds in `Authorization` is fine (any origin is admitted).
+    let auth = bearer("kim");
+    let r = request(
+        gw.client,
+        "POST",
+        "/command",
+        &[("Authorization", auth.as_str()), ("Origin", "http://evil.example")],
+        ping,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    // Listed explicitly, an origin may use the cookie.
+    let gw = Gateway::start(&["--allowed-origins", "http://app.example"]).await;
+    let listed = [("Cookie", cookie.as_str()), ("Origin", "http://app.example")];
+    let r = request(gw.client, "POST", "/command", &listed, ping).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+}
+
 /// Under a cap set by the cgroup memory limit, an SSE stream or a waiting poll takes the
 /// slots its memory needs (hyper's two 8 KiB buffers beside the session: 3 slots of the
 /// default 8 KiB), so a node full of streams stays inside its memory limit.

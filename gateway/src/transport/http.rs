@@ -113,15 +113,40 @@ pub(crate) fn error(code: ErrorCode, msg: &str) -> Response<Body> {
 /// `Origin` when one is sent (browsers send it on cross-origin requests) must be
 /// allowed; the token comes from `Authorization: Bearer`, the `switchboard_token`
 /// cookie or `?token=`. HTTP transports have no `connect`: no token is a 401.
+///
+/// A cookie is a credential the browser attaches by itself, also to requests another
+/// site's page makes (a form posting to `/command` needs no CORS preflight): a request
+/// authenticated by the cookie that comes from an origin is admitted only from the
+/// gateway's own origin or one listed in `--allowed-origins` explicitly, even when that
+/// list is empty (which admits any origin for tokens sent in `Authorization` or the URL,
+/// that a foreign page cannot read).
 pub(crate) fn admit(server: &Server, req: &Request<Incoming>) -> Result<Identity, HandshakeError> {
-    if let Some(origin) = req.headers().get(header::ORIGIN).filter(|_| !server.allowed_origins.is_empty()) {
-        let origin = origin.to_str().unwrap_or("");
-        if !server.allowed_origins.iter().any(|a| a == origin) {
-            return Err(HandshakeError::Origin);
-        }
+    let origin = req.headers().get(header::ORIGIN).map(|o| o.to_str().unwrap_or(""));
+    let listed = |o: &str| server.allowed_origins.iter().any(|a| a == o);
+    if let Some(o) = origin.filter(|_| !server.allowed_origins.is_empty())
+        && !listed(o)
+    {
+        return Err(HandshakeError::Origin);
     }
-    handshake::authenticate(server, req, handshake::http_token(req))?
-        .ok_or(HandshakeError::Unauthorized(AuthError::Missing))
+    let (token, by_cookie) = handshake::http_token(req);
+    if let Some(o) = origin.filter(|_| by_cookie)
+        && !listed(o)
+        && !same_origin(o, req)
+    {
+        return Err(HandshakeError::Origin);
+    }
+    handshake::authenticate(server, req, token)?.ok_or(HandshakeError::Unauthorized(AuthError::Missing))
+}
+
+/// Is `origin` the gateway's own (`http(s)://` and the request's `Host`)?
+fn same_origin(origin: &str, req: &Request<Incoming>) -> bool {
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .or_else(|| req.uri().authority().map(|a| a.as_str()));
+    let rest = origin.strip_prefix("https://").or_else(|| origin.strip_prefix("http://"));
+    matches!((rest, host), (Some(r), Some(h)) if r.eq_ignore_ascii_case(h))
 }
 
 /// Cross-origin answers for the HTTP transports (a page served from another origin
