@@ -5,7 +5,14 @@ use clap::Parser;
 
 fn main() {
     let cli = Cli::parse();
-    if let Err(e) = kit::telemetry::init_logging(cli.common.log_format, &cli.common.log_filter) {
+    // async-nats logs every refused connect at error level; the bridge reports those itself
+    // (a start that fails is one line and exit 64; later ones are the client's events,
+    // logged by the NATS log). Unless the filter names async_nats, its connector is quiet.
+    let mut filter = cli.common.log_filter.clone();
+    if !filter.contains("async_nats") {
+        filter.push_str(",async_nats::connector=off");
+    }
+    if let Err(e) = kit::telemetry::init_logging(cli.common.log_format, &filter) {
         eprintln!("broker-bridge: invalid --log-filter: {e}");
         std::process::exit(kit::EXIT_CONFIG);
     }

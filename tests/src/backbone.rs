@@ -29,6 +29,8 @@ pub struct Server {
     pub kind: Backbone,
     child: Option<Child>,
     port: u16,
+    /// More arguments of the server (e.g. a configuration file).
+    extra: Vec<String>,
     dir: PathBuf,
     pub proxy: Proxy,
 }
@@ -44,6 +46,11 @@ fn binary(kind: Backbone) -> &'static str {
 impl Server {
     /// Starts the server for `kind` (Nats or Redis).
     pub async fn start(kind: Backbone) -> Self {
+        Self::start_with(kind, &[]).await
+    }
+
+    /// Starts the server for `kind` with `extra` arguments after ours.
+    pub async fn start_with(kind: Backbone, extra: &[&str]) -> Self {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!(
             "switchboard-{}-{}-{}",
@@ -57,6 +64,7 @@ impl Server {
             kind,
             child: None,
             port,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
             dir,
             proxy: Proxy::start(([127, 0, 0, 1], proxy_port).into(), ([127, 0, 0, 1], port).into()).await,
         };
@@ -67,7 +75,7 @@ impl Server {
     fn spawn(&mut self) {
         let port = self.port.to_string();
         let dir = self.dir.to_string_lossy().into_owned();
-        let (args, ready): (Vec<&str>, &str) = match self.kind {
+        let (mut args, ready): (Vec<&str>, &str) = match self.kind {
             Backbone::Nats => (vec!["-a", "127.0.0.1", "-p", &port, "-js", "-sd", &dir], "Server is ready"),
             Backbone::Redis => (
                 vec![
@@ -90,6 +98,7 @@ impl Server {
             ),
             Backbone::Kafka => unreachable!(),
         };
+        args.extend(self.extra.iter().map(String::as_str));
         let mut child = Command::new(binary(self.kind))
             .args(&args)
             .stdin(Stdio::null())

@@ -6,7 +6,8 @@
 //!   `broker-bridge/tests/mock_cluster.rs` and the cluster tests' cut proxy: tansu on
 //!   memory storage cannot be restarted under live clients.)
 //! - Bad configuration: a wrong URL or scheme, an unreachable server, a missing
-//!   stream: one line on stderr and exit 64, never a hang.
+//!   stream, credentials refused or without permissions: one line on stderr and exit
+//!   64, never a hang.
 
 use std::collections::HashSet;
 use std::process::{Command, Stdio};
@@ -163,4 +164,50 @@ async fn bad_backbone_configuration_exits_64_with_one_line() {
             "--create-topics",
         );
     }
+}
+
+/// One Redis command over RESP on a fresh connection; its reply's first line.
+async fn redis_command(addr: std::net::SocketAddr, args: &[&str]) -> String {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut s = tokio::io::BufStream::new(tokio::net::TcpStream::connect(addr).await.expect("connect to redis"));
+    let mut cmd = format!("*{}\r\n", args.len());
+    for a in args {
+        cmd += &format!("${}\r\n{a}\r\n", a.len());
+    }
+    s.write_all(cmd.as_bytes()).await.unwrap();
+    s.flush().await.unwrap();
+    let mut line = String::new();
+    s.read_line(&mut line).await.unwrap();
+    line.trim_end().to_owned()
+}
+
+/// Credentials the backbone refuses what the bridge needs with: a one-line error and exit
+/// 64, never a hang. Redis: an ACL user that may read but not write streams; NATS: a user
+/// that may not publish (so not use JetStream's API).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn missing_backbone_permissions_exit_64_with_one_line() {
+    let redis = Server::start(Backbone::Redis).await;
+    let addr = redis.proxy.addr;
+    let ok =
+        redis_command(addr, &["ACL", "SETUSER", "reader", "on", ">pw", "~*", "&*", "+@read", "+@connection"]).await;
+    assert_eq!(ok, "+OK");
+    exits_64_with_one_line(&["--backbone", &format!("redis://reader:pw@{addr}")], "redis");
+    // Wrong password: refused as well, and the password is not repeated in the message.
+    exits_64_with_one_line(&["--backbone", &format!("redis://reader:nope@{addr}")], "redis");
+    let (_, err) = bridge_exit(&["--backbone", &format!("redis://reader:nope@{addr}")]);
+    assert!(!err.contains("nope"), "{err}");
+
+    let conf = std::env::temp_dir().join(format!("sb-nats-perm-{}.conf", std::process::id()));
+    std::fs::write(
+        &conf,
+        "authorization { users = [ { user: reader, password: pw, permissions: { publish: { deny: \">\" } } } ] }\n",
+    )
+    .unwrap();
+    let nats = Server::start_with(Backbone::Nats, &["-c", conf.to_str().unwrap()]).await;
+    let addr = nats.proxy.addr;
+    exits_64_with_one_line(&["--backbone", &format!("nats://reader:pw@{addr}")], "nats");
+    exits_64_with_one_line(&["--backbone", &format!("nats://reader:nope@{addr}")], "nats");
+    let (_, err) = bridge_exit(&["--backbone", &format!("nats://reader:nope@{addr}")]);
+    assert!(!err.contains("nope"), "{err}");
+    std::fs::remove_file(&conf).unwrap();
 }

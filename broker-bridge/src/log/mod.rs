@@ -40,15 +40,24 @@ pub enum Backbone {
     Redis(String),
 }
 
+/// `url` with its credentials (`user:pass@`) hidden, for messages and logs.
+pub(crate) fn redact(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| Some((scheme, rest.rsplit_once('@')?.1))) {
+        Some((scheme, host)) => format!("{scheme}://***@{host}"),
+        None => url.to_owned(),
+    }
+}
+
 impl Backbone {
     /// `kafka://host:port,...`, `nats://host:port`, `redis://host:port[/db]`; none: Kafka at `brokers`.
     pub fn parse(url: Option<&str>, brokers: &str) -> Result<Self, String> {
         let Some(url) = url.map(str::trim).filter(|u| !u.is_empty()) else {
             return Ok(Self::Kafka(brokers.to_owned()));
         };
+        let shown = redact(url);
         let (scheme, rest) = url
             .split_once("://")
-            .ok_or_else(|| format!("--backbone `{url}`: expected kafka://, nats:// or redis://"))?;
+            .ok_or_else(|| format!("--backbone `{shown}`: expected kafka://, nats:// or redis://"))?;
         let hosts: Vec<&str> = rest.trim_end_matches('/').split(',').collect();
         let valid_host = |h: &str| {
             let h = h.split('/').next().unwrap_or_default();
@@ -56,14 +65,14 @@ impl Backbone {
             h.rsplit_once(':').is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p > 0))
         };
         if hosts.iter().any(|h| !valid_host(h)) {
-            return Err(format!("--backbone `{url}`: expected host:port after {scheme}://"));
+            return Err(format!("--backbone `{shown}`: expected host:port after {scheme}://"));
         }
         match scheme {
             "kafka" => Ok(Self::Kafka(hosts.join(","))),
             "nats" if hosts.len() == 1 => Ok(Self::Nats(url.to_owned())),
             "redis" if hosts.len() == 1 => Ok(Self::Redis(url.to_owned())),
-            "nats" | "redis" => Err(format!("--backbone `{url}`: one {scheme} server address")),
-            other => Err(format!("--backbone `{url}`: unknown scheme `{other}` (kafka, nats or redis)")),
+            "nats" | "redis" => Err(format!("--backbone `{shown}`: one {scheme} server address")),
+            other => Err(format!("--backbone `{shown}`: unknown scheme `{other}` (kafka, nats or redis)")),
         }
     }
 
@@ -270,6 +279,14 @@ pub fn bounded(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn credentials_stay_out_of_messages() {
+        assert_eq!(redact("redis://u:secret@h:1/2"), "redis://***@h:1/2");
+        assert_eq!(redact("nats://h:1"), "nats://h:1");
+        let e = Backbone::parse(Some("redis://u:secret@h"), "x").unwrap_err();
+        assert!(!e.contains("secret") && e.contains("***@h"), "{e}");
+    }
 
     #[test]
     fn backbone_urls_parse_or_say_why_not() {

@@ -94,10 +94,57 @@ async fn bucket(
     js.get_key_value(&bucket).await.map_err(|e| format!("nats: bucket {bucket}: {e}"))
 }
 
+/// `nats://user:pass@host:port` → (`nats://host:port`, user and password); `nats://token@…`
+/// → a token. Percent-escapes in them are decoded.
+fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
+    let Some((scheme, rest)) = url.split_once("://") else { return (url.to_owned(), None) };
+    let Some((info, host)) = rest.rsplit_once('@') else { return (url.to_owned(), None) };
+    let decode = |s: &str| percent_decode(s);
+    let credentials = match info.split_once(':') {
+        Some((user, pass)) => (decode(user), Some(decode(pass))),
+        None => (decode(info), None),
+    };
+    (format!("{scheme}://{host}"), Some(credentials))
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let hex = |c: u8| (c as char).to_digit(16);
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
+        {
+            out.push((h * 16 + l) as u8);
+            i += 3;
+            continue;
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 impl NatsLog {
     /// Connects, creates the buckets (and, with `--create-topics`, the streams) when missing.
     pub async fn connect(url: &str, cli: &Cli) -> Result<Self, String> {
-        let client = async_nats::ConnectOptions::new()
+        // async-nats ignores credentials in the URL: they go in the options.
+        let (url, credentials) = split_credentials(url);
+        let options = match credentials {
+            Some((user, Some(pass))) => async_nats::ConnectOptions::with_user_and_password(user, pass),
+            Some((token, None)) => async_nats::ConnectOptions::with_token(token),
+            None => async_nats::ConnectOptions::new(),
+        };
+        let url = url.as_str();
+        let client = options
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => tracing::info!("nats connected"),
+                    event => tracing::warn!(%event, "nats"),
+                }
+            })
             .name("switchboard-bridge")
             .connection_timeout(Duration::from_secs(5))
             .request_timeout(Some(cli.produce_timeout))
@@ -341,5 +388,20 @@ impl Reader {
                 Ok(Vec::new())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod credential_tests {
+    use super::split_credentials;
+
+    #[test]
+    fn credentials_come_out_of_the_url() {
+        assert_eq!(split_credentials("nats://h:4222"), ("nats://h:4222".into(), None));
+        assert_eq!(
+            split_credentials("nats://bob:p%40ss@h:4222"),
+            ("nats://h:4222".into(), Some(("bob".into(), Some("p@ss".into()))))
+        );
+        assert_eq!(split_credentials("nats://s3cret@h:4222"), ("nats://h:4222".into(), Some(("s3cret".into(), None))));
     }
 }

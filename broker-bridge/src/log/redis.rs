@@ -100,13 +100,14 @@ async fn manager(client: &redis::Client, timeout: Duration) -> Result<Connection
 
 impl RedisLog {
     pub async fn connect(url: &str, cli: &Cli) -> Result<Self, String> {
-        let client = redis::Client::open(url).map_err(|e| format!("redis {url}: {e}"))?;
+        let shown = super::redact(url);
+        let client = redis::Client::open(url).map_err(|e| format!("redis {shown}: {e}"))?;
         // Reads block for up to a second: the response timeout is above that.
         let timeout = cli.produce_timeout.max(Duration::from_secs(2));
         let con = tokio::time::timeout(Duration::from_secs(10), manager(&client, timeout))
             .await
-            .map_err(|_| format!("redis {url}: no answer"))?
-            .map_err(|e| format!("{e} ({url})"))?;
+            .map_err(|_| format!("redis {shown}: no answer"))?
+            .map_err(|e| format!("{e} ({shown})"))?;
         let mut log = Self {
             client,
             con,
