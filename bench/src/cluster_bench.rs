@@ -37,6 +37,8 @@ fn pct(sorted: &[u64], p: f64) -> f64 {
     sorted[i] as f64 / 1000.0
 }
 
+/// Every backbone of `backbones` in turn (each a fresh cluster), then their figures side
+/// by side.
 pub(crate) async fn run(
     per_gw: usize,
     rates: Vec<u64>,
@@ -44,14 +46,57 @@ pub(crate) async fn run(
     concurrency: usize,
     kafka_options: Vec<String>,
     brokers: Option<String>,
-    backbone: &str,
+    backbones: &[String],
 ) -> anyhow::Result<()> {
+    let mut all = Vec::new();
+    for backbone in backbones {
+        let rows = one(per_gw, &rates, seconds, concurrency, &kafka_options, &brokers, backbone).await?;
+        all.push((backbone.clone(), rows));
+    }
+    println!("\nside by side (3 gateways x {per_gw} subscribers, one bridge)");
+    println!(
+        "{:<8} {:<16} {:>11} {:>12} {:>8} {:>8} {:>6} {:>6} {:>11}",
+        "backbone", "scenario", "rate_target", "acked/s", "p50_ms", "p99_ms", "lost", "dups", "ack_p99_ms"
+    );
+    for (backbone, rows) in &all {
+        for r in rows {
+            let target = match r["rate_target"].as_u64() {
+                Some(0) | None => "max".to_owned(),
+                Some(n) => n.to_string(),
+            };
+            println!(
+                "{backbone:<8} {:<16} {target:>11} {:>12.0} {:>8.1} {:>8.1} {:>6} {:>6} {:>11.1}",
+                r["scenario"].as_str().unwrap_or(""),
+                r["acked_per_s"].as_f64().unwrap_or(f64::NAN),
+                r["p50_ms"].as_f64().unwrap_or(f64::NAN),
+                r["p99_ms"].as_f64().unwrap_or(f64::NAN),
+                r["lost"].as_u64().unwrap_or(0),
+                r["dups"].as_u64().unwrap_or(0),
+                r["ack_p99_ms"].as_f64().unwrap_or(f64::NAN),
+            );
+        }
+    }
+    let json: serde_json::Map<String, serde_json::Value> =
+        all.into_iter().map(|(b, rows)| (b, serde_json::Value::Array(rows))).collect();
+    println!("{}", serde_json::json!({"scenario":"cluster","backbones":json}));
+    Ok(())
+}
+
+async fn one(
+    per_gw: usize,
+    rates: &[u64],
+    seconds: u64,
+    concurrency: usize,
+    kafka_options: &[String],
+    brokers: &Option<String>,
+    backbone: &str,
+) -> anyhow::Result<Vec<serde_json::Value>> {
     use switchboard_tests::backbone::Backbone;
     let bridge_args: Vec<String> =
         kafka_options.iter().flat_map(|o| ["--kafka-option".to_owned(), o.clone()]).collect();
     let bridge_args: Vec<&str> = bridge_args.iter().map(String::as_str).collect();
     let builder = Cluster::builder().bridge_args(&bridge_args);
-    let builder = match (backbone, &brokers) {
+    let builder = match (backbone, brokers) {
         ("nats", _) => builder.backbone(Backbone::Nats),
         ("redis", _) => builder.backbone(Backbone::Redis),
         (_, Some(b)) => builder.external_kafka(b),
@@ -218,10 +263,9 @@ pub(crate) async fn run(
         }
         base += sent;
     }
-    println!("{}", serde_json::Value::Array(json_rows));
     for r in readers {
         r.abort();
     }
     drop(c);
-    Ok(())
+    Ok(json_rows)
 }

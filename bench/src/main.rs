@@ -103,10 +103,11 @@ enum Scenario {
         /// A Kafka to use instead of starting tansu (e.g. `bench mock-kafka`'s bootstrap).
         #[arg(long)]
         brokers: Option<String>,
-        /// The backbone the bridge runs on: kafka (tansu, or `--brokers`), nats (a
-        /// nats-server with JetStream) or redis (a redis-server with the AOF on).
-        #[arg(long, default_value = "kafka", value_parser = ["kafka", "nats", "redis"])]
-        backbone: String,
+        /// The backbones the bridge runs on, in turn, comma-separated: kafka (tansu, or
+        /// `--brokers`), nats (a nats-server with JetStream) or redis (a redis-server with
+        /// the AOF on); their figures are printed side by side at the end.
+        #[arg(long, value_delimiter = ',', default_value = "kafka", value_parser = ["kafka", "nats", "redis"])]
+        backbone: Vec<String>,
     },
     /// A bounded soak: steady load with connection churn; RSS slope, open files, tasks.
     Soak {
