@@ -330,6 +330,9 @@ pub struct Hub {
     large_room: usize,
     /// Large presence channels whose member count changed since the last flush.
     dirty_counts: Mutex<std::collections::HashSet<Arc<str>>>,
+    /// Presence connections that are not sessions here (long-polling users: see
+    /// `transport::poll::Pollers`), in every presence snapshot.
+    extra: Mutex<HashMap<u64, ConnRecord>>,
     /// The last sequence number given to a standalone publish (node-wide).
     last_seq: AtomicU64,
     /// This process's epoch (standalone positions).
@@ -387,6 +390,7 @@ impl Hub {
             presence_patterns,
             large_room,
             dirty_counts: Mutex::new(std::collections::HashSet::new()),
+            extra: Mutex::new(HashMap::new()),
             last_seq: AtomicU64::new(0),
             epoch: new_epoch(),
             rules: Rules::default(),
@@ -940,7 +944,18 @@ impl Hub {
                 }
             }
         }
+        by_id.extend(self.extra.lock().iter().map(|(id, r)| (*id, r.clone())));
         by_id.into_values().collect()
+    }
+
+    /// A presence connection that is not a session here, as the next snapshot gives it
+    /// (`None`: gone).
+    pub fn set_extra_presence(&self, conn_id: u64, record: Option<ConnRecord>) {
+        let mut extra = self.extra.lock();
+        match record {
+            Some(r) => extra.insert(conn_id, r),
+            None => extra.remove(&conn_id),
+        };
     }
 
     /// Queues a frame to every session of `user`; returns how many took it. Sessions

@@ -24,7 +24,9 @@ pub const HTTP_CONNECTION_BYTES: u64 = 16 << 10;
 /// Session slots an SSE stream or a waiting poll takes of a cap set by memory at
 /// `per_session` bytes per slot (a WebSocket session takes one).
 pub fn http_session_weight(per_session: u64) -> usize {
-    let per = per_session.max(1);
+    // At least 1 KiB per slot: a smaller `--memory-per-session` is not a reason for one
+    // stream to take thousands of slots.
+    let per = per_session.max(1024);
     (per + HTTP_CONNECTION_BYTES).div_ceil(per) as usize
 }
 

@@ -143,8 +143,9 @@ impl Settings {
         let by_memory =
             memory_limit.map(|limit| crate::limits::sessions_for_memory(limit, cli.memory_per_session.max(1)));
         let derived = by_memory.map_or(by_files, |m| m.min(by_files));
-        let http_session_weight = match by_memory {
-            Some(m) if m <= by_files => crate::limits::http_session_weight(cli.memory_per_session),
+        // Under a cap the operator set (`--max-connections`), every session is one.
+        let http_session_weight = match (by_memory, cli.max_connections) {
+            (Some(m), None) if m <= by_files => crate::limits::http_session_weight(cli.memory_per_session),
             _ => 1,
         };
         let why = match (memory_limit, by_memory) {

@@ -121,7 +121,10 @@ pub struct Held {
 impl Conn {
     /// Reserves a session slot for a request of this connection.
     pub fn hold(self: &Arc<Self>, ip: std::net::IpAddr) -> Result<Held, NoSlot> {
-        let slot = self.server.try_reserve_slots(ip, self.server.http_session_weight)?;
+        // hyper's buffers are per connection: further streams of an HTTP/2 connection that
+        // already holds one take one slot each.
+        let weight = if self.h2 && self.state.lock().0 > 0 { 1 } else { self.server.http_session_weight };
+        let slot = self.server.try_reserve_slots(ip, weight)?;
         let mut st = self.state.lock();
         st.0 += 1;
         if st.0 == 1 && !st.1 {
@@ -262,11 +265,14 @@ impl Server {
 
     /// Reserves `weight` slots of the connection cap (and one of the address's).
     fn try_reserve_slots(self: &Arc<Self>, ip: std::net::IpAddr, weight: usize) -> Result<SessionSlot, NoSlot> {
-        let prev = self.sessions.fetch_add(weight, Ordering::AcqRel);
-        let slot = SessionSlot(self.clone(), None, weight);
-        if prev + weight > self.max_sessions {
+        let weight = weight.clamp(1, self.max_sessions.max(1));
+        // Taken only when it fits: a refused reservation of several slots must not make a
+        // concurrent one of one slot fail.
+        let fits = |n: usize| (n + weight <= self.max_sessions).then_some(n + weight);
+        if self.sessions.fetch_update(Ordering::AcqRel, Ordering::Acquire, fits).is_err() {
             return Err(NoSlot::Full);
         }
+        let slot = SessionSlot(self.clone(), None, weight);
         if self.max_per_ip == 0 {
             return Ok(slot);
         }

@@ -622,8 +622,12 @@ export class Switchboard {
       if (this.user) url.searchParams.set('user', this.user);
       let probe;
       try { probe = new this.WebSocket(url.href); } catch { return this._planUpgrade(); }
+      // Through only when a frame comes back (a proxy may answer 101 and pass nothing), in
+      // the connect timeout (a proxy may hold the upgrade).
+      const timer = setTimeout(() => done(false), this.connectTimeoutMs);
       const done = (opened) => {
-        probe.onopen = probe.onclose = probe.onerror = null;
+        clearTimeout(timer);
+        probe.onopen = probe.onclose = probe.onerror = probe.onmessage = null;
         try { probe.close(1000, 'probe'); } catch { /* closing */ }
         if (link !== this._ws || !this._ready) return;
         if (!opened) return this._planUpgrade();
@@ -631,10 +635,15 @@ export class Switchboard {
         this.transport = this.transports[0];
         this._ws = null;
         try { link.close(1000, 'upgrade'); } catch { /* closing */ }
+        this._upgrading = true;
         this._onClose(4000, 'upgrade to websocket');
       };
-      probe.onopen = () => done(true);
-      probe.onclose = probe.onerror = () => done(false);
+      // A token-less session answers a first message that is not `connect` by closing 4005
+      // (`connect required`), an anonymous one with its welcome: either is a frame through.
+      probe.onopen = () => { try { probe.send(JSON.stringify({ op: 'ping', ref: 'probe' })); } catch { done(false); } };
+      probe.onmessage = () => done(true);
+      probe.onclose = (e) => done(e?.code === 4005);
+      probe.onerror = () => done(false);
     }, jitter(this.upgradeRetryMs));
   }
 
@@ -672,7 +681,7 @@ export class Switchboard {
     // the same gateway; after the last, the first again with the usual backoff. One that
     // did: the next connection tries the first one again.
     const index = this.transports.indexOf(this.transport);
-    const fallback = retry && !probe && !opened && index + 1 < this.transports.length;
+    const fallback = retry && !probe && !opened && code !== 1013 && !this._upgrading && index + 1 < this.transports.length;
     if (retry && !probe) {
       if (fallback) this._failedTransports.push(this.transport);
       else this._failedTransports = [];
@@ -685,9 +694,11 @@ export class Switchboard {
       delayMs = 0;
       this._scheduleReconnect(delayMs);
     } else if (retry) {
-      delayMs = code === 4001 && welcomed ? 0 : this._nextDelay(code, reason);
-      // Another gateway of the list when this one seems gone; the same one otherwise.
-      if (!opened || ROTATE.has(code)) this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+      delayMs = (code === 4001 && welcomed) || this._upgrading ? 0 : this._nextDelay(code, reason);
+      // Another gateway of the list when this one seems gone; the same one otherwise (and
+      // after a move back to WebSocket, whose probe went to this one).
+      if (!this._upgrading && (!opened || ROTATE.has(code))) this._urlIndex = (this._urlIndex + 1) % this.urls.length;
+      this._upgrading = false;
       this.transport = this._firstTransport(this.url);
       this._scheduleReconnect(delayMs);
     } else {
@@ -956,7 +967,10 @@ class SseLink extends HttpLink {
     if (ctl !== this._stream) return;
     if (!res.ok || !res.body || !/text\/event-stream/.test(res.headers.get('content-type') || '')) {
       const text = await res.text().catch(() => '');
-      return this._end(res.status === 401 && rebind ? 4001 : 1006, `${res.status} ${text.trim()}`);
+      // A gateway that is full, draining or limiting this address (503, 429) is busy, not
+      // a network that refuses the transport: 1013, try again later (elsewhere).
+      const code = res.status === 401 && rebind ? 4001 : res.status === 503 || res.status === 429 ? 1013 : 1006;
+      return this._end(code, `${res.status} ${text.trim()}`);
     }
     if (!rebind) {
       this.readyState = OPEN;
@@ -1126,6 +1140,7 @@ class PollLink extends HttpLink {
 
   /** Starts the next poll now (the one in flight, if any, is abandoned). */
   _kick() {
+    this._kicked = true;
     if (this._poll) this._poll.abort();
     else if (this._idle) this._idle();
   }
@@ -1140,6 +1155,7 @@ class PollLink extends HttpLink {
       const ctl = (this._poll = new AbortController());
       const onAbort = () => ctl.abort();
       this._abort.signal.addEventListener('abort', onAbort, { once: true });
+      this._kicked = false;
       const asked = [...this.cursor];
       const answering = new Set([...this.pending.keys()].filter((ch) => this.cursor.has(ch)));
       const wait = [...answering].some((ch) => this.fresh.has(ch)) ? 0 : POLL_WAIT_MS;
@@ -1165,7 +1181,9 @@ class PollLink extends HttpLink {
         this._poll = null;
       }
       if (this.readyState !== OPEN) return;
-      if (ctl.signal.aborted && !res) continue; // kicked: the channel list changed
+      // Kicked: the channel list changed. (Aborted by its own timer: a poll that hung, a
+      // failure like any other.)
+      if (ctl.signal.aborted && !res && this._kicked) continue;
       if (!res || res.status === 429 || res.status === 503) {
         if (++this._failures > HTTP_RETRIES) return this._end(res ? 1013 : 1006, res ? `poll answered ${res.status}` : 'poll failed');
         const retry = Number(res?.headers.get('retry-after')) * 1000;

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use switchboard_tests::http::{Reply, Sse, request};
+use switchboard_tests::http::{Reply, Sse, request, urlencode};
 
 fn bearer(user: &str) -> String {
     format!("Bearer {}", token(json!({"sub": user, "exp": now() + 3600})))
@@ -262,15 +262,6 @@ async fn long_polls_answer_at_once_or_wait_for_the_next_message() {
 async fn poll_waiting(gw: &Gateway) -> f64 {
     let page = gw.admin_get("/metrics").await.1;
     metric(&page, "switchboard_gateway_transport_sessions_active", "transport=\"poll\"")
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b':' => (b as char).to_string(),
-            b => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 #[tokio::test]

@@ -186,6 +186,36 @@ test('a fallback session goes back to WebSocket when upgrades go through again, 
   assert.deepEqual(log.gaps, []);
 });
 
+test('with a token (no anonymous welcome to the probe) the move back to WebSocket happens too', async () => {
+  const gw = await gateway();
+  const p = await proxy(gw, { upgrade: 'refuse' });
+  const c = client({ url: p.url, getToken: () => token('gil'), upgradeRetryMs: 500 });
+  await c.subscribe('r');
+  assert.equal(c.transport, 'sse');
+  p.upgrade = 'pass';
+  await until(() => c.transport === 'websocket' && c.state === 'open', 10_000, 'the move back to WebSocket');
+  assert.equal(c.welcome.user, 'gil');
+});
+
+test('a full gateway (503) is busy, not a network that refuses WebSockets: no fallback', async () => {
+  const gw = await gateway(['--max-connections', '1']);
+  const p = await proxy(gw, { upgrade: 'pass' });
+  const hog = client({ url: gw.url, user: 'hog' });
+  await hog.subscribe('x');
+  const c = client({ url: p.url, user: 'ida' });
+  const log = record(c);
+  const closes = [];
+  c.on('close', (e) => closes.push(e.code));
+  c.subscribe('x').catch(() => {});
+  // WebSocket refused (503), then SSE refused 503: busy (1013), back off, WebSocket again.
+  await until(() => closes.includes(1013), 10_000, 'the SSE attempt answered busy');
+  assert.ok(!(p.requests.get('/command') || 0), 'no long-polling attempted');
+  hog.close();
+  await until(() => c.state === 'open', 20_000, 'connected once the slot is free');
+  assert.equal(c.transport, 'websocket');
+  assert.deepEqual(log.opens, ['websocket']);
+});
+
 test('a restarting gateway (connections refused) is not taken for a network that refuses WebSockets', async () => {
   const gw = await gateway();
   const p = await proxy(gw, { upgrade: 'pass' });

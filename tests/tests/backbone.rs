@@ -166,6 +166,41 @@ async fn bad_backbone_configuration_exits_64_with_one_line() {
     }
 }
 
+/// Starts a bridge with `args` and waits (bounded) until its `/readyz` answers 200; then
+/// stops it.
+async fn bridge_becomes_ready(args: &[&str]) {
+    use std::io::BufRead;
+    let mut all =
+        vec!["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--presence-addrs", "http://127.0.0.1:1"];
+    all.extend_from_slice(args);
+    let mut child = Command::new(binary("broker-bridge"))
+        .args(&all)
+        .env("SWITCHBOARD_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn broker-bridge");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    let admin: std::net::SocketAddr = line
+        .split_whitespace()
+        .find_map(|kv| kv.strip_prefix("admin="))
+        .unwrap_or_else(|| panic!("LISTENING line: {line}"))
+        .parse()
+        .unwrap();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        if http_get(admin, "/readyz").await.0 == 200 {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "broker-bridge {args:?} exited instead of becoming ready");
+        assert!(tokio::time::Instant::now() < deadline, "broker-bridge {args:?} never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// One Redis command over RESP on a fresh connection; its reply's first line.
 async fn redis_command(addr: std::net::SocketAddr, args: &[&str]) -> String {
     use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
@@ -200,12 +235,20 @@ async fn missing_backbone_permissions_exit_64_with_one_line() {
     let conf = std::env::temp_dir().join(format!("sb-nats-perm-{}.conf", std::process::id()));
     std::fs::write(
         &conf,
-        "authorization { users = [ { user: reader, password: pw, permissions: { publish: { deny: \">\" } } } ] }\n",
+        "authorization { users = [ { user: reader, password: pw, permissions: { publish: { deny: \">\" } } }, \
+         { user: writer, password: \"p@ss\" } ] }\n",
     )
     .unwrap();
     let nats = Server::start_with(Backbone::Nats, &["-c", conf.to_str().unwrap()]).await;
     let addr = nats.proxy.addr;
     exits_64_with_one_line(&["--backbone", &format!("nats://reader:pw@{addr}")], "nats");
+    // The user with the permissions (its password percent-encoded in the URL) gets a bridge
+    // that becomes ready: the credentials in the URL are the ones used.
+    bridge_becomes_ready(&["--backbone", &format!("nats://writer:p%40ss@{addr}")]).await;
+    let redis_writer =
+        redis_command(redis.proxy.addr, &["ACL", "SETUSER", "writer", "on", ">w", "~*", "&*", "+@all"]).await;
+    assert_eq!(redis_writer, "+OK");
+    bridge_becomes_ready(&["--backbone", &format!("redis://writer:w@{}", redis.proxy.addr)]).await;
     exits_64_with_one_line(&["--backbone", &format!("nats://reader:nope@{addr}")], "nats");
     let (_, err) = bridge_exit(&["--backbone", &format!("nats://reader:nope@{addr}")]);
     assert!(!err.contains("nope"), "{err}");

@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use switchboard_tests::cluster::Cluster;
-use switchboard_tests::http::{Sse, request};
+use switchboard_tests::http::{Sse, request, urlencode};
 use switchboard_tests::resume::{self, Record, Shown};
 use switchboard_tests::rr::RoundRobin;
 use switchboard_tests::ws::*;
@@ -88,16 +88,6 @@ async fn finished(fin: &mut watch::Receiver<Final>, seen: &Seen) {
 
 fn bearer(user: &str) -> String {
     format!("Bearer {}", token(json!({"sub": user, "exp": now() + 3600})))
-}
-
-/// Percent-encodes everything but unreserved characters (a cursor in a query string).
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            b => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Whether an event id names a position for every channel (none is `channel=-`).
@@ -471,8 +461,8 @@ async fn sse_reconnects_and_polls_alternating_gateways_show_every_message_once_i
 /// waiting on one gateway is answered by a message published on the other (the cluster
 /// routes the channel to the poll's gateway), the user is a member of a presence channel
 /// while it keeps polling — one `join`, no `leave` between polls, on whichever gateway
-/// each poll lands — and leaves once it stops polling for longer than the heartbeat
-/// timeout.
+/// each poll lands — and leaves once it stops polling for as long as a silent WebSocket
+/// session is kept (`heartbeat_interval + heartbeat_timeout`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_long_polling_user_is_routed_to_and_present_between_polls() {
     const ROOM: &str = "room:pollers";
@@ -538,7 +528,8 @@ async fn a_long_polling_user_is_routed_to_and_present_between_polls() {
             break;
         }
         assert!(Instant::now() < deadline, "the poll never waited on gateway 1");
-        tokio::task::yield_now().await;
+        // A polling interval, not a synchronisation: the metric is what is waited for.
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let ack = call(&mut publisher, json!({"op":"publish","channel":ROOM,"data":"to the poller"})).await;
     assert_eq!(ack["type"], "ack", "{ack}");
@@ -564,11 +555,12 @@ async fn a_long_polling_user_is_routed_to_and_present_between_polls() {
         );
     }
     assert_eq!(rr.counts(), vec![3, 3], "the polls alternated gateways");
+    let last_poll = Instant::now();
 
-    // It stops polling: after the heartbeat timeout (10 s by default) it leaves, once,
-    // with no other join or leave of it before.
+    // It stops polling: after heartbeat_interval + heartbeat_timeout (25 + 10 s by default)
+    // it leaves, once, with no other join or leave of it before.
     let mut seen = Vec::new();
-    tokio::time::timeout(Duration::from_secs(30), async {
+    tokio::time::timeout(Duration::from_secs(60), async {
         loop {
             let v = frames.recv().await.expect("watcher frames");
             if v["user"] == "poller" {
@@ -582,5 +574,9 @@ async fn a_long_polling_user_is_routed_to_and_present_between_polls() {
     .await
     .unwrap_or_else(|_| panic!("the poller never left: {seen:?}"));
     assert_eq!(seen, ["leave"], "one leave after the polling stopped, no flicker before it");
+    // Measured from the end of the last poll as this client saw it, just after the gateway
+    // ended it (1 s for that and the sweep's period).
+    let after = last_poll.elapsed();
+    assert!(after >= Duration::from_secs(34), "the leave came {after:?} after the last poll: too early");
     reader.abort();
 }

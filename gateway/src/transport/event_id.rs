@@ -196,8 +196,12 @@ impl Cursor {
                 true
             }
             ("ack", _, _, Some(pos), _) if !pos.epoch.is_empty() => {
-                // Live messages may have been queued before a copied ack: never back.
-                if self.get(&channel).is_some_and(|s| s.epoch == *pos.epoch && s.seq >= pos.seq) {
+                // Live messages may have been queued before a copied ack: never back; but a
+                // refused recovery's ack is where the stream now goes on from (`ahead`: a
+                // position beyond the channel's, which must not stay).
+                if p.recovered != Some(false)
+                    && self.get(&channel).is_some_and(|s| s.epoch == *pos.epoch && s.seq >= pos.seq)
+                {
                     return false;
                 }
                 self.set(&channel, pos.seq, &pos.epoch);
@@ -215,6 +219,18 @@ impl Cursor {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_refused_recovery_moves_a_position_back() {
+        let mut c = Cursor::new(&["c".into()]);
+        c.set("c", 9, "e");
+        assert!(!c.observe(br#"{"type":"ack","channel":"c","position":{"seq":1,"epoch":"e"}}"#));
+        assert_eq!(c.get("c").map(|s| s.seq), Some(9), "a plain ack never moves back");
+        let ahead =
+            br#"{"type":"ack","channel":"c","position":{"seq":1,"epoch":"e"},"recovered":false,"reason":"ahead"}"#;
+        assert!(c.observe(ahead));
+        assert_eq!(c.get("c").map(|s| s.seq), Some(1));
+    }
 
     #[test]
     fn round_trips_with_awkward_names() {

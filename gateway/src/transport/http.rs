@@ -135,6 +135,11 @@ pub(crate) fn admit(server: &Server, req: &Request<Incoming>) -> Result<Identity
     {
         return Err(HandshakeError::Origin);
     }
+    // A navigation from another site (a link: no `Origin`) says so in `Sec-Fetch-Site`.
+    let cross_site = req.headers().get("sec-fetch-site").is_some_and(|v| v.as_bytes() == b"cross-site");
+    if by_cookie && origin.is_none() && cross_site {
+        return Err(HandshakeError::Origin);
+    }
     handshake::authenticate(server, req, token)?.ok_or(HandshakeError::Unauthorized(AuthError::Missing))
 }
 

@@ -10,8 +10,8 @@
 //! Presence is the exception, because a poller is not gone between two polls: the
 //! node keeps one presence connection per polling user ([`Pollers`]), subscribed to
 //! the channels its polls ask for, until no poll has asked for a channel for
-//! `heartbeat_timeout` (a WebSocket session that stops answering is gone after as
-//! long). A client that polls continuously stays a member of its presence channels
+//! `heartbeat_interval + heartbeat_timeout` (a WebSocket session that stops answering is
+//! gone after as long). A client that polls continuously stays a member of its presence channels
 //! with no leave/join between polls, and the cluster keeps routing its channels here.
 
 use std::collections::HashMap;
@@ -74,6 +74,9 @@ pub(crate) async fn poll(
         Ok(id) => id,
         Err(e) => return refuse(e),
     };
+    let invented = server.anonymous
+        && crate::handshake::http_token(&req).0.is_none()
+        && h::raw_param(req.uri().query(), "user").is_none();
     let header_cursor = req.headers().get("last-event-id").and_then(|v| v.to_str().ok()).map(str::to_owned);
     let form: String = if req.method() == Method::POST {
         match h::read_body(req, POLL_BODY_MAX).await {
@@ -126,7 +129,10 @@ pub(crate) async fn poll(
         }
     }
     let subscribed: Vec<Arc<str>> = channels.iter().map(|c| Arc::from(c.as_str())).collect();
-    let _polling = Pollers::enter(&server, &identity.user, &subscribed);
+    // A user the gateway named itself (`--anonymous` without `?user=`) is a new one on
+    // every poll: nothing to keep present between polls.
+    let named = !invented;
+    let _polling = if named { Pollers::enter(&server, &identity.user, &subscribed) } else { None };
     // Also when the request is dropped (the client went away): the poll's subscriptions end.
     let mut cleanup = Cleanup {
         node: node.clone(),
@@ -184,7 +190,11 @@ pub(crate) async fn poll(
             }
             () = handle.ctl.wait() => break "events",
             () = server.draining.cancelled() => break "drain",
-            () = &mut deadline => break if answer { "events" } else { "timeout" },
+            // Not before every channel's ack: an answer without one would leave the client
+            // guessing whether its recovery is complete.
+            () = &mut deadline, if !subscribing || acked >= subscribed.len() => {
+                break if answer { "events" } else { "timeout" }
+            }
         }
     };
     // What is queued by now goes in the answer too.
@@ -245,15 +255,34 @@ impl Drop for Cleanup {
 pub struct Pollers {
     users: parking_lot::Mutex<HashMap<Arc<str>, Poller>>,
     sweeping: AtomicBool,
+    /// The node stopped: no presence is kept for polls any more.
+    closed: AtomicBool,
 }
 
 /// One polling user's presence connection.
 #[derive(Debug)]
 struct Poller {
     conn_id: u64,
+    connected_at_ms: u64,
     /// Per channel: polls in flight that ask for it, and when the last one ended.
     channels: HashMap<Arc<str>, (usize, Instant)>,
 }
+
+impl Poller {
+    /// What presence snapshots give of it (`Hub::set_extra_presence`).
+    fn record(&self, user: &Arc<str>) -> ConnRecord {
+        ConnRecord {
+            conn_id: self.conn_id,
+            user: user.clone(),
+            connected_at_ms: self.connected_at_ms,
+            client_info: Arc::from(POLLER_INFO),
+            channels: self.channels.keys().cloned().collect(),
+        }
+    }
+}
+
+/// The client info presence shows for a polling user.
+const POLLER_INFO: &str = "long-polling";
 
 /// A poll in flight (for [`Pollers`]); its channels' linger starts when it drops.
 pub(crate) struct Polling {
@@ -264,55 +293,68 @@ pub(crate) struct Polling {
 
 impl Pollers {
     /// A poll of `user` for `channels` begins: the user's presence connection (made on
-    /// its first poll) is subscribed to them.
-    pub(crate) fn enter(server: &Arc<Server>, user: &Arc<str>, channels: &[Arc<str>]) -> Polling {
+    /// its first poll) is subscribed to them. `None` once the node stopped.
+    pub(crate) fn enter(server: &Arc<Server>, user: &Arc<str>, channels: &[Arc<str>]) -> Option<Polling> {
+        let pollers = &server.pollers;
+        if pollers.closed.load(Ordering::Acquire) {
+            return None;
+        }
         let presence = &server.node.presence;
-        if !server.pollers.sweeping.swap(true, Ordering::AcqRel) {
+        if !pollers.sweeping.swap(true, Ordering::AcqRel) {
             server.tracker.spawn(sweep(server.clone()));
         }
         let now = Instant::now();
-        let mut users = server.pollers.users.lock();
+        let mut users = pollers.users.lock();
+        let mut changed = false;
         let poller = users.entry(user.clone()).or_insert_with(|| {
+            changed = true;
             let conn_id = server.next_conn_id.fetch_add(1, Ordering::Relaxed);
-            presence.connected(&ConnRecord {
-                conn_id,
-                user: user.clone(),
-                connected_at_ms: crate::session::unix_now().as_millis() as u64,
-                client_info: Arc::from("long-polling"),
-                channels: Vec::new(),
-            });
-            Poller { conn_id, channels: HashMap::new() }
+            let connected_at_ms = crate::session::unix_now().as_millis() as u64;
+            let p = Poller { conn_id, connected_at_ms, channels: HashMap::new() };
+            presence.connected(&p.record(user));
+            p
         });
         for ch in channels {
             let entry = poller.channels.entry(ch.clone()).or_insert_with(|| {
+                changed = true;
                 presence.subscribed(poller.conn_id, ch);
                 (0, now)
             });
             entry.0 += 1;
         }
-        Polling { server: server.clone(), user: user.clone(), channels: channels.to_vec() }
+        if changed {
+            server.node.hub.set_extra_presence(poller.conn_id, Some(poller.record(user)));
+        }
+        Some(Polling { server: server.clone(), user: user.clone(), channels: channels.to_vec() })
     }
 
-    /// Ends the presence of what no poll asked for in `linger` (all of it with `linger`
-    /// zero); forgets users left with no channel.
-    fn sweep(&self, presence: &dyn crate::presence::PresenceBackend, linger: Duration) {
+    /// Ends the presence of what no poll asked for in `linger` (all of it, and no more
+    /// from now on, with `linger` zero); forgets users left with no channel.
+    fn sweep(&self, node: &crate::session::Node, linger: Duration) {
+        if linger.is_zero() {
+            self.closed.store(true, Ordering::Release);
+        }
         let now = Instant::now();
-        self.users.lock().retain(|_, p| {
+        self.users.lock().retain(|user, p| {
+            let before = p.channels.len();
             p.channels.retain(|ch, (polls, ended)| {
                 let keep = !linger.is_zero() && (*polls > 0 || now.duration_since(*ended) < linger);
                 if !keep {
-                    presence.unsubscribed(p.conn_id, ch);
+                    node.presence.unsubscribed(p.conn_id, ch);
                 }
                 keep
             });
             if p.channels.is_empty() {
-                presence.disconnected(p.conn_id);
+                node.presence.disconnected(p.conn_id);
+                node.hub.set_extra_presence(p.conn_id, None);
+            } else if p.channels.len() != before {
+                node.hub.set_extra_presence(p.conn_id, Some(p.record(user)));
             }
             !p.channels.is_empty()
         });
     }
 
-    /// Users with a presence connection here (for tests and metrics).
+    /// Users with a presence connection here.
     pub fn len(&self) -> usize {
         self.users.lock().len()
     }
@@ -329,7 +371,7 @@ impl Drop for Polling {
         if let Some(p) = users.get_mut(&self.user) {
             for ch in &self.channels {
                 if let Some(entry) = p.channels.get_mut(ch) {
-                    entry.0 -= 1;
+                    entry.0 = entry.0.saturating_sub(1);
                     entry.1 = now;
                 }
             }
@@ -338,15 +380,17 @@ impl Drop for Polling {
 }
 
 /// Every second, the presence of pollers that stopped polling ends; all of it when the
-/// node stops.
+/// node stops. A poller is gone after as long as a WebSocket session that stops
+/// answering: `heartbeat_interval + heartbeat_timeout`.
 async fn sweep(server: Arc<Server>) {
-    let linger = server.node.config.heartbeat_timeout;
+    let cfg = &server.node.config;
+    let linger = cfg.heartbeat_interval + cfg.heartbeat_timeout;
     let mut tick = tokio::time::interval(Duration::from_secs(1).min(linger.max(Duration::from_millis(10))));
     loop {
         tokio::select! {
             () = server.stop_sessions.cancelled() => break,
-            _ = tick.tick() => server.pollers.sweep(&*server.node.presence, linger),
+            _ = tick.tick() => server.pollers.sweep(&server.node, linger),
         }
     }
-    server.pollers.sweep(&*server.node.presence, Duration::ZERO);
+    server.pollers.sweep(&server.node, Duration::ZERO);
 }
