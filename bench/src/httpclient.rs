@@ -8,6 +8,8 @@ use anyhow::{Context, bail};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use switchboard_tests::monitoring::url_encode;
+
 use crate::wsclient;
 
 /// Opens `GET /sse?channels=<channel>` (none without one) with `bearer`; returns the
@@ -19,7 +21,7 @@ pub(crate) async fn sse(
     bearer: Option<&str>,
 ) -> anyhow::Result<(TcpStream, Vec<u8>)> {
     let mut s = wsclient::tcp(server, source).await?;
-    let query = channel.map(|c| format!("?channels={}", escape(c))).unwrap_or_default();
+    let query = channel.map(|c| format!("?channels={}", url_encode(c))).unwrap_or_default();
     let auth = bearer.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
     let req = format!("GET /sse{query} HTTP/1.1\r\nHost: {server}\r\nAccept: text/event-stream\r\n{auth}\r\n");
     s.write_all(req.as_bytes()).await?;
@@ -43,7 +45,7 @@ pub(crate) async fn waiting_poll(
     wait_ms: u64,
 ) -> anyhow::Result<TcpStream> {
     let mut s = wsclient::tcp(server, source).await?;
-    let ch = escape(channel);
+    let ch = url_encode(channel);
     let first = format!("GET /poll?channels={ch} HTTP/1.1\r\nHost: {server}\r\nAuthorization: Bearer {bearer}\r\n\r\n");
     s.write_all(first.as_bytes()).await?;
     let (head, mut body) = wsclient::read_head(&mut s).await?;
@@ -70,23 +72,10 @@ pub(crate) async fn waiting_poll(
     let second = format!(
         "GET /poll?channels={ch}&cursor={}&timeout_ms={wait_ms} HTTP/1.1\r\nHost: {server}\r\n\
          Authorization: Bearer {bearer}\r\n\r\n",
-        escape(cursor)
+        url_encode(cursor)
     );
     s.write_all(second.as_bytes()).await?;
     Ok(s)
-}
-
-/// Percent-encodes what a query value cannot hold as is.
-fn escape(v: &str) -> String {
-    let mut out = String::with_capacity(v.len());
-    for b in v.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~:".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// The chunked transfer coding of a response body, decoded as it arrives.

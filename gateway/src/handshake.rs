@@ -148,30 +148,9 @@ fn query_param<'a>(req: &'a Request<Incoming>, key: &str) -> Option<std::borrow:
     })
 }
 
+/// A query or form value, percent-decoded (`+` is a space).
 pub(crate) fn percent_decode(s: &str) -> std::borrow::Cow<'_, str> {
-    if !s.contains(['%', '+']) {
-        return s.into();
-    }
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < b.len() => {
-                match u8::from_str_radix(std::str::from_utf8(&b[i + 1..i + 3]).unwrap_or("zz"), 16) {
-                    Ok(v) => {
-                        out.push(v);
-                        i += 2;
-                    }
-                    Err(_) => out.push(b'%'),
-                }
-            }
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned().into()
+    kit::percent_decode(s, true)
 }
 
 /// The token of a plain HTTP request (SSE, long-poll, commands): `Authorization:

@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use common::*;
 use serde_json::{Value, json};
-use switchboard_tests::http::{Reply, Sse, request, urlencode};
+use switchboard_tests::http::{Reply, Sse, request};
+use switchboard_tests::monitoring::url_encode as urlencode;
 
 fn bearer(user: &str) -> String {
     format!("Bearer {}", token(json!({"sub": user, "exp": now() + 3600})))

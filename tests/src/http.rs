@@ -68,17 +68,6 @@ fn dechunk(raw: &mut Vec<u8>, out: &mut Vec<u8>) -> bool {
     }
 }
 
-/// Percent-encodes everything but unreserved characters (a cursor or a channel in a query
-/// string).
-pub fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => (b as char).to_string(),
-            b => format!("%{b:02X}"),
-        })
-        .collect()
-}
-
 /// One request on a fresh connection (`Connection: close`), the whole response.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
     tokio::time::timeout(WAIT * 3, async {

@@ -109,18 +109,23 @@ async fn redis_restarted_under_load_loses_nothing_acknowledged() {
     restarted_under_load_loses_nothing_acknowledged(Backbone::Redis).await;
 }
 
-/// Runs broker-bridge with `args`; its exit code and stderr (bounded wait).
-fn bridge_exit(args: &[&str]) -> (Option<i32>, String) {
+/// broker-bridge on free loopback ports, no presence replica, errors only in its log, with `args`.
+fn spawn_bridge(args: &[&str], stdout: Stdio, stderr: Stdio) -> std::process::Child {
     let mut all =
         vec!["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--presence-addrs", "http://127.0.0.1:1"];
     all.extend_from_slice(args);
-    let mut child = Command::new(binary("broker-bridge"))
+    Command::new(binary("broker-bridge"))
         .args(&all)
         .env("SWITCHBOARD_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
+        .stdout(stdout)
+        .stderr(stderr)
         .spawn()
-        .expect("spawn broker-bridge");
+        .expect("spawn broker-bridge")
+}
+
+/// Runs broker-bridge with `args`; its exit code and stderr (bounded wait).
+fn bridge_exit(args: &[&str]) -> (Option<i32>, String) {
+    let mut child = spawn_bridge(args, Stdio::null(), Stdio::piped());
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let status = loop {
         if let Some(s) = child.try_wait().expect("try_wait") {
@@ -170,16 +175,7 @@ async fn bad_backbone_configuration_exits_64_with_one_line() {
 /// stops it.
 async fn bridge_becomes_ready(args: &[&str]) {
     use std::io::BufRead;
-    let mut all =
-        vec!["--listen", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0", "--presence-addrs", "http://127.0.0.1:1"];
-    all.extend_from_slice(args);
-    let mut child = Command::new(binary("broker-bridge"))
-        .args(&all)
-        .env("SWITCHBOARD_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn broker-bridge");
+    let mut child = spawn_bridge(args, Stdio::piped(), Stdio::inherit());
     let mut line = String::new();
     std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
     let admin: std::net::SocketAddr = line

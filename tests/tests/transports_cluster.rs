@@ -20,7 +20,8 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 use switchboard_tests::cluster::Cluster;
-use switchboard_tests::http::{Sse, request, urlencode};
+use switchboard_tests::http::{Sse, request};
+use switchboard_tests::monitoring::url_encode as urlencode;
 use switchboard_tests::resume::{self, Record, Shown};
 use switchboard_tests::rr::RoundRobin;
 use switchboard_tests::ws::*;

@@ -99,32 +99,12 @@ async fn bucket(
 fn split_credentials(url: &str) -> (String, Option<(String, Option<String>)>) {
     let Some((scheme, rest)) = url.split_once("://") else { return (url.to_owned(), None) };
     let Some((info, host)) = rest.rsplit_once('@') else { return (url.to_owned(), None) };
-    let decode = |s: &str| percent_decode(s);
+    let decode = |s: &str| kit::percent_decode(s, false).into_owned();
     let credentials = match info.split_once(':') {
         Some((user, pass)) => (decode(user), Some(decode(pass))),
         None => (decode(info), None),
     };
     (format!("{scheme}://{host}"), Some(credentials))
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |c: u8| (c as char).to_digit(16);
-        if b[i] == b'%'
-            && i + 2 < b.len()
-            && let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2]))
-        {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-            continue;
-        }
-        out.push(b[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl NatsLog {

@@ -131,8 +131,7 @@ pub(crate) async fn poll(
     let subscribed: Vec<Arc<str>> = channels.iter().map(|c| Arc::from(c.as_str())).collect();
     // A user the gateway named itself (`--anonymous` without `?user=`) is a new one on
     // every poll: nothing to keep present between polls.
-    let named = !invented;
-    let _polling = if named { Pollers::enter(&server, &identity.user, &subscribed) } else { None };
+    let _polling = if invented { None } else { Pollers::enter(&server, &identity.user, &subscribed) };
     // Also when the request is dropped (the client went away): the poll's subscriptions end.
     let mut cleanup = Cleanup {
         node: node.clone(),
@@ -163,7 +162,8 @@ pub(crate) async fn poll(
     let deadline = tokio::time::sleep_until(Instant::now() + wait);
     tokio::pin!(deadline);
     let outcome = loop {
-        if answer && (!subscribing || acked >= subscribed.len()) {
+        let all_acked = !subscribing || acked >= subscribed.len();
+        if answer && all_acked {
             break "events";
         }
         tokio::select! {
@@ -192,7 +192,7 @@ pub(crate) async fn poll(
             () = server.draining.cancelled() => break "drain",
             // Not before every channel's ack: an answer without one would leave the client
             // guessing whether its recovery is complete.
-            () = &mut deadline, if !subscribing || acked >= subscribed.len() => {
+            () = &mut deadline, if all_acked => {
                 break if answer { "events" } else { "timeout" }
             }
         }
@@ -352,15 +352,6 @@ impl Pollers {
             }
             !p.channels.is_empty()
         });
-    }
-
-    /// Users with a presence connection here.
-    pub fn len(&self) -> usize {
-        self.users.lock().len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 

@@ -207,6 +207,15 @@ pub(crate) fn open(
         started,
     });
     server.streams.0.lock().insert(conn_id, stream.clone());
+    // Event ids start from where the client resumed: until a channel moves here, the id
+    // names the position its `Last-Event-ID` gave (the client was shown everything through
+    // it), never `channel=-`, from which a reconnect would subscribe it afresh and skip what
+    // was published meanwhile.
+    for ch in &channels {
+        if let Some(s) = resumed.get(ch) {
+            cursor.set(ch, s.seq, &s.epoch);
+        }
+    }
     let since: Vec<(String, Option<crate::protocol::Since>)> = channels
         .into_iter()
         .map(|c| {
@@ -214,9 +223,8 @@ pub(crate) fn open(
             (c, s)
         })
         .collect();
-    let ids = Ids { cursor, resumed };
     let (body_tx, body_rx) = mpsc::channel::<Bytes>(1);
-    server.tracker.spawn(run(server.clone(), stream, rx, ids, since, body_tx, held, conn.clone()));
+    server.tracker.spawn(run(server.clone(), stream, rx, cursor, since, body_tx, held, conn.clone()));
 
     let body = StreamBody::new(ReceiverStream::new(body_rx).map(|b| Ok(Frame::data(b))));
     let mut resp = Response::new(body.boxed_unsync());
@@ -242,7 +250,7 @@ async fn run(
     server: Arc<Server>,
     stream: Arc<Stream>,
     mut rx: OutboxRx,
-    mut ids: Ids,
+    mut cursor: Cursor,
     since: Vec<(String, Option<crate::protocol::Since>)>,
     body: mpsc::Sender<Bytes>,
     held: Held,
@@ -287,7 +295,7 @@ async fn run(
                     break;
                 }
                 _ = rx.recv_many(&mut batch, BATCH) => {
-                    let chunk = events(&mut ids, &mut batch);
+                    let chunk = events(&mut cursor, &mut batch);
                     rx.written();
                     if !chunk.is_empty() && !send(&body, chunk, ctl).await {
                         ctl.close(CloseReason::Gone, None);
@@ -316,7 +324,7 @@ async fn run(
                 }
             }
         }
-        finish(&mut rx, &mut ids, &body, ctl).await
+        finish(&mut rx, &mut cursor, &body, ctl).await
     };
     let (_, clean) = tokio::join!(subscribe, egress);
     drop(body);
@@ -338,55 +346,15 @@ async fn run(
     tracing::debug!(conn.id = handle.id, reason = reason.label(), "sse stream closed");
 }
 
-/// The event ids of a stream: the positions it moved, and until a channel's moves,
-/// the one its `Last-Event-ID` gave (the client was shown everything through it). Without
-/// that, an event before a channel's first message here (another channel's, or a complete
-/// recovery's with nothing missed) would name it `channel=-`, and a reconnect from that id
-/// would subscribe it afresh, skipping what was published meanwhile.
-#[derive(Debug)]
-struct Ids {
-    cursor: Cursor,
-    /// The positions resumed from, of the channels whose position has not moved here yet.
-    resumed: Cursor,
-}
-
-impl Ids {
-    /// Notes a frame's position; the event id when it moved one.
-    fn observe(&mut self, json: &[u8]) -> Option<String> {
-        if !self.cursor.observe(json) {
-            return None;
-        }
-        let (cursor, resumed) = (&self.cursor, &mut self.resumed);
-        let done: Vec<String> = resumed
-            .channels()
-            .filter(|ch| cursor.get(ch).is_some() || !cursor.channels().any(|c| c == *ch))
-            .map(str::to_owned)
-            .collect();
-        for ch in &done {
-            resumed.remove(ch);
-        }
-        if resumed.channels().next().is_none() {
-            return Some(cursor.encode());
-        }
-        let mut id = cursor.clone();
-        for ch in cursor.channels() {
-            if let Some(s) = resumed.get(ch) {
-                id.set(ch, s.seq, &s.epoch);
-            }
-        }
-        Some(id.encode())
-    }
-}
-
 /// Frames `batch` as events (clearing it).
-fn events(ids: &mut Ids, batch: &mut Vec<Bytes>) -> Bytes {
+fn events(cursor: &mut Cursor, batch: &mut Vec<Bytes>) -> Bytes {
     let mut out = BytesMut::new();
     for frame in batch.drain(..) {
         if frame.first().map(|b| b & 0x0f) != Some(0x1) {
             continue;
         }
         let json = payload(&frame);
-        let id = ids.observe(json);
+        let id = cursor.observe(json).then(|| cursor.encode());
         event(&mut out, id.as_deref(), json);
     }
     out.freeze()
@@ -394,7 +362,7 @@ fn events(ids: &mut Ids, batch: &mut Vec<Bytes>) -> Bytes {
 
 /// What is still queued (unless the session is a slow consumer), then the close
 /// event. True when the connection took it in time.
-async fn finish(rx: &mut OutboxRx, ids: &mut Ids, body: &mpsc::Sender<Bytes>, ctl: &SessionCtl) -> bool {
+async fn finish(rx: &mut OutboxRx, cursor: &mut Cursor, body: &mpsc::Sender<Bytes>, ctl: &SessionCtl) -> bool {
     rx.seal();
     let (reason, text) = ctl.requested().unwrap_or((CloseReason::Gone, None));
     if reason == CloseReason::Gone {
@@ -404,7 +372,7 @@ async fn finish(rx: &mut OutboxRx, ids: &mut Ids, body: &mpsc::Sender<Bytes>, ct
     if reason != CloseReason::SlowConsumer {
         rx.take(&mut batch, usize::MAX);
     }
-    let mut chunk = BytesMut::from(&events(ids, &mut batch)[..]);
+    let mut chunk = BytesMut::from(&events(cursor, &mut batch)[..]);
     if let Some(ms) = h::retry_hint(reason, text.as_deref()) {
         chunk.put_slice(format!("retry: {ms}\n").as_bytes());
     }
@@ -417,29 +385,37 @@ async fn finish(rx: &mut OutboxRx, ids: &mut Ids, body: &mpsc::Sender<Bytes>, ct
 mod tests {
     use super::*;
 
+    /// A stream's ids from a cursor preset with the resumed positions (as `open` does).
+    fn ids(channels: &[&str], resumed: &str, frames: &[&[u8]]) -> Vec<Option<String>> {
+        let resumed = Cursor::parse(resumed).unwrap();
+        let mut cursor = Cursor::new(&channels.iter().map(|c| c.to_string()).collect::<Vec<_>>());
+        for ch in channels {
+            if let Some(s) = resumed.get(ch) {
+                cursor.set(ch, s.seq, &s.epoch);
+            }
+        }
+        frames.iter().map(|f| cursor.observe(f).then(|| cursor.encode())).collect()
+    }
+
     #[test]
     fn ids_keep_the_resumed_position_of_a_channel_until_it_moves() {
-        let resumed = Cursor::parse("a=1@e,b=2@e").unwrap();
-        let mut ids = Ids { cursor: Cursor::new(&["a".into(), "b".into()]), resumed };
         // Both recoveries complete; a message of `a` only: `b` is still where it resumed.
-        assert_eq!(
-            ids.observe(br#"{"type":"ack","channel":"a","position":{"seq":2,"epoch":"e"},"recovered":true}"#),
-            None
+        let got = ids(
+            &["a", "b"],
+            "a=1@e,b=2@e",
+            &[
+                br#"{"type":"ack","channel":"a","position":{"seq":2,"epoch":"e"},"recovered":true}"#,
+                br#"{"type":"ack","channel":"b","position":{"seq":2,"epoch":"e"},"recovered":true}"#,
+                br#"{"type":"message","channel":"a","id":"x","from":"u","seq":3,"epoch":"e","data":{}}"#,
+            ],
         );
-        assert_eq!(
-            ids.observe(br#"{"type":"ack","channel":"b","position":{"seq":2,"epoch":"e"},"recovered":true}"#),
-            None
-        );
-        let msg = br#"{"type":"message","channel":"a","id":"x","from":"u","seq":3,"epoch":"e","data":{}}"#;
-        assert_eq!(ids.observe(msg).as_deref(), Some("a=3@e,b=2@e"));
+        assert_eq!(got, [None, None, Some("a=3@e,b=2@e".into())]);
         // A refused recovery's ack moves `b` (here back: the id was ahead of the stream).
         let ahead =
             br#"{"type":"ack","channel":"b","position":{"seq":1,"epoch":"e"},"recovered":false,"reason":"ahead"}"#;
-        let mut ids = Ids { cursor: Cursor::new(&["b".into()]), resumed: Cursor::parse("b=9@e").unwrap() };
-        assert_eq!(ids.observe(ahead).as_deref(), Some("b=1@e"));
+        assert_eq!(ids(&["b"], "b=9@e", &[ahead]), [Some("b=1@e".into())]);
         // An unsubscribed channel is not named again.
-        let mut ids =
-            Ids { cursor: Cursor::new(&["a".into(), "b".into()]), resumed: Cursor::parse("a=1@e,b=2@e").unwrap() };
-        assert_eq!(ids.observe(br#"{"type":"unsubscribed","channel":"b"}"#).as_deref(), Some("a=1@e"));
+        let gone = br#"{"type":"unsubscribed","channel":"b"}"#;
+        assert_eq!(ids(&["a", "b"], "a=1@e,b=2@e", &[gone]), [Some("a=1@e".into())]);
     }
 }
