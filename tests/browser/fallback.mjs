@@ -12,7 +12,7 @@ import assert from 'node:assert/strict';
 import WebSocket from 'ws';
 import { existsSync, readFileSync } from 'node:fs';
 import { Switchboard } from '../../gateway/static/switchboard.js';
-import { startGateway, startHttpProxy, startTlsH2Proxy, jwt, now, sleep, until, next } from './harness.mjs';
+import { startGateway, startHttpProxy, startTlsH2Proxy, jwt, now, until, next } from './harness.mjs';
 
 const SECRET = 'fallback-test-secret';
 const FAST = ['--publish-rate', '100000', '--publish-burst', '100000'];
