@@ -37,6 +37,10 @@ enum Scenario {
         /// Where the history goes (one event per line).
         #[arg(long, default_value = "target/chaos-history.jsonl")]
         history: PathBuf,
+        /// The bridges' backbone: kafka (tansu), nats (JetStream) or redis (Streams); the
+        /// last two are also killed and restarted by the nemesis.
+        #[arg(long, default_value = "kafka", value_parser = ["kafka", "nats", "redis"])]
+        backbone: String,
     },
     /// RSS per idle authenticated connection with one subscription.
     Idle {
@@ -403,9 +407,14 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(report.is_clean(), "{} violations", report.violations.len());
             Ok(())
         }
-        Scenario::Chaos { minutes, seed, history } => rt.block_on(async {
-            use switchboard_tests::chaos;
-            let cfg = chaos::Config::new(seed, std::time::Duration::from_secs(minutes * 60));
+        Scenario::Chaos { minutes, seed, history, backbone } => rt.block_on(async {
+            use switchboard_tests::{backbone::Backbone, chaos};
+            let mut cfg = chaos::Config::new(seed, std::time::Duration::from_secs(minutes * 60));
+            cfg.backbone = match backbone.as_str() {
+                "nats" => Backbone::Nats,
+                "redis" => Backbone::Redis,
+                _ => Backbone::Kafka,
+            };
             let summary = chaos::run(&cfg).await;
             std::fs::write(&history, &summary.history).with_context(|| format!("write {}", history.display()))?;
             println!("{summary}history: {}", history.display());

@@ -34,6 +34,7 @@ use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::backbone::Backbone;
 use crate::checker::{self, Event, Outcome, Pos, Report, SubOutcome};
 use crate::cluster::{Cluster, free_port};
 use crate::link::{Link, State};
@@ -54,6 +55,9 @@ pub struct Config {
     pub channels: usize,
     /// Time between one publisher's operations.
     pub every: Duration,
+    /// The bridges' backbone: tansu (Kafka protocol), or a nats-server or redis-server,
+    /// which survive a kill -9 with their data and so are killed and restarted too.
+    pub backbone: Backbone,
 }
 
 impl Config {
@@ -67,6 +71,7 @@ impl Config {
             publishers: 2,
             channels: 4,
             every: Duration::from_millis(40),
+            backbone: Backbone::Kafka,
         }
     }
 }
@@ -81,6 +86,9 @@ pub enum Fault {
     PauseBridge(usize, Duration),
     KillPresence,
     CutBroker(Duration),
+    /// kill -9 of the nats-server or redis-server, restarted on its data (tansu keeps its
+    /// data in memory, so not on Kafka).
+    KillBackbone,
     Partition(LinkId, Duration),
     /// Gateway 0's namespace drops every packet, both ways.
     IsolateGateway(Duration),
@@ -101,8 +109,11 @@ pub enum LinkId {
     BridgeToPresence(usize),
 }
 
-/// How many kinds of fault [`schedule`] draws from.
-pub const FAULT_KINDS: usize = 11;
+/// How many kinds of fault [`schedule`] draws from on `backbone`: one more where the
+/// backbone survives a restart.
+pub fn fault_kinds(backbone: Backbone) -> usize {
+    if backbone == Backbone::Kafka { 11 } else { 12 }
+}
 
 impl Fault {
     pub fn kind(&self) -> &'static str {
@@ -114,6 +125,7 @@ impl Fault {
             Fault::PauseBridge(..) => "pause_bridge",
             Fault::KillPresence => "kill_presence",
             Fault::CutBroker(_) => "cut_broker",
+            Fault::KillBackbone => "kill_backbone",
             Fault::Partition(..) => "partition",
             Fault::IsolateGateway(_) => "isolate_gateway",
             Fault::CutLink(..) => "cut_link",
@@ -124,8 +136,16 @@ impl Fault {
 
 /// The faults of a run and when each may start (offsets from the start of the faults),
 /// from the seed alone: every kind once in a shuffled first round, then kinds at random,
-/// each 2-6 s after the previous one may have ended.
-pub fn schedule(seed: u64, duration: Duration, gateways: usize, bridges: usize) -> Vec<(Duration, Fault)> {
+/// each 2-6 s after the previous one may have ended. On Kafka (tansu) a seed gives the
+/// schedule it gave before the backbone could be restarted.
+pub fn schedule(
+    seed: u64,
+    duration: Duration,
+    gateways: usize,
+    bridges: usize,
+    backbone: Backbone,
+) -> Vec<(Duration, Fault)> {
+    let kinds = fault_kinds(backbone);
     let mut rng = StdRng::seed_from_u64(seed);
     let link = |rng: &mut StdRng| match rng.random_range(0..4) {
         0 => LinkId::GatewayToBridge(rng.random_range(0..gateways), rng.random_range(0..bridges)),
@@ -145,20 +165,21 @@ pub fn schedule(seed: u64, duration: Duration, gateways: usize, bridges: usize) 
         7 => Fault::Partition(link(rng), Duration::from_millis(rng.random_range(3000..12_000))),
         8 => Fault::CutLink(link(rng), Duration::from_millis(rng.random_range(1000..5000))),
         9 => Fault::IsolateGateway(Duration::from_millis(rng.random_range(3000..12_000))),
+        11 => Fault::KillBackbone,
         _ => Fault::SlowLink(
             link(rng),
             Duration::from_millis(rng.random_range(20..200)),
             Duration::from_millis(rng.random_range(3000..8000)),
         ),
     };
-    let mut first: Vec<usize> = (0..FAULT_KINDS).collect();
+    let mut first: Vec<usize> = (0..kinds).collect();
     for i in (1..first.len()).rev() {
         first.swap(i, rng.random_range(0..=i));
     }
     let (mut at, mut out) = (Duration::from_secs(2), Vec::new());
     let mut n = 0;
     while n < first.len() || at < duration {
-        let kind = if n < first.len() { first[n] } else { rng.random_range(0..FAULT_KINDS) };
+        let kind = if n < first.len() { first[n] } else { rng.random_range(0..kinds) };
         let fault = pick(&mut rng, kind);
         let takes = match &fault {
             Fault::PauseGateway(_, d)
@@ -203,6 +224,7 @@ impl Recorder {
 #[derive(Debug)]
 pub struct Summary {
     pub seed: u64,
+    pub backbone: Backbone,
     pub faults: BTreeMap<&'static str, u64>,
     pub report: Report,
     /// The history, one event per line.
@@ -212,7 +234,7 @@ pub struct Summary {
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let faults: Vec<String> = self.faults.iter().map(|(k, n)| format!("{k}={n}")).collect();
-        writeln!(f, "seed {}", self.seed)?;
+        writeln!(f, "seed {} on {:?}", self.seed, self.backbone)?;
         writeln!(f, "faults: {}", faults.join(" "))?;
         write!(f, "{}", self.report)
     }
@@ -241,12 +263,12 @@ fn local(port: u16) -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], port))
 }
 
-/// Starts a cluster (tansu, one presence replica, `bridges` bridges, `gateways` gateways,
+/// Starts a cluster (the backbone, one presence replica, `bridges` bridges, `gateways` gateways,
 /// every service on a fixed port so that a restarted one is found where it was, every
 /// internal connection through a [`Link`]), runs the workload and the nemesis, and judges
 /// the history.
 pub async fn run(cfg: &Config) -> Summary {
-    let mut c = Cluster::builder().kafka().bridges(0).gateways(0).start().await;
+    let mut c = Cluster::builder().backbone(cfg.backbone).bridges(0).gateways(0).start().await;
     let presence = local(c.presence_ports[0]);
     let mut bridge_ports = Vec::new();
     let mut bridge_presence = Vec::new();
@@ -349,8 +371,8 @@ pub async fn run(cfg: &Config) -> Summary {
     }
 
     // The nemesis, on the schedule.
-    let plan = schedule(cfg.seed, cfg.duration, cfg.gateways, cfg.bridges);
-    eprintln!("chaos seed {}: {} faults: {plan:?}", cfg.seed, plan.len());
+    let plan = schedule(cfg.seed, cfg.duration, cfg.gateways, cfg.bridges, cfg.backbone);
+    eprintln!("chaos seed {} on {:?}: {} faults: {plan:?}", cfg.seed, cfg.backbone, plan.len());
     let started = Instant::now();
     let mut faults: BTreeMap<&'static str, u64> = BTreeMap::new();
     for (at, fault) in &plan {
@@ -425,7 +447,13 @@ pub async fn run(cfg: &Config) -> Summary {
         let _ = task.await;
     }
     let events = rec.events();
-    Summary { seed: cfg.seed, faults, report: checker::check(&events), history: checker::to_lines(&events) }
+    Summary {
+        seed: cfg.seed,
+        backbone: cfg.backbone,
+        faults,
+        report: checker::check(&events),
+        history: checker::to_lines(&events),
+    }
 }
 
 /// The newest acknowledged message per channel, with its seq.
@@ -480,10 +508,16 @@ async fn inject(c: &mut Cluster, links: &Links, netns: &Netns, fault: &Fault) {
             c.start_presence(0);
         }
         Fault::CutBroker(d) => {
-            let proxy = &c.broker.as_ref().expect("a chaos cluster has a broker").proxy;
+            let proxy = c.backbone_proxy();
             proxy.cut();
             tokio::time::sleep(*d).await;
             proxy.restore();
+        }
+        Fault::KillBackbone => {
+            let server = c.server.as_mut().expect("only a NATS or Redis backbone is restarted");
+            server.kill();
+            pause().await;
+            server.restart();
         }
         Fault::Partition(l, d) => hold(links.get(*l), State::Blackhole, *d).await,
         Fault::CutLink(l, d) => hold(links.get(*l), State::Cut, *d).await,

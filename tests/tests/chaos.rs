@@ -6,16 +6,23 @@
 
 use std::time::Duration;
 
-use switchboard_tests::chaos::{Config, FAULT_KINDS, run, schedule};
+use switchboard_tests::backbone::Backbone;
+use switchboard_tests::chaos::{Config, Fault, fault_kinds, run, schedule};
 use switchboard_tests::checker::{self, Event, Kind};
 
 #[test]
 fn the_same_seed_gives_the_same_schedule_and_every_kind_of_fault() {
-    let a = schedule(7, Duration::from_secs(90), 3, 2);
-    assert_eq!(a, schedule(7, Duration::from_secs(90), 3, 2));
-    assert_ne!(a, schedule(8, Duration::from_secs(90), 3, 2));
-    let kinds: std::collections::BTreeSet<&str> = a.iter().take(FAULT_KINDS).map(|(_, f)| f.kind()).collect();
-    assert_eq!(kinds.len(), FAULT_KINDS, "the first round holds every kind: {a:?}");
+    for backbone in [Backbone::Kafka, Backbone::Nats, Backbone::Redis] {
+        let a = schedule(7, Duration::from_secs(90), 3, 2, backbone);
+        assert_eq!(a, schedule(7, Duration::from_secs(90), 3, 2, backbone));
+        assert_ne!(a, schedule(8, Duration::from_secs(90), 3, 2, backbone));
+        let n = fault_kinds(backbone);
+        let kinds: std::collections::BTreeSet<&str> = a.iter().take(n).map(|(_, f)| f.kind()).collect();
+        assert_eq!(kinds.len(), n, "the first round holds every kind: {a:?}");
+        // tansu keeps its data in memory: it is never restarted.
+        let restarts = a.iter().any(|(_, f)| *f == Fault::KillBackbone);
+        assert_eq!(restarts, backbone != Backbone::Kafka, "{backbone:?}: {a:?}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -25,7 +32,12 @@ async fn a_seeded_chaos_run_keeps_every_promise() {
     let path = std::env::temp_dir().join(format!("switchboard-chaos-{seed}-{}.jsonl", std::process::id()));
     std::fs::write(&path, &summary.history).expect("write the history");
     eprintln!("{summary}history: {}", path.display());
-    assert_eq!(summary.faults.len(), FAULT_KINDS, "every kind of fault was injected: {:?}", summary.faults);
+    assert_eq!(
+        summary.faults.len(),
+        fault_kinds(Backbone::Kafka),
+        "every kind of fault was injected: {:?}",
+        summary.faults
+    );
     assert!(summary.report.operations.get("deliver").copied().unwrap_or(0) > 1000, "{summary}");
     assert!(summary.report.is_clean(), "seed {seed} broke a promise:\n{summary}history: {}", path.display());
 
