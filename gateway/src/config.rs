@@ -18,6 +18,16 @@ pub struct Cli {
     /// Open the client port with SO_REUSEPORT, so several gateway processes share it.
     #[arg(long, env = "SWITCHBOARD_GATEWAY_REUSE_PORT")]
     pub reuse_port: bool,
+    /// PEM certificate chain (leaf first) for TLS on the client port; goes with `--tls-key`.
+    /// Reloaded on SIGHUP and when the files change; without it the port is plain HTTP.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1) of `--tls-cert`.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// How often the `--tls-cert`/`--tls-key` files are checked for new contents (0s: on SIGHUP only).
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_TLS_RELOAD_INTERVAL", value_parser = parse_duration, default_value = "5s")]
+    pub tls_reload_interval: Duration,
     /// Address of the gRPC Push API (standalone mode).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_GRPC_ADDR", default_value = "127.0.0.1:9090")]
     pub grpc_addr: SocketAddr,
@@ -57,6 +67,21 @@ pub struct Cli {
     /// many clients share an address, so set it with care).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_CONNECTIONS_PER_IP", default_value = "0")]
     pub max_connections_per_ip: u32,
+    /// Sessions one user (a token's `sub`) may hold on this node, every transport counted
+    /// (WebSocket, SSE, waiting polls); the newest attempt beyond it is refused (429).
+    /// 0: no per-user cap. Anonymous sessions are not counted.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_CONNECTIONS_PER_USER", default_value_t = crate::admission::DEFAULT_CONNECTIONS_PER_USER)]
+    pub max_connections_per_user: u32,
+    /// Channel subscriptions one user may hold on this node, summed over its sessions
+    /// (beyond it: `too_many_subscriptions`). Default: 1000, or `--max-subscriptions` when
+    /// that is more (one session may always use its own limit). 0: no per-user budget.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_MAX_SUBSCRIPTIONS_PER_USER")]
+    pub max_subscriptions_per_user: Option<u32>,
+    /// Resident memory, in bytes, from which new sessions are refused (503) and commands
+    /// that add work answered `unavailable`, until it is below 90 % of it again.
+    /// Default: 85 % of the cgroup memory limit, none without one. 0: off.
+    #[arg(long, env = "SWITCHBOARD_GATEWAY_MEMORY_BUDGET")]
+    pub memory_budget: Option<u64>,
     /// Memory budget per session, in bytes, for the session cap derived from the
     /// cgroup memory limit (the lower of that and the open-files cap applies).
     #[arg(long, env = "SWITCHBOARD_GATEWAY_MEMORY_PER_SESSION", default_value_t = crate::limits::DEFAULT_PER_SESSION)]

@@ -40,6 +40,10 @@ pub enum HandshakeError {
     Full,
     #[error("too many connections from this address")]
     PerIp,
+    #[error("too many connections for this user on this node")]
+    PerUser,
+    #[error("server is over its memory budget")]
+    Memory,
     #[error("server is draining")]
     Draining,
 }
@@ -50,8 +54,8 @@ impl HandshakeError {
             Self::BadRequest(_) => StatusCode::BAD_REQUEST,
             Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             Self::Origin => StatusCode::FORBIDDEN,
-            Self::Full | Self::Draining => StatusCode::SERVICE_UNAVAILABLE,
-            Self::PerIp => StatusCode::TOO_MANY_REQUESTS,
+            Self::Full | Self::Draining | Self::Memory => StatusCode::SERVICE_UNAVAILABLE,
+            Self::PerIp | Self::PerUser => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -62,6 +66,8 @@ impl HandshakeError {
             Self::Origin => "origin",
             Self::Full => "full",
             Self::PerIp => "per_ip",
+            Self::PerUser => "per_user",
+            Self::Memory => "memory",
             Self::Draining => "draining",
         }
     }
@@ -69,7 +75,7 @@ impl HandshakeError {
     pub(crate) fn into_response(self) -> Response<Full<Bytes>> {
         metrics::counter!(m::HANDSHAKE_REJECTED, "reason" => self.label()).increment(1);
         let mut resp = text(self.status(), format!("{self}\n"));
-        if matches!(self, Self::Full | Self::Draining | Self::PerIp) {
+        if matches!(self, Self::Full | Self::Draining | Self::PerIp | Self::PerUser | Self::Memory) {
             let secs = rand::random_range(1..=5u32);
             resp.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
@@ -247,6 +253,10 @@ fn upgrade(
     if server.draining.is_cancelled() {
         return Err(HandshakeError::Draining);
     }
+    if server.node.admission.shedding() {
+        crate::admission::Admission::shed("websocket");
+        return Err(HandshakeError::Memory);
+    }
     let slot = server.try_reserve_session(peer).map_err(|e| match e {
         NoSlot::Full => HandshakeError::Full,
         NoSlot::PerIp => HandshakeError::PerIp,
@@ -284,6 +294,14 @@ fn upgrade(
             (authenticate(&server, &req, token)?, offers_ours)
         }
     };
+    // The user is known now (a token-less upgrade's at its `connect`); echo sessions are
+    // not counted.
+    let user_slot = match &identity {
+        Some(id) if mode == Mode::Protocol => {
+            Some(server.node.admission.try_user_slot(id).ok_or(HandshakeError::PerUser)?)
+        }
+        _ => None,
+    };
 
     let client_info = client_info(&req);
     // RFC 7692: the first offer we can honour, or none (answered without the extension).
@@ -310,7 +328,7 @@ fn upgrade(
         awaiting_connect,
         conn_id,
         client_info,
-        slot,
+        (slot, user_slot),
         (mode, window),
     ));
 
@@ -339,7 +357,7 @@ async fn start_session(
     awaiting_connect: bool,
     conn_id: u64,
     client_info: Arc<str>,
-    slot: SessionSlot,
+    (slot, user_slot): (SessionSlot, Option<crate::admission::UserSlot>),
     (mode, deflate): (Mode, u8),
 ) {
     let upgraded = match on_upgrade.await {
@@ -372,6 +390,7 @@ async fn start_session(
         mode,
         deflate,
         server.stop_sessions.clone(),
+        user_slot,
     )
     .await;
     drop(slot);

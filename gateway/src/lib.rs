@@ -5,6 +5,7 @@
 //! message path, one module per stage:
 //!
 //! - [`server`] (accept): listener, connection caps, HTTP/1 or HTTP/2 (h2c) with slowloris timeout, drain;
+//!   [`admission`]: per-user limits and the memory budget;
 //! - [`handshake`]: routing, Origin allow-list, JWT auth ([`auth`]), the upgrade;
 //! - [`session`]: the session core (commands, limits ([`policy`]), recovery), whatever the transport;
 //! - [`transport`] (ingress/egress): WebSocket, Server-Sent Events, long-polling: each frames
@@ -14,8 +15,10 @@
 //! - [`hub`] (fanout): sharded channels and users, encode once, bounded queues ([`outbox`]);
 //! - [`wire`] and [`protocol`]: server frames and the JSON client protocol; [`deflate`]: permessage-deflate;
 //! - [`presence`]: the presence seam (local hub, or remote replicas over gRPC);
+//! - [`tls`]: TLS on the client port, in front of the plain handler (the session core keeps its `TcpStream`);
 //! - [`push`]: the gRPC Push API; [`demo`]: the embedded chat page.
 
+pub mod admission;
 pub mod auth;
 pub mod bus;
 pub mod config;
@@ -35,6 +38,7 @@ pub mod protocol;
 pub mod push;
 pub mod server;
 pub mod session;
+pub mod tls;
 pub mod transport;
 pub mod wire;
 

@@ -41,6 +41,14 @@ pub const DEFLATE_FRAMES: &str = "switchboard_gateway_deflate_frames_total";
 pub const TRANSPORT_SESSIONS_ACTIVE: &str = "switchboard_gateway_transport_sessions_active";
 pub const TRANSPORT_SESSIONS_OPENED: &str = "switchboard_gateway_transport_sessions_opened_total";
 pub const POLLS: &str = "switchboard_gateway_polls_total";
+pub const USER_LIMIT_REFUSALS: &str = "switchboard_gateway_user_limit_refusals_total";
+pub const MEMORY_USED: &str = "switchboard_gateway_memory_resident_bytes";
+pub const MEMORY_BUDGET: &str = "switchboard_gateway_memory_budget_bytes";
+pub const MEMORY_SHEDDING: &str = "switchboard_gateway_memory_shedding";
+pub const MEMORY_SHED: &str = "switchboard_gateway_memory_shed_total";
+pub const TLS_HANDSHAKES: &str = "switchboard_gateway_tls_handshakes_total";
+pub const TLS_CERT_RELOADS: &str = "switchboard_gateway_tls_cert_reloads_total";
+pub const TLS_CERT_EXPIRY: &str = "switchboard_gateway_tls_cert_expiry_timestamp_seconds";
 
 /// Histogram buckets, by metric-name suffix (any other histogram gets kit's defaults).
 pub const BUCKETS: &[(&str, &[f64])] = &[
@@ -74,14 +82,18 @@ pub const ERROR_CODES: &[&str] = &[
 /// How a long-poll ended: with events, empty at its timeout, cut by a drain, or the
 /// client went away.
 pub const POLL_OUTCOMES: &[&str] = &["events", "timeout", "drain", "gone"];
+/// What a per-user limit refused: a session, or subscriptions.
+pub const USER_LIMITS: &[&str] = &["connections", "subscriptions"];
+/// What the memory budget shed: new sessions by transport, or commands that add work.
+pub const SHED_KINDS: &[&str] = &["websocket", "sse", "poll", "command"];
 pub const PUSH_METHODS: &[&str] =
     &["send_to_user", "publish", "broadcast", "disconnect", "is_online", "channel_members", "history"];
 pub const PUSH_OUTCOMES: &[&str] = &["ok", "invalid_argument"];
 /// Outcomes of `refresh`: accepted, or the error code it was answered with.
 pub const REFRESH_OUTCOMES: &[&str] = &["ok", "unauthorized", "forbidden", "rate_limited", "bad_request"];
 /// Outcomes of a session opened without a token: authenticated by `connect`, a bad token,
-/// another first message, no `connect` in time.
-pub const CONNECT_OUTCOMES: &[&str] = &["ok", "unauthorized", "connect_required", "timeout"];
+/// another first message, no `connect` in time, the user's sessions at `--max-connections-per-user`.
+pub const CONNECT_OUTCOMES: &[&str] = &["ok", "unauthorized", "connect_required", "timeout", "user_limit"];
 
 /// Registers every series that alerts and dashboards use at zero, so that they are
 /// exported before the first event (an absent series is not a zero to PromQL).
@@ -113,7 +125,7 @@ fn register_zeroes() {
     ] {
         metrics::gauge!(g).increment(0.0);
     }
-    for g in [HISTORY_BYTES, HISTORY_BUDGET] {
+    for g in [HISTORY_BYTES, HISTORY_BUDGET, MEMORY_USED, MEMORY_BUDGET, MEMORY_SHEDDING] {
         metrics::gauge!(g).increment(0.0);
     }
     kit::telemetry::zero_counters(RECOVERIES, "outcome", RECOVERY_OUTCOMES);
@@ -125,6 +137,11 @@ fn register_zeroes() {
     kit::telemetry::zero_counters(AUTH_REFRESH, "outcome", REFRESH_OUTCOMES);
     kit::telemetry::zero_counters(CONNECT, "outcome", CONNECT_OUTCOMES);
     kit::telemetry::zero_counters(POLLS, "outcome", POLL_OUTCOMES);
+    kit::telemetry::zero_counters(USER_LIMIT_REFUSALS, "limit", USER_LIMITS);
+    kit::telemetry::zero_counters(MEMORY_SHED, "kind", SHED_KINDS);
+    kit::telemetry::zero_counters(TLS_HANDSHAKES, "outcome", &["ok", "failed", "timeout"]);
+    kit::telemetry::zero_counters(TLS_CERT_RELOADS, "outcome", &["loaded", "failed"]);
+    metrics::gauge!(TLS_CERT_EXPIRY).increment(0.0);
     for t in crate::transport::Transport::ALL {
         metrics::counter!(TRANSPORT_SESSIONS_OPENED, "transport" => t.label()).increment(0);
         metrics::gauge!(TRANSPORT_SESSIONS_ACTIVE, "transport" => t.label()).increment(0.0);
@@ -137,7 +154,7 @@ fn register_zeroes() {
     for r in crate::policy::CloseReason::ALL {
         metrics::counter!(CONNECTIONS_CLOSED, "reason" => r.label()).increment(0);
     }
-    for r in ["bad_request", "origin", "full", "per_ip", "draining"]
+    for r in ["bad_request", "origin", "full", "per_ip", "per_user", "memory", "draining"]
         .into_iter()
         .chain(crate::auth::AuthError::ALL.iter().map(|e| e.label()))
     {
@@ -227,6 +244,27 @@ pub fn describe() {
     describe_counter!(
         RECOVERY_GAPS,
         "Recoveries that started complete but could not be finished (a gap frame was sent), by reason."
+    );
+    describe_counter!(
+        USER_LIMIT_REFUSALS,
+        "Refused by a per-user limit of this node: a new session (connections) or a subscribe (subscriptions)."
+    );
+    describe_gauge!(MEMORY_USED, Unit::Bytes, "Resident memory of the process, sampled every 100 ms.");
+    describe_gauge!(MEMORY_BUDGET, Unit::Bytes, "Resident memory at which new work is shed (--memory-budget; 0: off).");
+    describe_gauge!(MEMORY_SHEDDING, "1 while the node is over its memory budget and sheds new work, else 0.");
+    describe_counter!(
+        MEMORY_SHED,
+        "New work refused over the memory budget: sessions by transport (websocket, sse, poll) and commands."
+    );
+    describe_counter!(TLS_HANDSHAKES, "TLS handshakes on the client port, by outcome (ok, failed, timeout).");
+    describe_counter!(
+        TLS_CERT_RELOADS,
+        "Client-port certificate reloads (SIGHUP or changed files): loaded, or failed (the previous pair stays)."
+    );
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        Unit::Seconds,
+        "notAfter of the client-port certificate in use, as Unix time (0: no TLS on the client port)."
     );
 }
 

@@ -41,11 +41,14 @@ pub enum CloseReason {
     /// A session opened without a token did not authenticate with `connect`
     /// (a bad token, another first command, or none before the deadline).
     Unauthenticated,
+    /// A session authenticated by `connect` names a user who already holds
+    /// `--max-connections-per-user` sessions on this node: try again later (elsewhere).
+    UserLimit,
 }
 
 impl CloseReason {
     /// All reasons, for describing metrics.
-    pub const ALL: [CloseReason; 15] = [
+    pub const ALL: [CloseReason; 16] = [
         Self::Normal,
         Self::Drain,
         Self::Protocol,
@@ -61,6 +64,7 @@ impl CloseReason {
         Self::Gone,
         Self::Stalled,
         Self::Unauthenticated,
+        Self::UserLimit,
     ];
 
     /// The WebSocket close code sent for this reason (docs/protocol.md).
@@ -79,6 +83,7 @@ impl CloseReason {
             Self::Flood => 4003,
             Self::Kicked => 4004,
             Self::Unauthenticated => 4005,
+            Self::UserLimit => 1013,
         }
     }
 
@@ -100,6 +105,7 @@ impl CloseReason {
             Self::Gone => "gone",
             Self::Stalled => "stalled",
             Self::Unauthenticated => "unauthenticated",
+            Self::UserLimit => "user_limit",
         }
     }
 

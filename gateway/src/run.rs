@@ -17,7 +17,7 @@ use crate::delivery::{Dedupe, DeliveryService};
 use crate::hub::Hub;
 use crate::presence::{LocalPresence, PresenceBackend, RemoteConfig, RemotePresence};
 use crate::push::PushService;
-use crate::server::{Drain, Server, caps_from_nofile};
+use crate::server::{Drain, Server, caps_for_fds};
 use crate::session::{Node, SessionConfig};
 use tonic::service::interceptor::InterceptedService;
 
@@ -64,6 +64,8 @@ pub struct Settings {
     pub http_session_weight: usize,
     pub max_pending: usize,
     pub max_per_ip: u32,
+    /// Per-user limits and the memory budget (docs/design.md "Admission").
+    pub admission: crate::admission::Limits,
     pub max_pending_per_ip: usize,
     pub presence_channels: Vec<String>,
     pub large_room: usize,
@@ -77,6 +79,8 @@ pub struct Settings {
     pub internal_token: Option<String>,
     /// Mutual TLS of the internal gRPC APIs (Push, Delivery; presence and bridge calls).
     pub tls: Option<kit::grpc::InternalTls>,
+    /// TLS on the client port (`--tls-cert`, `--tls-key`).
+    pub client_tls: Option<crate::tls::Settings>,
     pub bridge_addrs: Vec<String>,
     pub drain: Drain,
     pub nofile: u64,
@@ -138,22 +142,27 @@ impl Settings {
         let nofile = rlimit::increase_nofile_limit(u64::MAX)
             .or_else(|_| rlimit::getrlimit(rlimit::Resource::NOFILE).map(|(soft, _)| soft))
             .unwrap_or(1024);
-        let (by_files, max_pending) = caps_from_nofile(nofile);
+        let client_tls =
+            crate::tls::Settings::from_flags(cli.tls_cert.as_deref(), cli.tls_key.as_deref(), cli.tls_reload_interval)
+                .map_err(SettingsError::Tls)?;
+        // A TLS connection holds three descriptors and rustls' buffers (tls/mod.rs).
+        let (fds, tls_bytes) =
+            if client_tls.is_some() { (crate::tls::FDS_PER_CONNECTION, crate::tls::CONNECTION_BYTES) } else { (1, 0) };
+        let (by_files, max_pending) = caps_for_fds(nofile, fds);
+        let per_session = cli.memory_per_session.max(1) + tls_bytes;
         let memory_limit = crate::limits::cgroup_memory_limit(&cli.cgroup_root);
-        let by_memory =
-            memory_limit.map(|limit| crate::limits::sessions_for_memory(limit, cli.memory_per_session.max(1)));
+        let by_memory = memory_limit.map(|limit| crate::limits::sessions_for_memory(limit, per_session));
         let derived = by_memory.map_or(by_files, |m| m.min(by_files));
         // Under a cap the operator set (`--max-connections`), every session is one.
         let http_session_weight = match (by_memory, cli.max_connections) {
-            (Some(m), None) if m <= by_files => crate::limits::http_session_weight(cli.memory_per_session),
+            (Some(m), None) if m <= by_files => crate::limits::http_session_weight(per_session),
             _ => 1,
         };
         let why = match (memory_limit, by_memory) {
             (Some(limit), Some(m)) => format!(
-                "open files {nofile} allow {by_files}; memory limit {limit} B at {} B per session allows {m}",
-                cli.memory_per_session
+                "open files {nofile} at {fds} per connection allow {by_files}; memory limit {limit} B at {per_session} B per session allows {m}"
             ),
-            _ => format!("open files {nofile} allow {by_files}; no memory limit"),
+            _ => format!("open files {nofile} at {fds} per connection allow {by_files}; no memory limit"),
         };
         let max_sessions = match cli.max_connections {
             Some(n) if n.get() as usize > derived => {
@@ -189,6 +198,16 @@ impl Settings {
             http_session_weight,
             max_pending,
             max_per_ip: cli.max_connections_per_ip,
+            admission: crate::admission::Limits {
+                connections_per_user: cli.max_connections_per_user,
+                subscriptions_per_user: cli
+                    .max_subscriptions_per_user
+                    .unwrap_or(crate::admission::DEFAULT_SUBSCRIPTIONS_PER_USER.max(cli.max_subscriptions.get())),
+                // Default: a share of the cgroup limit (none without one).
+                memory_budget: cli.memory_budget.unwrap_or_else(|| {
+                    memory_limit.map_or(0, |l| (l as f64 * crate::admission::DEFAULT_BUDGET_SHARE) as u64)
+                }),
+            },
             max_pending_per_ip: cli.max_pending_per_ip.max(1),
             presence_channels: cli.presence_channels.iter().filter(|p| !p.is_empty()).cloned().collect(),
             large_room: cli.large_room,
@@ -200,6 +219,7 @@ impl Settings {
                 .with_tls(tls.as_ref()),
             internal_token: cli.common.internal_token.clone(),
             tls,
+            client_tls,
             drain: Drain { window: cli.drain_window, grace: cli.drain_grace },
             nofile,
             cap_reason: why,
@@ -246,6 +266,8 @@ pub enum RunError {
     DeliveryAddr(std::net::SocketAddr),
     #[error(transparent)]
     Grpc(#[from] tonic::transport::Error),
+    #[error("cannot open the TLS loopback listener: {0}")]
+    Loopback(std::io::Error),
 }
 
 /// Runs a gateway until `shutdown` is cancelled, then drains and returns.
@@ -317,7 +339,19 @@ pub async fn run(
         presence: presence.clone(),
         verifier: settings.verifier.clone(),
         config: settings.session.clone(),
+        admission: Arc::new(crate::admission::Admission::new(settings.admission)),
     });
+    let budget = settings.admission.memory_budget;
+    if budget != 0 && settings.bridge_addrs.is_empty() && settings.history_memory as u64 > budget / 2 {
+        // History is kept at rest: a budget it fills sheds for as long as it is kept.
+        tracing::warn!(
+            budget,
+            history_memory = settings.history_memory,
+            "--history-memory is over half of --memory-budget"
+        );
+    }
+    let stop_sampler = CancellationToken::new();
+    let sampler_task = tokio::spawn(crate::admission::sample(node.admission.clone(), stop_sampler.clone()));
     let mut server = Server::new(
         node,
         settings.verifier.clone(),
@@ -331,6 +365,22 @@ pub async fn run(
     server.max_per_ip = settings.max_per_ip;
     server.http_session_weight = settings.http_session_weight;
     server.set_max_pending_per_ip(settings.max_pending_per_ip);
+    // TLS: the loopback pairs' listener and the certificate's reload, until the drain ends.
+    let stop_tls = CancellationToken::new();
+    let mut tls_tasks = Vec::new();
+    if let Some(tls) = &settings.client_tls {
+        let backlog = settings.max_pending.min(u32::MAX as usize) as u32;
+        let (loopback, listener) = crate::tls::Loopback::bind(backlog).map_err(RunError::Loopback)?;
+        tls.certs.report();
+        server.tls = Some(crate::tls::Front::new(tls.config.clone(), loopback.clone()));
+        tls_tasks.push(tokio::spawn(loopback.serve(listener, stop_tls.clone())));
+        tls_tasks.push(tokio::spawn(crate::tls::watch(
+            tls.certs.clone(),
+            tls.reload_interval,
+            crate::tls::hangups(),
+            stop_tls.clone(),
+        )));
+    }
     let server = Arc::new(server);
 
     let readiness = kit::admin::Readiness::default();
@@ -381,6 +431,8 @@ pub async fn run(
         max_connections = settings.max_sessions,
         nofile = settings.nofile,
         cap = %settings.cap_reason,
+        memory_budget = settings.admission.memory_budget,
+        tls = settings.client_tls.is_some(),
         "gateway ready"
     );
 
@@ -392,9 +444,15 @@ pub async fn run(
     server.draining.cancel();
     let _ = accept.await;
     server.drain(settings.drain).await;
+    stop_tls.cancel();
+    for t in tls_tasks {
+        let _ = t.await;
+    }
     // Tell presence we are gone (goodbye) now that every session has ended.
     stop_presence.cancel();
     let _ = counts.await;
+    stop_sampler.cancel();
+    let _ = sampler_task.await;
     stop_grpc.cancel();
     stop_admin.cancel();
     let grpc_result = grpc.await;

@@ -1,6 +1,7 @@
 //! Accept: the client listener, the socket and session caps, hyper's HTTP/1 or
 //! HTTP/2 (cleartext, prior knowledge: chosen by the connection's first bytes)
-//! connection with a header-read timeout (slowloris), and the drain.
+//! connection with a header-read timeout (slowloris), TLS in front when configured
+//! (`tls/mod.rs`), and the drain.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -29,8 +30,15 @@ pub const HANDSHAKE_HEADROOM: u64 = 512;
 /// The session cap and the cap on not-yet-upgraded HTTP connections derived
 /// from an open-files limit: together with [`FD_RESERVE`] they never exceed it.
 pub fn caps_from_nofile(nofile: u64) -> (usize, usize) {
-    let pending = HANDSHAKE_HEADROOM.min(nofile / 8).max(4);
-    let sessions = nofile.saturating_sub(FD_RESERVE + pending).max(4);
+    caps_for_fds(nofile, 1)
+}
+
+/// [`caps_from_nofile`] for connections that hold `fds` descriptors each (3 with TLS:
+/// the client's socket and a loopback pair, see `tls/mod.rs`).
+pub fn caps_for_fds(nofile: u64, fds: u64) -> (usize, usize) {
+    let fds = fds.max(1);
+    let pending = HANDSHAKE_HEADROOM.min(nofile / fds / 8).max(4);
+    let sessions = (nofile.saturating_sub(FD_RESERVE) / fds).saturating_sub(pending).max(4);
     (sessions as usize, pending as usize)
 }
 
@@ -67,6 +75,8 @@ pub struct Server {
     pub buckets: crate::transport::http::Buckets,
     /// Users long-polling this node, as presence knows them.
     pub pollers: crate::transport::poll::Pollers,
+    /// TLS on this port (`--tls-cert`): every connection goes through its front first.
+    pub tls: Option<crate::tls::Front>,
 }
 
 /// A reserved session slot (global and per client address), released on drop.
@@ -250,6 +260,7 @@ impl Server {
             streams: Default::default(),
             buckets: Default::default(),
             pollers: Default::default(),
+            tls: None,
         }
     }
 
@@ -329,13 +340,32 @@ impl Server {
             let half_open = HalfOpenSlot(self.clone(), half_open_id);
             let server = self.clone();
             self.tracker.spawn(async move {
-                let h2 = tokio::select! {
-                    h2 = tokio::time::timeout(server.handshake_timeout, is_h2(&stream)) => h2.unwrap_or_default(),
-                    () = shed_me.cancelled() => {
-                        server.pending.fetch_sub(1, Ordering::AcqRel);
-                        server.socket_freed.notify_one();
-                        return;
+                // With TLS: the plaintext end of its loopback pair from here on (tls/mod.rs).
+                let tls = async {
+                    match &server.tls {
+                        None => Some((stream, None)),
+                        Some(front) => front.accept(stream, server.handshake_timeout, &server.tracker).await,
                     }
+                };
+                let opened = tokio::select! {
+                    opened = tls => opened,
+                    () = shed_me.cancelled() => None,
+                };
+                let Some((stream, alpn_h2)) = opened else {
+                    server.pending.fetch_sub(1, Ordering::AcqRel);
+                    server.socket_freed.notify_one();
+                    return;
+                };
+                let h2 = match alpn_h2 {
+                    Some(h2) => h2,
+                    None => tokio::select! {
+                        h2 = tokio::time::timeout(server.handshake_timeout, is_h2(&stream)) => h2.unwrap_or_default(),
+                        () = shed_me.cancelled() => {
+                            server.pending.fetch_sub(1, Ordering::AcqRel);
+                            server.socket_freed.notify_one();
+                            return;
+                        }
+                    },
                 };
                 let conn = Arc::new(Conn {
                     server: server.clone(),

@@ -88,6 +88,20 @@ fn admit(out: &Out<'_>, state: &mut State, r: Option<&serde_json::value::RawValu
     }
 }
 
+/// Over the node's memory budget, a command that adds work is answered `unavailable`
+/// (retry later: nothing was done). True when it was refused.
+fn shed(node: &Node, out: &Out<'_>, r: Option<&serde_json::value::RawValue>) -> bool {
+    if !node.admission.shedding() {
+        return false;
+    }
+    crate::admission::Admission::shed("command");
+    refuse(out, r, ErrorCode::Unavailable, "the gateway is over its memory budget", Some(SHED_RETRY_MS));
+    true
+}
+
+/// When a command refused over the memory budget may be tried again.
+const SHED_RETRY_MS: u64 = 1000;
+
 fn bus_refusal(out: &Out<'_>, r: Option<&serde_json::value::RawValue>, e: &BusError) {
     match e {
         BusError::Unavailable { message, ambiguous } => {
@@ -155,6 +169,7 @@ fn refresh(
         return Ok(());
     }
     let revoked = revoked_by(&state.subscriptions, &new);
+    node.admission.give_subscriptions(&new, revoked.len());
     for channel in &revoked {
         state.subscriptions.remove(channel);
         node.hub.unsubscribe(out.handle.id, &new.user, channel);
@@ -209,16 +224,24 @@ pub(crate) async fn command(
                 out.reply(protocol::subscribed(r, &channel, None, None));
             } else if state.subscriptions.len() >= node.config.max_subscriptions {
                 refuse(out, r, ErrorCode::TooManySubscriptions, "subscription limit reached", None);
-            } else {
+            } else if shed(node, out, r) {
+                // Refused: over the memory budget.
+            } else if node.admission.take_subscriptions(identity, 1) {
                 let channel: Arc<str> = channel.into();
                 state.subscriptions.insert(channel.clone());
                 metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).increment(1.0);
                 super::recovery::subscribe(node, out, r, &channel, since).await;
+            } else {
+                let why = "subscription limit of this user on this node reached";
+                refuse(out, r, ErrorCode::TooManySubscriptions, why, None);
             }
         }
         Command::History { channel, since, limit } => {
             if !identity.may_use(&channel) {
                 refuse(out, r, ErrorCode::Forbidden, "not allowed on this channel", None);
+                return Ok(());
+            }
+            if shed(node, out, r) {
                 return Ok(());
             }
             let since = since.map(|s| crate::history::Position { seq: s.seq, epoch: s.epoch.into() });
@@ -229,6 +252,7 @@ pub(crate) async fn command(
         }
         Command::Unsubscribe { channel } => {
             if state.subscriptions.remove(&*channel) {
+                node.admission.give_subscriptions(identity, 1);
                 node.hub.unsubscribe(out.handle.id, &identity.user, &channel);
                 node.presence.unsubscribed(out.handle.id, &channel);
                 metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(1.0);
@@ -252,7 +276,7 @@ pub(crate) async fn command(
                 refuse(out, r, ErrorCode::Forbidden, "not allowed on this channel", None);
                 return Ok(());
             }
-            if !admit(out, state, r)? {
+            if shed(node, out, r) || !admit(out, state, r)? {
                 return Ok(());
             }
             match node.bus.publish(&channel, &identity.user, data.get(), key.as_deref()).await {
@@ -261,7 +285,7 @@ pub(crate) async fn command(
             }
         }
         Command::Send { user, data, key } => {
-            if !admit(out, state, r)? {
+            if shed(node, out, r) || !admit(out, state, r)? {
                 return Ok(());
             }
             match node.bus.send(&user, &identity.user, data.get(), key.as_deref()).await {

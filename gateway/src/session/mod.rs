@@ -50,6 +50,8 @@ pub struct Node {
     /// Checks `connect` and `refresh` tokens, exactly like the handshake's.
     pub verifier: Verifier,
     pub config: SessionConfig,
+    /// Per-user limits and the memory budget of this node.
+    pub admission: Arc<crate::admission::Admission>,
 }
 
 /// Session mode: the real protocol, or the conformance echo route.

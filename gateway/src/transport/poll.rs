@@ -70,6 +70,10 @@ pub(crate) async fn poll(
     if server.draining.is_cancelled() {
         return refuse(HandshakeError::Draining);
     }
+    if server.node.admission.shedding() {
+        crate::admission::Admission::shed("poll");
+        return refuse(HandshakeError::Memory);
+    }
     let identity = match h::admit(&server, &req) {
         Ok(id) => id,
         Err(e) => return refuse(e),
@@ -110,6 +114,14 @@ pub(crate) async fn poll(
         Err(NoSlot::Full) => return refuse(HandshakeError::Full),
         Err(NoSlot::PerIp) => return refuse(HandshakeError::PerIp),
     };
+    // And a place in its user's count, and its channels in the user's subscription budget.
+    let admission = &server.node.admission;
+    let Some(_user_slot) = admission.try_user_slot(&identity) else {
+        return refuse(HandshakeError::PerUser);
+    };
+    if !admission.take_subscriptions(&identity, channels.len()) {
+        return h::error(ErrorCode::TooManySubscriptions, "subscription limit of this user on this node reached");
+    }
     let _open = Opened::new(Transport::Poll);
     let conn_id = server.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, mut rx) = crate::outbox::outbox(cfg.send_queue, cfg.slow_consumer_timeout);
@@ -136,7 +148,7 @@ pub(crate) async fn poll(
     let mut cleanup = Cleanup {
         node: node.clone(),
         id: conn_id,
-        user: identity.user.clone(),
+        identity: identity.clone(),
         channels: subscribed.clone(),
         done: false,
     };
@@ -234,7 +246,7 @@ fn body(cursor: &str, events: &[Bytes]) -> Vec<u8> {
 struct Cleanup {
     node: Arc<session::Node>,
     id: u64,
-    user: Arc<str>,
+    identity: crate::auth::Identity,
     channels: Vec<Arc<str>>,
     /// Answered (else the client went away first).
     done: bool,
@@ -242,7 +254,8 @@ struct Cleanup {
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        self.node.hub.unregister(self.id, &self.user, self.channels.iter().cloned());
+        self.node.hub.unregister(self.id, &self.identity.user, self.channels.iter().cloned());
+        self.node.admission.give_subscriptions(&self.identity, self.channels.len());
         if !self.done {
             metrics::counter!(m::POLLS, "outcome" => "gone").increment(1);
         }

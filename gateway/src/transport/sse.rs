@@ -147,6 +147,10 @@ pub(crate) fn open(
     if server.draining.is_cancelled() {
         return refuse(HandshakeError::Draining);
     }
+    if server.node.admission.shedding() {
+        crate::admission::Admission::shed("sse");
+        return refuse(HandshakeError::Memory);
+    }
     let identity = match h::admit(&server, &req) {
         Ok(id) => id,
         Err(e) => return refuse(e),
@@ -180,6 +184,15 @@ pub(crate) fn open(
         Err(NoSlot::Full) => return refuse(HandshakeError::Full),
         Err(NoSlot::PerIp) => return refuse(HandshakeError::PerIp),
     };
+    let admission = &server.node.admission;
+    let Some(user_slot) = admission.try_user_slot(&identity) else {
+        return refuse(HandshakeError::PerUser);
+    };
+    // The stream's channels come out of the user's budget before it starts (the run
+    // loop subscribes them); all of them or none.
+    if !admission.take_subscriptions(&identity, channels.len()) {
+        return h::error(ErrorCode::TooManySubscriptions, "subscription limit of this user on this node reached");
+    }
     let client_info: Arc<str> = crate::handshake::client_info(&req);
     let conn_id = server.next_conn_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let (tx, rx) = crate::outbox::outbox(cfg.send_queue, cfg.slow_consumer_timeout);
@@ -224,7 +237,7 @@ pub(crate) fn open(
         })
         .collect();
     let (body_tx, body_rx) = mpsc::channel::<Bytes>(1);
-    server.tracker.spawn(run(server.clone(), stream, rx, cursor, since, body_tx, held, conn.clone()));
+    server.tracker.spawn(run(server.clone(), stream, rx, cursor, since, body_tx, (held, user_slot), conn.clone()));
 
     let body = StreamBody::new(ReceiverStream::new(body_rx).map(|b| Ok(Frame::data(b))));
     let mut resp = Response::new(body.boxed_unsync());
@@ -253,7 +266,7 @@ async fn run(
     mut cursor: Cursor,
     since: Vec<(String, Option<crate::protocol::Since>)>,
     body: mpsc::Sender<Bytes>,
-    held: Held,
+    (held, user_slot): (Held, crate::admission::UserSlot),
     conn: Arc<Conn>,
 ) {
     let _open = Opened::new(Transport::Sse);
@@ -270,6 +283,9 @@ async fn run(
             if st.core.subscriptions.insert(channel.clone()) {
                 metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).increment(1.0);
                 session::subscribe(&node, &commands::Out::queue(handle), None, &channel, since).await;
+            } else {
+                // Taken from the user's budget in `open`, not held.
+                node.admission.give_subscriptions(&st.identity, 1);
             }
         }
     };
@@ -336,10 +352,11 @@ async fn run(
     server.streams.0.lock().remove(&handle.id);
     let st = stream.cmd.lock().await;
     let subs = st.core.subscriptions.len();
+    node.admission.give_subscriptions(&st.identity, subs);
     node.hub.unregister(handle.id, &st.identity.user, st.core.subscriptions.iter().cloned());
     node.presence.disconnected(handle.id);
     drop(st);
-    drop(held);
+    drop((held, user_slot));
     metrics::gauge!(m::SUBSCRIPTIONS_ACTIVE).decrement(subs as f64);
     metrics::gauge!(m::CONNECTIONS_ACTIVE).decrement(1.0);
     metrics::counter!(m::CONNECTIONS_CLOSED, "reason" => reason.label()).increment(1);

@@ -12,6 +12,8 @@ use tokio_tungstenite::tungstenite;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_util::sync::CancellationToken;
 
+pub mod tls;
+
 #[allow(unused_imports)]
 pub use switchboard_tests::eventually;
 pub use switchboard_tests::ws::*;

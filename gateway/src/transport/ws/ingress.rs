@@ -24,6 +24,8 @@ pub(super) struct State {
     /// A fragmented message being reassembled: (is_text, is_compressed, bytes so far;
     /// compressed bytes are inflated once the message is complete).
     pub(super) fragments: Option<(bool, bool, Vec<u8>)>,
+    /// The session's place in its user's count (given back when the session ends).
+    pub(super) user_slot: Option<crate::admission::UserSlot>,
 }
 
 /// Reads and runs commands until the session ends. True when the peer is done
@@ -140,7 +142,7 @@ pub(super) async fn run(
                         }
                         // Opened without a token: the first command must be `connect`.
                         if auth.awaiting_connect() {
-                            if !connect(node, identity, handle, auth, started, text) {
+                            if !connect(node, identity, handle, &mut state.user_slot, auth, started, text) {
                                 return false;
                             }
                             continue;
@@ -209,11 +211,13 @@ fn close_answer(payload: &[u8]) -> CloseReason {
 
 /// The first command of a session opened without a token: `connect` with a valid token
 /// makes it a session like any other (welcome, hub, presence, token expiry); anything
-/// else closes it with 4005. False when the session is closing.
+/// else closes it with 4005; a user already at `--max-connections-per-user` here, with
+/// 1013. False when the session is closing.
 fn connect(
     node: &Node,
     identity: &mut Identity,
     handle: &mut SessionHandle,
+    user_slot: &mut Option<crate::admission::UserSlot>,
     auth: &AuthDeadline,
     started: Instant,
     text: &str,
@@ -236,6 +240,12 @@ fn connect(
         Ok(id) => id,
         Err(e) => return close("unauthorized", &format!("unauthorized: {e}")),
     };
+    let Some(slot) = node.admission.try_user_slot(&proven) else {
+        metrics::counter!(m::CONNECT, "outcome" => "user_limit").increment(1);
+        handle.ctl.close(CloseReason::UserLimit, Some("too many connections for this user on this node"));
+        return false;
+    };
+    *user_slot = Some(slot);
     // Tokens always carry `exp` (a required claim). Setting it ends "awaiting connect".
     auth.set(
         proven

@@ -36,6 +36,8 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// `stop` closes the session as part of a drain (the paced drain reaches
 /// registered sessions one by one first; `stop` is the final sweep).
 /// `deflate`: permessage-deflate was negotiated with this server window (bits), 0: not.
+/// `user_slot`: the session's place in its user's count (taken at `connect` when the
+/// session awaits one).
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
     node: Arc<Node>,
@@ -48,6 +50,7 @@ pub async fn run(
     mode: Mode,
     deflate: u8,
     stop: CancellationToken,
+    user_slot: Option<crate::admission::UserSlot>,
 ) {
     let cfg = &node.config;
     let (tx, rx) = crate::outbox::outbox(cfg.send_queue, cfg.slow_consumer_timeout);
@@ -81,7 +84,7 @@ pub async fn run(
         None => AuthLimit::Never,
     });
 
-    let mut state = ingress::State { core: commands::State::new(cfg, started), fragments: None };
+    let mut state = ingress::State { core: commands::State::new(cfg, started), fragments: None, user_slot };
     let mut frames = frames::Reader::new(stream.clone(), &leftover);
     drop(leftover);
     let peer_done = {
@@ -119,6 +122,7 @@ pub async fn run(
 
     let reason = ctl.requested().map_or(CloseReason::Gone, |(r, _)| r);
     let subs = state.core.subscriptions.len();
+    node.admission.give_subscriptions(&identity, subs);
     if mode == Mode::Protocol && !auth.awaiting_connect() {
         node.hub.unregister(conn_id, &identity.user, state.core.subscriptions.drain());
         node.presence.disconnected(conn_id);
