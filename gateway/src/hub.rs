@@ -575,7 +575,9 @@ impl Hub {
             match r.held.first() {
                 // In a cluster a seq is a partition offset + 1: a held frame right after
                 // the read proves nothing is missing; otherwise read the span between.
-                Some(&(first, _)) if first > sent_through + 1 && sent_through > 0 => {
+                // Also from 0: an empty partition's position is 0, and what was published
+                // on it before the route reached this node is read, not skipped.
+                Some(&(first, _)) if first > sent_through + 1 => {
                     return Finish::More { since: sent_through };
                 }
                 None if !settled && route_unproven => return Finish::Wait(r.notify.clone()),
@@ -1248,6 +1250,21 @@ pub(crate) mod tests {
         // Another epoch starts the channel's seqs over.
         assert_eq!(hub.publish_at("c", "m", "x", 3, "k.1", "1", &mut Vec::new()), Some(1));
         assert_eq!(text_of(&ra.try_recv().unwrap())["epoch"], "k.1");
+    }
+
+    #[test]
+    fn a_cluster_recovery_on_an_empty_partition_reads_from_its_start() {
+        // A channel never published on: the bridge's position is 0. Messages 1..4 went out
+        // before the cluster routed the channel here; the first held frame is 5.
+        let hub = Hub::new(vec![], 1000);
+        let (a, _ra) = session(&hub, 1, "a", 64);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe_recovering(&a, &ch).unwrap();
+        hub.publish_at("c", "m", "x", 5, "k.0", "1", &mut Vec::new());
+        match hub.finish_recovery(1, "c", (0, Some("k.0")), false, false) {
+            Finish::More { since } => assert_eq!(since, 0),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

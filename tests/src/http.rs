@@ -37,16 +37,19 @@ fn header_of(head: &str, name: &str) -> Option<String> {
     })
 }
 
-async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> String {
+/// The response head, or None when the connection failed or closed before it.
+async fn read_head(s: &mut TcpStream, buf: &mut Vec<u8>) -> Option<String> {
     loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             let head = String::from_utf8_lossy(&buf[..i]).into_owned();
             buf.drain(..i + 4);
-            return head;
+            return Some(head);
         }
         let mut chunk = [0u8; 4096];
-        let n = s.read(&mut chunk).await.expect("read head");
-        assert!(n > 0, "connection closed before the response head");
+        let n = s.read(&mut chunk).await.ok()?;
+        if n == 0 {
+            return None;
+        }
         buf.extend_from_slice(&chunk[..n]);
     }
 }
@@ -70,8 +73,21 @@ fn dechunk(raw: &mut Vec<u8>, out: &mut Vec<u8>) -> bool {
 
 /// One request on a fresh connection (`Connection: close`), the whole response.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
-    tokio::time::timeout(WAIT * 3, async {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
+    try_request(addr, method, path, headers, body, WAIT * 3).await.expect("a response in time")
+}
+
+/// [`request`] that gives up: None when the connection fails, or ends or `limit` passes
+/// before the response is whole (what a client sees of a cut or a partition).
+pub async fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+    limit: Duration,
+) -> Option<Reply> {
+    tokio::time::timeout(limit, async {
+        let mut s = TcpStream::connect(addr).await.ok()?;
         let mut req = format!("{method} {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
@@ -85,20 +101,29 @@ pub async fn request(addr: SocketAddr, method: &str, path: &str, headers: &[(&st
         // The server may answer (413) before it read everything: a failed write is fine.
         let _ = s.write_all(&bytes).await;
         let mut buf = Vec::new();
-        let head = read_head(&mut s, &mut buf).await;
-        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status");
+        let head = read_head(&mut s, &mut buf).await?;
+        let status = head.split(' ').nth(1).and_then(|c| c.parse().ok())?;
+        // A reset after the whole response (a server answering before it read the
+        // body) is fine: what was read is judged by its framing below.
         let _ = s.read_to_end(&mut buf).await;
         let body = if header_of(&head, "transfer-encoding").is_some_and(|t| t.contains("chunked")) {
             let mut out = Vec::new();
-            dechunk(&mut buf, &mut out);
+            if !dechunk(&mut buf, &mut out) {
+                return None;
+            }
             out
         } else {
+            let len: Option<usize> = header_of(&head, "content-length").and_then(|l| l.parse().ok());
+            if len.is_some_and(|l| buf.len() < l) {
+                return None;
+            }
             buf
         };
-        Reply { status, head, body: String::from_utf8_lossy(&body).into_owned() }
+        Some(Reply { status, head, body: String::from_utf8_lossy(&body).into_owned() })
     })
     .await
-    .expect("response in time")
+    .ok()
+    .flatten()
 }
 
 /// One Server-Sent Event (or comment line, `comment`).
@@ -131,30 +156,46 @@ pub struct Sse {
 impl Sse {
     /// GETs `path`; `Err` with the response when it is not a 200 event stream.
     pub async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Result<Sse, Reply> {
-        let mut s = TcpStream::connect(addr).await.expect("connect");
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n");
-        for (k, v) in headers {
-            req.push_str(&format!("{k}: {v}\r\n"));
-        }
-        req.push_str("\r\n");
-        s.write_all(req.as_bytes()).await.expect("send");
-        let mut raw = Vec::new();
-        let head = tokio::time::timeout(WAIT, read_head(&mut s, &mut raw)).await.expect("head in time");
-        let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok()).expect("status");
-        if status != 200 {
-            let len: usize = header_of(&head, "content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
-            while raw.len() < len {
-                let mut chunk = [0u8; 4096];
-                let n = s.read(&mut chunk).await.expect("read body");
-                if n == 0 {
-                    break;
-                }
-                raw.extend_from_slice(&chunk[..n]);
+        Sse::try_open(addr, path, headers, WAIT).await.expect("connected, and the response head in time")
+    }
+
+    /// [`Sse::open`] that gives up: None when the connection fails, or ends or `limit`
+    /// passes before the head (or a refusal's whole body).
+    pub async fn try_open(
+        addr: SocketAddr,
+        path: &str,
+        headers: &[(&str, &str)],
+        limit: Duration,
+    ) -> Option<Result<Sse, Reply>> {
+        tokio::time::timeout(limit, async {
+            let mut s = TcpStream::connect(addr).await.ok()?;
+            let mut req = format!("GET {path} HTTP/1.1\r\nHost: test\r\nAccept: text/event-stream\r\n");
+            for (k, v) in headers {
+                req.push_str(&format!("{k}: {v}\r\n"));
             }
-            return Err(Reply { status, head, body: String::from_utf8_lossy(&raw).into_owned() });
-        }
-        assert_eq!(header_of(&head, "content-type").as_deref(), Some("text/event-stream"), "{head}");
-        Ok(Sse { s, raw, body: Vec::new(), ended: false, head, last_id: None })
+            req.push_str("\r\n");
+            s.write_all(req.as_bytes()).await.ok()?;
+            let mut raw = Vec::new();
+            let head = read_head(&mut s, &mut raw).await?;
+            let status: u16 = head.split(' ').nth(1).and_then(|c| c.parse().ok())?;
+            if status != 200 {
+                let len: usize = header_of(&head, "content-length").and_then(|l| l.parse().ok()).unwrap_or(0);
+                while raw.len() < len {
+                    let mut chunk = [0u8; 4096];
+                    let n = s.read(&mut chunk).await.ok()?;
+                    if n == 0 {
+                        return None;
+                    }
+                    raw.extend_from_slice(&chunk[..n]);
+                }
+                return Some(Err(Reply { status, head, body: String::from_utf8_lossy(&raw).into_owned() }));
+            }
+            assert_eq!(header_of(&head, "content-type").as_deref(), Some("text/event-stream"), "{head}");
+            Some(Ok(Sse { s, raw, body: Vec::new(), ended: false, head, last_id: None }))
+        })
+        .await
+        .ok()
+        .flatten()
     }
 
     /// The next event or comment; `None` at the end of the stream.

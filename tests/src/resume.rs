@@ -185,13 +185,19 @@ pub fn check(name: &str, record: &Record, channel: &str, acked: &[String]) -> Ve
             faults.push(format!("{name}: {channel} {id} shown twice, at {at:?}"));
         }
     }
-    let missing: Vec<&String> = acked.iter().filter(|id| !seen.contains(id)).collect();
+    let missing: Vec<(usize, &String)> = acked.iter().enumerate().filter(|(_, id)| !seen.contains(id)).collect();
     if !missing.is_empty() {
+        // Where they fall in the channel's acked order, and where each session began.
+        let at: Vec<usize> = missing.iter().map(|(i, _)| *i).take(20).collect();
         faults.push(format!(
-            "{name}: {channel}: {} of {} acked messages never shown (first {:?})",
+            "{name}: {channel}: {} of {} acked messages never shown (first {:?}; at {at:?} of the acked order; \
+             shown {} in {} sessions, closes {:?})",
             missing.len(),
             acked.len(),
-            missing.first()
+            missing.first().map(|(_, id)| id),
+            got.len(),
+            record.sessions,
+            record.closes,
         ));
     }
     let acked_set: std::collections::HashSet<&String> = acked.iter().collect();
