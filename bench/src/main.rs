@@ -41,6 +41,12 @@ enum Scenario {
         /// last two are also killed and restarted by the nemesis.
         #[arg(long, default_value = "kafka", value_parser = ["kafka", "nats", "redis"])]
         backbone: String,
+        /// SSE clients in the workload (reconnecting with Last-Event-ID).
+        #[arg(long, default_value = "2")]
+        sse_clients: usize,
+        /// Long-poll clients in the workload (0 by default: see docs/operations.md).
+        #[arg(long, default_value = "0")]
+        pollers: usize,
     },
     /// RSS per idle authenticated connection with one subscription.
     Idle {
@@ -407,9 +413,11 @@ fn main() -> anyhow::Result<()> {
             anyhow::ensure!(report.is_clean(), "{} violations", report.violations.len());
             Ok(())
         }
-        Scenario::Chaos { minutes, seed, history, backbone } => rt.block_on(async {
+        Scenario::Chaos { minutes, seed, history, backbone, sse_clients, pollers } => rt.block_on(async {
             use switchboard_tests::{backbone::Backbone, chaos};
             let mut cfg = chaos::Config::new(seed, std::time::Duration::from_secs(minutes * 60));
+            cfg.sse_clients = sse_clients;
+            cfg.pollers = pollers;
             cfg.backbone = match backbone.as_str() {
                 "nats" => Backbone::Nats,
                 "redis" => Backbone::Redis,

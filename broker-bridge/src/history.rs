@@ -37,6 +37,14 @@ pub const DEFAULT_LIMIT: usize = 100;
 pub const MAX_LIMIT: usize = 1000;
 /// Longest one Kafka read may take.
 pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a `since` beyond the partition's high watermark is given to become real
+/// before the answer is `ahead`: a position another gateway has just shown can be a
+/// little ahead of the watermark this bridge reads (seen in chaos runs: a poller on the
+/// next gateway 5 ms later got `ahead` for the message it had been shown, and was then
+/// shown it again). A forged future position pays this wait once.
+pub const AHEAD_SETTLE: Duration = Duration::from_millis(500);
+/// Between two reads of the watermarks while a `since` is ahead.
+const AHEAD_RETRY: Duration = Duration::from_millis(25);
 
 /// The offsets to read for "after `since`": `[since, high)`, decided from the
 /// partition's watermarks before reading anything.
@@ -377,12 +385,20 @@ impl History {
             let position = pb::Position { seq: high.max(0) as u64, epoch: epoch.to_string() };
             return Ok(pb::HistoryResponse { position: Some(position), ..Default::default() });
         }
-        let (low, high) = match self.log.watermarks(partition).await {
-            Ok(w) => w,
-            Err(e) => {
-                count("log", "error");
-                return Err(e);
+        let settle = tokio::time::Instant::now() + AHEAD_SETTLE;
+        let (low, high) = loop {
+            let (low, high) = match self.log.watermarks(partition).await {
+                Ok(w) => w,
+                Err(e) => {
+                    count("log", "error");
+                    return Err(e);
+                }
+            };
+            let ahead = since.as_ref().is_some_and(|s| s.epoch == *epoch && s.seq > high.max(0) as u64);
+            if !ahead || tokio::time::Instant::now() >= settle {
+                break (low, high);
             }
+            tokio::time::sleep(AHEAD_RETRY).await;
         };
         let current = pb::Position { seq: high.max(0) as u64, epoch: epoch.to_string() };
         if since.as_ref().is_some_and(|s| s.epoch != *epoch) {

@@ -1,6 +1,7 @@
 //! A short seeded chaos run over a whole cluster (tansu, presence, two bridges, three
 //! gateways): the nemesis kills, drains and pauses services and cuts the broker path on
-//! the seed's schedule (and partitions, cuts and slows the links between them) while subscribers, publishers and direct sends run; the history
+//! the seed's schedule (and partitions, cuts and slows the links between them) while
+//! subscribers on WebSocket, SSE and long-polling, publishers and direct sends run; the history
 //! checker must find no violation. `SWITCHBOARD_CHAOS_SEED` replays another seed
 //! (`bench chaos` runs long ones).
 
@@ -28,7 +29,8 @@ fn the_same_seed_gives_the_same_schedule_and_every_kind_of_fault() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_seeded_chaos_run_keeps_every_promise() {
     let seed = std::env::var("SWITCHBOARD_CHAOS_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(1);
-    let summary = run(&Config::new(seed, Duration::from_secs(75))).await;
+    let cfg = Config::new(seed, Duration::from_secs(75));
+    let summary = run(&cfg).await;
     let path = std::env::temp_dir().join(format!("switchboard-chaos-{seed}-{}.jsonl", std::process::id()));
     std::fs::write(&path, &summary.history).expect("write the history");
     eprintln!("{summary}history: {}", path.display());
@@ -41,13 +43,22 @@ async fn a_seeded_chaos_run_keeps_every_promise() {
     assert!(summary.report.operations.get("deliver").copied().unwrap_or(0) > 1000, "{summary}");
     assert!(summary.report.is_clean(), "seed {seed} broke a promise:\n{summary}history: {}", path.display());
 
-    // The checker is not blind to this history: without the last message shown before the
-    // quiet point (owed to a subscriber still there), it reports a loss.
-    let mut events = checker::parse(&summary.history).expect("the history parses");
+    // Every transport was exercised, and the checker is not blind to any of them: without
+    // the last message a client of that transport was shown before the quiet point (owed
+    // to a subscriber still there), it reports a loss.
+    let events = checker::parse(&summary.history).expect("the history parses");
     let quiet = events.iter().position(|e| matches!(e, Event::Quiet { .. })).expect("a quiet point");
-    let last = events[..quiet].iter().rposition(|e| matches!(e, Event::Deliver { .. })).expect("messages were shown");
-    let dropped = events.remove(last);
-    let report = checker::check(&events);
-    let losses = report.of(Kind::Lost).count() + report.of(Kind::IncompleteRecovery).count();
-    assert!(losses >= 1, "dropping {dropped:?} went unnoticed:\n{report}");
+    let transports =
+        [("WebSocket", 's', cfg.subscribers), ("SSE", 'e', cfg.sse_clients), ("long-poll", 'q', cfg.pollers)];
+    for (transport, prefix, _) in transports.into_iter().filter(|t| t.2 > 0) {
+        let of = |e: &Event| matches!(e, Event::Deliver { client, .. } if client.starts_with(prefix));
+        let shown = events.iter().filter(|e| of(e)).count();
+        assert!(shown > 100, "{transport} clients were shown {shown} messages:\n{summary}");
+        let last = events[..quiet].iter().rposition(of).expect("messages were shown");
+        let mut cut = events.clone();
+        let dropped = cut.remove(last);
+        let report = checker::check(&cut);
+        let losses = report.of(Kind::Lost).count() + report.of(Kind::IncompleteRecovery).count();
+        assert!(losses >= 1, "{transport}: dropping {dropped:?} went unnoticed:\n{report}");
+    }
 }
