@@ -113,3 +113,38 @@ async fn history_from_the_hot_window_then_from_kafka_after_the_owner_restarted()
         history(&mut p, "room:h", Some(pb::Position { seq: 1, epoch: "kAAAAAAAAAAAAAAAAAAAAAA.0".into() })).await;
     assert_eq!(other.lost, Lost::EpochChanged as i32);
 }
+
+/// A `since` just past the channel's position, which a publish makes real while the
+/// request waits, is answered (not `ahead`): another gateway may show a message before
+/// the watermark this bridge reads has it (found by the chaos pollers: a poll resumed
+/// there got `recovered: false, ahead` and was shown the message again). A position
+/// nothing makes real is still `ahead`, once the settle time passed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_since_just_ahead_of_the_watermark_is_given_time_to_become_real() {
+    let c = Cluster::builder().kafka().bridges(1).gateways(0).start().await;
+    let mut p = push(c.bridge_url(0));
+    let req = pb::HistoryRequest { channel: "room:ahead".into(), position_only: true, ..Default::default() };
+    let now = p.history(req).await.unwrap().into_inner().position.unwrap();
+    let next = pb::Position { seq: now.seq + 1, epoch: now.epoch.clone() };
+    let mut asking = push(c.bridge_url(0));
+    let asked = tokio::spawn(async move { history(&mut asking, "room:ahead", Some(next)).await });
+    // The message that makes `next` real comes while the request is being answered
+    // (the bridge reads its watermark at once; without the settle time this is `ahead`).
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let publish = pb::PublishRequest {
+        channel: "room:ahead".into(),
+        data_json: "{}".into(),
+        from: "svc".into(),
+        ..Default::default()
+    };
+    let seq = p.publish(publish).await.unwrap().into_inner().seq;
+    assert_eq!(seq, now.seq + 1, "the next position of the partition");
+    let r = asked.await.unwrap();
+    assert_ne!(r.lost, Lost::Ahead as i32, "{r:?}");
+    assert_eq!(r.position.map(|p| p.seq), Some(seq), "nothing after it yet");
+    // Far ahead, and nothing makes it real: `ahead`, with where the channel is.
+    let far = pb::Position { seq: seq + 1000, epoch: now.epoch.clone() };
+    let r = history(&mut p, "room:ahead", Some(far)).await;
+    assert_eq!(r.lost, Lost::Ahead as i32, "{r:?}");
+    assert_eq!(r.position.map(|p| p.seq), Some(seq));
+}
