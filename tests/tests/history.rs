@@ -123,6 +123,15 @@ async fn history_from_the_hot_window_then_from_kafka_after_the_owner_restarted()
 async fn a_since_just_ahead_of_the_watermark_is_given_time_to_become_real() {
     let c = Cluster::builder().kafka().bridges(1).gateways(0).start().await;
     let mut p = push(c.bridge_url(0));
+    let publish = pb::PublishRequest {
+        channel: "room:ahead".into(),
+        data_json: "{}".into(),
+        from: "svc".into(),
+        ..Default::default()
+    };
+    // A first publish: the bridge's producer is connected and the topic known, so that the
+    // one below takes milliseconds, well inside the settle time.
+    p.publish(publish.clone()).await.unwrap();
     let req = pb::HistoryRequest { channel: "room:ahead".into(), position_only: true, ..Default::default() };
     let now = p.history(req).await.unwrap().into_inner().position.unwrap();
     let next = pb::Position { seq: now.seq + 1, epoch: now.epoch.clone() };
@@ -131,12 +140,6 @@ async fn a_since_just_ahead_of_the_watermark_is_given_time_to_become_real() {
     // The message that makes `next` real comes while the request is being answered
     // (the bridge reads its watermark at once; without the settle time this is `ahead`).
     tokio::time::sleep(Duration::from_millis(100)).await;
-    let publish = pb::PublishRequest {
-        channel: "room:ahead".into(),
-        data_json: "{}".into(),
-        from: "svc".into(),
-        ..Default::default()
-    };
     let seq = p.publish(publish).await.unwrap().into_inner().seq;
     assert_eq!(seq, now.seq + 1, "the next position of the partition");
     let r = asked.await.unwrap();
