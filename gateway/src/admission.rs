@@ -307,20 +307,15 @@ pub async fn sample(admission: Arc<Admission>, stop: tokio_util::sync::Cancellat
             () = stop.cancelled() => return,
             _ = every.tick() => {}
         }
+        if admission.shedding.load(Ordering::Relaxed) {
+            // What drained is only seen once the allocator hands it back (release_freed_memory).
+            let _ = tokio::task::spawn_blocking(release_freed_memory).await;
+        }
         let Some(used) = resident_bytes() else {
             if admission.budget != 0 {
                 tracing::warn!("cannot read /proc/self/status: the memory budget is not enforced");
             }
             return;
-        };
-        let used = if admission.shedding.load(Ordering::Relaxed) {
-            // What drained is only seen once the allocator hands it back (below).
-            match tokio::task::spawn_blocking(release_freed_memory).await {
-                Ok(()) => resident_bytes().unwrap_or(used),
-                Err(_) => used,
-            }
-        } else {
-            used
         };
         admission.used.store(used, Ordering::Relaxed);
         metrics::gauge!(m::MEMORY_USED).set(used as f64);

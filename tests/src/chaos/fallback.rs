@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 use super::{Recorder, SubState, pos_of};
 use crate::checker::{Event, Pos, SubOutcome};
 use crate::http::{Sse, try_request};
+use crate::monitoring::url_encode;
 use crate::ws::{now, token};
 
 /// How long an SSE stream may stay silent (the gateway sends a heartbeat comment far
@@ -43,15 +44,6 @@ pub(super) fn positions(id: &str) -> HashMap<String, Pos> {
             let (ch, at) = part.split_once('=')?;
             let (seq, epoch) = at.split_once('@')?;
             Some((decode(ch), Pos { seq: seq.parse().ok()?, epoch: decode(epoch) }))
-        })
-        .collect()
-}
-
-fn percent_encode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
-            _ => format!("%{b:02X}"),
         })
         .collect()
 }
@@ -208,7 +200,7 @@ impl Poller {
             let addr = self.addrs[at % self.addrs.len()];
             let mut path = format!("/poll?channels={}&timeout_ms={POLL_WAIT_MS}", self.channels.join(","));
             if let Some(c) = &cursor {
-                path.push_str(&format!("&cursor={}", percent_encode(c)));
+                path.push_str(&format!("&cursor={}", url_encode(c)));
             }
             let limit = Duration::from_millis(POLL_WAIT_MS) + POLL_SLACK;
             let reply = tokio::select! {
@@ -252,6 +244,5 @@ mod tests {
         assert_eq!(p["room:a"], Pos { seq: 12, epoch: "k.0".into() });
         assert!(!p.contains_key("b,c"), "no position yet");
         assert_eq!(p["d"], Pos { seq: 3, epoch: "e@f".into() });
-        assert_eq!(percent_encode("a=1@k.0,b"), "a%3D1%40k.0%2Cb");
     }
 }
