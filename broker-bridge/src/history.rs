@@ -80,6 +80,11 @@ pub struct Collector {
     pub messages: VecDeque<(u64, Envelope)>,
     pub more: bool,
     pub too_old: bool,
+    /// Looking back (not collecting): the ids of the channel's keyed messages to find.
+    look_for: Option<HashSet<String>>,
+    /// Looking back: the ids found, and the oldest acceptance time of any record read.
+    pub found: HashSet<String>,
+    pub oldest_ms: u64,
 }
 
 impl Collector {
@@ -103,13 +108,29 @@ impl Collector {
             messages: VecDeque::new(),
             more: false,
             too_old: false,
+            look_for: None,
+            found: HashSet::new(),
+            oldest_ms: u64::MAX,
         }
+    }
+
+    /// Looks for earlier copies of the channel's keyed messages `ids` (see
+    /// [`History::drop_later_copies`]).
+    pub fn lookback(channel: &str, ids: HashSet<String>) -> Self {
+        Self { look_for: Some(ids), ..Self::new(channel, 0, false, 0) }
     }
 
     /// Takes the record at `offset`; false when nothing later can change the answer.
     pub fn offer(&mut self, offset: i64, env: Envelope) -> bool {
         let is_ours = matches!(&env.target, Some(envelope::Target::Channel(c)) if *c == self.channel)
             && env.kind == envelope::Kind::Message as i32;
+        if let Some(ids) = &self.look_for {
+            self.oldest_ms = self.oldest_ms.min(env.published_at_ms);
+            if is_ours && env.idempotent && ids.contains(&env.id) {
+                self.found.insert(env.id);
+            }
+            return true;
+        }
         if !is_ours {
             return true;
         }
@@ -426,8 +447,12 @@ impl History {
         if c.too_old {
             return Ok(lost(Lost::TooOld, current));
         }
-        count("log", "ok");
+        let mut c = c;
         let position = if c.more { c.messages.back().map_or(current.seq, |m| m.0) } else { current.seq };
+        if since.is_some() {
+            self.drop_later_copies(partition, channel, low, from, &mut c).await?;
+        }
+        count("log", "ok");
         Ok(pb::HistoryResponse {
             messages: c.messages.iter().map(|(seq, env)| message(*seq, env)).collect(),
             position: Some(pb::Position { seq: position, epoch: epoch.to_string() }),
@@ -436,6 +461,64 @@ impl History {
         })
     }
 }
+
+impl History {
+    /// A keyed message marked `maybe_stored_before` in an answer that starts at `from`
+    /// may be a later copy of one stored before `from` (a retry stored again): what the
+    /// client was shown before its `since`. Reads back from `from`, a chunk at a time,
+    /// until every such id is found, the records read are older than the idempotency
+    /// window before the oldest of them, the log's start, or `max_scan` records; the
+    /// copies found are left out of the answer (the position it is complete through
+    /// stays).
+    async fn drop_later_copies(
+        &self,
+        partition: i32,
+        channel: &str,
+        low: i64,
+        from: i64,
+        c: &mut Collector,
+    ) -> Result<(), Status> {
+        let unsure: HashSet<String> = c
+            .messages
+            .iter()
+            .filter(|(_, e)| e.idempotent && e.maybe_stored_before)
+            .map(|(_, e)| e.id.clone())
+            .collect();
+        let Some(horizon) = c
+            .messages
+            .iter()
+            .filter(|(_, e)| unsure.contains(&e.id))
+            .map(|(_, e)| e.published_at_ms)
+            .min()
+            .map(|t| t.saturating_sub(crate::ingest::IDEMPOTENCY_WINDOW.as_millis() as u64))
+        else {
+            return Ok(());
+        };
+        let mut found = HashSet::new();
+        let mut to = from;
+        let mut read = 0u64;
+        while to > low.max(0) && read < self.max_scan && found.len() < unsure.len() {
+            let lo = (to - LOOKBACK_CHUNK).max(low.max(0));
+            let look = Collector::lookback(channel, unsure.clone());
+            let look = self.log.scan(partition, lo, to, look).await?;
+            found.extend(look.found);
+            read += (to - lo) as u64;
+            to = lo;
+            if look.oldest_ms < horizon {
+                break;
+            }
+        }
+        if !found.is_empty() {
+            let before = c.messages.len();
+            c.messages.retain(|(_, e)| !(e.idempotent && found.contains(&e.id)));
+            metrics::counter!(m::KEYED_COPIES_DROPPED).increment((before - c.messages.len()) as u64);
+        }
+        Ok(())
+    }
+}
+
+/// Records read per step when looking back for earlier copies of keyed messages.
+const LOOKBACK_CHUNK: i64 = 1000;
 
 fn hot_response(a: hot::Answer, epoch: &str) -> pb::HistoryResponse {
     pb::HistoryResponse {
@@ -579,6 +662,20 @@ mod tests {
             assert!(n.offer(o, env("a", id, 5, id == "k")));
         }
         assert_eq!((seqs(&n), n.more), (vec![4, 6], false));
+    }
+
+    #[test]
+    fn looking_back_finds_the_channels_keyed_ids_and_the_oldest_time_read() {
+        let ids: HashSet<String> = ["k".to_string(), "j".to_string()].into();
+        let mut c = Collector::lookback("a", ids);
+        assert!(c.offer(1, env("b", "k", 30, true)), "another channel's copy is not ours");
+        assert!(c.offer(2, env("a", "k", 20, false)), "nor an unkeyed message with the id");
+        assert!(c.found.is_empty());
+        assert!(c.offer(3, env("a", "k", 40, true)));
+        assert!(c.offer(4, env("a", "x", 50, true)));
+        assert_eq!(c.found, ["k".to_string()].into());
+        assert_eq!(c.oldest_ms, 20);
+        assert!(c.messages.is_empty(), "nothing is collected");
     }
 
     #[test]

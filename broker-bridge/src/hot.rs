@@ -10,7 +10,10 @@
 //!   budget evicts the globally oldest entries first. An evicted entry moves the
 //!   ring's `lost_through`, so reads before it go to Kafka too.
 //! - Keyed (idempotent) messages stored twice under one id are kept once: the
-//!   first; a later copy with an id the ring still holds is not retained.
+//!   first; a later copy with an id the ring still holds is not retained. A read
+//!   whose answer holds a keyed message marked `maybe_stored_before` is left to the
+//!   log (which looks back for an earlier copy), unless the window holds the
+//!   partition from its start.
 //! - A revoke drops the partition's windows.
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -224,6 +227,13 @@ impl HotWindows {
                 self.entries -= before - ring.len();
                 let mut messages: Vec<(u64, Msg)> =
                     ring.after(since, limit + 1).ok()?.map(|e| (e.seq, e.value.clone())).collect();
+                // A keyed message that may have been stored before: its earlier copy, if
+                // any, is not here (it would have kept this one out), so unless the window
+                // holds the partition from its start, the log is read (and looked back in).
+                let whole = from == 0 && ring.lost_through() == 0;
+                if !whole && messages.iter().any(|(_, m)| m.idempotent && m.maybe_stored_before) {
+                    return None;
+                }
                 let more = messages.len() > limit;
                 messages.truncate(limit);
                 let position = if more { messages.last().map_or(position, |m| m.0) } else { position };
@@ -337,6 +347,23 @@ mod tests {
         h.revoke(&[3]);
         assert!(h.read(3, "a", Query::Since(5), 10, 0).is_none());
         assert_eq!((h.bytes(), h.len(), h.walked()), (0, 0, 0));
+    }
+
+    #[test]
+    fn a_keyed_message_that_may_be_a_later_copy_is_left_to_the_log() {
+        let unsure = |id: &str| Arc::new(Envelope { maybe_stored_before: true, ..(*msg("a", id, true)).clone() });
+        // A window that starts mid-partition (offset 10): an earlier copy may lie before it.
+        let mut h = HotWindows::new(rules("*=100/1h"), 1 << 20);
+        h.consumed(0, 10, Some(&msg("a", "n", false)), 0);
+        h.consumed(0, 11, Some(&unsure("k-1")), 0);
+        h.consumed(0, 12, Some(&msg("a", "m", false)), 0);
+        assert!(h.read(0, "a", Query::Since(10), 10, 0).is_none(), "an answer holding it goes to the log");
+        assert!(h.read(0, "a", Query::Since(11), 10, 0).is_none());
+        assert_eq!(seqs(&h.read(0, "a", Query::Since(12), 10, 0).unwrap()), [13], "one without it is the window's");
+        // A window holding its partition from offset 0 knows there is no earlier copy.
+        let mut whole = HotWindows::new(rules("*=100/1h"), 1 << 20);
+        whole.consumed(0, 0, Some(&unsure("k-1")), 0);
+        assert_eq!(seqs(&whole.read(0, "a", Query::Since(0), 10, 0).unwrap()), [1]);
     }
 
     #[test]

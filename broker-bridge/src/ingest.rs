@@ -149,6 +149,11 @@ pub struct PushIngest {
     pub history: Option<Arc<crate::history::History>>,
 }
 
+/// Whether the call says it repeats one whose answer was ambiguous.
+fn is_retry<T>(req: &Request<T>) -> bool {
+    req.metadata().get(kit::idempotency::RETRY_HEADER).is_some_and(|v| v.as_bytes() != b"0")
+}
+
 /// How long, and for how many keys, this bridge remembers an idempotency key.
 pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
 pub const IDEMPOTENCY_KEYS: usize = 100_000;
@@ -243,6 +248,7 @@ impl PushIngest {
             published_at_ms: now_ms(),
             kind: kind as i32,
             idempotent: false,
+            maybe_stored_before: false,
         }
     }
 
@@ -254,6 +260,7 @@ impl PushIngest {
         kafka_key: String,
         mut env: Envelope,
         key: &str,
+        retry: bool,
     ) -> Result<(String, i64, bool), Status> {
         if key.is_empty() {
             let (id, offset) = self.produce(method, kafka_key, env).await?;
@@ -265,6 +272,12 @@ impl PushIngest {
         let scope = format!("{method}\0{}\0{key}", env.from);
         env.id = keyed_id(&scope);
         env.idempotent = true;
+        // Readers look back for an earlier copy of a message this bridge cannot vouch
+        // was not stored before (docs/design.md "Keyed duplicates").
+        env.maybe_stored_before = retry || self.idempotency.may_have_run(&scope);
+        if env.maybe_stored_before {
+            metrics::counter!(m::KEYED_UNSURE).increment(1);
+        }
         let ((id, offset), duplicate) = self.idempotency.run(&scope, || self.produce(method, kafka_key, env)).await?;
         if duplicate {
             count(method, "duplicate");
@@ -297,6 +310,7 @@ impl PushIngest {
 #[tonic::async_trait]
 impl Push for PushIngest {
     async fn send_to_user(&self, req: Request<pb::SendToUserRequest>) -> Result<Response<pb::SendResponse>, Status> {
+        let retry = is_retry(&req);
         let r = req.into_inner();
         if !valid_user(&r.user) {
             return Err(invalid("send_to_user", "user must be 1-128 bytes without control characters"));
@@ -305,12 +319,13 @@ impl Push for PushIngest {
         let key = format!("u:{}", r.user);
         let env =
             self.envelope(envelope::Target::User(r.user), &r.from, r.data_json.into_bytes(), envelope::Kind::Message);
-        let (id, _, duplicate) = self.produce_once("send_to_user", key, env, &r.idempotency_key).await?;
+        let (id, _, duplicate) = self.produce_once("send_to_user", key, env, &r.idempotency_key, retry).await?;
         // Connections reached are not known when Kafka acknowledges: no `delivered`.
         Ok(Response::new(pb::SendResponse { id, delivered: None, duplicate }))
     }
 
     async fn publish(&self, req: Request<pb::PublishRequest>) -> Result<Response<pb::PublishResponse>, Status> {
+        let retry = is_retry(&req);
         let r = req.into_inner();
         if !valid_channel(&r.channel) {
             return Err(invalid("publish", "channel must be 1-128 printable ASCII bytes without spaces"));
@@ -323,7 +338,7 @@ impl Push for PushIngest {
             r.data_json.into_bytes(),
             envelope::Kind::Message,
         );
-        let (id, offset, duplicate) = self.produce_once("publish", key, env, &r.idempotency_key).await?;
+        let (id, offset, duplicate) = self.produce_once("publish", key, env, &r.idempotency_key, retry).await?;
         Ok(Response::new(pb::PublishResponse { id, seq: offset as u64 + 1, delivered: None, duplicate }))
     }
 

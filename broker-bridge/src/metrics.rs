@@ -23,6 +23,8 @@ pub const ASSIGNED_PARTITIONS: &str = "switchboard_bridge_assigned_partitions";
 pub const HISTORY_BYTES: &str = "switchboard_bridge_history_bytes";
 pub const HISTORY_BUDGET: &str = "switchboard_bridge_history_budget_bytes";
 pub const HISTORY_READS: &str = "switchboard_bridge_history_reads_total";
+pub const KEYED_UNSURE: &str = "switchboard_bridge_keyed_unsure_total";
+pub const KEYED_COPIES_DROPPED: &str = "switchboard_bridge_history_keyed_copies_dropped_total";
 
 pub const BUCKETS: &[(&str, &[f64])] = &[
     ("_duration_seconds", &[0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
@@ -32,7 +34,17 @@ pub const BUCKETS: &[(&str, &[f64])] = &[
 pub fn describe() {
     register_zeroes();
     // Zero series, so alerts see 0 rather than nothing before the first event.
-    for c in [PRODUCE_ERRORS, PRODUCER_RESETS, CONSUMED, DELIVERED, REDELIVERIES, GIVEN_UP, BAD_RECORDS] {
+    for c in [
+        PRODUCE_ERRORS,
+        PRODUCER_RESETS,
+        CONSUMED,
+        DELIVERED,
+        REDELIVERIES,
+        GIVEN_UP,
+        BAD_RECORDS,
+        KEYED_UNSURE,
+        KEYED_COPIES_DROPPED,
+    ] {
         metrics::counter!(c).increment(0);
     }
     for g in [CONSUMER_LAG, IN_FLIGHT, GATEWAY_LINKS] {
@@ -64,6 +76,14 @@ pub fn describe() {
     describe_gauge!(HISTORY_BYTES, Unit::Bytes, "Bytes the hot history windows hold now.");
     describe_gauge!(HISTORY_BUDGET, Unit::Bytes, "The hot history windows' memory budget (--history-memory).");
     describe_counter!(HISTORY_READS, "History answers, by source (hot window or log) and outcome.");
+    describe_counter!(
+        KEYED_UNSURE,
+        "Keyed messages stored marked maybe_stored_before (a retry, or a key memory that does not cover the window)."
+    );
+    describe_counter!(
+        KEYED_COPIES_DROPPED,
+        "Later copies of a keyed message left out of history answers (found by looking back before the read)."
+    );
     metrics::gauge!(HISTORY_BYTES).set(0.0);
 }
 

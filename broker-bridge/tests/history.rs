@@ -123,6 +123,18 @@ impl Bridge {
         self.ingest.publish(tonic::Request::new(req)).await.unwrap().into_inner()
     }
 
+    /// As [`Bridge::publish`], marked as a retry of an ambiguous call.
+    async fn publish_retry(&self, channel: &str, n: u64, key: &str) -> pb::PublishResponse {
+        let mut req = tonic::Request::new(pb::PublishRequest {
+            channel: channel.into(),
+            data_json: format!("{{\"n\":{n}}}"),
+            from: "t".into(),
+            idempotency_key: key.into(),
+        });
+        req.metadata_mut().insert(kit::idempotency::RETRY_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+        self.ingest.publish(req).await.unwrap().into_inner()
+    }
+
     async fn history(
         &self,
         channel: &str,
@@ -269,6 +281,30 @@ async fn a_keyed_message_stored_twice_by_two_bridges_is_shown_once() {
     assert_eq!(h.messages.iter().filter(|m| m.id == first.id).count(), 1);
     let newest = two.history(&a, None, 10).await.unwrap();
     assert_eq!(newest.messages.iter().filter(|m| m.id == first.id).count(), 1);
+    // A read from between the copies (a client shown the first resumes after it): the
+    // second is not shown again. Bridge `two` had just started, so its memory of keys
+    // did not cover the window and it marked its copy for readers to look back.
+    let fresh = two.publish(&a, 3, "order-2").await;
+    for reader in [&one, &two] {
+        let between = reader.history(&a, Some(first.seq), 0).await.unwrap();
+        assert_eq!(seqs(&between), [first.seq + 1, fresh.seq], "the copy at {} is left out", again.seq);
+        assert_eq!(between.position.as_ref().unwrap().seq, fresh.seq);
+    }
+
+    // A bridge whose memory covers its window marks a copy only when the call says it
+    // is a retry (`switchboard-retry`, as a gateway failing over to the next bridge does).
+    let mut sure = bridge(&bootstrap, &[]);
+    sure.ingest.idempotency = Arc::new(kit::idempotency::Idempotency::new(Duration::ZERO, 10));
+    let k = sure.publish(&a, 4, "order-3").await;
+    let unmarked = sure.publish(&a, 4, "order-3").await;
+    let marked = sure.publish_retry(&a, 4, "order-3").await;
+    assert!(k.seq < unmarked.seq && unmarked.seq < marked.seq && k.id == marked.id);
+    let after = sure.history(&a, Some(k.seq), 0).await.unwrap();
+    assert_eq!(seqs(&after), [unmarked.seq], "an unmarked copy cannot be told apart; the marked one is left out");
+}
+
+fn seqs(r: &pb::HistoryResponse) -> Vec<u64> {
+    r.messages.iter().map(|m| m.seq).collect()
 }
 
 #[tokio::test]

@@ -219,6 +219,7 @@ mod tests {
                 published_at_ms: now_ms(),
                 kind: 0,
                 idempotent,
+                maybe_stored_before: false,
             }),
         }
     }

@@ -563,6 +563,7 @@ impl Hub {
             return Finish::Done;
         };
         let route_unproven = st.seq == 0;
+        let live_ahead = st.seq > sent_through && st.epoch.as_deref() == epoch;
         let r = &mut st.recovering[i];
         if r.epoch_reset {
             return Finish::EpochChanged;
@@ -578,6 +579,12 @@ impl Hub {
                 // Also from 0: an empty partition's position is 0, and what was published
                 // on it before the route reached this node is read, not skipped.
                 Some(&(first, _)) if first > sent_through + 1 => {
+                    return Finish::More { since: sent_through };
+                }
+                // Nothing held, but frames after what was read already went out here live
+                // before the session was registered (the read's position lagged this
+                // node's live stream): they would be skipped; read the span.
+                None if !route_unproven && live_ahead => {
                     return Finish::More { since: sent_through };
                 }
                 None if !settled && route_unproven => return Finish::Wait(r.notify.clone()),
@@ -1265,6 +1272,28 @@ pub(crate) mod tests {
             Finish::More { since } => assert_eq!(since, 0),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_recovery_read_behind_the_live_stream_reads_the_span_it_missed() {
+        // Another session keeps the channel live here through 12. A poll resumes at 8;
+        // the bridge's read answers complete through 10 (a lagging position): 11 and 12
+        // went out before the session was registered and are not held.
+        let hub = Hub::new(vec![], 1000);
+        let (a, _ra) = session(&hub, 1, "a", 64);
+        let (b, _rb) = session(&hub, 2, "b", 64);
+        let ch: Arc<str> = "c".into();
+        hub.subscribe(&a, &ch);
+        for seq in [9, 11, 12] {
+            hub.publish_at("c", "m", "x", seq, "k.0", "1", &mut Vec::new());
+        }
+        hub.subscribe_recovering(&b, &ch).unwrap();
+        match hub.finish_recovery(2, "c", (10, Some("k.0")), false, false) {
+            Finish::More { since } => assert_eq!(since, 10),
+            other => panic!("{other:?}"),
+        }
+        // Once the read reaches the live position, the session goes live.
+        assert!(matches!(hub.finish_recovery(2, "c", (12, Some("k.0")), false, false), Finish::Done));
     }
 
     #[test]

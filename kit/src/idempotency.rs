@@ -2,6 +2,11 @@
 //! with the same key (within the window) get its answer instead of running
 //! again. A call that fails is not remembered, so its retry runs. Bounded by
 //! age and by count, oldest forgotten first.
+//!
+//! What the memory cannot vouch for is said too ([`Idempotency::may_have_run`]): a
+//! key whose call failed (the failure may have been after the effect), or any key
+//! while the memory does not reach back the whole window (just created, or a key
+//! younger than the window forgotten by the count bound).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
@@ -17,13 +22,23 @@ pub struct Idempotency<V> {
     inner: parking_lot::Mutex<Inner<V>>,
     window: Duration,
     max: usize,
+    created: Instant,
 }
 
 #[derive(Debug)]
 struct Inner<V> {
     map: HashMap<Box<str>, (Instant, Arc<OnceCell<V>>)>,
     order: VecDeque<(Instant, Box<str>)>,
+    /// Keys whose call failed, and when (at most `max`, oldest dropped first).
+    failed: HashMap<Box<str>, Instant>,
+    failed_order: VecDeque<(Instant, Box<str>)>,
+    /// When a key younger than the window was last forgotten by the count bound.
+    forgot_young: Option<Instant>,
 }
+
+/// gRPC metadata a caller sets on a keyed call that repeats one whose answer was
+/// ambiguous (it may have been stored, perhaps by another server): `switchboard-retry: 1`.
+pub const RETRY_HEADER: &str = "switchboard-retry";
 
 /// Longest key accepted, in bytes.
 pub const MAX_KEY_BYTES: usize = 128;
@@ -35,7 +50,41 @@ pub fn valid_key(key: &str) -> bool {
 
 impl<V: Clone> Idempotency<V> {
     pub fn new(window: Duration, max: usize) -> Self {
-        Self { inner: parking_lot::Mutex::new(Inner { map: HashMap::new(), order: VecDeque::new() }), window, max }
+        let inner = Inner {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            failed: HashMap::new(),
+            failed_order: VecDeque::new(),
+            forgot_young: None,
+        };
+        Self { inner: parking_lot::Mutex::new(inner), window, max, created: Instant::now() }
+    }
+
+    /// Whether a call with `key` that runs now may repeat an earlier one this memory
+    /// does not hold: one with `key` failed within the window (perhaps after its
+    /// effect), or the memory does not cover the whole window.
+    pub fn may_have_run(&self, key: &str) -> bool {
+        let now = Instant::now();
+        let young = |at: Instant| now.duration_since(at) < self.window;
+        let inner = self.inner.lock();
+        young(self.created)
+            || inner.forgot_young.is_some_and(young)
+            || inner.failed.get(key).is_some_and(|&at| young(at))
+    }
+
+    fn failed(&self, key: &str) {
+        let now = Instant::now();
+        let mut inner = self.inner.lock();
+        while inner.failed_order.len() >= self.max
+            || inner.failed_order.front().is_some_and(|(at, _)| now.duration_since(*at) >= self.window)
+        {
+            let Some((at, k)) = inner.failed_order.pop_front() else { break };
+            if inner.failed.get(&k) == Some(&at) {
+                inner.failed.remove(&k);
+            }
+        }
+        inner.failed.insert(key.into(), now);
+        inner.failed_order.push_back((now, key.into()));
     }
 
     /// Runs `f` for the first call with `key` in the window, or returns the answer of
@@ -48,12 +97,19 @@ impl<V: Clone> Idempotency<V> {
     {
         let cell = self.cell(key);
         let mut ran = false;
-        let v = cell
+        let v = match cell
             .get_or_try_init(|| {
                 ran = true;
                 f()
             })
-            .await?;
+            .await
+        {
+            Ok(v) => v,
+            Err(e) => {
+                self.failed(key);
+                return Err(e);
+            }
+        };
         Ok((v.clone(), !ran))
     }
 
@@ -74,6 +130,9 @@ impl<V: Clone> Idempotency<V> {
                 && inner.map.get(&k).is_some_and(|(t, _)| *t == at)
             {
                 inner.map.remove(&k);
+                if now.duration_since(at) < self.window {
+                    inner.forgot_young = Some(now);
+                }
             }
         }
         let cell = Arc::new(OnceCell::new());
@@ -145,5 +204,27 @@ mod tests {
         assert_eq!(ids.run("a", || async { Ok::<_, ()>(9) }).await, Ok((9, false)));
         assert_eq!(ids.run("c", || async { Ok::<_, ()>(9) }).await, Ok((3, true)));
         assert!(valid_key("order-17") && !valid_key("") && !valid_key("a b") && !valid_key(&"x".repeat(129)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn what_the_memory_cannot_vouch_for_is_said() {
+        let ids = Idempotency::<u32>::new(Duration::from_secs(60), 2);
+        // Just created: keys stored before it (by an earlier run of the process) are unknown.
+        assert!(ids.may_have_run("a"));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!ids.may_have_run("a"));
+        // A failed call may have had its effect: its retry is unsure, others are not.
+        assert_eq!(ids.run("f", || async { Err::<u32, ()>(()) }).await, Err(()));
+        assert!(ids.may_have_run("f") && !ids.may_have_run("a"));
+        ids.run("f", || async { Ok::<_, ()>(1) }).await.unwrap();
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!ids.may_have_run("f"));
+        // A key younger than the window forgotten by the count bound: nothing is sure.
+        for k in ["x", "y", "z"] {
+            ids.run(k, || async { Ok::<_, ()>(2) }).await.unwrap();
+        }
+        assert!(ids.may_have_run("b"));
+        tokio::time::advance(Duration::from_secs(61)).await;
+        assert!(!ids.may_have_run("b"));
     }
 }

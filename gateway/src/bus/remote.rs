@@ -48,9 +48,13 @@ impl RemoteBus {
     ///
     /// A keyed call goes first to the bridge the key hashes to, so that a client's
     /// retry through this gateway meets the bridge that remembers the key.
+    ///
+    /// `f` gets whether the attempt repeats a keyed call that may have been stored
+    /// (it then carries `switchboard-retry`, so the message is marked for readers to
+    /// look back for an earlier copy: docs/design.md "Keyed duplicates").
     async fn call<T, F, Fut>(&self, key: Option<&str>, f: F) -> Result<T, BusError>
     where
-        F: Fn(PushClient<Authed>) -> Fut,
+        F: Fn(PushClient<Authed>, bool) -> Fut,
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let n = self.clients.len();
@@ -66,7 +70,9 @@ impl RemoteBus {
         let mut last = BusError::Unavailable { message: "no broker-bridge configured".into(), ambiguous: false };
         for i in 0..n {
             let client = self.clients[(start + i) % n].clone();
-            let failure = match tokio::time::timeout(self.timeout, f(client)).await {
+            // Not the bridge the key hashes to: the one that may remember it failed.
+            let retry = keyed && i > 0;
+            let failure = match tokio::time::timeout(self.timeout, f(client, retry)).await {
                 Ok(Ok(v)) => return Ok(v),
                 Ok(Err(s)) if s.code() == tonic::Code::InvalidArgument => {
                     return Err(BusError::Invalid(s.message().to_owned()));
@@ -94,6 +100,15 @@ impl RemoteBus {
     }
 }
 
+/// The request, with `switchboard-retry: 1` when it repeats a keyed call.
+fn marked<T>(msg: T, retry: bool) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    if retry {
+        req.metadata_mut().insert(kit::idempotency::RETRY_HEADER, tonic::metadata::MetadataValue::from_static("1"));
+    }
+    req
+}
+
 /// Whether a call failed while connecting, before any request was sent.
 fn never_sent(s: &tonic::Status) -> bool {
     let mut source = std::error::Error::source(s);
@@ -110,13 +125,16 @@ impl Bus for RemoteBus {
     fn publish<'a>(&'a self, channel: &'a str, from: &'a str, data: &'a str, key: Option<&'a str>) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(key, |mut c| {
-                    let req = pb::PublishRequest {
-                        channel: channel.into(),
-                        data_json: data.into(),
-                        from: from.into(),
-                        idempotency_key: key.unwrap_or_default().into(),
-                    };
+                .call(key, |mut c, retry| {
+                    let req = marked(
+                        pb::PublishRequest {
+                            channel: channel.into(),
+                            data_json: data.into(),
+                            from: from.into(),
+                            idempotency_key: key.unwrap_or_default().into(),
+                        },
+                        retry,
+                    );
                     async move { c.publish(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
@@ -127,13 +145,16 @@ impl Bus for RemoteBus {
     fn send<'a>(&'a self, to: &'a str, from: &'a str, data: &'a str, key: Option<&'a str>) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(key, |mut c| {
-                    let req = pb::SendToUserRequest {
-                        user: to.into(),
-                        data_json: data.into(),
-                        from: from.into(),
-                        idempotency_key: key.unwrap_or_default().into(),
-                    };
+                .call(key, |mut c, retry| {
+                    let req = marked(
+                        pb::SendToUserRequest {
+                            user: to.into(),
+                            data_json: data.into(),
+                            from: from.into(),
+                            idempotency_key: key.unwrap_or_default().into(),
+                        },
+                        retry,
+                    );
                     async move { c.send_to_user(req).await.map(|r| r.into_inner()) }
                 })
                 .await?;
@@ -144,7 +165,7 @@ impl Bus for RemoteBus {
     fn broadcast<'a>(&'a self, from: &'a str, data: &'a str) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(None, |mut c| {
+                .call(None, |mut c, _| {
                     let req = pb::BroadcastRequest { data_json: data.into(), from: from.into() };
                     async move { c.broadcast(req).await.map(|r| r.into_inner()) }
                 })
@@ -156,7 +177,7 @@ impl Bus for RemoteBus {
     fn disconnect<'a>(&'a self, user: &'a str, reason: &'a str) -> BusFuture<'a> {
         Box::pin(async move {
             let r = self
-                .call(None, |mut c| {
+                .call(None, |mut c, _| {
                     let req = pb::DisconnectRequest { user: user.into(), reason: reason.into() };
                     async move { c.disconnect(req).await.map(|r| r.into_inner()) }
                 })
@@ -175,7 +196,7 @@ impl Bus for RemoteBus {
         Box::pin(async move {
             // A read stores nothing: every bridge may be asked in turn.
             let r = self
-                .call(Some(channel), |mut c| {
+                .call(Some(channel), |mut c, _| {
                     let req = pb::HistoryRequest {
                         channel: channel.into(),
                         since: since.map(|s| pb::Position { seq: s.seq, epoch: s.epoch.to_string() }),

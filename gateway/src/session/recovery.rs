@@ -33,6 +33,9 @@ pub(super) const RECOVERY_MAX_BYTES: usize = 16 << 20;
 const ROUTE_SETTLE: Duration = Duration::from_secs(1);
 /// Rounds of "read the span before the first held frame" before giving up with a gap.
 const FINISH_ROUNDS: usize = 16;
+/// Pause before reading a span again when the last read made no progress (so the
+/// rounds cover about 400 ms of a lagging position, not a few microseconds).
+const STALE_READ_RETRY: Duration = Duration::from_millis(25);
 
 /// Subscribes `handle` to `channel` (already counted in the session's state),
 /// recovering from `since` when given, and sends the ack.
@@ -162,8 +165,14 @@ impl Handover {
                     if !send(&self.handle, &fresh).await {
                         return None;
                     }
+                    let before = self.through;
                     self.through =
                         fresh.last().map_or(self.through, |i| i.seq).max(position.map_or(0, |p| p.seq)).max(since);
+                    if self.through == before {
+                        // The read is still behind what this node already delivered live (a
+                        // position that lags): give it a moment rather than spin the rounds.
+                        tokio::time::sleep(STALE_READ_RETRY).await;
+                    }
                 }
             }
         }
