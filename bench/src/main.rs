@@ -41,12 +41,11 @@ enum Scenario {
         /// last two are also killed and restarted by the nemesis.
         #[arg(long, default_value = "kafka", value_parser = ["kafka", "nats", "redis"])]
         backbone: String,
-        /// SSE clients in the workload (reconnecting with Last-Event-ID; 0 by default:
-        /// see docs/operations.md).
-        #[arg(long, default_value = "0")]
+        /// SSE clients in the workload (reconnecting with Last-Event-ID).
+        #[arg(long, default_value = "2")]
         sse_clients: usize,
-        /// Long-poll clients in the workload (0 by default: see docs/operations.md).
-        #[arg(long, default_value = "0")]
+        /// Long-poll clients in the workload (each poll on the next gateway).
+        #[arg(long, default_value = "2")]
         pollers: usize,
     },
     /// RSS per idle authenticated connection with one subscription.

@@ -77,13 +77,8 @@ impl Config {
             gateways: 3,
             bridges: 2,
             subscribers: 6,
-            // Both off in the default run until the defects they found are fixed
-            // (docs/operations.md): with SSE clients, seed 1 on tansu showed one a message
-            // stored twice by a retry (two positions, one id) at both positions after a
-            // reconnect; with long-pollers, two acknowledged messages skipped without a gap.
-            // `bench chaos --sse-clients 2 --pollers 2` reproduces them.
-            sse_clients: 0,
-            pollers: 0,
+            sse_clients: 2,
+            pollers: 2,
             publishers: 2,
             channels: 4,
             every: Duration::from_millis(40),
