@@ -424,6 +424,7 @@ impl History {
             return Ok(pb::HistoryResponse { position: Some(position), ..Default::default() });
         }
         let settle = tokio::time::Instant::now() + AHEAD_SETTLE;
+        let mut waited = false;
         let (low, high) = loop {
             let (low, high) = match self.log.watermarks(partition).await {
                 Ok(w) => w,
@@ -435,6 +436,10 @@ impl History {
             let ahead = since.as_ref().is_some_and(|s| s.epoch == *epoch && s.seq > high.max(0) as u64);
             if !ahead || tokio::time::Instant::now() >= settle {
                 break (low, high);
+            }
+            if !waited {
+                waited = true;
+                metrics::counter!(m::AHEAD_WAITS).increment(1);
             }
             tokio::time::sleep(AHEAD_RETRY).await;
         };

@@ -25,6 +25,7 @@ pub const HISTORY_BUDGET: &str = "switchboard_bridge_history_budget_bytes";
 pub const HISTORY_READS: &str = "switchboard_bridge_history_reads_total";
 pub const KEYED_UNSURE: &str = "switchboard_bridge_keyed_unsure_total";
 pub const KEYED_COPIES_DROPPED: &str = "switchboard_bridge_history_keyed_copies_dropped_total";
+pub const AHEAD_WAITS: &str = "switchboard_bridge_history_ahead_waits_total";
 
 pub const BUCKETS: &[(&str, &[f64])] = &[
     ("_duration_seconds", &[0.000_5, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
@@ -44,6 +45,7 @@ pub fn describe() {
         BAD_RECORDS,
         KEYED_UNSURE,
         KEYED_COPIES_DROPPED,
+        AHEAD_WAITS,
     ] {
         metrics::counter!(c).increment(0);
     }
@@ -83,6 +85,10 @@ pub fn describe() {
     describe_counter!(
         KEYED_COPIES_DROPPED,
         "Later copies of a keyed message left out of history answers (found by looking back before the read)."
+    );
+    describe_counter!(
+        AHEAD_WAITS,
+        "History reads whose since was past the watermark at first, waiting up to the settle time for it."
     );
     metrics::gauge!(HISTORY_BYTES).set(0.0);
 }

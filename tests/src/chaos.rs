@@ -466,22 +466,31 @@ pub async fn run(cfg: &Config) -> Summary {
             (ch, who)
         })
         .collect();
-    if let Some(mut ws) = open(addrs[0], "observer").await {
-        for ch in &channels {
-            let deadline = Instant::now() + Duration::from_secs(30);
-            loop {
-                let reply = call(&mut ws, json!({"op":"presence","channel":ch,"ref":"p"})).await;
-                let mut members: Vec<String> = reply
-                    .as_ref()
-                    .and_then(|r| r["users"].as_array())
-                    .map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect())
-                    .unwrap_or_default();
-                members.sort();
-                if members == expected[ch] || Instant::now() > deadline {
-                    rec.push(Event::Presence { t: rec.t(), client: "observer".into(), channel: ch.clone(), members });
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
+    // The observer is a client like the others: a gateway whose presence lease lapsed
+    // during the last faults closes every session (1001 `resync`) once its link is back,
+    // and the observer then opens a new one, as clients do. A gateway that does not answer
+    // on any session still fails the check when the deadline passes.
+    let mut observer = open(addrs[0], "observer").await;
+    for ch in &channels {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let reply = match observer.as_mut() {
+                Some(ws) => call(ws, json!({"op":"presence","channel":ch,"ref":"p"})).await,
+                None => None,
+            };
+            let mut members: Vec<String> = reply
+                .as_ref()
+                .and_then(|r| r["users"].as_array())
+                .map(|a| a.iter().filter_map(|u| u.as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            members.sort();
+            if members == expected[ch] || Instant::now() > deadline {
+                rec.push(Event::Presence { t: rec.t(), client: "observer".into(), channel: ch.clone(), members });
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            if reply.is_none() {
+                observer = open(addrs[0], "observer").await;
             }
         }
     }

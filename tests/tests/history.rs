@@ -18,6 +18,15 @@ fn push(url: String) -> PushClient<Channel> {
 }
 
 /// `switchboard_bridge_history_reads_total{source,outcome="ok"}` of bridge `i`.
+/// Bridge `i`'s unlabelled counter `name`.
+async fn counter(c: &Cluster, i: usize, name: &str) -> u64 {
+    let (status, body) = http_get(c.bridges[i].addr("admin"), "/metrics").await;
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("{name} not exported"))
+}
+
 async fn reads(c: &Cluster, i: usize, source: &str) -> u64 {
     let (status, body) = http_get(c.bridges[i].addr("admin"), "/metrics").await;
     assert_eq!(status, 200);
@@ -137,9 +146,13 @@ async fn a_since_just_ahead_of_the_watermark_is_given_time_to_become_real() {
     let next = pb::Position { seq: now.seq + 1, epoch: now.epoch.clone() };
     let mut asking = push(c.bridge_url(0));
     let asked = tokio::spawn(async move { history(&mut asking, "room:ahead", Some(next)).await });
-    // The message that makes `next` real comes while the request is being answered
-    // (the bridge reads its watermark at once; without the settle time this is `ahead`).
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // The message that makes `next` real comes once the request found it ahead and waits
+    // (without the settle time the answer is `ahead` at once).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while counter(&c, 0, "switchboard_bridge_history_ahead_waits_total").await == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the request never waited for its since");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     let seq = p.publish(publish).await.unwrap().into_inner().seq;
     assert_eq!(seq, now.seq + 1, "the next position of the partition");
     let r = asked.await.unwrap();
