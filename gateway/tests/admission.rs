@@ -17,10 +17,6 @@ use serde_json::{Value, json};
 use switchboard_tests::http::{Sse, request};
 use tokio_tungstenite::tungstenite::{self, Message};
 
-fn bearer(user: &str) -> String {
-    format!("Bearer {}", token(json!({"sub": user, "exp": now() + 3600})))
-}
-
 /// A WebSocket upgrade as `user` that must be refused: its status and `Retry-After`.
 async fn refused_upgrade(addr: SocketAddr, user: &str) -> (u16, Option<String>) {
     let t = token(json!({"sub": user, "exp": now() + 3600}));

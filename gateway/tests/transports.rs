@@ -13,10 +13,6 @@ use serde_json::{Value, json};
 use switchboard_tests::http::{Reply, Sse, request};
 use switchboard_tests::monitoring::url_encode as urlencode;
 
-fn bearer(user: &str) -> String {
-    format!("Bearer {}", token(json!({"sub": user, "exp": now() + 3600})))
-}
-
 async fn sse(gw: &Gateway, user: &str, query: &str, extra: &[(&str, &str)]) -> Result<Sse, Reply> {
     let auth = bearer(user);
     let mut headers = vec![("Authorization", auth.as_str())];

@@ -21,6 +21,11 @@ pub fn now() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs()
 }
 
+/// An `Authorization` value for `user`: a bearer [`token`] valid for an hour.
+pub fn bearer(user: &str) -> String {
+    format!("Bearer {}", token(json!({"sub": user, "exp": now() + 3600})))
+}
+
 /// An HS256 token signed with [`SECRET`].
 pub fn token(claims: Value) -> String {
     let key = jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()).unwrap();

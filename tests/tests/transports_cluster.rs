@@ -87,10 +87,6 @@ async fn finished(fin: &mut watch::Receiver<Final>, seen: &Seen) {
     }
 }
 
-fn bearer(user: &str) -> String {
-    format!("Bearer {}", token(json!({"sub": user, "exp": now() + 3600})))
-}
-
 /// Whether an event id names a position for every channel (none is `channel=-`).
 fn names_every_channel(id: &str) -> bool {
     CHANNELS.iter().all(|c| id.split(',').any(|p| p.starts_with(&format!("{c}=")) && !p.ends_with("=-")))

@@ -16,14 +16,14 @@ use std::time::Duration;
 
 use rand::Rng;
 use rand::rngs::StdRng;
-use serde_json::{Value, json};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use super::{Recorder, SubState, pos_of};
 use crate::checker::{Event, Pos, SubOutcome};
 use crate::http::{Sse, try_request};
 use crate::monitoring::url_encode;
-use crate::ws::{now, token};
+use crate::ws::bearer;
 
 /// How long an SSE stream may stay silent (the gateway sends a heartbeat comment far
 /// more often) before the client takes it for dead, as after a partition.
@@ -46,10 +46,6 @@ pub(super) fn positions(id: &str) -> HashMap<String, Pos> {
             Some((decode(ch), Pos { seq: seq.parse().ok()?, epoch: decode(epoch) }))
         })
         .collect()
-}
-
-fn bearer(user: &str) -> String {
-    format!("Bearer {}", token(json!({"sub": user, "exp": now() + 3600})))
 }
 
 /// What one frame of a channel shows, recorded for `client` (shared by both clients).
