@@ -19,6 +19,7 @@ pub const OFFSET_GAPS: &str = "switchboard_bridge_offset_gaps_total";
 pub const BAD_RECORDS: &str = "switchboard_bridge_bad_records_total";
 pub const PUSH_REQUESTS: &str = "switchboard_bridge_push_requests_total";
 pub const ROUTE_NODES: &str = "switchboard_bridge_route_nodes";
+pub const ROUTES_COMPLETE: &str = "switchboard_bridge_routes_complete";
 pub const ASSIGNED_PARTITIONS: &str = "switchboard_bridge_assigned_partitions";
 pub const HISTORY_BYTES: &str = "switchboard_bridge_history_bytes";
 pub const HISTORY_BUDGET: &str = "switchboard_bridge_history_budget_bytes";
@@ -75,6 +76,10 @@ pub fn describe() {
     describe_counter!(BAD_RECORDS, "Records that are not a valid envelope (skipped).");
     describe_counter!(PUSH_REQUESTS, "Push API calls, by method and outcome.");
     describe_gauge!(ROUTE_NODES, "Gateway nodes known to the routing cache.");
+    describe_gauge!(
+        ROUTES_COMPLETE,
+        "1 once the routing cache holds a complete presence state; the bridge consumes only then."
+    );
     describe_gauge!(HISTORY_BYTES, Unit::Bytes, "Bytes the hot history windows hold now.");
     describe_gauge!(HISTORY_BUDGET, Unit::Bytes, "The hot history windows' memory budget (--history-memory).");
     describe_counter!(HISTORY_READS, "History answers, by source (hot window or log) and outcome.");
@@ -124,6 +129,7 @@ fn register_zeroes() {
     }
     metrics::gauge!(HISTORY_BUDGET).increment(0.0);
     metrics::gauge!(ROUTE_NODES).increment(0.0);
+    metrics::gauge!(ROUTES_COMPLETE).increment(0.0);
     let _ = metrics::histogram!(FANOUT_WIDTH);
 }
 

@@ -30,12 +30,41 @@ struct State {
 }
 
 /// The routing cache.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct Routes {
     state: RwLock<State>,
+    /// Whether the cache holds everything presence knows from a replica that is complete
+    /// (`synced` with `complete: true`): before that, "no node needs this record" may only
+    /// mean "not told yet", and a record routed to nobody would be committed and lost for
+    /// the subscribers presence has not reported.
+    complete: tokio::sync::watch::Sender<bool>,
+}
+
+impl Default for Routes {
+    fn default() -> Self {
+        Self { state: RwLock::default(), complete: tokio::sync::watch::Sender::new(false) }
+    }
 }
 
 impl Routes {
+    /// Whether the cache is complete (see the field).
+    pub fn is_complete(&self) -> bool {
+        *self.complete.borrow()
+    }
+
+    /// Waits until the cache is complete; consumption starts only then.
+    pub async fn wait_complete(&self) {
+        let mut rx = self.complete.subscribe();
+        let _ = rx.wait_for(|c| *c).await;
+    }
+
+    fn mark_complete(&self, why: &str) {
+        if !self.complete.send_replace(true) {
+            tracing::info!(why, "routing cache complete");
+            metrics::gauge!(m::ROUTES_COMPLETE).set(1.0);
+        }
+    }
+
     /// Gateway nodes that need `env`, with their delivery addresses.
     pub fn resolve(&self, env: &Envelope) -> Vec<(Arc<str>, String)> {
         let s = self.state.read();
@@ -93,6 +122,14 @@ impl Routes {
                     if set.is_empty() {
                         s.users.remove(&u.user);
                     }
+                }
+                None
+            }
+            E::Synced(synced) => {
+                if synced.complete {
+                    drop(s);
+                    self.mark_complete("presence is complete");
+                    return None;
                 }
                 None
             }
@@ -164,14 +201,25 @@ pub async fn watch(
                 }));
                 tracing::info!(presence = %addr, "routing cache following presence");
                 let mut stream = resp.into_inner();
+                // A replica that never says `synced` (older than this bridge) is taken as
+                // complete after the grace, the same assumption as the sweep above.
+                let legacy = tokio::time::sleep(grace);
+                tokio::pin!(legacy);
+                let mut synced = false;
                 loop {
                     let next = tokio::select! {
                         () = stop.cancelled() => return,
+                        () = &mut legacy, if !synced && !routes.is_complete() => {
+                            tracing::warn!(presence = %addr, "presence sends no `synced` (older version?): routing taken as complete after the grace");
+                            routes.mark_complete("grace without synced");
+                            continue;
+                        }
                         m = stream.message() => m,
                     };
                     match next {
                         Ok(Some(pb::WatchEvent { event: Some(ev) })) => {
                             delay = Duration::from_millis(100);
+                            synced |= matches!(ev, pb::watch_event::Event::Synced(_));
                             if let Some(ch) = routes.apply(ev) {
                                 let _ = changes.send(ch);
                             }
@@ -229,5 +277,17 @@ mod tests {
         assert!(r.resolve(&env(Target::User("u".into()))).is_empty());
         let alive: HashSet<String> = HashSet::new();
         assert_eq!(r.retain_nodes(&alive), vec![NodeChange::Down { node: "g1".into() }]);
+    }
+
+    #[test]
+    fn routes_are_complete_only_after_a_complete_synced() {
+        let r = Routes::default();
+        assert!(!r.is_complete());
+        assert!(r.apply(E::Synced(pb::Synced { complete: false })).is_none());
+        assert!(!r.is_complete(), "a replica younger than its lease");
+        r.apply(E::Synced(pb::Synced { complete: true }));
+        assert!(r.is_complete());
+        r.apply(E::Synced(pb::Synced { complete: false }));
+        assert!(r.is_complete(), "complete once: a later young replica adds to what is known");
     }
 }

@@ -84,7 +84,7 @@ pub async fn run(
             let ctx = Ctx { tracker: tracker.clone(), hot: hot.clone(), topic: cli.topic.clone() };
             let consumer: Arc<StreamConsumer<Ctx>> =
                 Arc::new(kafka::consumer_config(&cli).map_err(RunError::Config)?.create_with_context(ctx)?);
-            consumer.subscribe(&[&cli.topic])?;
+            // Subscribed once the routing cache is complete (below).
             let log = Log::Kafka { producer, readers, topic: cli.topic.clone() };
             (log, consume::Source::Kafka(consumer.clone()), Some(consumer), None)
         }
@@ -146,6 +146,20 @@ pub async fn run(
             }
         })
     };
+    // Nothing is consumed before the routing cache is complete: a record routed to nobody
+    // for want of routes would be committed, and lost for the subscribers presence had not
+    // reported yet (a restarted bridge consumed its partitions within milliseconds of its
+    // start, before the Watch's initial state: a chaos run found that). On Kafka the bridge
+    // joins the consumer group only then, on NATS and Redis it takes no lease before.
+    let routes_ready = {
+        let (routes, stop) = (routes.clone(), stop.clone());
+        async move {
+            tokio::select! {
+                () = routes.wait_complete() => true,
+                () = stop.cancelled() => false,
+            }
+        }
+    };
     let consume_stop = CancellationToken::new();
     let consumer_task = tokio::spawn(consume::run(
         source,
@@ -167,6 +181,14 @@ pub async fn run(
     // Commits: to the consumer group (Kafka), or in the partitions' leases (NATS, Redis).
     let commit_task = match (&kafka_consumer, leased_tx) {
         (Some(consumer), _) => {
+            let (joining, topic) = (consumer.clone(), cli.topic.clone());
+            tokio::spawn(async move {
+                if routes_ready.await
+                    && let Err(e) = joining.subscribe(&[&topic])
+                {
+                    tracing::error!(error = %e, topic, "cannot subscribe to the topic");
+                }
+            });
             tokio::spawn(consume::commit_loop(consumer.clone(), tracker, cli.topic.clone(), stop.clone()))
         }
         (None, Some(records)) => {
@@ -178,7 +200,12 @@ pub async fn run(
                 hot: hot.clone(),
                 records,
             };
-            tokio::spawn(leases.run(stop.clone()))
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                if routes_ready.await {
+                    leases.run(stop).await;
+                }
+            })
         }
         (None, None) => tokio::spawn(async {}),
     };

@@ -7,6 +7,7 @@ pub const CONNECTIONS: &str = "switchboard_presence_connections";
 pub const USERS: &str = "switchboard_presence_users";
 pub const CHANNELS: &str = "switchboard_presence_channels";
 pub const WATCHERS: &str = "switchboard_presence_watchers";
+pub const COMPLETE: &str = "switchboard_presence_complete";
 pub const SYNC_STREAMS: &str = "switchboard_presence_sync_streams_total";
 pub const DELTAS: &str = "switchboard_presence_deltas_total";
 pub const EVENTS: &str = "switchboard_presence_events_total";
@@ -24,7 +25,7 @@ pub fn describe() {
     for c in [SYNC_STREAMS, DELTAS, LEASES_EXPIRED] {
         metrics::counter!(c).increment(0);
     }
-    for g in [NODES, CONNECTIONS, USERS, CHANNELS, WATCHERS] {
+    for g in [NODES, CONNECTIONS, USERS, CHANNELS, WATCHERS, COMPLETE] {
         metrics::gauge!(g).increment(0.0);
     }
     kit::telemetry::zero_counters(EVENTS, "kind", EVENT_KINDS);
@@ -34,6 +35,10 @@ pub fn describe() {
     describe_gauge!(USERS, "Distinct users with at least one connection.");
     describe_gauge!(CHANNELS, "Channels with at least one subscriber on some node.");
     describe_gauge!(WATCHERS, "Open Watch streams.");
+    describe_gauge!(
+        COMPLETE,
+        "1 once this replica has been up for a lease (every live gateway has registered with it)."
+    );
     describe_counter!(SYNC_STREAMS, "Gateway Sync streams accepted (hello).");
     describe_counter!(DELTAS, "Deltas applied from gateways.");
     describe_counter!(EVENTS, "Watch events published, by kind.");

@@ -2,6 +2,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::Stream;
@@ -27,12 +28,35 @@ pub const MAX_QUERY: usize = 1000;
 pub struct Shared {
     pub registry: RwLock<Registry>,
     pub events: broadcast::Sender<Arc<pb::WatchEvent>>,
+    /// When this replica's state may first be complete: one lease after it started, by
+    /// which time every gateway still alive has registered with it (or is down by the
+    /// lease's own definition).
+    complete_at: Instant,
+    /// Set (before the `synced` event is broadcast) once `complete_at` has passed.
+    complete: AtomicBool,
 }
 
 impl Shared {
     pub fn new(registry: Registry) -> Arc<Self> {
         let (events, _) = broadcast::channel(65_536);
-        Arc::new(Self { registry: RwLock::new(registry), events })
+        let complete_at = Instant::now() + registry.lease();
+        Arc::new(Self { registry: RwLock::new(registry), events, complete_at, complete: AtomicBool::new(false) })
+    }
+
+    /// Whether this replica has been up for a lease (see [`pb::Synced`]).
+    pub fn is_complete(&self) -> bool {
+        self.complete.load(Ordering::Acquire)
+    }
+
+    /// Marks the replica complete once its lease has passed since it started, and tells
+    /// every watcher (`synced` with `complete: true`), once.
+    fn check_complete(&self, now: Instant) {
+        if now >= self.complete_at && !self.complete.swap(true, Ordering::AcqRel) {
+            tracing::info!("presence complete: up for a lease");
+            metrics::gauge!(m::COMPLETE).set(1.0);
+            let ev = pb::WatchEvent { event: Some(pb::watch_event::Event::Synced(pb::Synced { complete: true })) };
+            let _ = self.events.send(Arc::new(ev));
+        }
     }
 
     /// Publishes registry events to watchers (none listening is fine).
@@ -66,6 +90,7 @@ impl Shared {
 
     /// Expires dead nodes and updates the gauges.
     pub fn tick(&self, now: Instant) {
+        self.check_complete(now);
         let (events, counts) = {
             let mut r = self.registry.write();
             (r.expire(now), r.counts())
@@ -431,7 +456,11 @@ impl pb::presence_server::Presence for PresenceService {
             if users {
                 ev.extend(r.user_events());
             }
-            ev.into_iter().map(to_pb).collect()
+            let mut ev: Vec<pb::WatchEvent> = ev.into_iter().map(to_pb).collect();
+            // Read after subscribing: if not complete yet, the later `synced` reaches `rx`.
+            let complete = self.shared.is_complete();
+            ev.push(pb::WatchEvent { event: Some(pb::watch_event::Event::Synced(pb::Synced { complete })) });
+            ev
         } else {
             Vec::new()
         };
@@ -487,4 +516,44 @@ impl Drop for WatcherGuard {
 /// How often expiry runs, relative to the lease.
 pub fn tick_interval(lease: Duration) -> Duration {
     (lease / 20).clamp(Duration::from_millis(50), Duration::from_secs(1))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures_util::StreamExt;
+    use proto::presence::v1::presence_server::Presence;
+
+    use super::*;
+
+    async fn next(w: &mut <PresenceService as Presence>::WatchStream) -> pb::watch_event::Event {
+        w.next().await.expect("stream open").expect("event").event.expect("an event")
+    }
+
+    fn synced(complete: bool) -> pb::watch_event::Event {
+        pb::watch_event::Event::Synced(pb::Synced { complete })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn watch_ends_its_initial_state_with_synced_complete_only_once_up_for_a_lease() {
+        let lease = Duration::from_secs(10);
+        let shared = Shared::new(Registry::new(lease, vec!["room:*".into()], 1000));
+        let svc = PresenceService { shared: shared.clone() };
+        let want = || Request::new(pb::WatchRequest { initial_state: true, users: true });
+        let mut early = svc.watch(want()).await.unwrap().into_inner();
+        assert_eq!(next(&mut early).await, synced(false), "a replica younger than its lease");
+        assert!(!shared.is_complete());
+        tokio::time::advance(lease - Duration::from_millis(1)).await;
+        shared.tick(Instant::now());
+        assert!(!shared.is_complete(), "one lease has not passed yet");
+        tokio::time::advance(Duration::from_millis(1)).await;
+        shared.tick(Instant::now());
+        assert!(shared.is_complete());
+        assert_eq!(next(&mut early).await, synced(true), "told on the open stream");
+        let mut late = svc.watch(want()).await.unwrap().into_inner();
+        assert_eq!(next(&mut late).await, synced(true), "a later watcher in its initial state");
+        // Once only: a further tick broadcasts nothing more.
+        let mut rx = shared.events.subscribe();
+        shared.tick(Instant::now());
+        assert!(rx.try_recv().is_err(), "synced is broadcast once");
+    }
 }

@@ -435,12 +435,7 @@ impl ClusterBuilder {
     pub async fn start(self) -> Cluster {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let presence_ports = (0..self.presence).map(|_| free_port()).collect();
-        let (gateways, bridges) = (self.gateways, self.bridges);
-        let broker = if self.kafka { Some(crate::kafka::Broker::start().await) } else { None };
-        let server = match self.backbone {
-            crate::backbone::Backbone::Kafka => None,
-            other => Some(crate::backbone::Server::start(other).await),
-        };
+        let (gateways, bridges, kafka, backbone) = (self.gateways, self.bridges, self.kafka, self.backbone);
         let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
         let topic = format!(
             "sb.test.{}.{}.{nanos}",
@@ -452,14 +447,24 @@ impl ClusterBuilder {
             presence_ports,
             bridges: Vec::new(),
             gateways: Vec::new(),
-            broker,
-            server,
+            broker: None,
+            server: None,
             topic,
             builder: self,
         };
+        // Presence first: a replica routes for bridges only once it has been up for a lease
+        // (every gateway alive has registered with it by then), so its lease runs while the
+        // backbone starts.
         for i in 0..c.presence_ports.len() {
             c.start_presence(i);
         }
+        if kafka {
+            c.broker = Some(crate::kafka::Broker::start().await);
+        }
+        c.server = match backbone {
+            crate::backbone::Backbone::Kafka => None,
+            other => Some(crate::backbone::Server::start(other).await),
+        };
         for _ in 0..bridges {
             c.start_bridge();
         }
