@@ -752,9 +752,13 @@ impl Subscriber {
                     self.rec.push(Event::Direct { t, client: self.name.clone(), msg });
                 }
                 Some("ack") if v["ref"].as_str().is_some_and(|r| r.starts_with("s:")) => {
-                    let Some(pos) = pos_of(&v["position"]) else { continue };
+                    // No position: the gateway's bridge did not answer (a resume then says
+                    // `recovered: false`, `unavailable`); recorded too, it excuses a hole.
+                    let pos = pos_of(&v["position"]);
                     let recovered = v["recovered"].as_bool();
-                    if recovered != Some(true) {
+                    if recovered != Some(true)
+                        && let Some(pos) = &pos
+                    {
                         positions.insert(channel.clone(), pos.clone());
                         self.state.lock().unwrap().floor.insert(channel.clone(), pos.seq);
                     }

@@ -70,8 +70,12 @@ pub enum Outcome {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum SubOutcome {
+    /// `pos` is absent when the gateway could not say where the stream is (its bridge did
+    /// not answer: a plain subscribe, or a resume answered `recovered: false` with reason
+    /// `unavailable`).
     Ack {
-        pos: Pos,
+        #[serde(default)]
+        pos: Option<Pos>,
         #[serde(default)]
         recovered: Option<bool>,
         #[serde(default)]
@@ -396,7 +400,7 @@ pub fn check(events: &[Event]) -> Report {
     for e in events {
         match e {
             Event::Deliver { channel, pos, .. }
-            | Event::Subscribe { channel, outcome: SubOutcome::Ack { pos, .. }, .. } => {
+            | Event::Subscribe { channel, outcome: SubOutcome::Ack { pos: Some(pos), .. }, .. } => {
                 epochs.entry(channel).or_default().insert(&pos.epoch);
             }
             _ => {}
@@ -503,7 +507,36 @@ pub fn check(events: &[Event]) -> Report {
     let mut open_conn: HashMap<String, String> = HashMap::new();
     for e in events {
         match e {
-            Event::Subscribe { t, client, channel, since, outcome: SubOutcome::Ack { pos, recovered, .. } } => {
+            Event::Subscribe { t, client, channel, since, outcome: SubOutcome::Ack { pos: None, .. } } => {
+                // No position: a resume told it may have missed what followed `since` (up to
+                // the first message shown after), as a `gap` does; a plain subscribe starts
+                // a chain that owes what follows its first message, or is published later.
+                let cc = clients.entry((client.clone(), channel.clone())).or_default();
+                cc.subscribed = true;
+                match since {
+                    Some(s) => {
+                        if cc.current.as_ref().is_none_or(|c| c.epoch != s.epoch) {
+                            cc.end_chain();
+                            cc.current = Some(Chain::new(s, true, *t));
+                        }
+                        if let Some(chain) = cc.current.as_mut() {
+                            chain.excused.push((s.seq, None, *t));
+                        }
+                    }
+                    None => {
+                        cc.end_chain();
+                        let epoch = cc.last.as_ref().map(|p| p.epoch.clone()).unwrap_or_default();
+                        cc.current = Some(Chain::new(&Pos { seq: 0, epoch }, false, *t));
+                    }
+                }
+            }
+            Event::Subscribe {
+                t,
+                client,
+                channel,
+                since,
+                outcome: SubOutcome::Ack { pos: Some(pos), recovered, .. },
+            } => {
                 let cc = clients.entry((client.clone(), channel.clone())).or_default();
                 cc.subscribed = true;
                 let resumes = since.is_some() && *recovered == Some(true);
@@ -619,6 +652,14 @@ pub fn check(events: &[Event]) -> Report {
                 cc.seen_pos.insert(pos.clone());
                 cc.seen_msg.entry(msg.clone()).or_insert_with(|| pos.clone());
                 cc.last = Some(pos.clone());
+                if let Some(chain) = cc.current.as_mut()
+                    && chain.epoch.is_empty()
+                    && chain.start == 0
+                    && chain.shown.is_empty()
+                {
+                    // A chain begun without a position takes the epoch of what it shows.
+                    chain.epoch = pos.epoch.clone();
+                }
                 if let Some(chain) = cc.current.as_mut()
                     && chain.epoch == pos.epoch
                 {
@@ -817,13 +858,13 @@ mod tests {
         }
         fn sub(&mut self, client: &str, at: u64) {
             let t = self.t();
-            let outcome = SubOutcome::Ack { pos: pos(at), recovered: None, reason: None };
+            let outcome = SubOutcome::Ack { pos: Some(pos(at)), recovered: None, reason: None };
             self.ev.push(Event::Subscribe { t, client: client.into(), channel: "c".into(), since: None, outcome });
         }
         fn resume(&mut self, client: &str, since: u64, reached: u64, recovered: bool) {
             let t = self.t();
             let outcome = SubOutcome::Ack {
-                pos: pos(reached),
+                pos: Some(pos(reached)),
                 recovered: Some(recovered),
                 reason: (!recovered).then(|| "too_old".into()),
             };
@@ -1010,11 +1051,48 @@ mod tests {
             client: "b".into(),
             channel: "c".into(),
             since: Some(pos(6)),
-            outcome: SubOutcome::Ack { pos: pos(10), recovered: Some(false), reason: Some("too_old".into()) },
+            outcome: SubOutcome::Ack { pos: Some(pos(10)), recovered: Some(false), reason: Some("too_old".into()) },
         };
         h.drop_first(shown("b", 8));
         h.drop_first(shown("b", 10));
         assert!(h.kinds().is_empty(), "{:?}", h.kinds());
+    }
+
+    #[test]
+    fn an_ack_without_a_position_excuses_up_to_the_first_message_shown_after_it() {
+        let without = |h: &mut H, since: Option<u64>| {
+            let i =
+                h.ev.iter()
+                    .position(|e| matches!(e, Event::Subscribe { since: s, .. } if s.is_some() == since.is_some()))
+                    .unwrap();
+            let Event::Subscribe { t, client, .. } = h.ev[i].clone() else { unreachable!("a subscribe") };
+            let (recovered, reason) = match since {
+                Some(_) => (Some(false), Some("unavailable".into())),
+                None => (None, None),
+            };
+            h.ev[i] = Event::Subscribe {
+                t,
+                client,
+                channel: "c".into(),
+                since: since.map(pos),
+                outcome: SubOutcome::Ack { pos: None, recovered, reason },
+            };
+        };
+        // `b` resumed from 6 and was told `unavailable`: the hole before 12 is excused...
+        let mut h = clean();
+        without(&mut h, Some(6));
+        h.drop_first(shown("b", 8));
+        h.drop_first(shown("b", 10));
+        assert!(h.kinds().is_empty(), "{:?}", h.kinds());
+        // ...what follows the first message shown after it is owed.
+        h.drop_first(shown("b", 14));
+        assert_eq!(h.kinds(), BTreeMap::from([("lost", 1)]));
+        // A plain subscribe without a position owes what follows its first message.
+        let mut h = clean();
+        without(&mut h, None);
+        assert!(h.kinds().is_empty(), "{:?}", h.kinds());
+        h.drop_first(shown("a", 4));
+        assert_eq!(h.kinds(), BTreeMap::from([("lost", 1)]));
     }
 
     #[test]

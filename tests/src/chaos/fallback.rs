@@ -74,9 +74,12 @@ fn record_frame(
             rec.push(Event::Direct { t, client: client.to_owned(), msg });
         }
         "ack" => {
-            let pos = pos_of(&v["position"])?;
+            // No position when the gateway's bridge did not answer; recorded too.
+            let pos = pos_of(&v["position"]);
             let recovered = v["recovered"].as_bool();
-            if recovered != Some(true) {
+            if recovered != Some(true)
+                && let Some(pos) = &pos
+            {
                 state.lock().unwrap().floor.insert(channel.clone(), pos.seq);
             }
             let reason = v["reason"].as_str().map(str::to_owned);
