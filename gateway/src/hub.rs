@@ -333,6 +333,9 @@ pub struct Hub {
     /// Presence connections that are not sessions here (long-polling users: see
     /// `transport::poll::Pollers`), in every presence snapshot.
     extra: Mutex<HashMap<u64, ConnRecord>>,
+    /// Long-polls in flight: not sessions (presence knows their users through the
+    /// node's pollers), but ended with the sessions when those are told to resync.
+    polls: Mutex<HashMap<u64, Arc<SessionCtl>>>,
     /// The last sequence number given to a standalone publish (node-wide).
     last_seq: AtomicU64,
     /// This process's epoch (standalone positions).
@@ -391,6 +394,7 @@ impl Hub {
             large_room,
             dirty_counts: Mutex::new(std::collections::HashSet::new()),
             extra: Mutex::new(HashMap::new()),
+            polls: Mutex::new(HashMap::new()),
             last_seq: AtomicU64::new(0),
             epoch: new_epoch(),
             rules: Rules::default(),
@@ -452,6 +456,28 @@ impl Hub {
         }
         drop(users);
         self.sessions[self.shard(&id)].write().remove(&id);
+        self.polls.lock().remove(&id);
+    }
+
+    /// A long-poll begins (ended by [`Self::unregister`]).
+    pub fn register_poll(&self, id: u64, ctl: Arc<SessionCtl>) {
+        self.polls.lock().insert(id, ctl);
+    }
+
+    /// Asks every session and long-poll to reconnect and recover: 1001 `resync
+    /// retry_ms=…`, spread over 250–2000 ms (after a stall, or when this node's route
+    /// in the cluster may have lapsed: what they were shown since may miss messages).
+    /// Returns how many were asked.
+    pub fn resync_all(&self) -> usize {
+        let polls: Vec<Arc<SessionCtl>> = self.polls.lock().values().cloned().collect();
+        let ctls = self.sessions().into_iter().map(|s| s.ctl).chain(polls);
+        let mut n = 0;
+        for ctl in ctls {
+            let reason = format!("resync retry_ms={}", rand::random_range(250..2000u32));
+            ctl.close(CloseReason::Stalled, Some(&reason));
+            n += 1;
+        }
+        n
     }
 
     /// Subscribes a session; returns false if it already was.

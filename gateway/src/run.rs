@@ -482,13 +482,9 @@ async fn stall_watchdog(server: Arc<Server>, stop: CancellationToken) {
         let gap = now.duration_since(last);
         last = now;
         if gap > STALL {
-            let sessions = server.node.hub.sessions();
-            tracing::warn!(gap = ?gap, sessions = sessions.len(), "gateway was stalled; asking clients to reconnect");
             metrics::counter!(crate::metrics::STALLS).increment(1);
-            for s in sessions {
-                let reason = format!("resync retry_ms={}", rand::random_range(250..2000u32));
-                s.ctl.close(crate::policy::CloseReason::Stalled, Some(&reason));
-            }
+            let asked = server.node.hub.resync_all();
+            tracing::warn!(gap = ?gap, sessions = asked, "gateway was stalled; asking clients to reconnect");
         }
     }
 }

@@ -344,13 +344,10 @@ impl LeaseWatch {
     }
 }
 
-/// Closes every session with 1001 `resync retry_ms=…` (as after a stall).
+/// Closes every session and long-poll with 1001 `resync retry_ms=…` (as after a stall).
 fn resync_sessions(hub: &Hub) {
     metrics::counter!(m::STALLS).increment(1);
-    for s in hub.sessions() {
-        let reason = format!("resync retry_ms={}", rand::random_range(250..2000u32));
-        s.ctl.close(crate::policy::CloseReason::Stalled, Some(&reason));
-    }
+    hub.resync_all();
 }
 
 async fn link_task(

@@ -55,6 +55,7 @@ pub(crate) async fn subscribe(
         node.presence.subscribed(handle.id, channel);
     }
     let gapless = node.bus.gapless();
+    let local_epoch = local.epoch.clone();
     let since = since.map(|s| Position { seq: s.seq, epoch: Arc::from(s.epoch) });
     let max = node.config.recovery_max;
     let (items, mut position, lost) = match &since {
@@ -87,6 +88,10 @@ pub(crate) async fn subscribe(
     // was recovered, or the position it was given.
     let through = match (&since, lost) {
         (Some(s), None) => items.last().map_or(s.seq, |i| i.seq).max(position.as_ref().map_or(0, |p| p.seq)),
+        // Nothing could be read (`unavailable`): the client has everything through its
+        // since, so a held frame at or before it would be shown twice; when this node's
+        // stream is in another epoch, every held frame goes (none is known to be seen).
+        (Some(s), Some(_)) if position.is_none() && *local_epoch == *s.epoch => s.seq,
         _ => position.as_ref().map_or(0, |p| p.seq),
     };
     let epoch = position.as_ref().map(|p| p.epoch.clone()).or_else(|| since.as_ref().map(|s| s.epoch.clone()));

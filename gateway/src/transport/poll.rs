@@ -141,6 +141,9 @@ pub(crate) async fn poll(
         }
     }
     let subscribed: Vec<Arc<str>> = channels.iter().map(|c| Arc::from(c.as_str())).collect();
+    // Ended with the node's sessions when they are told to resync (a stall, a lapsed
+    // presence lease): what it would show after that may miss messages.
+    node.hub.register_poll(conn_id, handle.ctl.clone());
     // A user the gateway named itself (`--anonymous` without `?user=`) is a new one on
     // every poll: nothing to keep present between polls.
     let _polling = if invented { None } else { Pollers::enter(&server, &identity.user, &subscribed) };
@@ -200,7 +203,7 @@ pub(crate) async fn poll(
                     break "events";
                 }
             }
-            () = handle.ctl.wait() => break "events",
+            () = handle.ctl.wait() => break "closed",
             () = server.draining.cancelled() => break "drain",
             // Not before every channel's ack: an answer without one would leave the client
             // guessing whether its recovery is complete.
@@ -223,10 +226,20 @@ pub(crate) async fn poll(
     cleanup.done = true;
     drop(cleanup);
     drop(held);
-    if outcome == "drain" {
-        let text = session::drain_reason();
-        events.push(super::sse::close_event(CloseReason::Drain, Some(&text)).into());
-    }
+    let outcome = match (outcome, handle.ctl.requested()) {
+        ("drain", _) => {
+            let text = session::drain_reason();
+            events.push(super::sse::close_event(CloseReason::Drain, Some(&text)).into());
+            "drain"
+        }
+        // Told to resync: the answer ends with what the session would have been told
+        // (1001 `resync retry_ms=…`); the next poll recovers from its cursor.
+        ("closed", Some((reason, text))) => {
+            events.push(super::sse::close_event(reason, text.as_deref()).into());
+            if reason == CloseReason::Stalled { "resync" } else { "events" }
+        }
+        (o, _) => o,
+    };
     metrics::counter!(m::POLLS, "outcome" => outcome).increment(1);
     h::json(StatusCode::OK, body(&cursor.encode(), &events))
 }
