@@ -234,10 +234,11 @@ pub(crate) async fn poll(
         }
         // Told to resync: the answer ends with what the session would have been told
         // (1001 `resync retry_ms=…`); the next poll recovers from its cursor.
-        ("closed", Some((reason, text))) => {
-            events.push(super::sse::close_event(reason, text.as_deref()).into());
-            if reason == CloseReason::Stalled { "resync" } else { "events" }
+        ("closed", Some((CloseReason::Stalled, text))) => {
+            events.push(super::sse::close_event(CloseReason::Stalled, text.as_deref()).into());
+            "resync"
         }
+        ("closed", _) => "events",
         (o, _) => o,
     };
     metrics::counter!(m::POLLS, "outcome" => outcome).increment(1);
