@@ -81,7 +81,7 @@ pub const ERROR_CODES: &[&str] = &[
 ];
 /// How a long-poll ended: with events, empty at its timeout, cut by a drain, or the
 /// client went away.
-pub const POLL_OUTCOMES: &[&str] = &["events", "timeout", "drain", "gone"];
+pub const POLL_OUTCOMES: &[&str] = &["events", "timeout", "drain", "resync", "gone"];
 /// What a per-user limit refused: a session, or subscriptions.
 pub const USER_LIMITS: &[&str] = &["connections", "subscriptions"];
 /// What the memory budget shed: new sessions by transport, or commands that add work.
