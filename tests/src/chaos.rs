@@ -485,6 +485,7 @@ pub async fn run(cfg: &Config) -> Summary {
                 .unwrap_or_default();
             members.sort();
             if members == expected[ch] || Instant::now() > deadline {
+                eprintln!("chaos {:>6} ms: presence of {ch}: {members:?}, expected {:?}", rec.t(), expected[ch]);
                 rec.push(Event::Presence { t: rec.t(), client: "observer".into(), channel: ch.clone(), members });
                 break;
             }

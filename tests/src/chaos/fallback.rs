@@ -195,6 +195,7 @@ impl Poller {
         let headers = [("Authorization", auth.as_str())];
         let mut cursor: Option<String> = None;
         let mut connected = false;
+        let mut last_refusal: Option<String> = None;
         for at in first.. {
             let addr = self.addrs[at % self.addrs.len()];
             let mut path = format!("/poll?channels={}&timeout_ms={POLL_WAIT_MS}", self.channels.join(","));
@@ -206,6 +207,24 @@ impl Poller {
                 () = self.stop.cancelled() => break,
                 r = try_request(addr, "GET", &path, &headers, b"", limit) => r,
             };
+            // A refusal is told in the run's log once per kind in a row (the history keeps
+            // what clients were shown, not how a request failed).
+            let why = match &reply {
+                None => Some("no answer".to_owned()),
+                Some(r) if r.status != 200 => {
+                    Some(format!("{} {}", r.status, r.body.chars().take(160).collect::<String>()))
+                }
+                Some(_) => None,
+            };
+            if why.is_some() && why != last_refusal {
+                eprintln!(
+                    "chaos {:>6} ms: poller {} on {addr}: {}",
+                    self.rec.t(),
+                    self.name,
+                    why.as_deref().unwrap_or("")
+                );
+            }
+            last_refusal = why;
             let answer = reply.filter(|r| r.status == 200).and_then(|r| serde_json::from_str::<Value>(&r.body).ok());
             let Some(v) = answer.filter(|v| v["type"] == "poll" && v["cursor"].is_string()) else {
                 self.state.lock().unwrap().connected = false;
