@@ -79,8 +79,8 @@ pub const ERROR_CODES: &[&str] = &[
     "too_big",
     "unknown_stream",
 ];
-/// How a long-poll ended: with events, empty at its timeout, cut by a drain, or the
-/// client went away.
+/// How a long-poll ended: with events, empty at its timeout, cut by a drain or by a
+/// resync (a stall, a lapsed presence lease), or the client went away.
 pub const POLL_OUTCOMES: &[&str] = &["events", "timeout", "drain", "resync", "gone"];
 /// What a per-user limit refused: a session, or subscriptions.
 pub const USER_LIMITS: &[&str] = &["connections", "subscriptions"];

@@ -97,15 +97,10 @@ async fn a_partition_from_presence_longer_than_the_lease_ends_a_waiting_poll_wit
             "/poll?channels=room:r&timeout_ms=25000&cursor={}",
             switchboard_tests::monitoring::url_encode(&cursor)
         );
-        let (addr, auth2) = (c.gateway(0), auth.clone());
-        let waiting = tokio::spawn(async move {
-            let headers = [("Authorization", auth2.as_str())];
-            try_request(addr, "GET", &path, &headers, b"", Duration::from_secs(30)).await
-        });
+        let waiting = try_request(c.gateway(0), "GET", &path, &headers, b"", Duration::from_secs(30));
         let reply = tokio::time::timeout_at(deadline, waiting)
             .await
             .expect("answered with a close within 20 s of the cut")
-            .unwrap()
             .expect("a response");
         assert_eq!(reply.status, 200, "{}", reply.body);
         let v = reply.json();

@@ -216,13 +216,8 @@ impl Poller {
                 }
                 Some(_) => None,
             };
-            if why.is_some() && why != last_refusal {
-                eprintln!(
-                    "chaos {:>6} ms: poller {} on {addr}: {}",
-                    self.rec.t(),
-                    self.name,
-                    why.as_deref().unwrap_or("")
-                );
+            if let Some(w) = why.as_deref().filter(|_| why != last_refusal) {
+                eprintln!("chaos {:>6} ms: poller {} on {addr}: {w}", self.rec.t(), self.name);
             }
             last_refusal = why;
             let answer = reply.filter(|r| r.status == 200).and_then(|r| serde_json::from_str::<Value>(&r.body).ok());
